@@ -1,0 +1,24 @@
+# Two entry points, both from a fresh clone: `make run` (the default job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# On a machine without an NVIDIA GPU we pin the CPU build of torch first; it satisfies the
+# package's torch>=2.4 range, so nothing pulls the multi-GB CUDA build. With a GPU, pip
+# installs (or keeps) a CUDA build. Override with `make TORCH=...`.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+
+$(BIN)/tailor: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/tailor
+
+run: setup
+	$(BIN)/tailor run $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: setup run test

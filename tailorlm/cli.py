@@ -1,0 +1,79 @@
+"""`tailor <verb>`: the command line. Each verb is a thin layer over the library."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from tailorlm.errors import TailorError
+
+EPILOG = """examples:
+  tailor run                                   the embedded default job (BBC News topics, SmolLM2-135M)
+  tailor run examples/sst2.yaml                a config file
+  tailor run train.lr=1e-4 method.name=full    overrides, as dotted key=value
+  tailor run --print-config                    show the resolved config and exit
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailor", description="Fine-tune a language model on your task data.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="prepare data, run prompting baselines, fine-tune, evaluate, report",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    run.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                     help="a run spec (the embedded default when absent) and dotted overrides")
+    run.add_argument("--output", "-o", help="run directory (default: runs/<name>-<timestamp>)")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    config = [a for a in args if "=" not in a]
+    if len(config) > 1:
+        raise TailorError(f"expected at most one config file, got {', '.join(config)} "
+                          f"(overrides are written key=value)")
+    return (config[0] if config else None), [a for a in args if "=" in a]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come after options (`tailor run cfg.yaml -o out train.lr=1e-4`); argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.verb == "run":
+        args.args += extra
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")  # library deprecation chatter would bury the run's own output
+    from tailorlm.ui import console
+
+    try:
+        if args.verb == "run":
+            from tailorlm.config import load_config
+
+            config_path, overrides = _split_args(args.args)
+            cfg = load_config(config_path, overrides)
+            if args.print_config:
+                sys.stdout.write(cfg.to_yaml())
+                return 0
+            from pathlib import Path
+
+            from tailorlm.pipeline import run
+
+            run(cfg, Path(args.output) if args.output else None)
+        return 0
+    except TailorError as e:
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Prompt/completion text -> token ids with an exact loss mask, under the model's own chat template.
+
+The prompt and the completion are tokenized separately and concatenated. That is exactly what happens at
+inference (the model is fed the prompt ids and generates the rest), so the mask boundary is exact and the
+training prompt equals the generation prompt token for token.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tailorlm.config import TemplateSpec
+from tailorlm.data.templates import PromptTemplate
+
+IGNORE = -100  # label value that carries no loss (PyTorch's cross_entropy ignore_index)
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens, the token id on completion tokens
+    example: dict  # the example as encoded (its input field shortened if it had to be)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.input_ids[: self.labels.count(IGNORE)]
+
+
+class ChatFormat:
+    """Wraps prompts in the tokenizer's chat template when it has one, or in a plain 'Answer:' layout."""
+
+    def __init__(self, tokenizer, spec: TemplateSpec):
+        self.tokenizer = tokenizer
+        self.system = spec.system
+        self.uses_chat = spec.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+    def _messages(self, prompt: str, demos) -> list[dict]:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for demo_prompt, demo_completion in demos:
+            messages += [{"role": "user", "content": demo_prompt}, {"role": "assistant", "content": demo_completion}]
+        return messages + [{"role": "user", "content": prompt}]
+
+    def prompt_text(self, prompt: str, demos: list[tuple[str, str]] = ()) -> str:
+        if self.uses_chat:
+            return self.tokenizer.apply_chat_template(self._messages(prompt, demos), tokenize=False,
+                                                      add_generation_prompt=True)
+        shots = "".join(f"{p}\nAnswer: {c}\n\n" for p, c in demos)
+        return f"{shots}{prompt}\nAnswer:"
+
+    def completion_text(self, prompt: str, completion: str) -> str:
+        """The text after the prompt, up to and including the end-of-turn token the model must learn to emit."""
+        eos = self.tokenizer.eos_token or ""
+        if not self.uses_chat:
+            return f" {completion}{eos}"
+        head = self.prompt_text(prompt)
+        full = self.tokenizer.apply_chat_template(
+            self._messages(prompt, []) + [{"role": "assistant", "content": completion}], tokenize=False)
+        if not full.startswith(head):  # a template that rewrites earlier turns: fall back to the plain answer
+            return f"{completion}{eos}"
+        tail = full[len(head):]
+        # Stop after the end-of-turn token: what follows (a newline) is never generated.
+        return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
+
+    def encode_prompt(self, text: str) -> list[int]:
+        # A chat template writes its own special tokens (BOS included, where the model uses one).
+        return self.tokenizer(text, add_special_tokens=not self.uses_chat)["input_ids"]
+
+    def encode_completion(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class EncodeReport:
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
+        return f"{self.kept}/{self.total} kept, {self.truncated} truncated to fit, dropped: {drops}"
+
+
+def encode_examples(examples, template: PromptTemplate, fmt: ChatFormat, labels: list[str],
+                    spec: TemplateSpec) -> tuple[list[Sample], EncodeReport]:
+    """Encode examples for training; over-long ones follow spec.overlong, and every action is counted."""
+    report, samples = EncodeReport(total=len(examples)), []
+    for ex in examples:
+        sample, truncated = _encode_one(ex, template, fmt, labels, spec)
+        if sample is None:
+            report.dropped[f"longer than max_length={spec.max_length}"] += 1
+            continue
+        report.truncated += truncated
+        report.kept += 1
+        samples.append(sample)
+    return samples, report
+
+
+def _encode_one(ex: dict, template: PromptTemplate, fmt: ChatFormat, labels, spec: TemplateSpec):
+    completion_ids = fmt.encode_completion(fmt.completion_text(template.prompt(ex, labels), template.completion(ex)))
+    field_text = ex.get(spec.truncate_field)
+    field_ids = fmt.tokenizer(field_text, add_special_tokens=False)["input_ids"] if isinstance(field_text, str) else []
+    keep, current = len(field_ids), ex
+    for _ in range(8):  # re-tokenizing a shortened field can shift a token or two; converge in a few rounds
+        prompt_ids = fmt.encode_prompt(fmt.prompt_text(template.prompt(current, labels)))
+        excess = len(prompt_ids) + len(completion_ids) - spec.max_length
+        if excess <= 0:
+            sample = Sample(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids, current)
+            return sample, current is not ex
+        if spec.overlong == "drop" or not field_ids:
+            return None, False
+        keep -= excess if current is not ex else excess + 2  # room for the " ..." marker
+        if keep <= 0:
+            return None, False
+        current = {**ex, spec.truncate_field: fmt.tokenizer.decode(field_ids[:keep]).rstrip() + " ..."}
+    return None, False

@@ -1,0 +1,74 @@
+"""Batched greedy generation for evaluation: length-sorted batches, left padding, KV cache, early stop.
+
+The opening that a batch's prompts share (system prompt, instruction, few-shot demonstrations) is encoded
+once and its cache reused by every row (kernels/prefix.py); each row's own tokens are left-padded after it.
+
+With decoding="constrained" every step may only continue one of the label strings (a token trie), so the
+answer is always a valid label; with "free" the model writes what it likes and the text is normalised.
+"""
+from __future__ import annotations
+
+import torch
+
+from tailorlm.kernels.loss import decoder_and_head
+from tailorlm.kernels.prefix import prefix_cache, shared_prefix_len
+from tailorlm.ui import progress
+
+
+class LabelTrie:
+    """Allowed next tokens given the tokens generated so far, for a fixed set of answer token sequences."""
+
+    def __init__(self, sequences: list[list[int]]):
+        self.children: dict[tuple[int, ...], set[int]] = {}
+        for seq in sequences:
+            for i in range(len(seq)):
+                self.children.setdefault(tuple(seq[:i]), set()).add(seq[i])
+
+    def allowed(self, prefix: list[int], fallback: list[int]) -> list[int]:
+        return sorted(self.children.get(tuple(prefix), fallback))
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
+             trie: LabelTrie | None = None, description: str = "generate", shared_prefix: bool = True) -> list[str]:
+    """Greedy completions for token-id prompts, returned in input order."""
+    stops = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    outputs: list[str] = [""] * len(prompts)
+    parts = decoder_and_head(model)
+    model.eval()
+    with progress(description, len(prompts)) as advance:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [prompts[i] for i in idx]
+            # Keep at least one own token per row: generation starts from each row's last prompt token.
+            n_prefix = shared_prefix_len(rows, min(len(r) for r in rows) - 1) if shared_prefix and parts else 0
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, ids in enumerate(rows):  # [shared prefix | left padding | own tokens]
+                input_ids[row, :n_prefix] = torch.tensor(ids[:n_prefix], dtype=torch.long)
+                attention_mask[row, :n_prefix] = 1
+                input_ids[row, width - len(ids) + n_prefix:] = torch.tensor(ids[n_prefix:])
+                attention_mask[row, width - len(ids) + n_prefix:] = 1
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            cache = prefix_cache(parts[0], input_ids[0, :n_prefix], len(idx)) if n_prefix else None
+            constrain = None
+            if trie is not None:
+                constrain = lambda _, ids: trie.allowed(ids[width:].tolist(), stops)  # noqa: E731
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=stops, pad_token_id=pad_id, prefix_allowed_tokens_fn=constrain,
+                                 temperature=None, top_p=None, top_k=None)
+            for row, i in enumerate(idx):
+                outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            advance(len(idx))
+    return outputs

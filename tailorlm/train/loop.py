@@ -1,0 +1,130 @@
+"""The one training loop. Methods (full, LoRA, ...) are strategies that only decide which parameters train.
+
+Loss normalisation is exact under gradient accumulation: each optimizer step divides the summed token
+losses of all its micro-batches by their total number of completion tokens, so accumulating 4 batches of 2
+gives the same update as one batch of 8.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tailorlm.config import TrainSpec
+from tailorlm.data.batching import collate, epoch_batches, eval_batches
+from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.errors import TailorError
+from tailorlm.kernels.loss import completion_loss
+from tailorlm.models.methods import Strategy
+from tailorlm.train.optim import make_optimizer, make_schedule
+from tailorlm.ui import console, progress
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: list[dict] = field(default_factory=list)  # {step, epoch, loss, lr}
+    val_loss: list[dict] = field(default_factory=list)  # {step, loss}
+    seconds: float = 0.0
+    tokens: int = 0  # real (non-padding) tokens seen
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def plan_steps(n_samples: int, spec: TrainSpec) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_epoch = math.ceil(math.ceil(n_samples / spec.batch_size) / spec.grad_accum)
+    return per_epoch, spec.max_steps or per_epoch * spec.epochs
+
+
+@torch.no_grad()
+def validation_loss(model, samples: list[Sample], batch_size: int, pad_id: int, device) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for idx in eval_batches(samples, batch_size):
+        batch = {k: v.to(device) for k, v in collate([samples[i] for i in idx], pad_id).items()}
+        loss_sum, n = completion_loss(model, batch)
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: list[Sample], spec: TrainSpec,
+          lr: float, pad_id: int, device: torch.device) -> TrainResult:
+    seed_everything(spec.seed)
+    params = strategy.trainable(model)
+    if not params:
+        raise TailorError("the method left no trainable parameters")
+    optimizer = make_optimizer(params, spec, lr)
+    per_epoch, total_steps = plan_steps(len(train_samples), spec)
+    schedule = make_schedule(optimizer, spec, total_steps)
+    result = TrainResult(steps=total_steps)
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    console.print(f"Training {n_trainable:,} of {n_total:,} parameters ({n_trainable / n_total:.2%}) for {total_steps} "
+                  f"steps: {len(train_samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation, lr {lr:g}")
+
+    model.train()
+    step, epoch, start = 0, 0, time.perf_counter()
+    with progress("train", total_steps) as advance:
+        while step < total_steps:
+            batches = epoch_batches(train_samples, spec.batch_size, spec.seed, epoch)
+            for first in range(0, len(batches), spec.grad_accum):
+                if step >= total_steps:
+                    break
+                group = [[train_samples[i] for i in idx] for idx in batches[first:first + spec.grad_accum]]
+                loss = _optimizer_step(model, strategy, optimizer, group, spec, pad_id, device, step, result)
+                schedule.step()
+                step += 1
+                result.train_loss.append({"step": step, "epoch": round(epoch + (first + 1) / len(batches), 3),
+                                          "loss": loss, "lr": schedule.get_last_lr()[0]})
+                info = f"loss {loss:.3f}"
+                if spec.eval_every and step % spec.eval_every == 0 and step < total_steps and val_samples:
+                    val = validation_loss(model, val_samples, spec.batch_size, pad_id, device)
+                    result.val_loss.append({"step": step, "loss": val})
+                    info += f" val {val:.3f}"
+                advance(1, info)
+            epoch += 1
+    if val_samples:
+        result.val_loss.append({"step": step, "loss": validation_loss(model, val_samples, spec.batch_size, pad_id, device)})
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+def accumulate_gradients(model, group: list[list[Sample]], pad_id: int, device) -> tuple[float, int]:
+    """Backward over micro-batches so the summed gradient equals that of one batch of all their samples.
+
+    Returns (mean loss per completion token, real tokens processed)."""
+    n_step_tokens = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
+    total, tokens = 0.0, 0
+    for samples in group:
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(samples, pad_id).items()}
+        loss_sum, _ = completion_loss(model, batch)
+        (loss_sum / max(n_step_tokens, 1)).backward()
+        total += float(loss_sum)
+        tokens += int(batch["attention_mask"].sum())
+    return total / max(n_step_tokens, 1), tokens
+
+
+def _optimizer_step(model, strategy, optimizer, group: list[list[Sample]], spec: TrainSpec, pad_id: int, device,
+                    step: int, result: TrainResult) -> float:
+    strategy.on_step(step, model)
+    loss, tokens = accumulate_gradients(model, group, pad_id, device)
+    result.tokens += tokens
+    if not math.isfinite(loss):
+        raise TailorError(f"the training loss became {loss} at step {step + 1}; lower train.lr or check the data")
+    if spec.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(strategy.trainable(model), spec.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss

@@ -1,0 +1,32 @@
+"""Optimizer and learning-rate schedule: AdamW, linear warmup, then cosine, linear or constant."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tailorlm.config import TrainSpec
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, lr: float) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = bool(params) and params[0].is_cuda  # one kernel for the whole update on GPU
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_steps: int):
+    warmup = int(round(spec.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if spec.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if spec.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,66 @@
+from collections import Counter
+
+import pytest
+
+from tailorlm.config import DataSpec
+from tailorlm.data.dataset import load_splits, sample_stratified, split_stratified
+from tailorlm.errors import DataError
+from conftest import labeled_csv, write
+
+
+def test_split_is_stratified_seeded_and_disjoint(tmp_path):
+    spec = DataSpec(train=str(labeled_csv(tmp_path / "d.csv", n_per_label=20)), split={"validation": 0.1, "test": 0.25})
+    a = load_splits(spec, {"text", "label"})
+    b = load_splits(spec, {"text", "label"})
+    assert [ex["text"] for ex in a.test] == [ex["text"] for ex in b.test]
+    assert Counter(ex["label"] for ex in a.test) == {"positive": 5, "negative": 5}
+    assert Counter(ex["label"] for ex in a.validation) == {"positive": 2, "negative": 2}
+    seen = [ex["text"] for split in (a.train, a.validation, a.test) for ex in split]
+    assert len(seen) == len(set(seen)) == 40
+    assert a.labels == ["negative", "positive"]
+    assert a.test[0]["_where"].startswith(f"{tmp_path / 'd.csv'}, line ")
+
+
+def test_limits_keep_label_proportions():
+    examples = [{"label": "a"}] * 60 + [{"label": "b"}] * 30 + [{"label": "c"}] * 10
+    picked = sample_stratified(examples, 10, seed=1, key="label")
+    assert Counter(ex["label"] for ex in picked) == {"a": 6, "b": 3, "c": 1}
+    rest, part = split_stratified([{"label": str(i % 2), "i": i} for i in range(10)], [0.2], seed=0, key="label")
+    assert len(part) == 2 and len(rest) == 8
+
+
+def test_column_mapping_and_label_names(tmp_path):
+    path = write(tmp_path / "reviews.jsonl", "".join(f'{{"review": "text {i}", "stars": {i % 2}}}\n' for i in range(20)))
+    spec = DataSpec(train=str(path), columns={"text": "review", "label": "stars"},
+                    label_names={"0": "negative", "1": "positive"})
+    splits = load_splits(spec, {"text", "label"})
+    assert splits.labels == ["negative", "positive"]
+    assert {ex["label"] for ex in splits.train} == {"negative", "positive"}
+
+
+@pytest.mark.parametrize("content, spec_extra, message", [
+    ("text,lable\na,x\n", {}, r"d.csv: no column 'label' \(did you mean 'lable'\?\); the columns are: text, lable"),
+    ("review,label\na,x\n", {"columns": {"text": "body"}},
+     r"no column 'body' \(mapped from template field 'text'\); the columns are: review, label"),
+    ("text,label\na,x\nb,\n", {}, r"d.csv, line 3: empty value in column 'label'"),
+    ("text,label\na,0\nb,7\n", {"label_names": {"0": "neg"}}, r"d.csv, line 3: label '7' is not in data.label_names \(known: 0\)"),
+])
+def test_bad_columns_and_values(tmp_path, content, spec_extra, message):
+    spec = DataSpec(train=str(write(tmp_path / "d.csv", content)), **spec_extra)
+    with pytest.raises(DataError, match=message):
+        load_splits(spec, {"text", "label"})
+
+
+def test_mixed_label_types_and_wrong_value_types(tmp_path):
+    mixed = write(tmp_path / "m.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n')
+    with pytest.raises(DataError, match=r"m.jsonl, line 2: mixed label types: int \(first at line 1\) and str"):
+        load_splits(DataSpec(train=str(mixed)), {"text", "label"})
+    nested = write(tmp_path / "n.jsonl", '{"text": ["a"], "label": 1}\n')
+    with pytest.raises(DataError, match=r"n.jsonl, line 1: column 'text' holds a list, expected text or a number"):
+        load_splits(DataSpec(train=str(nested)), {"text", "label"})
+
+
+def test_empty_split_is_an_error(tmp_path):
+    path = write(tmp_path / "tiny.csv", "text,label\na,x\n")
+    with pytest.raises(DataError, match=r"the (validation|test) split is empty"):
+        load_splits(DataSpec(train=str(path)), {"text", "label"})

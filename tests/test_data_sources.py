@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from tailorlm.data.sources import read_table
+from tailorlm.errors import DataError
+from conftest import write
+
+
+def test_csv_with_quoted_newlines_and_bom(tmp_path):
+    path = write(tmp_path / "d.csv", b'\xef\xbb\xbftext,label\n"line one\nline two",pos\nplain,neg\n')
+    table = read_table(str(path))
+    assert table.columns == ["text", "label"]
+    assert table.records[0].fields == {"text": "line one\nline two", "label": "pos"}
+    assert [r.where for r in table.records] == ["line 2", "line 4"]
+
+
+def test_tsv_jsonl_json_parquet_and_label_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert read_table(str(write(tmp_path / "d.tsv", "text\tlabel\na b\tx\n"))).records[0].fields == {"text": "a b", "label": "x"}
+    assert read_table(str(write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n'))).records[1].where == "line 3"
+    assert read_table(str(write(tmp_path / "d.json", json.dumps([{"text": "a", "label": "x"}])))).records[0].where == "record 1"
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [1, 0]}), tmp_path / "d.parquet")
+    assert read_table(str(tmp_path / "d.parquet")).records[1].fields == {"text": "b", "label": 0}
+    table = read_table(str(write(tmp_path / "sst.txt", "1 a fine film .\n0 dull\n")), "label_text")
+    assert [r.fields for r in table.records] == [{"label": "1", "text": "a fine film ."}, {"label": "0", "text": "dull"}]
+
+
+@pytest.mark.parametrize("name, content, fmt, message", [
+    ("bad.jsonl", '{"text": "a"}\n{"text": oops}\n', "auto", r"bad.jsonl, line 2: invalid JSON \(Expecting value at column 10\)"),
+    ("bad.csv", b"text,label\nok,1\n\xff\xfe,2\n", "auto", r"bad.csv, line 3: not valid UTF-8 \(byte 0xff\)"),
+    ("short.csv", "text,label\nok,1\nonly-one-field\n", "auto", r"short.csv, line 3: expected 2 fields \(text, label\), found 1"),
+    ("quote.csv", 'text,label\n"unclosed,1\n', "auto", r"quote.csv, line \d+: (malformed CSV|expected 2 fields)"),
+    ("empty.csv", "", "auto", r"empty.csv: no data rows \(the file is empty or holds only a header\)"),
+    ("header.csv", "text,label\n", "auto", r"header.csv: no data rows"),
+    ("list.jsonl", "[1, 2]\n", "auto", r"list.jsonl, line 1: expected a JSON object, found list"),
+    ("data.xyz", "a", "auto", r"data.xyz: cannot tell the format from the extension '.xyz'"),
+    ("one.txt", "1 good\npositive\n", "label_text", r"one.txt, line 2: expected 'LABEL text', found only one word"),
+])
+def test_bad_files_name_file_line_and_problem(tmp_path, name, content, fmt, message):
+    path = write(tmp_path / name, content)
+    with pytest.raises(DataError, match=message):
+        read_table(str(path), fmt)
+
+
+def test_missing_file_and_unknown_builtin(tmp_path):
+    with pytest.raises(DataError, match=r"nope.csv: file not found"):
+        read_table(str(tmp_path / "nope.csv"))
+    with pytest.raises(DataError, match=r"builtin:bbc_nwes: no such builtin dataset \(did you mean 'bbc_news'\?\)"):
+        read_table("builtin:bbc_nwes")
+
+
+def test_builtin_bbc_news_reads_title_and_opening():
+    table = read_table("builtin:bbc_news")
+    assert len(table.records) == 2225
+    labels = {r.fields["label"] for r in table.records}
+    assert labels == {"business", "entertainment", "politics", "sports", "tech"}
+    first = table.records[0]
+    assert first.fields["text"].startswith("Ad sales boost Time Warner profit. Quarterly profits")
+    assert len(first.fields["text"]) < 300

@@ -1,0 +1,102 @@
+"""`tailor run` end to end on a tiny random model (seconds), and every bad-input path through the CLI."""
+import json
+
+import pytest
+
+from tailorlm.cli import main
+from conftest import labeled_csv, write
+
+FAST = ["train.max_steps=3", "train.batch_size=4", "train.eval_every=2", "eval.few_shot_k=2", "template.max_length=96"]
+
+
+def cli(*args) -> int:
+    return main(["run", *map(str, args)])
+
+
+def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir):
+    data = labeled_csv(tmp_path / "reviews.csv")
+    out = tmp_path / "out"
+    assert cli(f"model.path={tiny_model_dir}", f"data.train={data}", "--output", out, *FAST) == 0
+    for name in ("config.yaml", "metrics.json", "predictions.jsonl", "report.md", "loss_curve.png",
+                 "data_report.json", "train_log.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["variants"]) == {"zero_shot", "few_shot", "fine_tuned"}
+    for variant in metrics["variants"].values():
+        assert {"accuracy", "macro_f1", "valid", "confusion"} <= set(variant)
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    n_test = metrics["n_test"]
+    assert len(predictions) == 3 * n_test
+    assert {"input", "expected", "predicted", "variant"} <= set(predictions[0])
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    report = (out / "report.md").read_text()
+    assert "| fine-tuned |" in report and "loss_curve.png" in report
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in log["val_loss"]] == [2, 3]
+
+
+def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    data = labeled_csv(tmp_path / "reviews.csv")
+    out = tmp_path / "out"
+    assert cli(f"model.path={tiny_model_dir}", f"data.train={data}", "method.name=full", "eval.baselines=[]",
+               "--output", out, *FAST) == 0
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.vocab_size > 0
+    assert set(json.loads((out / "metrics.json").read_text())["variants"]) == {"fine_tuned"}
+
+
+def _bad_jsonl(p):
+    lines = ['{"text": "a", "label": "x"}'] * 3 + ["{oops"]
+    return [f"data.train={write(p / 'b.jsonl', chr(10).join(lines))}"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: [f"data.train={p / 'missing.csv'}"], "missing.csv: file not found"),
+    (lambda p: [f"data.train={write(p / 'd.csv', 'txt,label' + chr(10) + 'a,b' + chr(10))}"],
+     "d.csv: no column 'text' (did you mean 'txt'?)"),
+    (lambda p: [f"data.train={write(p / 'e.csv', '')}"], "e.csv: no data rows"),
+    (lambda p: [f"data.train={labeled_csv(p / 'd.csv')}", "template.completion=answer"],
+     "template.completion must use {{ label }}"),
+    (_bad_jsonl, "b.jsonl, line 4: invalid JSON"),
+    (lambda p: ["train.lr=-1", "method.nme=full"], "2 problem(s) in the config"),
+])
+def test_bad_input_exits_nonzero_with_a_clear_message_and_no_output(tmp_path, capsys, tiny_model_dir, setup, message):
+    out = tmp_path / "out"
+    code = cli(f"model.path={tiny_model_dir}", "--output", out, *FAST, *setup(tmp_path))
+    printed = " ".join(capsys.readouterr().out.split())
+    assert code == 2
+    assert message in printed
+    assert not out.exists()  # nothing was created, let alone anything that looks complete
+
+
+def test_existing_output_directory_is_not_overwritten(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    write(out / "keep.txt", "results of another run")
+    code = cli(f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'd.csv')}", "--output", out, *FAST)
+    assert code == 2
+    assert "already exists and is not empty" in capsys.readouterr().out
+    assert (out / "keep.txt").read_text() == "results of another run"
+
+
+def test_print_config_shows_the_resolved_spec(capsys):
+    assert main(["run", "--print-config", "train.lr=0.001"]) == 0
+    text = capsys.readouterr().out
+    assert "lr: 0.001" in text and "train: builtin:bbc_news" in text
+
+
+def test_failure_mid_run_marks_the_directory_failed(tmp_path, tiny_model_dir, monkeypatch):
+    import tailorlm.pipeline as pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "train", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        cli(f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'd.csv')}", "--output", out,
+            "eval.baselines=[]", *FAST)
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "disk full"
+    assert not (out / "metrics.json").exists()

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from tailorlm.config import MethodSpec, TrainSpec
+from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.models.methods import make_strategy
+from tailorlm.train.loop import accumulate_gradients, plan_steps, train, validation_loss
+from tailorlm.train.optim import make_optimizer, make_schedule
+from conftest import tiny_llama
+
+
+def memorize_samples(tokenizer, n: int = 8) -> list[Sample]:
+    samples = []
+    for i in range(n):
+        prompt = tokenizer(f"<|im_start|>user\nthe film {i}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(("positive" if i % 2 else "negative") + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        samples.append(Sample(prompt + answer, [IGNORE] * len(prompt) + answer, {}))
+    return samples
+
+
+def run(tokenizer, spec: TrainSpec, method="full", lr=1e-2, n=8):
+    model = tiny_llama(len(tokenizer), seed=0)
+    strategy = make_strategy(MethodSpec(name=method))
+    model = strategy.prepare(model)
+    result = train(model, strategy, memorize_samples(tokenizer, n), memorize_samples(tokenizer, 4), spec, lr,
+                   tokenizer.pad_token_id, torch.device("cpu"))
+    return model, result
+
+
+def test_loss_falls(tiny_tokenizer):
+    model, result = run(tiny_tokenizer, TrainSpec(max_steps=30, batch_size=4, eval_every=10, warmup_ratio=0))
+    losses = [r["loss"] for r in result.train_loss]
+    assert losses[-1] < 0.5 * losses[0]
+    assert [r["step"] for r in result.val_loss] == [10, 20, 30]
+    assert result.val_loss[-1]["loss"] < result.val_loss[0]["loss"]
+    assert result.tokens > 0
+
+
+def test_gradient_accumulation_equals_the_big_batch(tiny_tokenizer):
+    samples = memorize_samples(tiny_tokenizer, 6)
+    model = tiny_llama(len(tiny_tokenizer))
+    big_loss, _ = accumulate_gradients(model, [samples], tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # Uneven micro-batches: a mean per micro-batch would weight these samples wrongly.
+    small_loss, _ = accumulate_gradients(model, [samples[:1], samples[1:4], samples[4:]], tiny_tokenizer.pad_token_id,
+                                         torch.device("cpu"))
+    assert small_loss == pytest.approx(big_loss, rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_same_seed_same_weights(tiny_tokenizer):
+    a, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))
+    b, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_non_finite_loss_stops_with_a_message(tiny_tokenizer):
+    from tailorlm.errors import TailorError
+
+    with pytest.raises(TailorError, match="the training loss became nan at step 1"):
+        model = tiny_llama(len(tiny_tokenizer))
+        with torch.no_grad():
+            model.lm_head.weight.fill_(float("nan"))
+        strategy = make_strategy(MethodSpec(name="full"))
+        train(model, strategy, memorize_samples(tiny_tokenizer), [], TrainSpec(max_steps=2, eval_every=0), 1e-3,
+              tiny_tokenizer.pad_token_id, torch.device("cpu"))
+
+
+def test_schedule_warms_up_then_decays():
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    spec = TrainSpec(warmup_ratio=0.1, schedule="cosine")
+    optimizer = make_optimizer([param], spec, lr=1.0)
+    schedule = make_schedule(optimizer, spec, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1.0)
+    assert lrs[50] < lrs[10] and lrs[99] < 0.01
+    assert plan_steps(10, TrainSpec(batch_size=4, grad_accum=2, epochs=3)) == (2, 6)
+
+
+def test_validation_loss_is_mean_per_completion_token(tiny_tokenizer):
+    model = tiny_llama(len(tiny_tokenizer))
+    samples = memorize_samples(tiny_tokenizer, 4)
+    whole = validation_loss(model, samples, 4, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    pieces = validation_loss(model, samples, 1, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    assert whole == pytest.approx(pieces, rel=1e-5)
