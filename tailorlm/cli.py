@@ -19,6 +19,9 @@ EPILOG = """examples:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailor", description="Fine-tune a language model on your task data.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    from tailorlm import __version__
+
+    parser.add_argument("--version", action="version", version=f"tailorlm {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser("run", help="prepare data, run prompting baselines, fine-tune, evaluate, report",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)

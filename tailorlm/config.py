@@ -104,7 +104,7 @@ class EvalSpec(Section):
     baselines: list[Literal["zero_shot", "few_shot"]] = ["zero_shot", "few_shot"]
     few_shot_k: PositiveInt = Field(3, description="Demonstrations drawn from the training split")
     batch_size: PositiveInt = 16
-    max_new_tokens: Optional[PositiveInt] = Field(None, description="By default the longest label plus a margin")
+    max_new_tokens: Optional[PositiveInt] = Field(None, description="By default the longest label plus 16 tokens, room for a sentence")
     decoding: Literal["free", "constrained"] = Field("free", description="free: greedy text, normalised to a label; constrained: greedy within the label set")
 
 

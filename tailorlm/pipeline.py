@@ -18,7 +18,7 @@ from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import DataError, TailorError
 from tailorlm.eval.evaluate import Evaluator, pick_demos
 from tailorlm.eval.report import plot_losses, print_table, write_json, write_predictions, write_report
-from tailorlm.models.loading import load_model, resolve_device
+from tailorlm.models.loading import load_model, locate, resolve_device
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.loop import plan_steps, seed_everything, train
 from tailorlm.ui import console, stage
@@ -56,6 +56,7 @@ def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     for ex in splits.train + splits.validation + splits.test:
         template.prompt(ex, splits.labels), template.completion(ex)
 
+    locate(cfg.model.path)  # a wrong model path is reported now, not after the output directory exists
     prepare_output_dir(out_dir, cfg.output.overwrite)
     (out_dir / "config.yaml").write_text(cfg.to_yaml())
     status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds")}
@@ -79,7 +80,7 @@ def _run_in(cfg: RunConfig, out_dir: Path, template, splits, label_field: str, s
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    console.print(f"Loaded {loaded.source} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+    console.print(f"Loaded {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
                   f"{next(model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")
 
     fmt = ChatFormat(tokenizer, cfg.template)

@@ -32,7 +32,7 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir):
     report = (out / "report.md").read_text()
     assert "| fine-tuned |" in report and "loss_curve.png" in report
     log = json.loads((out / "train_log.json").read_text())
-    assert [r["step"] for r in log["val_loss"]] == [2, 3]
+    assert [r["step"] for r in log["val_loss"]] == [0, 2, 3]
 
 
 def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
@@ -61,6 +61,7 @@ def _bad_jsonl(p):
      "template.completion must use {{ label }}"),
     (_bad_jsonl, "b.jsonl, line 4: invalid JSON"),
     (lambda p: ["train.lr=-1", "method.nme=full"], "2 problem(s) in the config"),
+    (lambda p: [f"data.train={labeled_csv(p / 'd.csv')}", f"model.path={p / 'nope.gguf'}"], "GGUF file not found"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_message_and_no_output(tmp_path, capsys, tiny_model_dir, setup, message):
     out = tmp_path / "out"

@@ -31,7 +31,7 @@ def test_loss_falls(tiny_tokenizer):
     model, result = run(tiny_tokenizer, TrainSpec(max_steps=30, batch_size=4, eval_every=10, warmup_ratio=0))
     losses = [r["loss"] for r in result.train_loss]
     assert losses[-1] < 0.5 * losses[0]
-    assert [r["step"] for r in result.val_loss] == [10, 20, 30]
+    assert [r["step"] for r in result.val_loss] == [0, 10, 20, 30]
     assert result.val_loss[-1]["loss"] < result.val_loss[0]["loss"]
     assert result.tokens > 0
 

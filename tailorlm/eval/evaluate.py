@@ -44,7 +44,9 @@ class Evaluator:
         self.spec, self.device, self.label_field = spec, device, label_field
         answers = [fmt.encode_completion(fmt.completion_text("", template.completion({label_field: label})))
                    for label in labels]
-        self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in answers) + 4
+        # Room for a short sentence around the label ("The topic is business."): a base model that answers in
+        # a sentence must not be cut off before it names the label, or the baseline would be unfairly low.
+        self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in answers) + 16
         self.trie = LabelTrie(answers) if spec.decoding == "constrained" else None
 
     def prompts(self, samples: list[Sample], demos: list[dict] = ()) -> list[list[int]]:

@@ -52,7 +52,7 @@ def comparison_rows(variants: dict[str, dict]) -> list[tuple[str, str, str, str,
     for name, m in variants.items():
         gain = ""
         if name == "fine_tuned" and best_prompting is not None:
-            gain = f"{(m['accuracy'] - best_prompting) * 100:+.1f} pts vs best prompting"
+            gain = f"{(m['accuracy'] - best_prompting) * 100:+.1f} pts"
         rows.append((VARIANT_TITLES.get(name, name), f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
                      f"{m['valid']:.0%}", gain))
     return rows
@@ -60,8 +60,8 @@ def comparison_rows(variants: dict[str, dict]) -> list[tuple[str, str, str, str,
 
 def print_table(variants: dict[str, dict], n_test: int) -> None:
     table = Table(title=f"Test split, {n_test} examples, metrics on generated text")
-    for column in ("variant", "accuracy", "macro-F1", "valid answers", ""):
-        table.add_column(column, justify="left" if column in ("variant", "") else "right")
+    for column in ("variant", "accuracy", "macro-F1", "valid answers", "vs prompting"):
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for row in comparison_rows(variants):
         table.add_row(*row, style="bold green" if row[0] == "fine-tuned" else None)
     console.print(table)
@@ -71,7 +71,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], variants: dict[s
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in facts.items()]
     lines += ["", "## Prompting vs fine-tuning (test split, metrics on generated text)", "",
-              "| variant | accuracy | macro-F1 | valid answers | |", "|---|---:|---:|---:|---|"]
+              "| variant | accuracy | macro-F1 | valid answers | vs best prompting |", "|---|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants)]
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", ""]
     for name, m in variants.items():

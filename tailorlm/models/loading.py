@@ -25,6 +25,11 @@ class LoadedModel:
     source: str  # what the user asked for, resolved to a path where possible
     gguf_file: str | None = None
 
+    @property
+    def name(self) -> str:
+        """A short name for reports: the file or folder name, not the whole path."""
+        return os.path.basename(self.source.rstrip("/")) or self.source
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":

@@ -73,6 +73,8 @@ def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: l
     console.print(f"Training {n_trainable:,} of {n_total:,} parameters ({n_trainable / n_total:.2%}) for {total_steps} "
                   f"steps: {len(train_samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation, lr {lr:g}")
 
+    if val_samples and spec.eval_every:  # the starting point: how the base model does on the validation split
+        result.val_loss.append({"step": 0, "loss": validation_loss(model, val_samples, spec.batch_size, pad_id, device)})
     model.train()
     step, epoch, start = 0, 0, time.perf_counter()
     with progress("train", total_steps) as advance:
