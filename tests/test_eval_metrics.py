@@ -12,13 +12,19 @@ LABELS = ["business", "entertainment", "politics", "sports", "tech"]
     ("Sports: the article is about football", "sports"),
     ("The topic of this news article is Politics", "politics"),
     ("Business: Business: Business:", "business"),
-    ("business or tech", None),  # two labels named: not an answer
+    ("business or tech", "business"),  # the first label named is the answer
+    ("It is about tech, not business", "tech"),
     ("I cannot tell", None),
     ("", None),
     ("technology", None),  # close is not equal
 ])
 def test_normalise_label(generated, expected):
     assert normalise_label(generated, LABELS) == expected
+
+
+def test_longer_labels_win_at_the_same_position():
+    assert normalise_label("very positive!", ["positive", "very positive", "negative"]) == "very positive"
+    assert normalise_label("positive, not very positive", ["positive", "very positive"]) == "positive"
 
 
 def test_metrics_count_invalid_answers_as_wrong():

@@ -18,18 +18,19 @@ def _norm(text: str) -> str:
 
 
 def normalise_label(generated: str, labels: list[str]) -> str | None:
-    """Map generated text to one label, or None when it names none (or several) of them."""
+    """Map generated text to the label it names (the first, if several), or None when it names none."""
     text = _norm(generated)
     if not text:
         return None
     by_norm = {_norm(label): label for label in labels if _norm(label)}
     if text in by_norm:
         return by_norm[text]
-    # 'Business: the article is about ...' names exactly one label: that is the answer. A label inside a
-    # longer mentioned label ('positive' in 'very positive') does not count as a second one.
-    mentioned = [n for n in by_norm if re.search(rf"\b{re.escape(n)}\b", text)]
-    mentioned = [n for n in mentioned if not any(n != o and re.search(rf"\b{re.escape(n)}\b", o) for o in mentioned)]
-    return by_norm[mentioned[0]] if len(mentioned) == 1 else None
+    # A sentence around the answer ("The topic of this article is Business.") counts as that answer: the
+    # label named first wins, as in common evaluation harnesses, which is generous to prompting baselines.
+    # At one position the longer label wins ('very positive' over 'positive').
+    found = [(m.start(), -len(norm), label) for norm, label in by_norm.items()
+             for m in [re.search(rf"\b{re.escape(norm)}\b", text)] if m]
+    return min(found)[2] if found else None
 
 
 def classification_metrics(expected: list[str], predicted: list[str | None], labels: list[str]) -> dict:
