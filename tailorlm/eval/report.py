@@ -8,6 +8,9 @@ from rich.table import Table
 
 from tailorlm.ui import console
 
+# One set of column names for the terminal table and report.md; the last is the fine-tuned gain in
+# accuracy points over the best prompting variant.
+COLUMNS = ("variant", "accuracy", "macro-F1", "valid answers", "vs prompting")
 VARIANT_TITLES = {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting", "fine_tuned": "fine-tuned"}
 
 
@@ -60,7 +63,7 @@ def comparison_rows(variants: dict[str, dict]) -> list[tuple[str, str, str, str,
 
 def print_table(variants: dict[str, dict], n_test: int) -> None:
     table = Table(title=f"Test split, {n_test} examples, metrics on generated text")
-    for column in ("variant", "accuracy", "macro-F1", "valid answers", "vs prompting"):
+    for column in COLUMNS:
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for row in comparison_rows(variants):
         table.add_row(*row, style="bold green" if row[0] == "fine-tuned" else None)
@@ -71,7 +74,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], variants: dict[s
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in facts.items()]
     lines += ["", "## Prompting vs fine-tuning (test split, metrics on generated text)", "",
-              "| variant | accuracy | macro-F1 | valid answers | vs best prompting |", "|---|---:|---:|---:|---:|"]
+              "| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants)]
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", ""]
     for name, m in variants.items():

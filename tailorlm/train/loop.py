@@ -65,7 +65,7 @@ def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: l
     if not params:
         raise TailorError("the method left no trainable parameters")
     optimizer = make_optimizer(params, spec, lr)
-    per_epoch, total_steps = plan_steps(len(train_samples), spec)
+    _, total_steps = plan_steps(len(train_samples), spec)
     schedule = make_schedule(optimizer, spec, total_steps)
     result = TrainResult(steps=total_steps)
     n_trainable = sum(p.numel() for p in params)
@@ -73,8 +73,13 @@ def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: l
     console.print(f"Training {n_trainable:,} of {n_total:,} parameters ({n_trainable / n_total:.2%}) for {total_steps} "
                   f"steps: {len(train_samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation, lr {lr:g}")
 
+    def validate(at_step: int) -> float:
+        loss = validation_loss(model, val_samples, spec.batch_size, pad_id, device)
+        result.val_loss.append({"step": at_step, "loss": loss})
+        return loss
+
     if val_samples and spec.eval_every:  # the starting point: how the base model does on the validation split
-        result.val_loss.append({"step": 0, "loss": validation_loss(model, val_samples, spec.batch_size, pad_id, device)})
+        validate(0)
     model.train()
     step, epoch, start = 0, 0, time.perf_counter()
     with progress("train", total_steps) as advance:
@@ -91,13 +96,11 @@ def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: l
                                           "loss": loss, "lr": schedule.get_last_lr()[0]})
                 info = f"loss {loss:.3f}"
                 if spec.eval_every and step % spec.eval_every == 0 and step < total_steps and val_samples:
-                    val = validation_loss(model, val_samples, spec.batch_size, pad_id, device)
-                    result.val_loss.append({"step": step, "loss": val})
-                    info += f" val {val:.3f}"
+                    info += f" val {validate(step):.3f}"
                 advance(1, info)
             epoch += 1
     if val_samples:
-        result.val_loss.append({"step": step, "loss": validation_loss(model, val_samples, spec.batch_size, pad_id, device)})
+        validate(step)
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
