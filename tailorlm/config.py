@@ -41,11 +41,16 @@ class LimitSpec(Section):
 
 
 class DataSpec(Section):
-    train: str = Field("builtin:bbc_news", description="Training file, or builtin:NAME")
+    train: str = Field("builtin:bbc_news", description="Training file, builtin:NAME, or SOURCE|TARGET (two line-aligned files, format parallel)")
     validation: Optional[str] = Field(None, description="Validation file; split off the training file when absent")
     test: Optional[str] = Field(None, description="Test file; split off the training file when absent")
-    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet", "label_text"] = Field(
-        "auto", description="auto picks by file extension; label_text is 'LABEL text' per line (SST-2, TREC)")
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet", "label_text", "conll", "parallel", "chat"] = Field(
+        "auto", description="auto picks by file extension (.conll/.bio/.iob: conll; 'a|b': parallel); "
+                            "label_text is 'LABEL text' per line (SST-2, TREC); conll is one 'TOKEN TAG' per line, "
+                            "BIO tags, blank lines between sentences (NER); parallel is two line-aligned files "
+                            "'train.en|train.de', plain or .gz (translation); chat requires every JSON/JSONL record "
+                            "to be OpenAI 'messages', ShareGPT 'conversations' or Alpaca 'instruction'/'output' "
+                            "(json and jsonl also recognise these per record)")
     columns: dict[str, str] = Field(default_factory=dict, description="Template field -> column in the file, e.g. {text: review, label: stars}")
     label_names: dict[str, str] = Field(default_factory=dict, description="Raw label value -> the word the model should answer, e.g. {0: negative}")
     split: SplitSpec = SplitSpec()
@@ -98,6 +103,9 @@ class TrainSpec(Section):
     seed: int = 42
     eval_every: int = Field(25, ge=0, description="Validation loss every N optimizer steps (0: only at the end)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    packing: Literal["auto", "on", "off"] = Field("auto", description="Lay each batch's samples end to end in one row: no padding, attention kept within samples. auto: on CUDA; on CPU padded rows that share their prompt opening measure faster")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (fused kernels); auto: on CUDA for LoRA (see BENCHMARKS.md for full fine-tuning)")
+    gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward: much less memory, ~30% more compute")
 
 
 class EvalSpec(Section):

@@ -1,12 +1,13 @@
 import pytest
 import torch
+from conftest import tiny_llama
 
 from tailorlm.config import MethodSpec, TrainSpec
 from tailorlm.data.tokenize import IGNORE, Sample
 from tailorlm.models.methods import make_strategy
-from tailorlm.train.loop import accumulate_gradients, plan_steps, train, validation_loss
+from tailorlm.train.loop import plan_steps, train
 from tailorlm.train.optim import make_optimizer, make_schedule
-from conftest import tiny_llama
+from tailorlm.train.step import StepContext, accumulate_gradients, validation_loss
 
 
 def memorize_samples(tokenizer, n: int = 8) -> list[Sample]:
@@ -36,15 +37,19 @@ def test_loss_falls(tiny_tokenizer):
     assert result.tokens > 0
 
 
-def test_gradient_accumulation_equals_the_big_batch(tiny_tokenizer):
+def cpu(tokenizer, packing: bool = True) -> StepContext:
+    return StepContext(tokenizer.pad_token_id, torch.device("cpu"), packing=packing)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_gradient_accumulation_equals_the_big_batch(tiny_tokenizer, packing):
     samples = memorize_samples(tiny_tokenizer, 6)
     model = tiny_llama(len(tiny_tokenizer))
-    big_loss, _ = accumulate_gradients(model, [samples], tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    big_loss, _ = accumulate_gradients(model, [samples], cpu(tiny_tokenizer, packing))
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     # Uneven micro-batches: a mean per micro-batch would weight these samples wrongly.
-    small_loss, _ = accumulate_gradients(model, [samples[:1], samples[1:4], samples[4:]], tiny_tokenizer.pad_token_id,
-                                         torch.device("cpu"))
+    small_loss, _ = accumulate_gradients(model, [samples[:1], samples[1:4], samples[4:]], cpu(tiny_tokenizer, packing))
     assert small_loss == pytest.approx(big_loss, rel=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-8, msg=name)
@@ -86,6 +91,42 @@ def test_schedule_warms_up_then_decays():
 def test_validation_loss_is_mean_per_completion_token(tiny_tokenizer):
     model = tiny_llama(len(tiny_tokenizer))
     samples = memorize_samples(tiny_tokenizer, 4)
-    whole = validation_loss(model, samples, 4, tiny_tokenizer.pad_token_id, torch.device("cpu"))
-    pieces = validation_loss(model, samples, 1, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    whole = validation_loss(model, samples, 4, cpu(tiny_tokenizer))
+    pieces = validation_loss(model, samples, 1, cpu(tiny_tokenizer))
+    padded = validation_loss(model, samples, 4, cpu(tiny_tokenizer, packing=False))
     assert whole == pytest.approx(pieces, rel=1e-5)
+    assert whole == pytest.approx(padded, rel=1e-5)
+
+
+def test_packed_and_padded_training_reach_the_same_weights(tiny_tokenizer):
+    packed, _ = run(tiny_tokenizer, TrainSpec(max_steps=3, batch_size=4, eval_every=0, packing="on"))
+    padded, _ = run(tiny_tokenizer, TrainSpec(max_steps=3, batch_size=4, eval_every=0, packing="off"))
+    # Equal up to float rounding; Adam turns a rounding-size gradient on an unused row into a ~1e-5 step.
+    for (name, a), b in zip(packed.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tiny_tokenizer):
+    """Recomputed layers (in backward) must take the same packed-attention path as the forward did."""
+    plain, _ = run(tiny_tokenizer, TrainSpec(max_steps=2, batch_size=4, eval_every=0, packing="on"))
+    recomputed, _ = run(tiny_tokenizer, TrainSpec(max_steps=2, batch_size=4, eval_every=0, packing="on",
+                                                  gradient_checkpointing=True))
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fast_training_leaves_the_model_as_it_found_it():
+    """Evaluation and export after training must see the plain model: attention, compile, checkpointing."""
+    from tailorlm.kernels.fused import decoder_layers
+    from tailorlm.train.step import fast_training
+
+    model = make_strategy(MethodSpec(name="lora")).prepare(tiny_llama(400))
+    before = model.config._attn_implementation
+    spec = TrainSpec(packing="on", compile="on", gradient_checkpointing=True)
+    with fast_training(model, spec, 3, torch.device("cpu")) as ctx:
+        assert ctx.packing and model.config._attn_implementation == "tailor_packed"
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+        assert model.get_base_model().is_gradient_checkpointing
+    assert model.config._attn_implementation == before
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+    assert not model.get_base_model().is_gradient_checkpointing

@@ -33,29 +33,43 @@ def decoder_and_head(model: torch.nn.Module):
     return decoder, head
 
 
-def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                    shared_prefix: bool = True) -> tuple[torch.Tensor, int]:
-    """(sum of token losses over completion tokens, number of those tokens) for one batch."""
+def packed_kwargs(batch: dict) -> dict:
+    """Forward arguments of a packed row (kernels/packing.py): restarting positions and sample boundaries."""
+    cu = batch["cu_seqlens"]
+    return {"position_ids": batch["position_ids"], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": batch["max_len"], "max_length_k": batch["max_len"]}
+
+
+def completion_loss(model: torch.nn.Module, batch: dict, shared_prefix: bool = True) -> tuple[torch.Tensor, int]:
+    """(sum of token losses over completion tokens, number of those tokens) for one batch.
+
+    The batch is either padded rows (input_ids, labels, attention_mask) or one packed row (packing.pack)."""
     input_ids_BxT, labels_BxT = batch["input_ids"], batch["labels"]
     targets_BxT = labels_BxT[:, 1:]  # position t predicts token t+1
     keep_BxT = targets_BxT != IGNORE
     n_tokens = int(keep_BxT.sum())
+    packed = "cu_seqlens" in batch
+    inputs = packed_kwargs(batch) if packed else {"attention_mask": batch["attention_mask"]}
     parts = decoder_and_head(model)
     if parts is None:  # unusual heads (soft-capped, wrapped): take the library's logits
-        logits_BxTxV = model(input_ids=input_ids_BxT, attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits_BxTxV = model(input_ids=input_ids_BxT, use_cache=False, **inputs).logits[:, :-1]
         return F.cross_entropy(logits_BxTxV[keep_BxT].float(), targets_BxT[keep_BxT], reduction="sum"), n_tokens
     decoder, head = parts
-    # Rows may share an opening (system prompt, instruction); it carries no loss, so compute it once.
+    # Padded rows may share an opening (system prompt, instruction); it carries no loss, so compute it once.
     # The limit keeps every position that predicts a completion token out of the prefix.
-    first_predicting = int(keep_BxT.int().argmax(1).min())
-    prefix_len = shared_prefix_len_padded(input_ids_BxT, first_predicting) if shared_prefix else 0
+    prefix_len = 0
+    if shared_prefix and not packed and n_tokens:
+        first_predicting = int(keep_BxT.int().argmax(1).min())
+        prefix_len = shared_prefix_len_padded(input_ids_BxT, first_predicting)
     if prefix_len:
         hidden_BxSxH = suffix_hidden(decoder, input_ids_BxT, batch["attention_mask"], prefix_len)
         keep_BxT, targets_BxT = keep_BxT[:, prefix_len:], targets_BxT[:, prefix_len:]
     else:
-        hidden_BxSxH = decoder(input_ids=input_ids_BxT, attention_mask=batch["attention_mask"]).last_hidden_state
-    hidden_NxH = hidden_BxSxH[:, :-1][keep_BxT]
-    targets_N = targets_BxT[keep_BxT]
+        hidden_BxSxH = decoder(input_ids=input_ids_BxT, use_cache=False, **inputs).last_hidden_state
+    return _head_loss(hidden_BxSxH[:, :-1][keep_BxT], targets_BxT[keep_BxT], head), n_tokens
+
+
+def _head_loss(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
     total = hidden_NxH.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden_NxH.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
@@ -64,4 +78,4 @@ def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                                        use_reentrant=False)
         else:
             total = total + _chunk_loss(hidden_NxH[rows], targets_N[rows], head.weight, head.bias)
-    return total, n_tokens
+    return total

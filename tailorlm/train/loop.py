@@ -15,12 +15,17 @@ import numpy as np
 import torch
 
 from tailorlm.config import TrainSpec
-from tailorlm.data.batching import collate, epoch_batches, eval_batches
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.batching import epoch_batches
+from tailorlm.data.tokenize import Sample
 from tailorlm.errors import TailorError
-from tailorlm.kernels.loss import completion_loss
 from tailorlm.models.methods import Strategy
 from tailorlm.train.optim import make_optimizer, make_schedule
+from tailorlm.train.step import (
+    StepContext,
+    accumulate_gradients,
+    fast_training,
+    validation_loss,
+)
 from tailorlm.ui import console, progress
 
 
@@ -45,22 +50,15 @@ def plan_steps(n_samples: int, spec: TrainSpec) -> tuple[int, int]:
     return per_epoch, spec.max_steps or per_epoch * spec.epochs
 
 
-@torch.no_grad()
-def validation_loss(model, samples: list[Sample], batch_size: int, pad_id: int, device) -> float:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for idx in eval_batches(samples, batch_size):
-        batch = {k: v.to(device) for k, v in collate([samples[i] for i in idx], pad_id).items()}
-        loss_sum, n = completion_loss(model, batch)
-        total, count = total + float(loss_sum), count + n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: list[Sample], spec: TrainSpec,
           lr: float, pad_id: int, device: torch.device) -> TrainResult:
     seed_everything(spec.seed)
+    with fast_training(model, spec, pad_id, device) as ctx:
+        return _train(model, strategy, train_samples, val_samples, spec, lr, ctx)
+
+
+def _train(model, strategy: Strategy, train_samples: list[Sample], val_samples: list[Sample], spec: TrainSpec,
+           lr: float, ctx: StepContext) -> TrainResult:
     params = strategy.trainable(model)
     if not params:
         raise TailorError("the method left no trainable parameters")
@@ -74,7 +72,7 @@ def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: l
                   f"steps: {len(train_samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation, lr {lr:g}")
 
     def validate(at_step: int) -> float:
-        loss = validation_loss(model, val_samples, spec.batch_size, pad_id, device)
+        loss = validation_loss(model, val_samples, spec.batch_size, ctx)
         result.val_loss.append({"step": at_step, "loss": loss})
         return loss
 
@@ -89,7 +87,7 @@ def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: l
                 if step >= total_steps:
                     break
                 group = [[train_samples[i] for i in idx] for idx in batches[first:first + spec.grad_accum]]
-                loss = _optimizer_step(model, strategy, optimizer, group, spec, pad_id, device, step, result)
+                loss = train_step(model, strategy, optimizer, group, spec, ctx, step, result)
                 schedule.step()
                 step += 1
                 result.train_loss.append({"step": step, "epoch": round(epoch + (first + 1) / len(batches), 3),
@@ -106,25 +104,11 @@ def train(model, strategy: Strategy, train_samples: list[Sample], val_samples: l
     return result
 
 
-def accumulate_gradients(model, group: list[list[Sample]], pad_id: int, device) -> tuple[float, int]:
-    """Backward over micro-batches so the summed gradient equals that of one batch of all their samples.
-
-    Returns (mean loss per completion token, real tokens processed)."""
-    n_step_tokens = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
-    total, tokens = 0.0, 0
-    for samples in group:
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(samples, pad_id).items()}
-        loss_sum, _ = completion_loss(model, batch)
-        (loss_sum / max(n_step_tokens, 1)).backward()
-        total += float(loss_sum)
-        tokens += int(batch["attention_mask"].sum())
-    return total / max(n_step_tokens, 1), tokens
-
-
-def _optimizer_step(model, strategy, optimizer, group: list[list[Sample]], spec: TrainSpec, pad_id: int, device,
-                    step: int, result: TrainResult) -> float:
+def train_step(model, strategy: Strategy, optimizer, group: list[list[Sample]], spec: TrainSpec, ctx: StepContext,
+               step: int, result: TrainResult) -> float:
+    """One optimizer step over a group of micro-batches; returns the mean loss per completion token."""
     strategy.on_step(step, model)
-    loss, tokens = accumulate_gradients(model, group, pad_id, device)
+    loss, tokens = accumulate_gradients(model, group, ctx)
     result.tokens += tokens
     if not math.isfinite(loss):
         raise TailorError(f"the training loss became {loss} at step {step + 1}; lower train.lr or check the data")

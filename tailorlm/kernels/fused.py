@@ -1,0 +1,38 @@
+"""Fused kernels for the decoder layers, through torch.compile (CUDA only).
+
+Each decoder layer is compiled on its own ("regional compilation"): the layers share one code path, so one
+graph serves all of them and compile time stays in seconds. Inductor fuses what a hand-written kernel
+would: RMSNorm (square, mean, rsqrt, scale in one pass), RoPE (the rotate-half and two multiplies), SwiGLU
+(silu(gate) * up), and the LoRA path's scale-and-add into the base projection's output, in forward and
+backward. Writing these by hand in Triton would duplicate what the compiler already generates for every
+architecture transformers supports; we keep hand-written code for what it cannot do (packing, the
+completion-only head). On CPU compiling costs minutes on a 2-core machine for little gain, so it stays off.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The repeated blocks of a causal LM (looking through a PEFT wrapper), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Compile every decoder layer in place (dynamic shapes: packed rows change length every step).
+    Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def uncompile_layers(model: torch.nn.Module) -> None:
+    """Back to eager layers (generation runs other shapes, with a KV cache, and has its own fast path)."""
+    for layer in decoder_layers(model) or []:
+        layer._compiled_call_impl = None  # the attribute nn.Module.compile sets; clearing it restores eager calls

@@ -1,0 +1,111 @@
+"""How one training batch is built and run on this device: packing, attention, precision, compilation.
+
+The loop (loop.py) only asks for batches and losses; everything that makes a step fast lives here, decided
+once per run from the config and the device, so the loop reads the same on CPU and GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from tailorlm.config import TrainSpec
+from tailorlm.data.batching import collate, eval_batches
+from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.kernels.attention import packed_attention
+from tailorlm.kernels.fused import compile_layers, uncompile_layers
+from tailorlm.kernels.loss import completion_loss
+from tailorlm.kernels.packing import pack, to_device
+
+
+@dataclass
+class StepContext:
+    pad_id: int
+    device: torch.device
+    packing: bool = True
+    autocast_dtype: torch.dtype | None = None  # bf16/fp16 compute over fp32 trainable weights (GPU)
+
+    def batch(self, samples: list[Sample]) -> dict:
+        built = pack(samples, pad_id=self.pad_id) if self.packing else collate(samples, self.pad_id)
+        return to_device(built, self.device)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def real_tokens(batch: dict) -> int:
+    return int(batch["real_tokens"]) if "real_tokens" in batch else int(batch["attention_mask"].sum())
+
+
+@contextlib.contextmanager
+def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
+    """Set the model up for fast training on `device`, yield how its steps should run, and undo it after.
+
+    Packed attention stays on for the whole block, not per forward: activation checkpointing recomputes
+    layers during backward, and the recomputation must take the same attention path. Everything is undone
+    on exit, so evaluation and export see the plain model (generation has its own fast path)."""
+    base_dtype = model.get_input_embeddings().weight.dtype  # the base weights' dtype (adapters may differ)
+    half = base_dtype in (torch.bfloat16, torch.float16) and device.type == "cuda"
+    packing = spec.packing == "on" or (spec.packing == "auto" and device.type == "cuda")
+    ctx = StepContext(pad_id, device, packing=packing, autocast_dtype=base_dtype if half else None)
+    # PEFT would upcast every adapter input to the adapters' fp32; under autocast they run in bf16 instead.
+    casting = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)] if half else []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    compiled = spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda" and _mostly_frozen(model))
+    for module in casting:
+        module.cast_input_dtype_enabled = False
+    if spec.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        compile_layers(model)
+    try:
+        with packed_attention(model) if packing else contextlib.nullcontext():
+            yield ctx
+    finally:
+        for module in casting:
+            module.cast_input_dtype_enabled = True
+        if spec.gradient_checkpointing:
+            base.gradient_checkpointing_disable()
+        if compiled:
+            uncompile_layers(model)
+
+
+def _mostly_frozen(model) -> bool:
+    """True for parameter-efficient methods. auto compiles only these: on an H100, compiled layers made LoRA
+    1.9-2.5x faster, but full fine-tuning of the Llama-3.2-1B shape 5.8x slower (BENCHMARKS.md)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable < 0.5 * sum(p.numel() for p in model.parameters())
+
+
+def accumulate_gradients(model, group: list[list[Sample]], ctx: StepContext) -> tuple[float, int]:
+    """Backward over micro-batches so the summed gradient equals that of one batch of all their samples.
+
+    Returns (mean loss per completion token, real tokens processed)."""
+    n_step_tokens = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
+    total, tokens = 0.0, 0
+    for samples in group:
+        batch = ctx.batch(samples)
+        with ctx.autocast():
+            loss_sum, _ = completion_loss(model, batch)
+        (loss_sum / max(n_step_tokens, 1)).backward()
+        total += float(loss_sum.detach())
+        tokens += real_tokens(batch)
+    return total / max(n_step_tokens, 1), tokens
+
+
+@torch.no_grad()
+def validation_loss(model, samples: list[Sample], batch_size: int, ctx: StepContext) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for idx in eval_batches(samples, batch_size):
+        batch = ctx.batch([samples[i] for i in idx])
+        with ctx.autocast():
+            loss_sum, n = completion_loss(model, batch)
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(count, 1)

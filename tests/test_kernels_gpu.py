@@ -1,0 +1,98 @@
+"""The CUDA fast path against the reference implementations: FlashAttention varlen vs per-sample SDPA, compiled
+(fused) decoder layers vs eager, and a whole bf16 training step vs the padded eager step.
+
+These need a CUDA GPU and skip with a reason elsewhere; the CPU paths are covered by test_kernels_packing.py."""
+import pytest
+import torch
+from conftest import tiny_llama
+
+from tailorlm.config import MethodSpec, TrainSpec
+from tailorlm.data.batching import collate
+from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.kernels.attention import _per_sample_sdpa, _varlen, varlen_available
+from tailorlm.kernels.fused import compile_layers
+from tailorlm.kernels.loss import completion_loss
+from tailorlm.models.methods import make_strategy
+from tailorlm.train.step import fast_training
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fused kernels, varlen attention)")
+CUDA = torch.device("cuda")
+
+
+def rel_err(got, ref) -> float:
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+def test_varlen_flash_attention_equals_per_sample_sdpa():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 37, 38, 300, 517], device=CUDA, dtype=torch.int32)
+    q = torch.randn(1, 8, 517, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 517, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 2, 517, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    assert varlen_available(q)
+    got = _varlen(q, k, v, cu, 262, 0.125)
+    grad_out = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _per_sample_sdpa(q64, k64, v64, cu.cpu(), 0.125)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    assert rel_err(got, ref) < 1e-2
+    for g, r in zip(got_grads, ref_grads):
+        assert rel_err(g, r) < 2e-2
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_compiled_layers_equal_eager(method):
+    """RMSNorm, RoPE, SwiGLU and the LoRA path, fused by the compiler, in forward and backward."""
+    torch.manual_seed(0)
+    eager = make_strategy(MethodSpec(name=method)).prepare(tiny_llama(400).to(CUDA, torch.bfloat16))
+    with torch.no_grad():  # LoRA's B starts at zero, which would leave A's gradient zero: give it values
+        for name, p in eager.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    compiled = make_strategy(MethodSpec(name=method)).prepare(tiny_llama(400).to(CUDA, torch.bfloat16))
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_layers(compiled) == 2
+    ids = torch.randint(10, 390, (2, 57), device=CUDA)
+    losses = []
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert rel_err(losses[1], losses[0]) < 1e-2
+    eager_grads = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+    for name, p in compiled.named_parameters():
+        if p.grad is not None:
+            assert rel_err(p.grad, eager_grads[name]) < 5e-2, name
+
+
+def samples() -> list[Sample]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for prompt, answer in [(40, 9), (7, 30), (120, 4), (64, 64)]:
+        ids = torch.randint(10, 390, (prompt + answer,), generator=g).tolist()
+        out.append(Sample(ids, [IGNORE] * prompt + ids[prompt:], {}))
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fast_training_step_equals_the_padded_eager_step(method):
+    """packing + varlen attention + bf16 autocast (adapters fp32, no PEFT upcast) + compiled layers."""
+    torch.manual_seed(0)
+    ref_model = make_strategy(MethodSpec(name=method)).prepare(tiny_llama(400).double().to(CUDA))
+    ref, n = completion_loss(ref_model, {k: v.to(CUDA) for k, v in collate(samples(), 3).items()}, shared_prefix=False)
+    fast_model = make_strategy(MethodSpec(name=method)).prepare(tiny_llama(400).to(CUDA, torch.bfloat16))
+    with fast_training(fast_model, TrainSpec(compile="on", gradient_checkpointing=True), 3, CUDA) as ctx:
+        assert ctx.packing and ctx.autocast_dtype == torch.bfloat16
+        with ctx.autocast():
+            got, m = completion_loss(fast_model, ctx.batch(samples()))
+        got.backward()
+    assert m == n
+    assert rel_err(got, ref) < 1e-2
+    trainable = [p for p in fast_model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    if method == "lora":
+        assert all(p.dtype == torch.float32 for p in trainable)  # fp32 master weights, bf16 compute
+    with torch.no_grad():  # after training: the plain model again (PEFT's casting back, eager layers, SDPA)
+        assert torch.isfinite(fast_model(input_ids=torch.tensor([samples()[0].input_ids], device=CUDA)).logits).all()
