@@ -60,3 +60,20 @@ def test_builtin_bbc_news_reads_title_and_opening():
     first = table.records[0]
     assert first.fields["text"].startswith("Ad sales boost Time Warner profit. Quarterly profits")
     assert len(first.fields["text"]) < 300
+
+
+def test_gzip_by_content_and_lines_split_only_at_newlines(tmp_path):
+    import gzip
+
+    # json.dumps(ensure_ascii=False) writes U+2028 raw; it is legal inside a JSON string and must not end the line
+    rows = [{"text": "one\u2028two\x0cthree", "label": "x"}, {"text": "b", "label": "y"}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    table = read_table(str(tmp_path / "d.jsonl.gz"))
+    assert [r.fields for r in table.records] == rows
+    assert [r.where for r in table.records] == ["line 1", "line 2"]
+    with pytest.raises(DataError, match=r"d.en.gz: cannot tell the format from the extension '.en'; set data.format to "
+                                        r"one of csv, tsv, jsonl, json, parquet, label_text, conll, parallel, chat"):
+        read_table(str(write(tmp_path / "d.en.gz", "a")))
+    assert [r.fields for r in read_table(str(write(tmp_path / "mac.txt", "1 good\r0 bad\r")), "label_text").records] == [
+        {"label": "1", "text": "good"}, {"label": "0", "text": "bad"}]

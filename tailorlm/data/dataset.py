@@ -5,6 +5,7 @@ any later problem (a template that fails, a sample too long) can still name the 
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -73,9 +74,12 @@ def _to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: st
         ex: Example = {"_where": f"{table.path}, {record.where}"}
         for field_name, column in mapping.items():
             value = record.fields.get(column)
-            if value is None or (isinstance(value, str) and not value.strip()):
+            # NaN is how pandas-made JSON and Parquet files spell a missing cell.
+            if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value)):
                 raise DataError(table.path, record.where, f"empty value in column '{column}'")
-            if isinstance(value, (dict, list)):
+            # Only scalars have one obvious text form for a template; str() of a dict, list or bytes would train
+            # the model on Python reprs.
+            if not isinstance(value, (str, int, float, bool)):
                 raise DataError(table.path, record.where, f"column '{column}' holds a {type(value).__name__}, expected text or a number")
             if field_name == label_field:
                 label_types.setdefault(type(value).__name__, record.where)

@@ -5,9 +5,12 @@ the problem. Nothing is skipped silently.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,15 @@ from typing import Any
 from tailorlm.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
+PAIR_SEPARATOR = "|"  # 'train.en|train.de': the two sides of a parallel corpus
+# A line this long is nearly always a binary file, a file with no line breaks, or an unclosed quote that swallowed
+# the rest of the file; stopping early names the line instead of building one giant sample.
+MAX_LINE_CHARS = 1_000_000
+GZIP_MAGIC = b"\x1f\x8b"
+
+# The csv module's own field limit (131,072 by default) would reject fields that MAX_LINE_CHARS allows,
+# with a less helpful message; only ever raised, in case the host program set it higher.
+csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_CHARS))
 
 
 @dataclass
@@ -34,7 +46,9 @@ class Table:
 
 
 FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-                    ".parquet": "parquet", ".pq": "parquet", ".txt": "label_text"}
+                    ".parquet": "parquet", ".pq": "parquet", ".txt": "label_text",
+                    ".conll": "conll", ".bio": "conll", ".iob": "conll"}
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet", "label_text", "conll", "parallel", "chat")
 
 
 def read_table(source: str, fmt: str = "auto") -> Table:
@@ -43,34 +57,78 @@ def read_table(source: str, fmt: str = "auto") -> Table:
         from tailorlm.data.builtin import read_builtin
 
         return read_builtin(source[len(BUILTIN_PREFIX):])
+    if fmt == "parallel" or (fmt == "auto" and PAIR_SEPARATOR in source and not Path(source).exists()):
+        return formats.read_parallel(source)
     path = Path(source)
-    if not path.is_file():
-        raise DataError(path, None, "file not found" if not path.exists() else "not a regular file")
+    check_file(path)
     if fmt == "auto":
-        fmt = FORMAT_BY_SUFFIX.get(path.suffix.lower())
+        suffix = _suffix(path)
+        fmt = FORMAT_BY_SUFFIX.get(suffix)
         if fmt is None:
-            raise DataError(path, None, f"cannot tell the format from the extension '{path.suffix}'; "
-                                        f"set data.format to one of csv, tsv, jsonl, json, parquet, label_text")
+            raise DataError(path, None, f"cannot tell the format from the extension '{suffix}'; "
+                                        f"set data.format to one of {', '.join(FORMATS)}")
     records = READERS[fmt](path)
     if not records:
         raise DataError(path, None, "no data rows (the file is empty or holds only a header)")
     return Table(str(path), records)
 
 
-def _read_text(path: Path) -> str:
+def check_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(path, None, "file not found" if not path.exists() else "not a regular file")
+
+
+def _suffix(path: Path) -> str:
+    """The extension that names the format: 'train.jsonl.gz' is JSONL."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz":
+        return suffixes[-2]
+    return path.suffix.lower()
+
+
+def read_text(path: Path) -> str:
+    """The file as text: gzip by its magic bytes (not its name), UTF-8 with any byte-order mark dropped."""
     raw = path.read_bytes()
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(path, None, f"not a readable gzip file ({e})") from None
+    # A byte-order mark from spreadsheet exports is dropped, not glued onto the first column name. It is cut off
+    # by hand rather than with the utf-8-sig codec, whose error offsets skip the mark and so would misplace the line.
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
-        # utf-8-sig: a byte-order mark from spreadsheet exports is dropped, not glued onto the first column name.
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(path, f"line {line}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
                                               f"re-save the file as UTF-8") from None
 
 
+def numbered_lines(path: Path, text: str):
+    """(line number, line) pairs, without line ends; raises DataError for a line over MAX_LINE_CHARS.
+
+    Splits on '\\n' only: str.splitlines() also breaks at U+2028, form feeds and other characters that are
+    legal inside a JSON string or a sentence, which would cut a record in two and shift every later line number.
+    """
+    # Files from classic Mac OS end lines with a bare '\r'; anything else keeps '\r' as ordinary text.
+    lines = text.split("\r") if "\n" not in text and "\r" in text else text.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line does not start another
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(path, f"line {number}", f"the line is {len(line):,} characters long; the limit is "
+                                                    f"{MAX_LINE_CHARS:,} (a binary file, or no line breaks?)")
+        yield number, line.removesuffix("\r")
+
+
 def _read_delimited(path: Path, delimiter: str) -> list[Record]:
-    text = _read_text(path)
+    text = read_text(path)
+    if len(text) > MAX_LINE_CHARS:  # a shorter file cannot hold an overlong line
+        for _ in numbered_lines(path, text):
+            pass
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1
     try:
         header = next(reader, None)
         if header is None:
@@ -87,13 +145,24 @@ def _read_delimited(path: Path, delimiter: str) -> list[Record]:
             records.append(Record(dict(zip(header, row)), f"line {start}"))
             start = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(path, f"line {reader.line_num}", f"malformed {'CSV' if delimiter == ',' else 'TSV'}: {e}") from None
+        problem, line = str(e), reader.line_num
+        if "field larger than field limit" in problem:  # only a quoted field spanning lines gets this far
+            problem = (f"a field starting on this line is over {MAX_LINE_CHARS:,} characters long, the limit; "
+                       f"an unclosed quote may have swallowed the rest of the file")
+            line = start
+        raise DataError(path, f"line {line}", f"malformed {'CSV' if delimiter == ',' else 'TSV'}: {problem}") from None
     return records
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _fields(obj: dict, path: Path, where: str, chat_only: bool) -> dict:
+    """A JSON record's fields; chat-shaped records (OpenAI, ShareGPT, Alpaca) get normalised 'messages'."""
+    fields = formats.chat_fields(obj, path, where, required=chat_only)
+    return obj if fields is None else fields
+
+
+def _read_jsonl(path: Path, chat_only: bool = False) -> list[Record]:
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in numbered_lines(path, read_text(path)):
         if not line.strip():
             continue
         try:
@@ -102,13 +171,13 @@ def _read_jsonl(path: Path) -> list[Record]:
             raise DataError(path, f"line {number}", f"invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(path, f"line {number}", f"expected a JSON object, found {type(obj).__name__}")
-        records.append(Record(obj, f"line {number}"))
+        records.append(Record(_fields(obj, path, f"line {number}", chat_only), f"line {number}"))
     return records
 
 
-def _read_json(path: Path) -> list[Record]:
+def _read_json(path: Path, chat_only: bool = False) -> list[Record]:
     try:
-        obj = json.loads(_read_text(path))
+        obj = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(path, f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -118,7 +187,11 @@ def _read_json(path: Path) -> list[Record]:
     for i, item in enumerate(obj, start=1):
         if not isinstance(item, dict):
             raise DataError(path, f"record {i}", f"expected a JSON object, found {type(item).__name__}")
-    return [Record(item, f"record {i}") for i, item in enumerate(obj, start=1)]
+    return [Record(_fields(item, path, f"record {i}", chat_only), f"record {i}") for i, item in enumerate(obj, start=1)]
+
+
+def _read_chat(path: Path) -> list[Record]:
+    return (_read_json if _suffix(path) == ".json" else _read_jsonl)(path, chat_only=True)
 
 
 def _read_parquet(path: Path) -> list[Record]:
@@ -134,7 +207,7 @@ def _read_parquet(path: Path) -> list[Record]:
 def _read_label_text(path: Path) -> list[Record]:
     """'LABEL text' per line, as in SST-2 and TREC distributions."""
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in numbered_lines(path, read_text(path)):
         if not line.strip():
             continue
         label, _, text = line.strip().partition(" ")
@@ -144,6 +217,10 @@ def _read_label_text(path: Path) -> list[Record]:
     return records
 
 
+# Imported as a module, and used only inside functions, because formats builds on the helpers above: this way
+# either module can be imported first.
+from tailorlm.data import formats
+
 READERS = {
     "csv": lambda p: _read_delimited(p, ","),
     "tsv": lambda p: _read_delimited(p, "\t"),
@@ -151,4 +228,6 @@ READERS = {
     "json": _read_json,
     "parquet": _read_parquet,
     "label_text": _read_label_text,
+    "conll": lambda p: formats.read_conll(p),
+    "chat": _read_chat,
 }

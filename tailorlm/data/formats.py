@@ -1,0 +1,186 @@
+"""Readers for structured task data: CoNLL token/tag files (NER), line-aligned parallel text (translation), and
+chat conversations in the OpenAI, ShareGPT and Alpaca shapes.
+
+Like the readers in sources.py, each returns clean records or raises DataError naming the file, the line or
+record, and the problem.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tailorlm.data.sources import (
+    PAIR_SEPARATOR,
+    Record,
+    Table,
+    check_file,
+    numbered_lines,
+    read_text,
+)
+from tailorlm.errors import DataError, did_you_mean
+
+DOCSTART = "-DOCSTART-"  # CoNLL-2003 document marker, not a token
+
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+# --- CoNLL ----------------------------------------------------------------------------------------------------
+
+def read_conll(path: Path) -> list[Record]:
+    """One record per sentence: tokens, tags, text (tokens joined by spaces) and BIO entity spans."""
+    records: list[Record] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    first_line = 0
+
+    def end_sentence():
+        if tokens:
+            records.append(Record({"tokens": list(tokens), "tags": list(tags), "text": " ".join(tokens),
+                                   "entities": bio_entities(tokens, tags)}, f"line {first_line}"))
+            tokens.clear()
+            tags.clear()
+
+    for number, line in numbered_lines(path, read_text(path)):
+        if not line.strip():
+            end_sentence()
+            continue
+        # Tabs, when present, are the only separator: a token may itself be a non-breaking space or similar.
+        columns = line.split("\t") if "\t" in line else line.split()
+        while len(columns) > 1 and not columns[-1].strip():  # trailing tabs
+            columns.pop()
+        token = columns[0]
+        if token == DOCSTART:
+            end_sentence()
+            continue
+        if not token:
+            raise DataError(path, f"line {number}", "empty token before the tag")
+        if len(columns) == 1:
+            raise DataError(path, f"line {number}", f"token '{token}' has no tag; expected 'TOKEN<TAB>TAG' "
+                                                    f"(the tag is the last column)")
+        tag = columns[-1].strip()
+        if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            raise DataError(path, f"line {number}", f"tag '{tag}' of token '{token}' is not O, B-TYPE or I-TYPE "
+                                                    f"(only BIO/IOB2 tags are read)")
+        if not tokens:
+            first_line = number
+        tokens.append(token)
+        tags.append(tag)
+    end_sentence()
+    return records
+
+
+def bio_entities(tokens: list[str], tags: list[str]) -> list[dict[str, str]]:
+    """Entity spans from BIO/IOB2 tags; an I-X that does not continue an X span starts one, as conlleval does."""
+    spans: list[tuple[str, list[str]]] = []
+    current: tuple[str, list[str]] | None = None
+    for token, tag in zip(tokens, tags):
+        if tag == "O":
+            current = None
+            continue
+        prefix, kind = tag[0], tag[2:]
+        if prefix == "I" and current is not None and current[0] == kind:
+            current[1].append(token)
+        else:
+            current = (kind, [token])
+            spans.append(current)
+    return [{"type": kind, "text": " ".join(words)} for kind, words in spans]
+
+
+# --- Parallel text --------------------------------------------------------------------------------------------
+
+def read_parallel(source: str) -> Table:
+    """'SOURCE|TARGET': two line-aligned files (plain or gzip), one record per line pair."""
+    parts = [p.strip() for p in source.split(PAIR_SEPARATOR)]
+    if len(parts) != 2 or not all(parts):
+        raise DataError(source, None, f"format parallel needs two line-aligned files joined by "
+                                      f"'{PAIR_SEPARATOR}', e.g. train.en{PAIR_SEPARATOR}train.de")
+    paths = [Path(p) for p in parts]
+    sides = []
+    for path in paths:
+        check_file(path)
+        sides.append([line for _, line in numbered_lines(path, read_text(path))])
+    name = f"{paths[0]}{PAIR_SEPARATOR}{paths[1]}"
+    if len(sides[0]) != len(sides[1]):
+        # Line N must translate line N: one missing line shifts every later pair, so nothing is read.
+        raise DataError(name, None, f"unaligned: {paths[0]} has {len(sides[0]):,} lines, "
+                                    f"{paths[1]} has {len(sides[1]):,}")
+    records = []
+    for number, pair in enumerate(zip(*sides), start=1):
+        for side in (0, 1):
+            if not pair[side].strip():
+                raise DataError(paths[side], f"line {number}", f"empty line; its pair in {paths[1 - side]} is "
+                                                               f"{_clip(pair[1 - side])!r}")
+        records.append(Record({"source": pair[0].strip(), "target": pair[1].strip()}, f"line {number}"))
+    if not records:
+        raise DataError(name, None, "no data rows (both files are empty)")
+    return Table(name, records)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- Chat -----------------------------------------------------------------------------------------------------
+
+def chat_fields(obj: dict[str, Any], path: Path, where: str, required: bool) -> dict[str, Any] | None:
+    """{'messages': [...]} for a chat-shaped JSON record, None for a flat one (an error instead when required).
+
+    OpenAI records are recognised by a 'messages' list, ShareGPT by 'conversations', Alpaca by 'instruction'
+    with 'output'; other keys are flat columns, which the plain JSON readers have always returned as they are.
+    """
+    if isinstance(obj.get("messages"), list) or (required and "messages" in obj):
+        return {"messages": _turns(obj["messages"], "messages", "role", "content", OPENAI_ROLES, path, where)}
+    if isinstance(obj.get("conversations"), list) or (required and "conversations" in obj):
+        return {"messages": _turns(obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES,
+                                   path, where)}
+    if "instruction" in obj and "output" in obj:
+        return _alpaca(obj, path, where)
+    if required:
+        raise DataError(path, where, "not a chat record: expected 'messages' (OpenAI), 'conversations' (ShareGPT) "
+                                     f"or 'instruction' and 'output' (Alpaca); found keys: {', '.join(obj) or 'none'}")
+    return None
+
+
+def _turns(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, str], path: Path,
+           where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list):
+        raise DataError(path, where, f"'{key}' must be a list of turns, found {type(turns).__name__}")
+    if not turns:
+        raise DataError(path, where, f"empty conversation ('{key}' is an empty list)")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        label = f"{key} turn {i}"
+        if not isinstance(turn, dict):
+            raise DataError(path, where, f"{label}: expected an object with '{role_key}' and '{text_key}', "
+                                         f"found {type(turn).__name__}")
+        if role_key not in turn:
+            raise DataError(path, where, f"{label}: no '{role_key}'")
+        role = turn[role_key]
+        if role not in roles:
+            raise DataError(path, where, f"{label}: unknown {role_key} {role!r}{did_you_mean(str(role), roles)}; "
+                                         f"expected one of {', '.join(roles)}")
+        content = turn.get(text_key)
+        if content is None:
+            raise DataError(path, where, f"{label} ({role}): no '{text_key}'")
+        if not isinstance(content, str):
+            raise DataError(path, where, f"{label} ({role}): '{text_key}' must be a string, "
+                                         f"found {type(content).__name__}")
+        messages.append({"role": roles[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(path, where, "no assistant turn: the conversation holds nothing for the model to learn")
+    if messages[-1]["role"] != "assistant":
+        last = turns[-1][role_key]
+        raise DataError(path, where, f"the last turn is {last!r}, not the assistant's: a conversation must end "
+                                     f"with the reply the model learns to give")
+    return messages
+
+
+def _alpaca(obj: dict[str, Any], path: Path, where: str) -> dict[str, Any]:
+    for key in ("instruction", "input", "output"):
+        value = obj.get(key)
+        if key in obj and not isinstance(value, str) and not (key == "input" and value is None):
+            raise DataError(path, where, f"Alpaca '{key}' must be a string, found {type(value).__name__}")
+    extra = obj.get("input") or ""
+    user = obj["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
+    return {**obj, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]}
