@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a run spec (the embedded default when absent) and dotted overrides")
     run.add_argument("--output", "-o", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--skip-bad-rows", action="store_true",
+                     help="skip rows with bad values and report the count per reason (default: stop at the first)")
     return parser
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             from tailorlm.config import load_config
 
             config_path, overrides = _split_args(args.args)
-            cfg = load_config(config_path, overrides)
+            cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
             if args.print_config:
                 sys.stdout.write(cfg.to_yaml())
                 return 0

@@ -51,6 +51,8 @@ class DataSpec(Section):
                             "'train.en|train.de', plain or .gz (translation); chat requires every JSON/JSONL record "
                             "to be OpenAI 'messages', ShareGPT 'conversations' or Alpaca 'instruction'/'output' "
                             "(json and jsonl also recognise these per record)")
+    skip_bad_rows: bool = Field(False, description="Skip rows with bad values (empty, wrong type, unknown label) and report the count per reason, instead of stopping")
+    encoding: str = Field("utf-8", description="Text encoding of the data files (a byte-order mark is always accepted)")
     columns: dict[str, str] = Field(default_factory=dict, description="Template field -> column in the file, e.g. {text: review, label: stars}")
     label_names: dict[str, str] = Field(default_factory=dict, description="Raw label value -> the word the model should answer, e.g. {0: negative}")
     split: SplitSpec = SplitSpec()
@@ -58,16 +60,16 @@ class DataSpec(Section):
 
 
 class TemplateSpec(Section):
-    preset: Literal["classification"] = "classification"
-    instruction: str = Field("Classify the text. Answer with one of: {{ labels | join(', ') }}.",
-                             description="Jinja2; sees the row's fields and `labels`")
+    preset: Literal["classification", "ner", "qa", "translation", "math", "instruction"] = Field(
+        "classification", description="The task: its default template, answer parsing and metrics (tailorlm/tasks.py)")
+    instruction: Optional[str] = Field(None, description="Jinja2; sees the row's fields and `labels`; the preset's when absent")
     prompt: Optional[str] = Field(None, description="Jinja2 for the whole user prompt; the preset's when absent")
-    completion: str = Field("{{ label }}", description="Jinja2 for the answer the model learns to give")
+    completion: Optional[str] = Field(None, description="Jinja2 for the answer the model learns to give; the preset's when absent")
     system: Optional[str] = Field(None, description="System prompt; the chat template's default when absent")
     chat_template: Literal["auto", "never"] = Field("auto", description="auto: wrap in the model's chat template when it has one")
     max_length: PositiveInt = Field(512, description="Tokens per sample, prompt and completion together")
     overlong: Literal["truncate_prompt", "drop"] = Field("truncate_prompt", description="What to do with samples over max_length")
-    truncate_field: str = Field("text", description="The input field shortened by truncate_prompt")
+    truncate_field: Optional[str] = Field(None, description="The input field shortened by truncate_prompt; by preset (text, context, source, question, input)")
 
 
 class LoraSpec(Section):

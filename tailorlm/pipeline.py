@@ -17,7 +17,7 @@ from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import DataError, TailorError
 from tailorlm.eval.evaluate import Evaluator, pick_demos
-from tailorlm.eval.report import plot_losses, print_table, write_json, write_predictions, write_report
+from tailorlm.eval.report import TITLES, format_metric, plot_losses, print_table, write_json, write_predictions, write_report
 from tailorlm.models.loading import load_model, locate, resolve_device
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.loop import plan_steps, seed_everything, train
@@ -42,16 +42,19 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
 def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     started = time.perf_counter()
     out_dir = out_dir or resolve_output_dir(cfg)
-    label_field = "label"
-
     stage("Data")
     template = PromptTemplate(cfg.template)
-    if template.label_field != label_field:
+    label_field = template.label_field
+    if template.task.label_field and label_field is None:
         raise TailorError("template.completion must use {{ label }}: the classification preset learns to answer the label")
-    splits = load_splits(cfg.data, template.fields, label_field)
+    splits = load_splits(cfg.data, template.fields, label_field, template.task)
     for name in ("train", "validation", "test"):
         console.print(f"{name:>10}: {len(splits[name]):5d} examples from {splits.sources[name]}")
-    console.print(f"{'labels':>10}: {', '.join(splits.labels)}")
+    for name, reasons in splits.skipped.items():
+        for reason, count in reasons.items():
+            console.print(f"[yellow]{name:>10}: skipped {count} row(s): {reason}[/]")
+    if splits.labels:
+        console.print(f"{'labels' if label_field else 'types':>10}: {', '.join(splits.labels)}")
     # Render every example once now, so a template error surfaces before any output or model load.
     for ex in splits.train + splits.validation + splits.test:
         template.prompt(ex, splits.labels), template.completion(ex)
@@ -94,7 +97,7 @@ def _run_in(cfg: RunConfig, out_dir: Path, template, splits, label_field: str, s
     console.print(f"train tokens per sample: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
                   f"chat template: {'yes' if fmt.uses_chat else 'no'}")
     write_json(out_dir / "data_report.json", {
-        "sources": splits.sources, "labels": splits.labels,
+        "sources": splits.sources, "labels": splits.labels, "skipped_rows": splits.skipped,
         "splits": {n: {"examples": len(splits[n]), "samples": reports[n].kept, "truncated": reports[n].truncated,
                        "dropped": dict(reports[n].dropped)} for n in encoded},
         "train_tokens_per_epoch": sum(lengths)})
@@ -108,7 +111,8 @@ def _run_in(cfg: RunConfig, out_dir: Path, template, splits, label_field: str, s
         demos = pick_demos(splits.train, cfg.eval.few_shot_k, cfg.train.seed, label_field) if variant == "few_shot" else []
         result = evaluator.run(model, test, variant, demos)
         variants[variant], predictions = result.metrics, predictions + result.predictions
-        console.print(f"{variant}: accuracy {result.metrics['accuracy']:.3f}, valid answers {result.metrics['valid']:.0%}")
+        console.print(f"{variant}: " + ", ".join(f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}"
+                                                 for c in template.task.columns))
 
     stage(f"Fine-tuning ({cfg.method.name})")
     strategy = make_strategy(cfg.method)
@@ -126,17 +130,19 @@ def _run_in(cfg: RunConfig, out_dir: Path, template, splits, label_field: str, s
     result = evaluator.run(model, test, "fine_tuned")
     variants["fine_tuned"], predictions = result.metrics, predictions + result.predictions
 
-    metrics = {"variants": variants, "labels": splits.labels, "n_test": len(test),
+    metrics = {"task": cfg.template.preset, "headline": template.task.headline, "variants": variants,
+               "labels": splits.labels, "n_test": len(test),
                "train": {"steps": history.steps, "seconds": round(history.seconds, 1), "tokens": history.tokens,
                          "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None}}
     write_predictions(out_dir / "predictions.jsonl", predictions)
     write_json(out_dir / "metrics.json", metrics)
     _, total = plan_steps(len(encoded["train"]), cfg.train)
-    facts = {"model": loaded.source, "method": cfg.method.name, "data": splits.sources["train"],
+    facts = {"task": cfg.template.preset, "model": loaded.source, "method": cfg.method.name, "data": splits.sources["train"],
              "train / validation / test": f"{len(encoded['train'])} / {len(encoded['validation'])} / {len(test)}",
              "training": f"{total} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}",
              "decoding": f"greedy, {cfg.eval.decoding}, few-shot k={cfg.eval.few_shot_k} from the training split"}
-    write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, variants, splits.labels)
+    write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, variants, splits.labels,
+                 template.task.columns)
     console.print()
-    print_table(variants, len(test))
+    print_table(variants, len(test), template.task.columns)
     return metrics

@@ -64,3 +64,18 @@ def test_empty_split_is_an_error(tmp_path):
     path = write(tmp_path / "tiny.csv", "text,label\na,x\n")
     with pytest.raises(DataError, match=r"the (validation|test) split is empty"):
         load_splits(DataSpec(train=str(path)), {"text", "label"})
+
+
+def test_skip_bad_rows_counts_each_reason(tmp_path):
+    from tailorlm.errors import DataError
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\ngood one,a\n,b\nfine,b\n  ,a\nok,c\nsure,a\n")
+    with pytest.raises(DataError, match=r"d.csv, line 3: empty value in column 'text'"):
+        load_splits(DataSpec(train=str(path), test=str(path), validation=str(path)), {"text", "label"})
+    spec = DataSpec(train=str(path), test=str(path), validation=str(path), skip_bad_rows=True,
+                    label_names={"a": "alpha", "b": "beta"})
+    splits = load_splits(spec, {"text", "label"})
+    assert len(splits.train) == 3
+    assert splits.skipped["train"] == {"empty value in column 'text'": 2,
+                                       "label 'c' is not in data.label_names (known: a, b)": 1}

@@ -47,6 +47,33 @@ def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
     assert set(json.loads((out / "metrics.json").read_text())["variants"]) == {"fine_tuned"}
 
 
+@pytest.mark.parametrize("preset", ["ner", "translation", "math"])
+def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
+    """Open-answer tasks: no label set, the preset's metrics in metrics.json and in the report's table."""
+    if preset == "ner":
+        data = tmp_path / "d.conll"
+        data.write_text("".join(f"the\tO\nfilm\tB-product\n{w}\tO\n\n" for w in ("won", "rose", "fell") * 8))
+        args, keys = [f"data.train={data}"], {"f1", "precision", "recall"}
+    elif preset == "translation":
+        src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
+        src.write_text("the film won\nthe team won\n" * 12)
+        tgt.write_text("der film gewann\ndas team gewann\n" * 12)
+        args, keys = [f"data.train={src}|{tgt}"], {"bleu", "chrf"}
+    else:
+        data = tmp_path / "m.jsonl"
+        data.write_text('{"question": "2 plus 3?", "answer": "2+3=5\\n#### 5"}\n' * 24)
+        args, keys = [f"data.train={data}"], {"exact_match", "answered"}
+    out = tmp_path / "out"
+    # The default job's config sets a classification instruction and prompt: null gives the preset's.
+    assert cli(f"model.path={tiny_model_dir}", *args, f"template.preset={preset}", "template.instruction=null",
+               "template.prompt=null", "eval.max_new_tokens=6", "--output", out, *FAST, "template.max_length=400") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == preset and metrics["headline"] in keys
+    for variant in metrics["variants"].values():
+        assert keys <= set(variant)
+    assert "| fine-tuned |" in (out / "report.md").read_text()
+
+
 def _bad_jsonl(p):
     lines = ['{"text": "a", "label": "x"}'] * 3 + ["{oops"]
     return [f"data.train={write(p / 'b.jsonl', chr(10).join(lines))}"]

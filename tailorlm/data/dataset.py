@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from tailorlm.config import DataSpec
 from tailorlm.data.sources import Table, read_table
 from tailorlm.errors import DataError, did_you_mean
+from tailorlm.tasks import TASKS, Task
 
 Example = dict  # template fields + '_where'
 SPLITS = ("train", "validation", "test")
@@ -25,15 +26,21 @@ class Splits:
     test: list[Example]
     labels: list[str]  # the label set, in a stable order, as the model should answer
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # file split -> {reason: rows} (skip_bad_rows)
 
     def __getitem__(self, name: str) -> list[Example]:
         return getattr(self, name)
 
 
-def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str = "label") -> Splits:
-    """Read the configured files, map columns to template fields, split and subsample, all seeded."""
-    tables = {name: read_table(getattr(spec, name), spec.format) for name in SPLITS if getattr(spec, name)}
-    examples = {name: _to_examples(table, spec, needed_fields, label_field) for name, table in tables.items()}
+def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str | None = "label",
+                task: Task = TASKS["classification"]) -> Splits:
+    """Read the configured files, map columns to template fields, split and subsample, all seeded.
+
+    label_field is the closed answer set to stratify by (classification), or None."""
+    tables = {name: read_table(getattr(spec, name), spec.format, spec.encoding) for name in SPLITS if getattr(spec, name)}
+    skipped = {name: Counter() for name in tables}
+    examples = {name: _to_examples(table, spec, needed_fields, label_field, task, skipped[name])
+                for name, table in tables.items()}
     sources = {name: table.path for name, table in tables.items()}
 
     missing = [name for name in ("validation", "test") if name not in examples]
@@ -41,7 +48,8 @@ def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str = "lab
         shares = [getattr(spec.split, name) for name in missing]
         if sum(shares) >= 0.9:
             raise DataError(tables["train"].path, None, f"data.split leaves too little for training ({shares})")
-        parts = split_stratified(examples["train"], shares, spec.split.seed, label_field if spec.split.stratify else None)
+        key = label_field if spec.split.stratify else None
+        parts = split_stratified(examples["train"], shares, spec.split.seed, key)
         examples["train"] = parts[0]
         for name, part in zip(missing, parts[1:]):
             examples[name] = part
@@ -55,14 +63,23 @@ def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str = "lab
         if not examples[name]:
             raise DataError(sources[name], None, f"the {name} split is empty")
 
-    order = list(dict.fromkeys(spec.label_names.values()))
-    seen = sorted({ex[label_field] for name in SPLITS for ex in examples[name]} - set(order))
-    return Splits(examples["train"], examples["validation"], examples["test"], order + seen, sources)
+    if label_field is None:  # open answers; extraction tasks still name their entity types
+        labels = task.answer_set([ex for name in SPLITS for ex in examples[name]])
+    else:
+        order = list(dict.fromkeys(spec.label_names.values()))
+        labels = order + sorted({ex[label_field] for name in SPLITS for ex in examples[name]} - set(order))
+    return Splits(examples["train"], examples["validation"], examples["test"], labels, sources,
+                  {name: dict(c) for name, c in skipped.items() if c})
 
 
-def _to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str) -> list[Example]:
+def _to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str | None, task: Task,
+                 skipped: Counter) -> list[Example]:
     columns = table.columns
+    needed = (needed - task.derived) | (task.structured if needed & task.derived else set())
     mapping = {f: spec.columns.get(f, f) for f in needed | set(spec.columns)}
+    from_messages = "messages" in columns and any(c not in columns for c in mapping.values())
+    if from_messages:  # OpenAI / ShareGPT records: instruction and output come from the conversation
+        columns = [c for c in columns if c != "messages"] + ["instruction", "input", "output"]
     for field_name, column in mapping.items():
         if column not in columns:
             hint = did_you_mean(column, columns)
@@ -71,31 +88,66 @@ def _to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: st
     label_names = {str(k): v for k, v in spec.label_names.items()}
     examples, label_types = [], {}
     for record in table.records:
-        ex: Example = {"_where": f"{table.path}, {record.where}"}
-        for field_name, column in mapping.items():
-            value = record.fields.get(column)
-            # NaN is how pandas-made JSON and Parquet files spell a missing cell.
-            if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value)):
-                raise DataError(table.path, record.where, f"empty value in column '{column}'")
-            # Only scalars have one obvious text form for a template; str() of a dict, list or bytes would train
-            # the model on Python reprs.
-            if not isinstance(value, (str, int, float, bool)):
-                raise DataError(table.path, record.where, f"column '{column}' holds a {type(value).__name__}, expected text or a number")
-            if field_name == label_field:
-                label_types.setdefault(type(value).__name__, record.where)
-            ex[field_name] = value if isinstance(value, str) else _scalar_text(value)
-        if label_field in ex:
-            raw = ex[label_field].strip()
-            if label_names and raw not in label_names:
-                raise DataError(table.path, record.where, f"label '{raw}' is not in data.label_names "
-                                                          f"(known: {', '.join(label_names)})")
-            ex[label_field] = label_names.get(raw, raw)
+        try:
+            ex = _to_example(record, table.path, mapping, label_field, label_names, task, from_messages, needed)
+        except DataError as e:
+            if not spec.skip_bad_rows:
+                raise
+            skipped[e.problem] += 1  # reported per reason, never silently
+            continue
+        if label_field and label_field in ex:
+            label_types.setdefault(ex.pop("_label_type"), record.where)
         examples.append(ex)
     if len(label_types) > 1:
         first, second = list(label_types.items())[:2]
         raise DataError(table.path, second[1], f"mixed label types: {first[0]} (first at {first[1]}) and {second[0]}; "
                                                f"use one type for every label")
     return examples
+
+
+def _to_example(record, path: str, mapping: dict[str, str], label_field: str | None, label_names: dict[str, str],
+                task: Task, from_messages: bool, needed: set[str]) -> Example:
+    ex: Example = {"_where": f"{path}, {record.where}"}
+    fields = {**record.fields, **_single_turn(record, path)} if from_messages else record.fields
+    for field_name, column in mapping.items():
+        value = fields.get(column)
+        if field_name in task.structured:
+            if not isinstance(value, list):
+                raise DataError(path, record.where, f"column '{column}' must hold a list, got {type(value).__name__}")
+            ex[field_name] = value
+            continue
+        # NaN is how pandas-made JSON and Parquet files spell a missing cell.
+        if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value)):
+            if field_name in task.optional:
+                ex[field_name] = ""
+                continue
+            raise DataError(path, record.where, f"empty value in column '{column}'")
+        # Only scalars have one obvious text form for a template; str() of a dict, list or bytes would train
+        # the model on Python reprs.
+        if not isinstance(value, (str, int, float, bool)):
+            raise DataError(path, record.where, f"column '{column}' holds a {type(value).__name__}, expected text or a number")
+        if field_name == label_field:
+            ex["_label_type"] = type(value).__name__
+        ex[field_name] = value if isinstance(value, str) else _scalar_text(value)
+    ex.update(task.derive(ex) if needed & task.structured else {})
+    if label_field and label_field in ex:
+        raw = ex[label_field].strip()
+        if label_names and raw not in label_names:
+            raise DataError(path, record.where, f"label '{raw}' is not in data.label_names "
+                                                f"(known: {', '.join(label_names)})")
+        ex[label_field] = label_names.get(raw, raw)
+    return ex
+
+
+def _single_turn(record, path) -> dict:
+    """instruction/input/output of a one-exchange conversation (a system turn is kept as context in input)."""
+    turns = record.fields["messages"]
+    system = [m["content"] for m in turns if m["role"] == "system"]
+    rest = [m for m in turns if m["role"] != "system"]
+    if len(rest) != 2 or rest[0]["role"] != "user" or rest[1]["role"] != "assistant":
+        raise DataError(path, record.where, f"a conversation of {len(rest)} user/assistant turns; the instruction "
+                                            f"preset trains on one user turn and one assistant answer")
+    return {"instruction": rest[0]["content"], "input": "\n".join(system), "output": rest[1]["content"]}
 
 
 def _scalar_text(value) -> str:

@@ -6,6 +6,7 @@ the problem. Nothing is skipped silently.
 from __future__ import annotations
 
 import codecs
+import contextvars
 import csv
 import gzip
 import io
@@ -18,6 +19,9 @@ from typing import Any
 from tailorlm.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
+# The text encoding of the table being read (data.encoding). A context variable rather than a parameter of
+# every reader: only read_text needs it.
+ENCODING = contextvars.ContextVar("encoding", default="utf-8")
 PAIR_SEPARATOR = "|"  # 'train.en|train.de': the two sides of a parallel corpus
 # A line this long is nearly always a binary file, a file with no line breaks, or an unclosed quote that swallowed
 # the rest of the file; stopping early names the line instead of building one giant sample.
@@ -51,8 +55,16 @@ FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": 
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet", "label_text", "conll", "parallel", "chat")
 
 
-def read_table(source: str, fmt: str = "auto") -> Table:
+def read_table(source: str, fmt: str = "auto", encoding: str = "utf-8") -> Table:
     """Read a file (or builtin:NAME) into a Table; raises DataError with file and line on any problem."""
+    token = ENCODING.set(encoding)
+    try:
+        return _read_table(source, fmt)
+    finally:
+        ENCODING.reset(token)
+
+
+def _read_table(source: str, fmt: str) -> Table:
     if source.startswith(BUILTIN_PREFIX):
         from tailorlm.data.builtin import read_builtin
 
@@ -97,12 +109,16 @@ def read_text(path: Path) -> str:
     # A byte-order mark from spreadsheet exports is dropped, not glued onto the first column name. It is cut off
     # by hand rather than with the utf-8-sig codec, whose error offsets skip the mark and so would misplace the line.
     raw = raw.removeprefix(codecs.BOM_UTF8)
+    encoding = ENCODING.get()
     try:
-        return raw.decode("utf-8")
+        return raw.decode(encoding)
+    except LookupError:
+        raise DataError(path, None, f"unknown text encoding '{encoding}' (data.encoding)") from None
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(path, f"line {line}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
-                                              f"re-save the file as UTF-8") from None
+        name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+        raise DataError(path, f"line {line}", f"not valid {name} (byte 0x{raw[e.start]:02x}); re-save the file "
+                                              f"as UTF-8, or set data.encoding (e.g. latin-1)") from None
 
 
 def numbered_lines(path: Path, text: str):

@@ -10,12 +10,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from tailorlm.config import TemplateSpec
 from tailorlm.errors import ConfigError, DataError
-
-# Each preset is the prompt layout for one kind of task. The instruction is rendered first and handed
-# to the prompt as `instruction`, so users can change either part alone.
-PRESET_PROMPTS = {
-    "classification": "{{ instruction }}\n\nText: {{ text }}",
-}
+from tailorlm.tasks import get_task
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
@@ -31,14 +26,18 @@ class PromptTemplate:
     """Renders examples to (prompt, completion); knows which data fields it needs."""
 
     def __init__(self, spec: TemplateSpec):
-        self.spec = spec
-        self._instruction, inst_vars = _compile(spec.instruction, "template.instruction")
-        prompt_source = spec.prompt if spec.prompt is not None else PRESET_PROMPTS[spec.preset]
-        self._prompt, prompt_vars = _compile(prompt_source, "template.prompt")
-        self._completion, completion_vars = _compile(spec.completion, "template.completion")
-        provided = {"instruction", "labels"}
-        self.fields = (inst_vars | prompt_vars | completion_vars) - provided
-        self.label_field = "label" if "label" in completion_vars else None
+        # The preset gives every part the config leaves out. The instruction is rendered first and handed to
+        # the prompt as `instruction`, so users can change either part alone.
+        self.spec, self.task = spec, get_task(spec.preset)
+        self._instruction, inst_vars = _compile(_pick(spec.instruction, self.task.instruction), "template.instruction")
+        self._prompt, prompt_vars = _compile(_pick(spec.prompt, self.task.prompt), "template.prompt")
+        self._completion, completion_vars = _compile(_pick(spec.completion, self.task.completion), "template.completion")
+        # `instruction` in the prompt is the rendered instruction; inside the instruction it is a data field
+        # (Alpaca's instruction column). `labels` is the answer set, not a field.
+        self.fields = (inst_vars | (prompt_vars - {"instruction"}) | completion_vars) - {"labels"}
+        self.label_field = self.task.label_field if self.task.label_field in completion_vars else None
+        self.truncate_field = spec.truncate_field or next(
+            (f for f in ("text", "context", "source", "question", "input") if f in self.fields), None)
 
     def prompt(self, example: dict, labels: list[str]) -> str:
         context = {**example, "labels": labels}
@@ -54,3 +53,7 @@ class PromptTemplate:
             return template.render(**context).strip()
         except UndefinedError as e:
             raise DataError(example.get("_where", "data"), None, f"{name}: {e.message}") from None
+
+
+def _pick(configured: str | None, preset: str) -> str:
+    return preset if configured is None else configured

@@ -101,7 +101,7 @@ def encode_examples(examples, template: PromptTemplate, fmt: ChatFormat, labels:
 
 def _encode_one(ex: dict, template: PromptTemplate, fmt: ChatFormat, labels, spec: TemplateSpec):
     completion_ids = fmt.encode_completion(fmt.completion_text(template.prompt(ex, labels), template.completion(ex)))
-    field_text = ex.get(spec.truncate_field)
+    field_text = ex.get(template.truncate_field) if template.truncate_field else None
     field_ids = fmt.tokenizer(field_text, add_special_tokens=False)["input_ids"] if isinstance(field_text, str) else []
     keep, current = len(field_ids), ex
     for _ in range(8):  # re-tokenizing a shortened field can shift a token or two; converge in a few rounds
@@ -115,5 +115,5 @@ def _encode_one(ex: dict, template: PromptTemplate, fmt: ChatFormat, labels, spe
         keep -= excess if current is not ex else excess + 2  # room for the " ..." marker
         if keep <= 0:
             return None, False
-        current = {**ex, spec.truncate_field: fmt.tokenizer.decode(field_ids[:keep]).rstrip() + " ..."}
+        current = {**ex, template.truncate_field: fmt.tokenizer.decode(field_ids[:keep]).rstrip() + " ..."}
     return None, False

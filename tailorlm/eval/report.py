@@ -8,9 +8,13 @@ from rich.table import Table
 
 from tailorlm.ui import console
 
-# One set of column names for the terminal table and report.md; the last is the fine-tuned gain in
-# accuracy points over the best prompting variant.
-COLUMNS = ("variant", "accuracy", "macro-F1", "valid answers", "vs prompting")
+# Column titles for the terminal table and report.md. The table shows the task's metrics (tasks.py); the last
+# column is the fine-tuned gain, in points of the headline metric, over the best prompting variant.
+TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "valid": "valid answers", "f1": "entity F1",
+          "precision": "precision", "recall": "recall", "exact_match": "exact match", "token_f1": "token F1",
+          "bleu": "BLEU", "chrf": "chrF", "answered": "answered", "rouge_l": "ROUGE-L"}
+PERCENT = {"valid", "answered"}  # shares, shown as %
+SCALE_100 = {"bleu", "chrf"}  # sacrebleu reports 0-100; the others are 0-1
 VARIANT_TITLES = {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting", "fine_tuned": "fine-tuned"}
 
 
@@ -49,35 +53,49 @@ def plot_losses(path: Path, train_loss: list[dict], val_loss: list[dict]) -> Non
     plt.close(fig)
 
 
-def comparison_rows(variants: dict[str, dict]) -> list[tuple[str, str, str, str, str]]:
-    best_prompting = max((m["accuracy"] for v, m in variants.items() if v != "fine_tuned"), default=None)
+def format_metric(key: str, value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0%}" if key in PERCENT else f"{value:.1f}" if key in SCALE_100 else f"{value:.3f}"
+
+
+def header(columns: tuple[str, ...]) -> list[str]:
+    return ["variant", *(TITLES.get(c, c) for c in columns), "vs prompting"]
+
+
+def comparison_rows(variants: dict[str, dict], columns: tuple[str, ...]) -> list[tuple[str, ...]]:
+    headline = columns[0]
+    best_prompting = max((m[headline] for v, m in variants.items() if v != "fine_tuned"), default=None)
     rows = []
     for name, m in variants.items():
         gain = ""
         if name == "fine_tuned" and best_prompting is not None:
-            gain = f"{(m['accuracy'] - best_prompting) * 100:+.1f} pts"
-        rows.append((VARIANT_TITLES.get(name, name), f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
-                     f"{m['valid']:.0%}", gain))
+            points = (m[headline] - best_prompting) * (1 if headline in SCALE_100 else 100)
+            gain = f"{points:+.1f} pts"
+        rows.append((VARIANT_TITLES.get(name, name), *(format_metric(c, m.get(c)) for c in columns), gain))
     return rows
 
 
-def print_table(variants: dict[str, dict], n_test: int) -> None:
+def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...]) -> None:
     table = Table(title=f"Test split, {n_test} examples, metrics on generated text")
-    for column in COLUMNS:
+    for column in header(columns):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
-    for row in comparison_rows(variants):
+    for row in comparison_rows(variants, columns):
         table.add_row(*row, style="bold green" if row[0] == "fine-tuned" else None)
     console.print(table)
 
 
-def write_report(path: Path, title: str, facts: dict[str, str], variants: dict[str, dict], labels: list[str]) -> None:
+def write_report(path: Path, title: str, facts: dict[str, str], variants: dict[str, dict], labels: list[str],
+                 columns: tuple[str, ...]) -> None:
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in facts.items()]
     lines += ["", "## Prompting vs fine-tuning (test split, metrics on generated text)", "",
-              "| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants)]
+              "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns)]
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", ""]
     for name, m in variants.items():
+        if "confusion" not in m:
+            continue
         cols = labels + (["(invalid)"] if any("(invalid)" in r for r in m["confusion"].values()) else [])
         lines += [f"## Confusion: {VARIANT_TITLES.get(name, name)} (rows: expected, columns: predicted)", "",
                   "| expected | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
