@@ -13,6 +13,7 @@ EPILOG = """examples:
   tailor run examples/sst2.yaml                a config file
   tailor run train.lr=1e-4 method.name=full    overrides, as dotted key=value
   tailor run --print-config                    show the resolved config and exit
+  tailor preflight examples/wnut17.yaml        check the data (duplicates, leakage, lengths, time) only
 """
 
 
@@ -25,12 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser("run", help="prepare data, run prompting baselines, fine-tune, evaluate, report",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    run.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                     help="a run spec (the embedded default when absent) and dotted overrides")
+    check = verbs.add_parser("preflight", help="check the data (duplicates, leakage, lengths, time) without training")
+    for verb in (run, check):
+        verb.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                          help="a run spec (the embedded default when absent) and dotted overrides")
+        verb.add_argument("--skip-bad-rows", action="store_true",
+                          help="skip rows with bad values and report the count per reason (default: stop at the first)")
     run.add_argument("--output", "-o", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    run.add_argument("--skip-bad-rows", action="store_true",
-                     help="skip rows with bad values and report the count per reason (default: stop at the first)")
+    check.add_argument("--output", "-o", help="also save preflight.json and token_lengths.png in this directory")
     return parser
 
 
@@ -49,26 +53,34 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.verb == "run":
-        args.args += extra
+    args.args += extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")  # library deprecation chatter would bury the run's own output
     from tailorlm.ui import console
 
     try:
+        from pathlib import Path
+
+        from tailorlm.config import load_config
+
+        config_path, overrides = _split_args(args.args)
+        cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
+        if args.verb == "run" and args.print_config:
+            sys.stdout.write(cfg.to_yaml())
+            return 0
         if args.verb == "run":
-            from tailorlm.config import load_config
-
-            config_path, overrides = _split_args(args.args)
-            cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
-            if args.print_config:
-                sys.stdout.write(cfg.to_yaml())
-                return 0
-            from pathlib import Path
-
             from tailorlm.pipeline import run
 
             run(cfg, Path(args.output) if args.output else None)
+            return 0
+        from tailorlm.data.preflight import enforce
+        from tailorlm.pipeline import prepare_data, save_data_report
+
+        data = prepare_data(cfg)
+        if args.output:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+            save_data_report(Path(args.output), data, cfg)
+        enforce(data.preflight)
         return 0
     except TailorError as e:
         from rich.markup import escape

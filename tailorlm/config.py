@@ -118,6 +118,20 @@ class EvalSpec(Section):
     decoding: Literal["free", "constrained"] = Field("free", description="free: greedy text, normalised to a label; constrained: greedy within the label set")
 
 
+Policy = Literal["warn", "error", "ignore"]
+
+
+class PreflightSpec(Section):
+    leakage: Policy = Field("warn", description="Validation/test prompts that also occur (exactly or nearly) in train")
+    duplicates: Policy = Field("warn", description="The same prompt and answer more than once inside a split")
+    empty: Policy = Field("error", description="An example whose rendered prompt or answer is empty")
+    imbalance: Policy = Field("warn", description="Largest/smallest train label count over max_imbalance")
+    max_imbalance: float = Field(10.0, gt=1)
+    truncation: Policy = Field("warn", description="Samples truncated or dropped to fit template.max_length")
+    near_duplicate_jaccard: float = Field(0.85, gt=0, le=1, description="Word 3-gram Jaccard at which two texts are near duplicates")
+    max_near_rows: PositiveInt = Field(20000, description="Near-duplicate search is skipped for splits larger than this")
+
+
 class OutputSpec(Section):
     dir: Optional[str] = Field(None, description="Run directory; runs/<name>-<timestamp> when absent")
     name: str = "run"
@@ -131,6 +145,7 @@ class RunConfig(Section):
     method: MethodSpec = MethodSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+    preflight: PreflightSpec = PreflightSpec()
     output: OutputSpec = OutputSpec()
 
     @property

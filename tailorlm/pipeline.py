@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import DataError, TailorError
 from tailorlm.eval.evaluate import Evaluator, pick_demos
 from tailorlm.eval.report import TITLES, format_metric, plot_losses, print_table, write_json, write_predictions, write_report
-from tailorlm.models.loading import load_model, locate, resolve_device
+from tailorlm.data.preflight import Preflight, enforce, plot_lengths, run_preflight, show
+from tailorlm.models.loading import count_parameters, load_model, load_tokenizer, locate, resolve_device
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.loop import plan_steps, seed_everything, train
 from tailorlm.ui import console, stage
@@ -39,9 +41,20 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
-    started = time.perf_counter()
-    out_dir = out_dir or resolve_output_dir(cfg)
+@dataclass
+class PreparedData:
+    """Everything known before the model's weights are loaded: examples, tokens, and the preflight."""
+    template: PromptTemplate
+    splits: object
+    tokenizer: object
+    fmt: ChatFormat
+    encoded: dict
+    reports: dict
+    preflight: Preflight
+
+
+def prepare_data(cfg: RunConfig) -> PreparedData:
+    """Data -> template -> tokens -> preflight, all before any output is written or weights are loaded."""
     stage("Data")
     template = PromptTemplate(cfg.template)
     label_field = template.label_field
@@ -60,12 +73,45 @@ def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
         template.prompt(ex, splits.labels), template.completion(ex)
 
     locate(cfg.model.path)  # a wrong model path is reported now, not after the output directory exists
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = ChatFormat(tokenizer, cfg.template)
+    encoded, reports = {}, {}
+    for name in ("train", "validation", "test"):
+        encoded[name], reports[name] = encode_examples(splits[name], template, fmt, splits.labels, cfg.template)
+        console.print(f"{name:>10}: {reports[name].summary()}")
+        if not encoded[name]:
+            raise DataError(splits.sources[name], None, f"no {name} sample fits template.max_length={cfg.template.max_length}")
+
+    stage("Preflight")
+    device = resolve_device(cfg.train.device)
+    pf = run_preflight(cfg, splits, encoded, reports, template, tokenizer, count_parameters(cfg.model), device)
+    show(pf, tokenizer, encoded["train"])
+    return PreparedData(template, splits, tokenizer, fmt, encoded, reports, pf)
+
+
+def save_data_report(out_dir: Path, data: PreparedData, cfg: RunConfig) -> None:
+    splits, reports = data.splits, data.reports
+    write_json(out_dir / "preflight.json", {"findings": data.preflight.findings, **data.preflight.facts})
+    plot_lengths(out_dir / "token_lengths.png", data.encoded["train"], cfg.template.max_length)
+    write_json(out_dir / "data_report.json", {
+        "sources": splits.sources, "labels": splits.labels, "skipped_rows": splits.skipped,
+        "splits": {n: {"examples": len(splits[n]), "samples": reports[n].kept, "truncated": reports[n].truncated,
+                       "dropped": dict(reports[n].dropped)} for n in data.encoded},
+        "train_tokens_per_epoch": sum(len(s) for s in data.encoded["train"])})
+
+
+def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
+    started = time.perf_counter()
+    out_dir = out_dir or resolve_output_dir(cfg)
+    data = prepare_data(cfg)
+    enforce(data.preflight)  # thresholds set to error stop here, before anything is written
     prepare_output_dir(out_dir, cfg.output.overwrite)
     (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    save_data_report(out_dir, data, cfg)
     status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds")}
     write_json(out_dir / "run.json", status)
     try:
-        metrics = _run_in(cfg, out_dir, template, splits, label_field, started)
+        metrics = _run_in(cfg, out_dir, data, started)
     except BaseException as e:
         write_json(out_dir / "run.json", {**status, "status": "failed", "error": str(e) or type(e).__name__})
         raise
@@ -75,32 +121,18 @@ def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     return metrics
 
 
-def _run_in(cfg: RunConfig, out_dir: Path, template, splits, label_field: str, started: float) -> dict:
+def _run_in(cfg: RunConfig, out_dir: Path, data: PreparedData, started: float) -> dict:
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
+    template, splits, fmt, encoded = data.template, data.splits, data.fmt, data.encoded
+    label_field = template.label_field
 
     stage("Model")
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = loaded.model, data.tokenizer
     console.print(f"Loaded {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
                   f"{next(model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")
-
-    fmt = ChatFormat(tokenizer, cfg.template)
-    encoded, reports = {}, {}
-    for name in ("train", "validation", "test"):
-        encoded[name], reports[name] = encode_examples(splits[name], template, fmt, splits.labels, cfg.template)
-        console.print(f"{name:>10}: {reports[name].summary()}")
-        if not encoded[name]:
-            raise DataError(splits.sources[name], None, f"no {name} sample fits template.max_length={cfg.template.max_length}")
-    lengths = sorted(len(s) for s in encoded["train"])
-    console.print(f"train tokens per sample: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
-                  f"chat template: {'yes' if fmt.uses_chat else 'no'}")
-    write_json(out_dir / "data_report.json", {
-        "sources": splits.sources, "labels": splits.labels, "skipped_rows": splits.skipped,
-        "splits": {n: {"examples": len(splits[n]), "samples": reports[n].kept, "truncated": reports[n].truncated,
-                       "dropped": dict(reports[n].dropped)} for n in encoded},
-        "train_tokens_per_epoch": sum(lengths)})
 
     evaluator = Evaluator(tokenizer, template, fmt, splits.labels, cfg.eval, device, label_field)
     test = encoded["test"]

@@ -74,6 +74,33 @@ def locate(path: str) -> tuple[str, str | None]:
     return path, None  # a hub id; works where the hub is reachable or cached
 
 
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer alone (seconds), so data can be checked before the weights are loaded."""
+    from transformers import AutoTokenizer
+
+    folder, gguf_file = locate(spec.path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except OSError as e:
+        raise TailorError(f"model.path: cannot load the tokenizer of '{spec.path}': {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    """The model's parameter count from its config alone (built on the meta device: no memory, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, gguf_file = locate(spec.path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
