@@ -138,6 +138,20 @@ class OutputSpec(Section):
     overwrite: bool = False
 
 
+class TaskSpec(Section):
+    """One task of a multi-task run: its own data, template (preset) and evaluation."""
+    name: str = Field(description="Names the task in logs, metrics.json and the report")
+    data: DataSpec
+    template: TemplateSpec = TemplateSpec()
+    weight: float = Field(1.0, gt=0, description="Share of training samples under mixing.strategy=weights")
+
+
+class MixSpec(Section):
+    strategy: Literal["temperature", "weights", "proportional"] = Field(
+        "temperature", description="How tasks share the training set (tailorlm/data/mixing.py)")
+    temperature: float = Field(2.0, gt=0, description="Shares proportional to size^(1/T)")
+
+
 class RunConfig(Section):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
@@ -146,6 +160,8 @@ class RunConfig(Section):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     preflight: PreflightSpec = PreflightSpec()
+    tasks: list[TaskSpec] = Field(default_factory=list, description="Multi-task: when given, replaces data and template")
+    mixing: MixSpec = MixSpec()
     output: OutputSpec = OutputSpec()
 
     @property

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tailorlm.config import RunConfig
 from tailorlm.data.dataset import load_splits
+from tailorlm.data.mixing import mix, mixing_shares
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import DataError, TailorError
@@ -53,9 +54,9 @@ class PreparedData:
     preflight: Preflight
 
 
-def prepare_data(cfg: RunConfig) -> PreparedData:
+def prepare_data(cfg: RunConfig, task_name: str | None = None) -> PreparedData:
     """Data -> template -> tokens -> preflight, all before any output is written or weights are loaded."""
-    stage("Data")
+    stage(f"Data: {task_name}" if task_name else "Data")
     template = PromptTemplate(cfg.template)
     label_field = template.label_field
     if template.task.label_field and label_field is None:
@@ -100,18 +101,30 @@ def save_data_report(out_dir: Path, data: PreparedData, cfg: RunConfig) -> None:
         "train_tokens_per_epoch": sum(len(s) for s in data.encoded["train"])})
 
 
+def task_configs(cfg: RunConfig) -> dict[str, RunConfig]:
+    """One run config per task: the run's own data and template, or each entry of `tasks`."""
+    if not cfg.tasks:
+        return {cfg.template.preset: cfg}
+    return {t.name: cfg.model_copy(update={"data": t.data, "template": t.template}) for t in cfg.tasks}
+
+
 def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     started = time.perf_counter()
     out_dir = out_dir or resolve_output_dir(cfg)
-    data = prepare_data(cfg)
-    enforce(data.preflight)  # thresholds set to error stop here, before anything is written
+    configs = task_configs(cfg)
+    datas = {name: prepare_data(c, name if cfg.tasks else None) for name, c in configs.items()}
+    for data in datas.values():
+        enforce(data.preflight)  # thresholds set to error stop here, before anything is written
     prepare_output_dir(out_dir, cfg.output.overwrite)
     (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    save_data_report(out_dir, data, cfg)
+    for name, data in datas.items():
+        task_dir = out_dir / "tasks" / name if cfg.tasks else out_dir
+        task_dir.mkdir(parents=True, exist_ok=True)
+        save_data_report(task_dir, data, configs[name])
     status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds")}
     write_json(out_dir / "run.json", status)
     try:
-        metrics = _run_in(cfg, out_dir, data, started)
+        metrics = _run_in(cfg, out_dir, configs, datas)
     except BaseException as e:
         write_json(out_dir / "run.json", {**status, "status": "failed", "error": str(e) or type(e).__name__})
         raise
@@ -121,36 +134,39 @@ def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     return metrics
 
 
-def _run_in(cfg: RunConfig, out_dir: Path, data: PreparedData, started: float) -> dict:
+def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas: dict[str, PreparedData]) -> dict:
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    template, splits, fmt, encoded = data.template, data.splits, data.fmt, data.encoded
-    label_field = template.label_field
+    tokenizer = next(iter(datas.values())).tokenizer
 
     stage("Model")
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, device)
-    model, tokenizer = loaded.model, data.tokenizer
+    model = loaded.model
     console.print(f"Loaded {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
                   f"{next(model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")
 
-    evaluator = Evaluator(tokenizer, template, fmt, splits.labels, cfg.eval, device, label_field)
-    test = encoded["test"]
-    variants, predictions = {}, []
+    evaluators = {name: Evaluator(tokenizer, d.template, d.fmt, d.splits.labels, cfg.eval, device, d.template.label_field)
+                  for name, d in datas.items()}
+    variants: dict[str, dict] = {name: {} for name in datas}
+    predictions: list[dict] = []
     if cfg.eval.baselines:
         stage("Prompting baselines (base model)")
-    for variant in cfg.eval.baselines:
-        demos = pick_demos(splits.train, cfg.eval.few_shot_k, cfg.train.seed, label_field) if variant == "few_shot" else []
-        result = evaluator.run(model, test, variant, demos)
-        variants[variant], predictions = result.metrics, predictions + result.predictions
-        console.print(f"{variant}: " + ", ".join(f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}"
-                                                 for c in template.task.columns))
+    for name, d in datas.items():
+        for variant in cfg.eval.baselines:
+            demos = pick_demos(d.splits.train, cfg.eval.few_shot_k, cfg.train.seed,
+                               d.template.label_field) if variant == "few_shot" else []
+            result = evaluators[name].run(model, d.encoded["test"], variant, demos)
+            variants[name][variant] = result.metrics
+            predictions += [{**p, "task": name} if cfg.tasks else p for p in result.predictions]
+            console.print(f"{name} {variant}: " + ", ".join(f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}"
+                                                            for c in d.template.task.columns))
 
     stage(f"Fine-tuning ({cfg.method.name})")
+    train_set, val_set = _training_sets(cfg, datas)
     strategy = make_strategy(cfg.method)
     model = strategy.prepare(model)
-    history = train(model, strategy, encoded["train"], encoded["validation"], cfg.train, cfg.lr,
-                    tokenizer.pad_token_id, device)
+    history = train(model, strategy, train_set, val_set, cfg.train, cfg.lr, tokenizer.pad_token_id, device)
     saved = strategy.save(model, tokenizer, out_dir)
     console.print(f"Trained {history.steps} steps in {history.seconds:.0f} s "
                   f"({history.tokens / max(history.seconds, 1e-9):.0f} tokens/s); saved {saved.relative_to(out_dir)}/")
@@ -159,22 +175,44 @@ def _run_in(cfg: RunConfig, out_dir: Path, data: PreparedData, started: float) -
     plot_losses(out_dir / "loss_curve.png", history.train_loss, history.val_loss)
 
     stage("Evaluation (fine-tuned)")
-    result = evaluator.run(model, test, "fine_tuned")
-    variants["fine_tuned"], predictions = result.metrics, predictions + result.predictions
-
-    metrics = {"task": cfg.template.preset, "headline": template.task.headline, "variants": variants,
-               "labels": splits.labels, "n_test": len(test),
-               "train": {"steps": history.steps, "seconds": round(history.seconds, 1), "tokens": history.tokens,
-                         "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None}}
+    sections = {}
+    for name, d in datas.items():
+        result = evaluators[name].run(model, d.encoded["test"], "fine_tuned")
+        variants[name]["fine_tuned"] = result.metrics
+        predictions += [{**p, "task": name} if cfg.tasks else p for p in result.predictions]
+        sections[name] = {"task": configs[name].template.preset, "headline": d.template.task.headline,
+                          "columns": list(d.template.task.columns), "variants": variants[name],
+                          "labels": d.splits.labels, "n_test": len(d.encoded["test"])}
+    train_facts = {"steps": history.steps, "seconds": round(history.seconds, 1), "tokens": history.tokens,
+                   "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None}
+    metrics = ({"tasks": sections, "mixing": cfg.mixing.model_dump(), "train": train_facts} if cfg.tasks
+               else {**next(iter(sections.values())), "train": train_facts})
     write_predictions(out_dir / "predictions.jsonl", predictions)
     write_json(out_dir / "metrics.json", metrics)
-    _, total = plan_steps(len(encoded["train"]), cfg.train)
-    facts = {"task": cfg.template.preset, "model": loaded.source, "method": cfg.method.name, "data": splits.sources["train"],
-             "train / validation / test": f"{len(encoded['train'])} / {len(encoded['validation'])} / {len(test)}",
+    _, total = plan_steps(len(train_set), cfg.train)
+    first = next(iter(datas.values()))
+    facts = {"task": ", ".join(f"{n} ({c.template.preset})" for n, c in configs.items()) if cfg.tasks else cfg.template.preset,
+             "model": loaded.source, "method": cfg.method.name,
+             "data": ", ".join(d.splits.sources["train"] for d in datas.values()),
+             "train / validation": f"{len(train_set)} / {len(val_set)}" + ("" if cfg.tasks else f" / test {len(first.encoded['test'])}"),
              "training": f"{total} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}",
              "decoding": f"greedy, {cfg.eval.decoding}, few-shot k={cfg.eval.few_shot_k} from the training split"}
-    write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, variants, splits.labels,
-                 template.task.columns)
+    write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections)
     console.print()
-    print_table(variants, len(test), template.task.columns)
+    for name, section in sections.items():
+        print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if cfg.tasks else None)
     return metrics
+
+
+def _training_sets(cfg: RunConfig, datas: dict[str, PreparedData]) -> tuple[list, list]:
+    """The training list (tasks mixed per cfg.mixing) and the validation list (all tasks' validation)."""
+    if not cfg.tasks:
+        data = next(iter(datas.values()))
+        return data.encoded["train"], data.encoded["validation"]
+    trains = [d.encoded["train"] for d in datas.values()]
+    shares = mixing_shares([len(t) for t in trains], [t.weight for t in cfg.tasks], cfg.mixing.strategy,
+                           cfg.mixing.temperature)
+    mixed = mix(trains, shares, cfg.train.seed)
+    console.print("mixing (" + cfg.mixing.strategy + "): " +
+                  ", ".join(f"{n} {share:.0%} of {len(mixed)}" for n, share in zip(datas, shares)))
+    return mixed, [s for d in datas.values() for s in d.encoded["validation"]]

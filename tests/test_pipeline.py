@@ -74,6 +74,38 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
     assert "| fine-tuned |" in (out / "report.md").read_text()
 
 
+def test_multi_task_run_reports_every_task(tmp_path, tiny_model_dir):
+    reviews = labeled_csv(tmp_path / "reviews.csv")
+    src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
+    src.write_text("the film won\nthe team won\n" * 12)
+    tgt.write_text("der film gewann\ndas team gewann\n" * 12)
+    config = write(tmp_path / "multi.yaml", f"""
+model: {{path: {tiny_model_dir}}}
+tasks:
+  - name: sentiment
+    data: {{train: {reviews}}}
+    template: {{max_length: 96}}
+  - name: german
+    data: {{train: "{src}|{tgt}"}}
+    template: {{preset: translation, max_length: 96}}
+    weight: 3
+mixing: {{strategy: weights}}
+train: {{max_steps: 2, batch_size: 4, eval_every: 0}}
+eval: {{few_shot_k: 1, max_new_tokens: 4}}
+""")
+    out = tmp_path / "out"
+    assert cli(config, "--output", out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"sentiment", "german"} and metrics["mixing"]["strategy"] == "weights"
+    assert {"accuracy", "macro_f1"} <= set(metrics["tasks"]["sentiment"]["variants"]["fine_tuned"])
+    assert {"bleu", "chrf"} <= set(metrics["tasks"]["german"]["variants"]["zero_shot"])
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {p["task"] for p in predictions} == {"sentiment", "german"}
+    report = (out / "report.md").read_text()
+    assert "Prompting vs fine-tuning: sentiment" in report and "Prompting vs fine-tuning: german" in report
+    assert (out / "tasks" / "german" / "preflight.json").is_file()
+
+
 def _bad_jsonl(p):
     lines = ['{"text": "a", "label": "x"}'] * 3 + ["{oops"]
     return [f"data.train={write(p / 'b.jsonl', chr(10).join(lines))}"]

@@ -76,8 +76,8 @@ def comparison_rows(variants: dict[str, dict], columns: tuple[str, ...]) -> list
     return rows
 
 
-def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...]) -> None:
-    table = Table(title=f"Test split, {n_test} examples, metrics on generated text")
+def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str | None = None) -> None:
+    table = Table(title=f"{task + ': ' if task else ''}test split, {n_test} examples, metrics on generated text")
     for column in header(columns):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for row in comparison_rows(variants, columns):
@@ -85,22 +85,27 @@ def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...]
     console.print(table)
 
 
-def write_report(path: Path, title: str, facts: dict[str, str], variants: dict[str, dict], labels: list[str],
-                 columns: tuple[str, ...]) -> None:
+def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[str, dict]) -> None:
+    """report.md: one comparison table per task (sections: task name -> its metrics.json entry)."""
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in facts.items()]
-    lines += ["", "## Prompting vs fine-tuning (test split, metrics on generated text)", "",
-              "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1)]
-    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns)]
+    for name, section in sections.items():
+        columns, variants, labels = tuple(section["columns"]), section["variants"], section["labels"]
+        heading = "Prompting vs fine-tuning" + (f": {name}" if len(sections) > 1 else "")
+        lines += ["", f"## {heading} (test split, {section['n_test']} examples, metrics on generated text)", "",
+                  "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns)]
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", ""]
-    for name, m in variants.items():
-        if "confusion" not in m:
-            continue
-        cols = labels + (["(invalid)"] if any("(invalid)" in r for r in m["confusion"].values()) else [])
-        lines += [f"## Confusion: {VARIANT_TITLES.get(name, name)} (rows: expected, columns: predicted)", "",
-                  "| expected | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        for gold in labels:
-            row = m["confusion"].get(gold, {})
-            lines.append(f"| {gold} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
-        lines.append("")
+    for section in sections.values():
+        labels = section["labels"]
+        for name, m in section["variants"].items():
+            if "confusion" not in m:
+                continue
+            cols = labels + (["(invalid)"] if any("(invalid)" in r for r in m["confusion"].values()) else [])
+            lines += [f"## Confusion: {VARIANT_TITLES.get(name, name)} (rows: expected, columns: predicted)", "",
+                      "| expected | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+            for gold in labels:
+                row = m["confusion"].get(gold, {})
+                lines.append(f"| {gold} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
+            lines.append("")
     path.write_text("\n".join(lines))
