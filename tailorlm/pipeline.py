@@ -159,7 +159,7 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
             result = evaluators[name].run(model, d.encoded["test"], variant, demos)
             variants[name][variant] = result.metrics
             predictions += [{**p, "task": name} if cfg.tasks else p for p in result.predictions]
-            console.print(f"{name} {variant}: " + ", ".join(f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}"
+            console.print(f"{name + ' ' if cfg.tasks else ''}{variant}: " + ", ".join(f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}"
                                                             for c in d.template.task.columns))
 
     stage(f"Fine-tuning ({cfg.method.name})")

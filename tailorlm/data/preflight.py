@@ -152,8 +152,8 @@ def show(pf: Preflight, tokenizer=None, samples: list[Sample] = ()) -> None:
         for ex in f["examples"]:
             console.print(f"{'':17}{ex}", style="dim")
     if tokenizer is not None:
-        for s in samples[:2]:
-            console.print("[dim]loss preview (green tokens carry loss):[/]")
+        for s in samples[:1]:
+            console.print("[dim]loss preview of the first training sample (green tokens carry loss):[/]")
             console.print(loss_preview(s, tokenizer))
 
 

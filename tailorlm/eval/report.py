@@ -77,7 +77,7 @@ def comparison_rows(variants: dict[str, dict], columns: tuple[str, ...]) -> list
 
 
 def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str | None = None) -> None:
-    table = Table(title=f"{task + ': ' if task else ''}test split, {n_test} examples, metrics on generated text")
+    table = Table(title=f"{task + ': test' if task else 'Test'} split, {n_test} examples, metrics on generated text")
     for column in header(columns):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for row in comparison_rows(variants, columns):
