@@ -62,3 +62,20 @@ def test_leakage_as_error_stops_the_run_before_any_output(tmp_path, tiny_model_d
                  "preflight.leakage=error", "--output", str(out)])
     assert code == 2 and not out.exists()
     assert "preflight failed (leakage: test: 1 prompts also in train" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_short_inputs_are_not_near_duplicates_because_of_the_template(tmp_path, tiny_model_dir):
+    """Leakage compares the examples' own text: a long shared instruction must not make them look alike."""
+    questions = ["who wrote hamlet", "where is paris", "what is rain", "how old is rome", "why is sky blue",
+                 "when did ww2 end", "what is a fox", "who is the king", "how tall is it", "where is the sea"]
+    rows = ["text,label"] + [f"{q},{'a' if i % 2 else 'b'}" for i, q in enumerate(questions * 2)]
+    train = write(tmp_path / "train.csv", "\n".join(rows[:15]) + "\n")
+    test = write(tmp_path / "test.csv", "\n".join([rows[0], "what is snow,a", "who wrote faust,b"]) + "\n")
+    out = tmp_path / "pf"
+    assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}", f"data.test={test}",
+                 "template.instruction=" + "Read the question carefully and answer with one of the labels. " * 3,
+                 "template.max_length=1024",
+                 "--output", str(out)]) == 0
+    findings = json.loads((out / "preflight.json").read_text())["findings"]
+    leak = next(f for f in findings if f["check"] == "leakage" and f["message"].startswith("test"))
+    assert leak["level"] == "ok" and leak["message"] == "test: 0 prompts also in train, 0 nearly"

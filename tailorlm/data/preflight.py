@@ -45,8 +45,11 @@ def _level(policy: str, problem: bool) -> str | None:
 def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], reports: dict, template, tokenizer,
                   n_params: int, device: torch.device) -> Preflight:
     spec, pf = cfg.preflight, Preflight()
-    inputs = {n: [template.prompt(ex, splits.labels) for ex in splits[n]] for n in SPLITS}
+    # Duplicates and leakage compare the examples' own inputs, not rendered prompts: the template's shared
+    # instruction would make every short input look nearly the same.
+    inputs = {n: [_input_text(ex, template.input_fields) for ex in splits[n]] for n in SPLITS}
     answers = {n: [template.completion(ex) for ex in splits[n]] for n in SPLITS}
+    prompts = {n: [template.prompt(ex, splits.labels) for ex in splits[n]] for n in SPLITS}
 
     read = {n: len(splits[n]) for n in SPLITS}
     skipped = {n: sum(r.values()) for n, r in splits.skipped.items()}
@@ -54,7 +57,7 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
                         "dropped": {n: dict(reports[n].dropped) for n in SPLITS}}
     pf.add("rows", "warn" if skipped else "ok", f"examples: {read}" + (f"; skipped rows: {skipped}" if skipped else ""))
 
-    empty = [f"{ex['_where']}" for n in SPLITS for ex, p, a in zip(splits[n], inputs[n], answers[n])
+    empty = [f"{ex['_where']}" for n in SPLITS for ex, p, a in zip(splits[n], prompts[n], answers[n])
              if not p.strip() or not a.strip()]
     if (lv := _level(spec.empty, bool(empty))):
         pf.add("empty", lv, f"{len(empty)} examples with an empty prompt or answer", empty)
@@ -105,6 +108,10 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
                          f"{device.type}: {_duration(seconds)}")
     pf.facts["loss_preview"] = [loss_preview(s, tokenizer).plain for s in encoded["train"][:2]]
     return pf
+
+
+def _input_text(example: dict, fields: set[str]) -> str:
+    return "\n".join(str(example[f]) for f in sorted(fields) if f in example)
 
 
 def _counts(values: list[str], labels: list[str]) -> dict[str, int]:

@@ -34,7 +34,8 @@ class PromptTemplate:
         self._completion, completion_vars = _compile(_pick(spec.completion, self.task.completion), "template.completion")
         # `instruction` in the prompt is the rendered instruction; inside the instruction it is a data field
         # (Alpaca's instruction column). `labels` is the answer set, not a field.
-        self.fields = (inst_vars | (prompt_vars - {"instruction"}) | completion_vars) - {"labels"}
+        self.input_fields = (inst_vars | (prompt_vars - {"instruction"})) - {"labels"}
+        self.fields = self.input_fields | (completion_vars - {"labels"})
         self.label_field = self.task.label_field if self.task.label_field in completion_vars else None
         self.truncate_field = spec.truncate_field or next(
             (f for f in ("text", "context", "source", "question", "input") if f in self.fields), None)
