@@ -12,6 +12,9 @@ TITLES = {"gpu": "Training speed on one GPU: transformers + PEFT vs tailorlm",
           "cpu-smoke": "Training speed smoke test (tiny shapes, CPU; checks the script runs, not speed)"}
 
 
+COMPILE_LABELS = {"on": ", compile on", "off": ", compile off", "auto": " (default)"}
+
+
 def _fmt(x, spec: str = ",.0f", none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
@@ -20,13 +23,13 @@ def _label(r: dict) -> str:
     if r["impl"] == "baseline":
         return "transformers + PEFT"
     name = "tailorlm" + {"off": " (padded, shared prefix: the CPU default)", "on": " (packed)"}.get(r.get("packing"), "")
-    if r.get("device") == "cuda" and r.get("compile") in ("on", "off"):
-        name += {"on": ", compile on", "off": ", compile off"}[r["compile"]]
-    return name if r.get("compile") != "auto" or r.get("device") != "cuda" else name + " (default)"
+    if r.get("device") == "cuda" and r.get("compile") in COMPILE_LABELS:
+        name += COMPILE_LABELS[r["compile"]]
+    return name
 
 
 def table(suite: str, results: list[dict]) -> str:
-    rows = [r for r in results if not r.get("max_context") and "max_context" not in r]
+    rows = [r for r in results if "max_context" not in r]
     head = "| shape | method | implementation | real tokens/s | speed-up | target | MFU | peak GiB | memory vs baseline | warm-up s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:

@@ -11,17 +11,35 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-
 from tailorlm.config import RunConfig
 from tailorlm.data.dataset import load_splits
 from tailorlm.data.mixing import mix, mixing_shares
+from tailorlm.data.preflight import (
+    Preflight,
+    enforce,
+    plot_lengths,
+    run_preflight,
+    show,
+)
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import DataError, TailorError
 from tailorlm.eval.evaluate import Evaluator, pick_demos
-from tailorlm.eval.report import TITLES, format_metric, plot_losses, print_table, write_json, write_predictions, write_report
-from tailorlm.data.preflight import Preflight, enforce, plot_lengths, run_preflight, show
-from tailorlm.models.loading import count_parameters, load_model, load_tokenizer, locate, resolve_device
+from tailorlm.eval.report import (
+    TITLES,
+    format_metric,
+    plot_losses,
+    print_table,
+    write_json,
+    write_predictions,
+    write_report,
+)
+from tailorlm.models.loading import (
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+)
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.loop import plan_steps, seed_everything, train
 from tailorlm.ui import console, stage
@@ -73,8 +91,7 @@ def prepare_data(cfg: RunConfig, task_name: str | None = None) -> PreparedData:
     for ex in splits.train + splits.validation + splits.test:
         template.prompt(ex, splits.labels), template.completion(ex)
 
-    locate(cfg.model.path)  # a wrong model path is reported now, not after the output directory exists
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)  # a wrong model path is reported now, before any output exists
     fmt = ChatFormat(tokenizer, cfg.template)
     encoded, reports = {}, {}
     for name in ("train", "validation", "test"):
@@ -141,7 +158,7 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
 
     stage("Model")
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, device)
+    loaded = load_model(cfg.model, device, tokenizer)
     model = loaded.model
     console.print(f"Loaded {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
                   f"{next(model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")

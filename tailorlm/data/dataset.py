@@ -95,8 +95,8 @@ def _to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: st
                 raise
             skipped[e.problem] += 1  # reported per reason, never silently
             continue
-        if label_field and label_field in ex:
-            label_types.setdefault(ex.pop("_label_type"), record.where)
+        if label_field in mapping:  # the raw value's type: a file that mixes 1 and "1" is an error below
+            label_types.setdefault(type(record.fields.get(mapping[label_field])).__name__, record.where)
         examples.append(ex)
     if len(label_types) > 1:
         first, second = list(label_types.items())[:2]
@@ -126,8 +126,6 @@ def _to_example(record, path: str, mapping: dict[str, str], label_field: str | N
         # the model on Python reprs.
         if not isinstance(value, (str, int, float, bool)):
             raise DataError(path, record.where, f"column '{column}' holds a {type(value).__name__}, expected text or a number")
-        if field_name == label_field:
-            ex["_label_type"] = type(value).__name__
         ex[field_name] = value if isinstance(value, str) else _scalar_text(value)
     ex.update(task.derive(ex) if needed & task.structured else {})
     if label_field and label_field in ex:

@@ -6,6 +6,7 @@ is ok, warn or error; config `preflight.*` decides which checks stop the run (e.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+@functools.cache  # one probe per device and process: a multi-task run prepares several tasks
 def matmul_flops(device: torch.device) -> float:
     """This machine's measured matrix-multiply rate (FLOP/s) in the dtype training will use."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -74,16 +74,26 @@ def locate(path: str) -> tuple[str, str | None]:
     return path, None  # a hub id; works where the hub is reachable or cached
 
 
+def _source(spec: ModelSpec) -> tuple[str, str | None, dict]:
+    """(folder or hub id, gguf file or None, the from_pretrained keywords that select it)."""
+    folder, gguf_file = locate(spec.path)
+    return folder, gguf_file, ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def _load_failed(spec: ModelSpec, e: OSError, what: str = "") -> TailorError:
+    offline = " (no network here: use a local folder or .gguf file)" if "offline" in str(e).lower() or "connect" in str(e).lower() else ""
+    return TailorError(f"model.path: cannot load {what}'{spec.path}'{offline}: {str(e).splitlines()[0]}")
+
+
 def load_tokenizer(spec: ModelSpec):
     """The model's tokenizer alone (seconds), so data can be checked before the weights are loaded."""
     from transformers import AutoTokenizer
 
-    folder, gguf_file = locate(spec.path)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    folder, _, kwargs = _source(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     except OSError as e:
-        raise TailorError(f"model.path: cannot load the tokenizer of '{spec.path}': {str(e).splitlines()[0]}") from None
+        raise _load_failed(spec, e, "the tokenizer of ") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -93,35 +103,31 @@ def count_parameters(spec: ModelSpec) -> int:
     """The model's parameter count from its config alone (built on the meta device: no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder, gguf_file = locate(spec.path)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    folder, _, kwargs = _source(spec)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     return sum(p.numel() for p in model.parameters())
 
 
-def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec: ModelSpec, device: torch.device, tokenizer=None) -> LoadedModel:
+    """The model on `device`, with its tokenizer (the one given, when the caller has already loaded it)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    folder, gguf_file = locate(spec.path)
+    folder, gguf_file, kwargs = _source(spec)
     hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(spec.dtype, device),
                                                      trust_remote_code=spec.trust_remote_code, **kwargs)
     except OSError as e:
-        offline = " (no network here: use a local folder or .gguf file)" if "offline" in str(e).lower() or "connect" in str(e).lower() else ""
-        raise TailorError(f"model.path: cannot load '{spec.path}'{offline}: {str(e).splitlines()[0]}") from None
+        raise _load_failed(spec, e) from None
     if gguf_file:
         # The weights are dequantized on load; drop the GGUF marker so saving writes a plain safetensors model.
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer = None
         model.is_quantized = False
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, os.path.join(folder, gguf_file) if gguf_file else folder, gguf_file)
