@@ -16,6 +16,10 @@ EPILOG = """examples:
   tailor preflight examples/wnut17.yaml        check the data (duplicates, leakage, lengths, time) only
 """
 
+# Verbs beyond run/preflight live beside the code they drive; each module has register(verbs), which adds
+# its subparser with set_defaults(handler=fn), and fn(args) -> exit code. Heavy imports stay inside fn.
+VERB_MODULES = []
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailor", description="Fine-tune a language model on your task data.",
@@ -35,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     check.add_argument("--output", "-o", help="also save preflight.json and token_lengths.png in this directory")
+    import importlib
+
+    for name in VERB_MODULES:
+        importlib.import_module(name).register(verbs)
     return parser
 
 
@@ -50,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options (`tailor run cfg.yaml -o out train.lr=1e-4`); argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    overridable = args.verb in ("run", "preflight")  # only these take key=value overrides
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or not overridable]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.args += extra
+    if overridable:
+        args.args += extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")  # library deprecation chatter would bury the run's own output
     from tailorlm.ui import console
@@ -62,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         from tailorlm.config import load_config
+
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
 
         config_path, overrides = _split_args(args.args)
         cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
