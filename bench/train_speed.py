@@ -125,9 +125,8 @@ def tailorlm_runner(model, case, pad_id: int, device):
     """tailorlm's own step: the strategy, optimizer and StepContext the training loop uses."""
     from tailorlm.config import MethodSpec, TrainSpec
     from tailorlm.models.methods import make_strategy
-    from tailorlm.train.loop import TrainResult, train_step
     from tailorlm.train.optim import make_optimizer
-    from tailorlm.train.step import fast_training
+    from tailorlm.train.step import accumulate_gradients, fast_training
 
     spec = TrainSpec(batch_size=BATCH, max_grad_norm=None, packing=case.get("packing", "auto"),
                      gradient_checkpointing=case.get("checkpointing", False), compile=case.get("compile", "auto"))
@@ -135,13 +134,13 @@ def tailorlm_runner(model, case, pad_id: int, device):
     model = strategy.prepare(model)
     model.train()
     ctx = KEEP_OPEN.enter_context(fast_training(model, spec, pad_id, device))  # for the process's lifetime
-    optimizer = make_optimizer(strategy.trainable(model), spec, lr=1e-5)
-    result = TrainResult(steps=0)
+    optimizer = make_optimizer(strategy.param_groups(model, 1e-5), spec)
 
-    def step(samples) -> int:
-        before = result.tokens
-        train_step(model, strategy, optimizer, [samples], spec, ctx, 0, result)
-        return result.tokens - before
+    def step(samples) -> int:  # the loop's step (train/loop.py) without its bookkeeping
+        _, tokens = accumulate_gradients(model, [samples], ctx)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
     return model, step
 
 

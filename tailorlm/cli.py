@@ -13,12 +13,13 @@ EPILOG = """examples:
   tailor run examples/sst2.yaml                a config file
   tailor run train.lr=1e-4 method.name=full    overrides, as dotted key=value
   tailor run --print-config                    show the resolved config and exit
+  tailor run --resume runs/bbc-news-20260101-120000   continue an interrupted run exactly
   tailor preflight examples/wnut17.yaml        check the data (duplicates, leakage, lengths, time) only
 """
 
 # Verbs beyond run/preflight live beside the code they drive; each module has register(verbs), which adds
 # its subparser with set_defaults(handler=fn), and fn(args) -> exit code. Heavy imports stay inside fn.
-VERB_MODULES = []
+VERB_MODULES = ["tailorlm.export.command", "tailorlm.serve.command", "tailorlm.track.command", "tailorlm.sweep.command"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="skip rows with bad values and report the count per reason (default: stop at the first)")
     run.add_argument("--output", "-o", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its latest complete checkpoint (its own config.yaml)")
     check.add_argument("--output", "-o", help="also save preflight.json and token_lengths.png in this directory")
     import importlib
 
@@ -77,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(args)
 
         config_path, overrides = _split_args(args.args)
+        resume = getattr(args, "resume", None)
+        if resume:
+            if config_path:
+                raise TailorError(f"--resume {resume} uses the run's own config.yaml; drop {config_path}")
+            config_path = str(Path(resume) / "config.yaml")
+            if not Path(config_path).is_file():
+                raise TailorError(f"--resume: {resume} is not a run directory (no config.yaml)")
         cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
         if args.verb == "run" and args.print_config:
             sys.stdout.write(cfg.to_yaml())
@@ -84,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "run":
             from tailorlm.pipeline import run
 
-            run(cfg, Path(args.output) if args.output else None)
+            if resume and args.output and Path(args.output) != Path(resume):
+                raise TailorError("--resume continues the run in its own directory; drop --output")
+            run(cfg, Path(resume) if resume else Path(args.output) if args.output else None, resume=bool(resume))
             return 0
         from tailorlm.data.preflight import enforce
         from tailorlm.pipeline import prepare_data, save_data_report

@@ -17,6 +17,9 @@ from tailorlm.errors import ConfigError, did_you_mean
 DEFAULT_CONFIG = "bbc_news.yaml"  # the embedded default job, in tailorlm/defaults/
 
 
+Policy = Literal["warn", "error", "ignore"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -83,13 +86,29 @@ class LoraSpec(Section):
     use_rslora: bool = False
 
 
+class FreezeSpec(Section):
+    first_blocks: int = Field(0, ge=0, description="Freeze the embeddings and the first N decoder blocks")
+    patterns: list[str] = Field(default_factory=list, description="Also freeze parameters whose name matches one of these glob patterns, e.g. '*.self_attn.*'")
+
+
+class UnfreezeSpec(Section):
+    groups: PositiveInt = Field(4, description="Layer groups, top to bottom (head and top blocks first, embeddings last)")
+    unit: Literal["step", "epoch"] = Field("step", description="What `every` counts")
+    every: Optional[PositiveInt] = Field(None, description="Unfreeze the next group every N units; by default the groups are spread evenly over the run")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="Discriminative rates: group g (0 = top) trains at lr * lr_decay^g (ULMFiT used 1/2.6)")
+
+
 class MethodSpec(Section):
-    name: Literal["lora", "full"] = "lora"
+    name: Literal["lora", "qlora", "full", "freeze", "gradual_unfreeze"] = Field(
+        "lora", description="lora (DoRA, rsLoRA through method.lora), qlora (4-bit NF4 base, CUDA), full, freeze "
+                            "(full fine-tuning with frozen layers), gradual_unfreeze (top groups first, then down)")
     lora: LoraSpec = LoraSpec()
+    freeze: FreezeSpec = FreezeSpec()
+    unfreeze: UnfreezeSpec = UnfreezeSpec()
 
 
 # Small learning rates by method: LoRA's low-rank update tolerates a larger step than moving every base weight.
-DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 2e-5, "gradual_unfreeze": 2e-5}
 
 
 class TrainSpec(Section):
@@ -108,6 +127,23 @@ class TrainSpec(Section):
     packing: Literal["auto", "on", "off"] = Field("auto", description="Lay each batch's samples end to end in one row: no padding, attention kept within samples. auto: on CUDA; on CPU padded rows that share their prompt opening measure faster")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (fused kernels); auto: on CUDA for LoRA (see BENCHMARKS.md for full fine-tuning)")
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward: much less memory, ~30% more compute")
+    checkpoint_every: Optional[PositiveInt] = Field(None, description="Save a resumable checkpoint every N optimizer steps; at every evaluation when absent")
+    keep_checkpoints: PositiveInt = Field(2, description="Most recent checkpoints kept (the best one is always kept too)")
+
+
+class SelectSpec(Section):
+    metric: str = Field("val_loss", description="What picks the best checkpoint: val_loss, or a task metric on generated validation text (accuracy, macro_f1, f1, exact_match, bleu, ...)")
+    patience: Optional[PositiveInt] = Field(None, description="Stop after this many evaluations without improvement (early stopping); never when absent")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement")
+    restore_best: bool = Field(True, description="Evaluate and save the best checkpoint's weights, not the last")
+
+
+class RetentionSpec(Section):
+    data: Optional[str] = Field("builtin:general", description="General instruction data whose perplexity shows what the model forgets: builtin:general, or a JSON/JSONL file of instruction/input/output or chat records; null turns retention off")
+    limit: PositiveInt = Field(64, description="Examples of the retention set used")
+    max_increase: float = Field(0.25, gt=0, description="Guardrail: relative rise of retention perplexity over the base model (0.25 = +25%)")
+    action: Policy = Field("warn", description="warn, error (stop the run, keep the last checkpoint) or ignore when the guardrail trips")
+    generate: bool = Field(False, description="Also generate answers for the retention set at the end and score them with ROUGE-L")
 
 
 class EvalSpec(Section):
@@ -116,9 +152,9 @@ class EvalSpec(Section):
     batch_size: PositiveInt = 16
     max_new_tokens: Optional[PositiveInt] = Field(None, description="By default the longest label plus 16 tokens, room for a sentence")
     decoding: Literal["free", "constrained"] = Field("free", description="free: greedy text, normalised to a label; constrained: greedy within the label set")
-
-
-Policy = Literal["warn", "error", "ignore"]
+    during_training: int = Field(32, ge=0, description="Validation examples generated and scored at each evaluation during training (0: loss only)")
+    select: SelectSpec = SelectSpec()
+    retention: RetentionSpec = RetentionSpec()
 
 
 class PreflightSpec(Section):
@@ -130,6 +166,13 @@ class PreflightSpec(Section):
     truncation: Policy = Field("warn", description="Samples truncated or dropped to fit template.max_length")
     near_duplicate_jaccard: float = Field(0.85, gt=0, le=1, description="Word 3-gram Jaccard at which two texts are near duplicates")
     max_near_rows: PositiveInt = Field(20000, description="Near-duplicate search is skipped for splits larger than this")
+
+
+class TrackSpec(Section):
+    tensorboard: bool = Field(True, description="TensorBoard event files in <run>/tensorboard/")
+    mlflow: bool = Field(False, description="Also log params, metrics and artifacts to MLflow (pip install tailorlm[mlflow])")
+    mlflow_uri: Optional[str] = Field(None, description="MLflow tracking URI; a SQLite store beside the run directory (runs/mlflow.db) when absent")
+    experiment: Optional[str] = Field(None, description="MLflow experiment name; output.name when absent")
 
 
 class OutputSpec(Section):
@@ -162,6 +205,7 @@ class RunConfig(Section):
     preflight: PreflightSpec = PreflightSpec()
     tasks: list[TaskSpec] = Field(default_factory=list, description="Multi-task: when given, replaces data and template")
     mixing: MixSpec = MixSpec()
+    track: TrackSpec = TrackSpec()
     output: OutputSpec = OutputSpec()
 
     @property

@@ -5,7 +5,8 @@ directory is created, and the directory is only marked complete (run.json status
 """
 from __future__ import annotations
 
-import shutil
+import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +29,6 @@ from tailorlm.eval.evaluate import Evaluator, pick_demos
 from tailorlm.eval.report import (
     TITLES,
     format_metric,
-    plot_losses,
     print_table,
     write_json,
     write_predictions,
@@ -40,24 +40,13 @@ from tailorlm.models.loading import (
     load_tokenizer,
     resolve_device,
 )
-from tailorlm.models.methods import make_strategy
-from tailorlm.train.loop import plan_steps, seed_everything, train
+from tailorlm.eval.training_report import overfit_step, plot_training, training_lines
+from tailorlm.models.methods import check_supported
+from tailorlm.rundir import open_run_dir, resolve_output_dir
+from tailorlm.train.fit import check_select, fit
+from tailorlm.train.loop import seed_everything
+from tailorlm.track.tracker import Tracker
 from tailorlm.ui import console, stage
-
-
-def resolve_output_dir(cfg: RunConfig) -> Path:
-    if cfg.output.dir:
-        return Path(cfg.output.dir)
-    return Path("runs") / f"{cfg.output.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise TailorError(f"output directory {path} already exists and is not empty; "
-                              f"choose another --output or set output.overwrite=true")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass
@@ -125,46 +114,133 @@ def task_configs(cfg: RunConfig) -> dict[str, RunConfig]:
     return {t.name: cfg.model_copy(update={"data": t.data, "template": t.template}) for t in cfg.tasks}
 
 
-def run(cfg: RunConfig, out_dir: Path | None = None) -> dict:
+def run(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, observe=None) -> dict:
+    """The whole run. resume=True continues out_dir from its latest complete checkpoint (same config).
+
+    observe(metrics, step), when given, sees every logged metric as training goes ('train/loss', 'val/val_loss',
+    'val/accuracy', ...), e.g. for a sweep to prune a trial; an exception it raises stops the run."""
     started = time.perf_counter()
     out_dir = out_dir or resolve_output_dir(cfg)
+    check_supported(cfg.method, resolve_device(cfg.train.device))
     configs = task_configs(cfg)
     datas = {name: prepare_data(c, name if cfg.tasks else None) for name, c in configs.items()}
+    check_select(cfg, {name: d.template for name, d in datas.items()})
     for data in datas.values():
         enforce(data.preflight)  # thresholds set to error stop here, before anything is written
-    prepare_output_dir(out_dir, cfg.output.overwrite)
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    for name, data in datas.items():
-        task_dir = out_dir / "tasks" / name if cfg.tasks else out_dir
-        task_dir.mkdir(parents=True, exist_ok=True)
-        save_data_report(task_dir, data, configs[name])
-    status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds")}
-    write_json(out_dir / "run.json", status)
+    lock = open_run_dir(out_dir, cfg.output.overwrite, resume)
     try:
-        metrics = _run_in(cfg, out_dir, configs, datas)
-    except BaseException as e:
-        write_json(out_dir / "run.json", {**status, "status": "failed", "error": str(e) or type(e).__name__})
-        raise
-    write_json(out_dir / "run.json", {**status, "status": "complete", "seconds": round(time.perf_counter() - started, 1)})
+        if not resume:
+            (out_dir / "config.yaml").write_text(cfg.to_yaml())
+            for name, data in datas.items():
+                task_dir = out_dir / "tasks" / name if cfg.tasks else out_dir
+                task_dir.mkdir(parents=True, exist_ok=True)
+                save_data_report(task_dir, data, configs[name])
+        status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}
+        write_json(out_dir / "run.json", status)
+        try:
+            metrics = _run_in(cfg, out_dir, configs, datas, resume, observe)
+        except BaseException as e:
+            write_json(out_dir / "run.json", {**status, "status": "failed", "error": str(e) or type(e).__name__})
+            raise
+        write_json(out_dir / "run.json", {**status, "status": "complete", "seconds": round(time.perf_counter() - started, 1)})
+    finally:
+        lock.release()
     console.print(f"\n[bold]Run complete in {time.perf_counter() - started:.0f} s.[/] Results in {out_dir}/ "
                   f"(report.md, metrics.json, predictions.jsonl)")
     return metrics
 
 
-def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas: dict[str, PreparedData]) -> dict:
+def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas: dict[str, PreparedData],
+            resume: bool, observe=None) -> dict:
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     tokenizer = next(iter(datas.values())).tokenizer
 
     stage("Model")
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, device, tokenizer)
-    model = loaded.model
-    console.print(f"Loaded {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
-                  f"{next(model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")
+    loaded = load_model(cfg.model, device, tokenizer, quantize=cfg.method.name == "qlora")
+    console.print(f"Loaded {loaded.name} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters, "
+                  f"{next(loaded.model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")
 
     evaluators = {name: Evaluator(tokenizer, d.template, d.fmt, d.splits.labels, cfg.eval, device, d.template.label_field)
                   for name, d in datas.items()}
+    variants, predictions = _baselines(cfg, out_dir, datas, evaluators, loaded.model)
+
+    stage(f"Fine-tuning ({cfg.method.name})")
+    train_set = _training_set(cfg, datas)
+    validation = {name: d.encoded["validation"] for name, d in datas.items()}
+    with Tracker.open(out_dir, cfg) as tracker:  # closed as failed if anything below raises
+        tracker.log_params({"lr": cfg.lr, "train_samples": len(train_set)})  # the resolved values
+
+        def log(metrics: dict, step: int) -> None:
+            tracker.log_metrics(metrics, step)
+            if observe:
+                observe(metrics, step)
+
+        result = fit(cfg, loaded.model, tokenizer, train_set, validation, evaluators, out_dir, device, resume, log)
+        history = result.history
+        console.print(f"Trained {history.completed} steps in {history.seconds:.0f} s ({history.tokens / max(history.seconds, 1e-9):.0f} "
+                      f"tokens/s); saved {result.saved.relative_to(out_dir)}/")
+        overfit = _save_training(out_dir, result)
+
+        stage("Evaluation (fine-tuned)")
+        sections = {}
+        for name, d in datas.items():
+            evaluated = evaluators[name].run(result.model, d.encoded["test"], "fine_tuned")
+            variants[name]["fine_tuned"] = evaluated.metrics
+            predictions += [{**p, "task": name} if cfg.tasks else p for p in evaluated.predictions]
+            sections[name] = {"task": configs[name].template.preset, "headline": d.template.task.headline,
+                              "columns": list(d.template.task.columns), "variants": variants[name],
+                              "labels": d.splits.labels, "n_test": len(d.encoded["test"])}
+            tracker.log_metrics({f"test/{name + '/' if cfg.tasks else ''}{k}": v for k, v in evaluated.metrics.items()
+                                 if isinstance(v, float)}, history.completed)
+        train_facts = {"method": cfg.method.name, "steps": history.completed, "planned_steps": history.steps,
+                       "trainable_share": round(history.trainable / max(history.parameters, 1), 5),
+                       "seconds": round(history.seconds, 1), "tokens": history.tokens, "best_step": history.best_step,
+                       "stopped_early": history.stopped_early,
+                       "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None,
+                       "retention": result.retention}
+        metrics = ({"tasks": sections, "mixing": cfg.mixing.model_dump(), "train": train_facts} if cfg.tasks
+                   else {**next(iter(sections.values())), "train": train_facts})
+        write_predictions(out_dir / "predictions.jsonl", predictions)
+        write_json(out_dir / "metrics.json", metrics)
+        first = next(iter(datas.values()))
+        facts = {"task": ", ".join(f"{n} ({c.template.preset})" for n, c in configs.items()) if cfg.tasks else cfg.template.preset,
+                 "model": loaded.source, "method": cfg.method.name,
+                 "data": ", ".join(d.splits.sources["train"] for d in datas.values()),
+                 "train / validation": f"{len(train_set)} / {sum(map(len, validation.values()))}" + ("" if cfg.tasks else f" / test {len(first.encoded['test'])}"),
+                 "training": f"{history.completed} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}",
+                 "decoding": f"greedy, {cfg.eval.decoding}, few-shot k={cfg.eval.few_shot_k} from the training split"}
+        write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections,
+                     training_lines(history, overfit, result.retention, result.example_losses, cfg.eval.select.metric))
+        tracker.log_artifacts([out_dir / n for n in ("report.md", "metrics.json", "loss_curve.png", "train_log.json")])
+    console.print()
+    for name, section in sections.items():
+        print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if cfg.tasks else None)
+    return metrics
+
+
+def _save_training(out_dir: Path, result) -> int | None:
+    """train_log.json, example_losses.jsonl and the curves; returns the step where overfitting began, if any."""
+    history = result.history
+    overfit = overfit_step(history.evaluations)
+    write_json(out_dir / "train_log.json", {"train_loss": history.train_loss, "val_loss": history.val_loss,
+                                            "evaluations": history.evaluations, "events": history.events,
+                                            "best_step": history.best_step, "overfit_step": overfit,
+                                            "stopped_early": history.stopped_early, "seconds": history.seconds,
+                                            "tokens": history.tokens, "retention": result.retention})
+    write_predictions(out_dir / "example_losses.jsonl", result.example_losses)
+    plot_training(out_dir / "loss_curve.png", history, overfit)
+    return overfit
+
+
+def _baselines(cfg: RunConfig, out_dir: Path, datas: dict, evaluators: dict, model) -> tuple[dict, list]:
+    """Prompting baselines of the base model, saved to baselines.json so a resumed run does not redo them."""
+    saved = out_dir / "baselines.json"
+    if saved.is_file():
+        cached = json.loads(saved.read_text())
+        console.print("Prompting baselines: reusing baselines.json from the interrupted run")
+        return cached["variants"], cached["predictions"]
     variants: dict[str, dict] = {name: {} for name in datas}
     predictions: list[dict] = []
     if cfg.eval.baselines:
@@ -176,60 +252,20 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
             result = evaluators[name].run(model, d.encoded["test"], variant, demos)
             variants[name][variant] = result.metrics
             predictions += [{**p, "task": name} if cfg.tasks else p for p in result.predictions]
-            console.print(f"{name + ' ' if cfg.tasks else ''}{variant}: " + ", ".join(f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}"
-                                                            for c in d.template.task.columns))
-
-    stage(f"Fine-tuning ({cfg.method.name})")
-    train_set, val_set = _training_sets(cfg, datas)
-    strategy = make_strategy(cfg.method)
-    model = strategy.prepare(model)
-    history = train(model, strategy, train_set, val_set, cfg.train, cfg.lr, tokenizer.pad_token_id, device)
-    saved = strategy.save(model, tokenizer, out_dir)
-    console.print(f"Trained {history.steps} steps in {history.seconds:.0f} s "
-                  f"({history.tokens / max(history.seconds, 1e-9):.0f} tokens/s); saved {saved.relative_to(out_dir)}/")
-    write_json(out_dir / "train_log.json", {"train_loss": history.train_loss, "val_loss": history.val_loss,
-                                            "seconds": history.seconds, "tokens": history.tokens})
-    plot_losses(out_dir / "loss_curve.png", history.train_loss, history.val_loss)
-
-    stage("Evaluation (fine-tuned)")
-    sections = {}
-    for name, d in datas.items():
-        result = evaluators[name].run(model, d.encoded["test"], "fine_tuned")
-        variants[name]["fine_tuned"] = result.metrics
-        predictions += [{**p, "task": name} if cfg.tasks else p for p in result.predictions]
-        sections[name] = {"task": configs[name].template.preset, "headline": d.template.task.headline,
-                          "columns": list(d.template.task.columns), "variants": variants[name],
-                          "labels": d.splits.labels, "n_test": len(d.encoded["test"])}
-    train_facts = {"steps": history.steps, "seconds": round(history.seconds, 1), "tokens": history.tokens,
-                   "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None}
-    metrics = ({"tasks": sections, "mixing": cfg.mixing.model_dump(), "train": train_facts} if cfg.tasks
-               else {**next(iter(sections.values())), "train": train_facts})
-    write_predictions(out_dir / "predictions.jsonl", predictions)
-    write_json(out_dir / "metrics.json", metrics)
-    _, total = plan_steps(len(train_set), cfg.train)
-    first = next(iter(datas.values()))
-    facts = {"task": ", ".join(f"{n} ({c.template.preset})" for n, c in configs.items()) if cfg.tasks else cfg.template.preset,
-             "model": loaded.source, "method": cfg.method.name,
-             "data": ", ".join(d.splits.sources["train"] for d in datas.values()),
-             "train / validation": f"{len(train_set)} / {len(val_set)}" + ("" if cfg.tasks else f" / test {len(first.encoded['test'])}"),
-             "training": f"{total} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}",
-             "decoding": f"greedy, {cfg.eval.decoding}, few-shot k={cfg.eval.few_shot_k} from the training split"}
-    write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections)
-    console.print()
-    for name, section in sections.items():
-        print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if cfg.tasks else None)
-    return metrics
+            console.print(f"{name + ' ' if cfg.tasks else ''}{variant}: " + ", ".join(
+                f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}" for c in d.template.task.columns))
+    write_json(saved, {"variants": variants, "predictions": predictions})
+    return variants, predictions
 
 
-def _training_sets(cfg: RunConfig, datas: dict[str, PreparedData]) -> tuple[list, list]:
-    """The training list (tasks mixed per cfg.mixing) and the validation list (all tasks' validation)."""
+def _training_set(cfg: RunConfig, datas: dict[str, PreparedData]) -> list:
+    """The training list: the one task's, or the tasks' mixed per cfg.mixing."""
     if not cfg.tasks:
-        data = next(iter(datas.values()))
-        return data.encoded["train"], data.encoded["validation"]
+        return next(iter(datas.values())).encoded["train"]
     trains = [d.encoded["train"] for d in datas.values()]
     shares = mixing_shares([len(t) for t in trains], [t.weight for t in cfg.tasks], cfg.mixing.strategy,
                            cfg.mixing.temperature)
     mixed = mix(trains, shares, cfg.train.seed)
     console.print("mixing (" + cfg.mixing.strategy + "): " +
                   ", ".join(f"{n} {share:.0%} of {len(mixed)}" for n, share in zip(datas, shares)))
-    return mixed, [s for d in datas.values() for s in d.encoded["validation"]]
+    return mixed

@@ -34,7 +34,7 @@ evaluation: {}
     assert "train.lr (line 4): Input should be a valid number" in text
     assert "train.batchsize (line 5): unknown key (did you mean 'batch_size'?)" in text
     assert "train.epochs (line 6): Input should be greater than 0" in text
-    assert "method.name (line 8): Input should be 'lora' or 'full'" in text
+    assert "method.name (line 8): Input should be 'lora', 'qlora', 'full', 'freeze' or 'gradual_unfreeze'" in text
     assert "evaluation (line 9): unknown key (did you mean 'eval'?)" in text
 
 

@@ -34,7 +34,7 @@ def test_sst2_slice_fine_tunes_and_saves_a_peft_adapter(tmp_path, shared_data, s
     overrides = [f"data.train={sst2 / 'stsa.binary.train'}", f"data.validation={sst2 / 'stsa.binary.dev'}",
                  f"data.test={sst2 / 'stsa.binary.test'}", "data.limit.train=96", "data.limit.validation=16",
                  "data.limit.test=48", "train.max_steps=10", "train.batch_size=8", "train.eval_every=5",
-                 "eval.few_shot_k=2"]
+                 "eval.few_shot_k=2", "eval.during_training=8", "eval.retention.limit=16"]
     load_config(EXAMPLES / "sst2.yaml", overrides)  # the example config itself is valid
     assert main(["run", str(EXAMPLES / "sst2.yaml"), "--output", str(out), *overrides]) == 0
 
@@ -45,6 +45,11 @@ def test_sst2_slice_fine_tunes_and_saves_a_peft_adapter(tmp_path, shared_data, s
     log = json.loads((out / "train_log.json").read_text())
     assert log["val_loss"][-1]["loss"] < log["val_loss"][0]["loss"]
     assert log["train_loss"][-1]["loss"] < log["train_loss"][0]["loss"]
+    # evaluations at 0, 5, 10 with the metric on generated validation text and retention of general data
+    assert [e["step"] for e in log["evaluations"]] == [0, 5, 10]
+    assert {"accuracy", "macro_f1", "retention_ppl"} <= set(log["evaluations"][-1])
+    assert log["evaluations"][-1]["valid"] == 1.0  # the generated validation answers are all labels by step 10
+    assert 1.0 < log["retention"]["base_ppl"] < 20.0 and abs(log["retention"]["change"]) < 0.25
 
     base = copy.deepcopy(smollm2.model)
     ids = torch.tensor([[1, 4093, 314, 253, 1345]])

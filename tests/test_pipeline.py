@@ -152,7 +152,7 @@ def test_failure_mid_run_marks_the_directory_failed(tmp_path, tiny_model_dir, mo
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pipeline, "train", boom)
+    monkeypatch.setattr(pipeline, "fit", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
         cli(f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'd.csv')}", "--output", out,

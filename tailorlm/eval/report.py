@@ -32,27 +32,6 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def plot_losses(path: Path, train_loss: list[dict], val_loss: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_loss:
-        ax.plot([r["step"] for r in train_loss], [r["loss"] for r in train_loss], label="train", alpha=0.8)
-    if val_loss:
-        ax.plot([r["step"] for r in val_loss], [r["loss"] for r in val_loss], "o-", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per completion token")
-    ax.set_title("Training and validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def format_metric(key: str, value) -> str:
     if value is None:
         return "-"
@@ -85,8 +64,10 @@ def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...]
     console.print(table)
 
 
-def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[str, dict]) -> None:
-    """report.md: one comparison table per task (sections: task name -> its metrics.json entry)."""
+def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[str, dict],
+                 training: list[str] = ()) -> None:
+    """report.md: one comparison table per task (sections: task name -> its metrics.json entry), then the
+    training section (eval/training_report.py) and the confusion tables."""
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in facts.items()]
     for name, section in sections.items():
@@ -95,7 +76,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
         lines += ["", f"## {heading} (test split, {section['n_test']} examples, metrics on generated text)", "",
                   "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1)]
         lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns)]
-    lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", ""]
+    lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", "", *training]
     for section in sections.values():
         labels = section["labels"]
         for name, m in section["variants"].items():

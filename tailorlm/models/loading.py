@@ -110,17 +110,27 @@ def count_parameters(spec: ModelSpec) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_model(spec: ModelSpec, device: torch.device, tokenizer=None) -> LoadedModel:
-    """The model on `device`, with its tokenizer (the one given, when the caller has already loaded it)."""
+def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: bool = False) -> LoadedModel:
+    """The model on `device`, with its tokenizer (the one given, when the caller has already loaded it).
+
+    quantize=True loads the base weights in 4-bit NF4 (QLoRA; CUDA and bitsandbytes, see methods.check_supported)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     folder, gguf_file, kwargs = _source(spec)
     hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    dtype = resolve_dtype(spec.dtype, device)
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(spec.dtype, device),
-                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                     **kwargs)
     except OSError as e:
         raise _load_failed(spec, e) from None
     if gguf_file:
@@ -128,7 +138,8 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None) -> LoadedM
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer = None
         model.is_quantized = False
-    model.to(device)
+    if not quantize:  # a quantized model is placed by device_map and cannot be moved
+        model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, os.path.join(folder, gguf_file) if gguf_file else folder, gguf_file)
 

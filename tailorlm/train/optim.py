@@ -8,12 +8,19 @@ import torch
 from tailorlm.config import TrainSpec
 
 
-def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, lr: float) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms and biases
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW over the strategy's parameter groups (each with its own lr), each split so that norms and
+    biases get no weight decay."""
+    split = []
+    for group in groups:
+        extra = {k: v for k, v in group.items() if k != "params"}
+        decay = [p for p in group["params"] if p.ndim >= 2]
+        no_decay = [p for p in group["params"] if p.ndim < 2]
+        split += [{**extra, "params": decay, "weight_decay": spec.weight_decay},
+                  {**extra, "params": no_decay, "weight_decay": 0.0}]
+    params = [p for g in split for p in g["params"]]
     fused = bool(params) and params[0].is_cuda  # one kernel for the whole update on GPU
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), fused=fused or None)
+    return torch.optim.AdamW([g for g in split if g["params"]], betas=(0.9, 0.999), fused=fused or None)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_steps: int):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -25,10 +26,22 @@ class StepContext:
     device: torch.device
     packing: bool = True
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 compute over fp32 trainable weights (GPU)
+    undo: Callable[[], None] = lambda: None  # back to the plain model (set by fast_training)
+    redo: Callable[[], None] = lambda: None  # and to the training setup
 
     def batch(self, samples: list[Sample]) -> dict:
         built = pack(samples, pad_id=self.pad_id) if self.packing else collate(samples, self.pad_id)
         return to_device(built, self.device)
+
+    @contextlib.contextmanager
+    def eager(self):
+        """The plain model for a moment: generation mid-training runs other shapes, with a KV cache, padded
+        attention and no autocast, so it needs the library's attention, eager layers and PEFT's casting."""
+        self.undo()
+        try:
+            yield
+        finally:
+            self.redo()
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -55,23 +68,35 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
     casting = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)] if half else []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     compiled = spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda" and _mostly_frozen(model))
-    for module in casting:
-        module.cast_input_dtype_enabled = False
-    if spec.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        compile_layers(model)
-    try:
-        with packed_attention(model) if packing else contextlib.nullcontext():
-            yield ctx
-    finally:
+    attention = contextlib.ExitStack()
+
+    def setup() -> None:
+        for module in casting:
+            module.cast_input_dtype_enabled = False
+        if compiled:
+            compile_layers(model)
+        if packing:
+            attention.enter_context(packed_attention(model))
+
+    def teardown() -> None:
         for module in casting:
             module.cast_input_dtype_enabled = True
-        if spec.gradient_checkpointing:
-            base.gradient_checkpointing_disable()
         if compiled:
             uncompile_layers(model)
+        attention.close()
+
+    ctx.undo, ctx.redo = teardown, setup
+    if spec.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    setup()
+    try:
+        yield ctx
+    finally:
+        teardown()
+        if spec.gradient_checkpointing:
+            base.gradient_checkpointing_disable()
 
 
 def _mostly_frozen(model) -> bool:

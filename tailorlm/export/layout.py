@@ -1,0 +1,104 @@
+"""What an exported model must reproduce of training: the prompt layout, its end-of-turn token, and prompts.
+
+Training wraps each prompt either in the model's chat template or, without one, in the plain layout
+"{prompt}\\nAnswer:" (data/tokenize.py ChatFormat). Every export carries that layout as a chat template, so
+llama.cpp, Ollama or transformers' apply_chat_template render the prompt the model was trained on, and the
+end-of-turn token the model learned to emit becomes the exported EOS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tailorlm.config import RunConfig, TemplateSpec
+from tailorlm.data.tokenize import ChatFormat
+from tailorlm.errors import TailorError
+
+# ChatFormat's plain layout as a Jinja2 chat template: a user turn is "{prompt}\nAnswer:", an earlier answer
+# " {answer}\n\n" (how few-shot demonstrations are laid out). There is no system turn: the layout has none.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] + '\nAnswer:' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + '\n\n' }}"
+    "{% endif %}{% endfor %}")
+
+
+@dataclass
+class Layout:
+    """The run's prompt layout, as the exported model carries it."""
+    chat_template: str  # the model's own chat template, or PLAIN_CHAT_TEMPLATE
+    uses_chat: bool  # False: the plain "Answer:" layout
+    system: str | None  # the run's template.system (None: the chat template's own default, if any)
+    end_of_turn: str  # the token training taught the model to emit after an answer
+    end_of_turn_id: int
+
+
+@dataclass
+class PromptCase:
+    """One of the run's own test examples, as training rendered it."""
+    user: str  # the rendered user prompt (template.prompt)
+    messages: list[dict]  # what ChatFormat handed the chat template
+    text: str  # the full prompt text (chat template or plain layout applied)
+    ids: list[int]  # the prompt's token ids, exactly as training and evaluation fed them
+
+
+def run_template_spec(cfg: RunConfig) -> TemplateSpec:
+    """The template spec that decides the chat layout; for a multi-task run, the one all tasks share."""
+    if not cfg.tasks:
+        return cfg.template
+    layouts = {(t.template.system, t.template.chat_template) for t in cfg.tasks}
+    if len(layouts) > 1:
+        raise TailorError("the run's tasks use different system prompts or chat_template settings; "
+                          "one exported model carries one chat layout")
+    return cfg.tasks[0].template
+
+
+def run_layout(tokenizer, cfg: RunConfig) -> Layout:
+    fmt = ChatFormat(tokenizer, run_template_spec(cfg))
+    token, token_id = _end_of_turn(fmt)
+    return Layout(tokenizer.chat_template if fmt.uses_chat else PLAIN_CHAT_TEMPLATE, fmt.uses_chat, fmt.system,
+                  token, token_id)
+
+
+def _end_of_turn(fmt: ChatFormat) -> tuple[str, int]:
+    """The last special token of a training completion: what the model learned to end its answer with.
+
+    Usually the EOS token; a template that closes turns with its own marker (<|im_end|> where EOS is
+    <|endoftext|>) makes that marker the one to stop on."""
+    ids = fmt.encode_completion(fmt.completion_text("Question", "answer"))
+    special = set(fmt.tokenizer.all_special_ids)
+    for token_id in reversed(ids):
+        if token_id in special:
+            return fmt.tokenizer.convert_ids_to_tokens(token_id), token_id
+    eos = fmt.tokenizer.eos_token
+    if eos is None:
+        raise TailorError("the tokenizer has no EOS token, and training completions end with no special token: "
+                          "an exported model would not know where to stop")
+    return eos, fmt.tokenizer.eos_token_id
+
+
+def training_prompts(tokenizer, cfg: RunConfig, count: int = 3) -> list[PromptCase]:
+    """The first `count` test examples of the run, encoded exactly as training and evaluation encoded them.
+
+    The data is read again from the run's config (the same seeded split), so the files must still be there."""
+    from tailorlm.data.dataset import load_splits
+    from tailorlm.data.templates import PromptTemplate
+    from tailorlm.data.tokenize import encode_examples
+
+    data_spec = cfg.tasks[0].data if cfg.tasks else cfg.data
+    spec = run_template_spec(cfg)
+    template = PromptTemplate(spec)
+    try:
+        splits = load_splits(data_spec, template.fields, template.label_field, template.task)
+    except TailorError as e:
+        raise TailorError(f"the checks need the run's test data, which cannot be read now: {e}") from None
+    fmt = ChatFormat(tokenizer, spec)
+    # a few dozen candidates, so that `count` remain when template.overlong=drop dropped some
+    samples, _ = encode_examples(splits.test[:50], template, fmt, splits.labels, spec)
+    cases = []
+    for sample in samples[:count]:
+        user = template.prompt(sample.example, splits.labels)
+        messages = fmt._messages(user, [])  # ChatFormat's own message list: the one training rendered
+        cases.append(PromptCase(user, messages, fmt.prompt_text(user), sample.prompt_ids))
+    if not cases:
+        raise TailorError(f"no test example of the run fits template.max_length={spec.max_length}")
+    return cases

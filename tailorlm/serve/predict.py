@@ -1,0 +1,146 @@
+"""`tailor predict`: a finished run's model applied to a data file, one JSON line per row.
+
+Rows are read with the run's data settings (format, columns, label names) by the same readers as training,
+rendered by the run's template and chat format through the same encoder (so a prompt is the training prompt,
+token for token, truncated the same way), generated greedily in batches as in evaluation, and read back with
+the run's task (a label, entities, a number...). A label column is optional: prediction is the point.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tailorlm.config import RunConfig
+from tailorlm.data.dataset import _to_examples  # the row -> example mapping training uses, error messages included
+from tailorlm.data.sources import read_table
+from tailorlm.data.templates import PromptTemplate
+from tailorlm.data.tokenize import ChatFormat, encode_examples
+from tailorlm.errors import TailorError
+from tailorlm.eval.evaluate import Evaluator, _input_text
+from tailorlm.eval.generate import generate
+
+
+@dataclass
+class PredictionSet:
+    examples: list[dict]  # as read (with '_where'); answer fields only when the file has them
+    prompts: list[list[int] | None]  # training-identical prompt ids; None for a row that cannot fit
+    truncated: list[bool]
+    has_answers: bool  # every row carries the answer columns (labels), so expected values and metrics exist
+    skipped: dict[str, int]  # rows skipped per reason (data.skip_bad_rows)
+
+
+def task_config(cfg: RunConfig, run_dir: Path, task: str | None) -> tuple[RunConfig, Path]:
+    """The run's config for one task (multi-task runs need --task), and where that task's data report lives."""
+    if not cfg.tasks:
+        if task:
+            raise TailorError(f"{run_dir}: --task is for multi-task runs; this run has one task")
+        return cfg, run_dir
+    names = [t.name for t in cfg.tasks]
+    if task not in names:
+        raise TailorError(f"{run_dir}: a multi-task run; choose one with --task ({', '.join(names)})")
+    entry = cfg.tasks[names.index(task)]
+    return cfg.model_copy(update={"data": entry.data, "template": entry.template}), run_dir / "tasks" / task
+
+
+def run_labels(report_dir: Path) -> list[str]:
+    report = report_dir / "data_report.json"
+    return list(json.loads(report.read_text()).get("labels") or []) if report.is_file() else []
+
+
+def read_rows(data_path: str, cfg: RunConfig, template: PromptTemplate,
+              limit: int | None = None) -> tuple[list[dict], bool, dict]:
+    """The file's rows as template examples, read and checked as training reads them; answers optional."""
+    spec, task = cfg.data, template.task
+    table = read_table(data_path, spec.format, spec.encoding)
+    if limit:
+        table.records = table.records[:limit]
+    answer_fields = _answer_fields(template)
+    columns = set(table.columns) | ({"instruction", "input", "output"} if "messages" in table.columns else set())
+    has_answers = all(spec.columns.get(f, f) in columns for f in answer_fields)
+    needed = template.fields if has_answers else template.input_fields
+    if not has_answers:  # a configured mapping for the answer column must not demand it
+        spec = spec.model_copy(update={"columns": {f: c for f, c in spec.columns.items() if f not in answer_fields}})
+    skipped: Counter = Counter()
+    examples = _to_examples(table, spec, needed, template.label_field if has_answers else None, task, skipped)
+    return examples, has_answers, dict(skipped)
+
+
+def _answer_fields(template: PromptTemplate) -> set[str]:
+    """The data fields only the completion reads (label, answer, entities...): what a file may leave out."""
+    fields = template.fields - template.input_fields
+    task = template.task
+    return (fields - task.derived) | (task.structured if fields & task.derived else set())
+
+
+def prepare(data_path: str, cfg: RunConfig, template: PromptTemplate, fmt: ChatFormat, labels: list[str],
+            limit: int | None = None) -> PredictionSet:
+    examples, has_answers, skipped = read_rows(data_path, cfg, template, limit)
+    # The training encoder wants a completion. Rows without one get a stand-in: the longest label (a prompt
+    # that had to be shortened keeps room for any answer, as in training) or an empty answer for open tasks.
+    stand_in = max(labels, key=lambda label: len(fmt.encode_completion(label)), default="")
+    to_encode = examples if has_answers else [_with_placeholder_answer(ex, template, stand_in) for ex in examples]
+    samples, _ = encode_examples(to_encode, template, fmt, labels, cfg.template)
+    by_where = {s.example["_where"]: s for s in samples}
+    prompts, truncated = [], []
+    for ex in to_encode:
+        sample = by_where.get(ex["_where"])
+        prompts.append(sample.prompt_ids if sample else None)
+        truncated.append(bool(sample) and sample.example is not ex)
+    return PredictionSet(examples, prompts, truncated, has_answers, skipped)
+
+
+def _with_placeholder_answer(ex: dict, template: PromptTemplate, label: str = "") -> dict:
+    task = template.task
+    filled = {**ex, **{f: [] if f in task.structured else "" for f in _answer_fields(template)}}
+    if template.label_field:
+        filled[template.label_field] = label
+    return {**filled, **(task.derive(filled) if task.derived else {})}
+
+
+def predict(trained, data_path: str, output: Path, batch_size: int | None = None, limit: int | None = None,
+            task: str | None = None, device="cpu") -> dict:
+    """Write the predictions file; returns {'rows', 'skipped', 'too_long', 'metrics'} for the summary."""
+    cfg, report_dir = task_config(trained.cfg, trained.run_dir, task)
+    template, fmt = PromptTemplate(cfg.template), ChatFormat(trained.tokenizer, cfg.template)
+    labels = run_labels(report_dir)
+    rows = prepare(data_path, cfg, template, fmt, labels, limit)
+    # The evaluator decides the token budget and constrained decoding exactly as in the run's evaluation.
+    evaluator = Evaluator(trained.tokenizer, template, fmt, labels, cfg.eval, device, template.label_field)
+    ready = [i for i, p in enumerate(rows.prompts) if p is not None]
+    generated = generate(trained.model, trained.tokenizer, [rows.prompts[i] for i in ready],
+                         evaluator.max_new_tokens, batch_size or cfg.eval.batch_size, device, evaluator.trie,
+                         description="predict")
+    scored = [rows.examples[i] if rows.has_answers else _with_placeholder_answer(rows.examples[i], template)
+              for i in ready]
+    metrics, predicted = template.task.score(generated, scored, labels) if ready else ({}, [])
+    results = {i: (g, p) for i, g, p in zip(ready, generated, predicted)}
+    lines = []
+    for i, ex in enumerate(rows.examples):
+        line = {"row": i, "where": ex["_where"], "input": _input_text(ex, template, labels)}
+        if i in results:
+            line.update(generated=results[i][0], predicted=results[i][1], truncated=rows.truncated[i])
+        else:
+            line.update(generated=None, predicted=None,
+                        error=f"longer than template.max_length={cfg.template.max_length} (template.overlong="
+                              f"{cfg.template.overlong})")
+        if rows.has_answers:
+            line["expected"] = template.completion(ex)
+        lines.append(line)
+    _write_jsonl(output, lines)
+    return {"rows": len(lines), "skipped": rows.skipped, "too_long": len(lines) - len(ready),
+            "metrics": metrics if rows.has_answers else None, "columns": template.task.columns}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Written beside the target and renamed into place: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,193 @@
+"""The OpenAI wire format: request models (pydantic validates them) and the replies and stream chunks.
+
+Only the parameters this server honours are declared; other OpenAI parameters a client may send (user,
+presence_penalty, ...) are ignored, as many OpenAI-compatible servers do, so stock clients keep working.
+Types are strict: "0.5" is not a temperature, true is not a max_tokens.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, field_validator
+
+from tailorlm.serve.engine import Completion, Sampling
+
+# OpenAI's own defaults where it has a finite one (legacy completions: 16); chat gets room for a real answer.
+DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
+MAX_STOPS = 4  # as OpenAI
+
+PositiveStrictInt = Annotated[int, Strict(), Field(gt=0)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Message(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value):
+        # Newer clients may send content as a list of parts; text parts are the only kind a text model reads.
+        if isinstance(value, list):
+            if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+                return "".join(p["text"] for p in value)
+            raise ValueError("content parts must all be text parts ({'type': 'text', 'text': ...})")
+        return value
+
+
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
+
+
+class SamplingRequest(_Request):
+    model: StrictStr
+    max_tokens: Optional[PositiveStrictInt] = None
+    temperature: Annotated[float, Strict(), Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = 1.0
+    n: StrictInt = 1
+    stop: Optional[list[StrictStr]] = None
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported (one choice per request)")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value):
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and (len(value) > MAX_STOPS or any(s == "" for s in value)):
+            raise ValueError(f"at most {MAX_STOPS} stop strings, none of them empty")
+        return value
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.token_budget() or DEFAULT_MAX_TOKENS[self.kind()], self.temperature, self.top_p,
+                        self.seed, tuple(self.stop or ()))
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens
+
+    def kind(self) -> str:
+        return "text"
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[PositiveStrictInt] = None  # the newer name for max_tokens
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens or self.max_completion_tokens
+
+    def kind(self) -> str:
+        return "chat"
+
+    def turns(self) -> list[dict]:
+        # 'developer' is OpenAI's newer name for the system role.
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: StrictStr | list[StrictInt]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            raise ValueError("a list of prompts is not supported; send one prompt per request")
+        if not isinstance(value, str) and not (isinstance(value, list) and value
+                                               and all(type(v) is int for v in value)):
+            raise ValueError("prompt must be a string or a non-empty list of token ids")
+        return value
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None,
+               kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+    """One readable message for pydantic's errors, and the parameter the first one is about."""
+    parts, params = [], []
+    for e in errors:
+        loc = [x for x in e["loc"] if x != "body"]
+        if e["type"] == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+            continue
+        if not loc or (e["type"] == "model_attributes_type"):
+            parts.append("the request body must be a JSON object")
+            continue
+        path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+        params.append(path)
+        message = e["msg"].removeprefix("Value error, ")
+        parts.append(f"missing required parameter '{path}'" if e["type"] == "missing" else f"{path}: {message}")
+    return "; ".join(parts), (params[0] if params else None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def chat_reply(c: Completion, model_id: str) -> dict:
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": None}],
+            "usage": usage(c)}
+
+
+def text_reply(c: Completion, model_id: str) -> dict:
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
+            "usage": usage(c)}
+
+
+class ChunkWriter:
+    """The SSE events of one streamed reply: OpenAI chunks sharing one id, then 'data: [DONE]'."""
+
+    def __init__(self, chat: bool, model_id: str):
+        self.chat, self.model_id = chat, model_id
+        self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+
+    def _event(self, choices: list[dict], **extra) -> str:
+        import json
+
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.model_id, "choices": choices, **extra}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    def start(self) -> str | None:
+        """The opening chunk that names the role (chat only)."""
+        if not self.chat:
+            return None
+        return self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def text(self, piece: str, finish_reason: str | None = None) -> str:
+        if self.chat:
+            delta = {"content": piece} if piece else {}
+            return self._event([{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
+        return self._event([{"index": 0, "text": piece, "finish_reason": finish_reason, "logprobs": None}])
+
+    def usage(self, c: Completion) -> str:
+        return self._event([], usage=usage(c))
+
+    @staticmethod
+    def done() -> str:
+        return "data: [DONE]\n\n"

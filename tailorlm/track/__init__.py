@@ -1,0 +1,1 @@
+"""Experiment tracking (TensorBoard, MLflow) for a run, and the run registry behind `tailor runs` and `tailor compare`."""

@@ -1,0 +1,114 @@
+"""Checkpoints: atomic writes, pointers and pruning, torn writes ignored; early stopping and best-checkpoint
+restore; a non-finite loss keeps the last good checkpoint."""
+import json
+
+import pytest
+import torch
+
+from tailorlm.config import MethodSpec, SelectSpec, TrainSpec
+from tailorlm.errors import TailorError
+from tailorlm.models.methods import make_strategy
+from tailorlm.train.checkpoint import MARKER, CheckpointStore, load_trainer, load_weights
+from tailorlm.train.loop import Hooks, restore_best, train
+from tailorlm.train.selection import Selector
+from conftest import tiny_llama
+from test_train_loop import memorize_samples
+
+
+def save(store, step, value=1.0, best=None):
+    params = {"w": torch.full((2, 2), value)}
+    return store.save(step, params, {"optimizer": {}, "rng": {"torch": torch.get_rng_state()}}, {"step": step}, best)
+
+
+def test_checkpoints_are_complete_pointed_to_and_pruned(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints", keep=2)
+    for step in (1, 2, 3, 4):
+        save(store, step, value=step, best=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    # the last two, plus the best; pointers written by rename; no temp folders left
+    assert names == ["best", "latest", "step-00000002", "step-00000003", "step-00000004"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000004\n"
+    assert store.best().name == "step-00000002"
+    for name in ("weights.safetensors", "trainer.pt", "state.json", MARKER):
+        assert (store.latest() / name).is_file()
+    params = {"w": torch.nn.Parameter(torch.zeros(2, 2))}
+    load_weights(store.best(), params)
+    assert torch.equal(params["w"], torch.full((2, 2), 2.0))
+    trainer, state = load_trainer(store.latest())  # weights_only load
+    assert state == {"step": 4} and torch.equal(trainer["rng"]["torch"], torch.get_rng_state())
+
+
+def test_a_torn_write_is_never_read(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    save(store, 1)
+    torn = store.path(2)  # renamed into place, killed before COMPLETE was written
+    torn.mkdir()
+    (torn / "weights.safetensors").write_bytes(b"partial")
+    (tmp_path / "checkpoints" / ".tmp-step-00000003").mkdir()  # killed mid-write
+    assert store.latest().name == "step-00000001"
+    save(store, 3)  # the next save cleans both up
+    assert sorted(p.name for p in store.root.glob("*step-*")) == ["step-00000001", "step-00000003"]
+
+
+def test_a_checkpoint_of_another_method_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = save(store, 1)
+    with pytest.raises(TailorError, match=r"checkpoint lacks 1 parameter\(s\) this run trains, e.g. v"):
+        load_weights(path, {"v": torch.nn.Parameter(torch.zeros(1))})
+
+
+def test_selector_tracks_the_best_and_runs_out_of_patience():
+    sel = Selector("val_loss", patience=2, min_delta=0.01)
+    assert sel.update(1, {"val_loss": 1.0}) and not sel.update(2, {"val_loss": 0.995})  # within min_delta
+    assert not sel.should_stop and not sel.update(3, {"val_loss": 1.2}) and sel.should_stop
+    assert (sel.best_step, sel.best_value) == (1, 1.0)
+    acc = Selector("accuracy")
+    assert acc.update(1, {"accuracy": 0.5}) and acc.update(2, {"accuracy": 0.6}) and not acc.update(3, {"accuracy": 0.55})
+    assert Selector.from_state(acc.state()) == acc
+
+
+def scripted_evaluations(values):
+    """An evaluate hook returning the given val_loss at each evaluation (0 first)."""
+    it = iter(values)
+    return lambda model, ctx, step: {"val_loss": next(it)}
+
+
+def test_early_stopping_keeps_and_restores_the_best_checkpoint(tmp_path, tiny_tokenizer):
+    strategy = make_strategy(MethodSpec(name="full"))
+    model = strategy.prepare(tiny_llama(len(tiny_tokenizer)))
+    store = CheckpointStore(tmp_path / "checkpoints", keep=1)
+    hooks = Hooks(evaluate=scripted_evaluations([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8]), checkpoints=store,
+                  select=SelectSpec(patience=2))
+    result = train(model, strategy, memorize_samples(tiny_tokenizer), TrainSpec(max_steps=12, batch_size=4, eval_every=2),
+                   1e-2, tiny_tokenizer.pad_token_id, torch.device("cpu"), hooks)
+    assert result.stopped_early and result.completed == 8 and result.best_step == 4
+    assert result.events[-1]["event"].startswith("early stop at step 8: val_loss has not improved for 2 evaluations")
+    assert sorted(p.name for p in store.complete()) == ["step-00000004", "step-00000008"]
+    restored = restore_best(model, strategy, store, result)
+    assert restored.name == "step-00000004"
+    from safetensors.torch import load_file
+
+    saved = load_file(restored / "weights.safetensors")  # the model now holds step 4's weights, not step 8's
+    assert all(torch.equal(p.detach(), saved[n]) for n, p in strategy.checkpoint_params(model).items())
+
+
+def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_tokenizer, monkeypatch):
+    import tailorlm.train.loop as loop
+
+    real, calls = loop.accumulate_gradients, []
+
+    def poisoned(model, group, ctx):
+        calls.append(1)
+        loss, tokens = real(model, group, ctx)
+        return (float("nan") if len(calls) == 4 else loss), tokens
+
+    monkeypatch.setattr(loop, "accumulate_gradients", poisoned)
+    strategy = make_strategy(MethodSpec(name="lora"))
+    model = strategy.prepare(tiny_llama(len(tiny_tokenizer)))
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    with pytest.raises(TailorError, match=r"the training loss became nan at step 4; lower train.lr or check the "
+                                          r"data; the last good checkpoint is .*step-00000003 \(resume from it"):
+        train(model, strategy, memorize_samples(tiny_tokenizer), TrainSpec(max_steps=6, batch_size=4, eval_every=0,
+              checkpoint_every=1), 1e-2, tiny_tokenizer.pad_token_id, torch.device("cpu"), Hooks(checkpoints=store))
+    assert store.latest().name == "step-00000003"
+    assert json.loads((store.latest() / "state.json").read_text())["step"] == 3
