@@ -68,7 +68,7 @@ class RetentionProbe:
         message = (f"retention guardrail: at step {step} the perplexity of general data ({self.source}) is "
                    f"{metrics['retention_ppl']:.2f}, {change:+.0%} over the base model's {self.base_ppl:.2f} "
                    f"(limit +{self.spec.max_increase:.0%}); the model is forgetting general skills. Lower train.lr, "
-                   f"train fewer steps, freeze more layers or use LoRA")
+                   f"train fewer steps, or change fewer weights (LoRA, a smaller method.lora.r, freezing)")
         if self.spec.action == "error":
             raise TailorError(message + "; the checkpoint of this step is kept")
         console.print(f"[yellow]warning: {message}[/]")
