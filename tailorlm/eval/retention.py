@@ -13,7 +13,6 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 
 from tailorlm.config import DataSpec, RetentionSpec, TemplateSpec
 from tailorlm.data.dataset import _to_examples
@@ -72,11 +71,3 @@ class RetentionProbe:
         if self.spec.action == "error":
             raise TailorError(message + "; the checkpoint of this step is kept")
         console.print(f"[yellow]warning: {message}[/]")
-
-
-@torch.no_grad()
-def generation_scores(model, evaluator_factory, probe: RetentionProbe) -> dict:
-    """ROUGE-L of generated answers on the retention set (eval.retention.generate)."""
-    evaluator = evaluator_factory()
-    result = evaluator.run(model, probe.samples, "retention")
-    return {"retention_rouge_l": result.metrics.get("rouge_l")}
