@@ -15,6 +15,8 @@ EPILOG = """examples:
   tailor run --print-config                    show the resolved config and exit
   tailor run --resume runs/bbc-news-20260101-120000   continue an interrupted run exactly
   tailor preflight examples/wnut17.yaml        check the data (duplicates, leakage, lengths, time) only
+  tailor run examples/sst2.yaml --nproc 4      the same run on 4 processes (torchrun, DDP; FSDP2 with
+                                               train.distributed.strategy=fsdp)
 """
 
 # Verbs beyond run/preflight live beside the code they drive; each module has register(verbs), which adds
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its latest complete checkpoint (its own config.yaml)")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train on N processes of this machine (GPUs, or CPU processes without one): shorthand "
+                          "for torchrun --standalone --nproc-per-node N -m tailorlm run ...")
     check.add_argument("--output", "-o", help="also save preflight.json and token_lengths.png in this directory")
     import importlib
 
@@ -60,6 +65,7 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options (`tailor run cfg.yaml -o out train.lr=1e-4`); argparse leaves those over.
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     overridable = args.verb in ("run", "preflight")  # only these take key=value overrides
     unknown = [a for a in extra if "=" not in a or a.startswith("-") or not overridable]
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "run" and args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0
+        if args.verb == "run" and args.nproc and args.nproc > 1:
+            return _torchrun(argv, args.nproc)
         if args.verb == "run":
             from tailorlm.pipeline import run
 
@@ -110,11 +118,32 @@ def main(argv: list[str] | None = None) -> int:
     except TailorError as e:
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        console.quiet = False  # other ranks print nothing else under torchrun, but their errors must show
+        console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
         return 130
+
+
+def _torchrun(argv: list[str], nproc: int) -> int:
+    """Start this same command on nproc processes under torchrun (single node, a free port found by torchrun)."""
+    import subprocess
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TailorError("--nproc starts torchrun itself; under torchrun, leave it out")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "tailorlm", *rest]
+    return subprocess.call(command)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class DataSpec(Section):
     label_names: dict[str, str] = Field(default_factory=dict, description="Raw label value -> the word the model should answer, e.g. {0: negative}")
     split: SplitSpec = SplitSpec()
     limit: LimitSpec = LimitSpec()
+    empty_share: Optional[float] = Field(None, gt=0, lt=1, description="Extraction (ner): keep training sentences that have no entity up to this share of the training split (e.g. 0.2), applied before data.limit. When most sentences have none, a model otherwise learns that 'none' is always right. Validation and test keep theirs")
 
 
 class TemplateSpec(Section):
@@ -111,6 +112,11 @@ class MethodSpec(Section):
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 2e-5, "gradual_unfreeze": 2e-5}
 
 
+class DistSpec(Section):
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp replicates the model on every process; fsdp (FSDP2, fully_shard) shards weights, gradients and optimizer state across them")
+    timeout_minutes: PositiveInt = Field(60, description="How long a process waits for the others in a collective (rank 0 runs the prompting baselines and evaluations alone under ddp)")
+
+
 class TrainSpec(Section):
     epochs: PositiveInt = 1
     max_steps: Optional[PositiveInt] = Field(None, description="Stop after this many optimizer steps (overrides epochs)")
@@ -129,6 +135,7 @@ class TrainSpec(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward: much less memory, ~30% more compute")
     checkpoint_every: Optional[PositiveInt] = Field(None, description="Save a resumable checkpoint every N optimizer steps; at every evaluation when absent")
     keep_checkpoints: PositiveInt = Field(2, description="Most recent checkpoints kept (the best one is always kept too)")
+    distributed: DistSpec = Field(default_factory=DistSpec, description="Used when started by torchrun; batch_size stays the global batch, so results do not depend on the process count")
 
 
 class SelectSpec(Section):

@@ -2,6 +2,9 @@
 
 Everything that can fail on bad input (config, files, columns, templates) is checked before the output
 directory is created, and the directory is only marked complete (run.json status) when everything is written.
+
+Under torchrun every process runs this: all prepare the data and train together; rank 0 alone writes the run
+directory, runs the prompting baselines and the final evaluation (train/distributed.py).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from tailorlm.models.loading import (
 from tailorlm.eval.training_report import overfit_step, plot_training, training_lines
 from tailorlm.models.methods import check_supported
 from tailorlm.rundir import open_run_dir, resolve_output_dir
+from tailorlm.train import distributed
 from tailorlm.train.fit import check_select, fit
 from tailorlm.train.loop import seed_everything
 from tailorlm.track.tracker import Tracker
@@ -120,13 +124,24 @@ def run(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, obser
     observe(metrics, step), when given, sees every logged metric as training goes ('train/loss', 'val/val_loss',
     'val/accuracy', ...), e.g. for a sweep to prune a trial; an exception it raises stops the run."""
     started = time.perf_counter()
-    out_dir = out_dir or resolve_output_dir(cfg)
-    check_supported(cfg.method, resolve_device(cfg.train.device))
+    world, device = distributed.init(cfg.train.distributed, resolve_device(cfg.train.device))
+    try:
+        return _run(cfg, out_dir, resume, observe, started, world, device)
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg: RunConfig, out_dir: Path | None, resume: bool, observe, started: float, world, device) -> dict:
+    out_dir = distributed.from_main(out_dir or resolve_output_dir(cfg))  # one name, not one timestamp per process
+    check_supported(cfg.method, device)
+    distributed.check_method(cfg.method.name)
     configs = task_configs(cfg)
     datas = {name: prepare_data(c, name if cfg.tasks else None) for name, c in configs.items()}
     check_select(cfg, {name: d.template for name, d in datas.items()})
     for data in datas.values():
         enforce(data.preflight)  # thresholds set to error stop here, before anything is written
+    if not world.main:
+        return _run_in(cfg, out_dir, configs, datas, resume, device, observe)
     lock = open_run_dir(out_dir, cfg.output.overwrite, resume)
     try:
         if not resume:
@@ -138,7 +153,7 @@ def run(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, obser
         status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}
         write_json(out_dir / "run.json", status)
         try:
-            metrics = _run_in(cfg, out_dir, configs, datas, resume, observe)
+            metrics = _run_in(cfg, out_dir, configs, datas, resume, device, observe)
         except BaseException as e:
             write_json(out_dir / "run.json", {**status, "status": "failed", "error": str(e) or type(e).__name__})
             raise
@@ -151,8 +166,8 @@ def run(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, obser
 
 
 def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas: dict[str, PreparedData],
-            resume: bool, observe=None) -> dict:
-    device = resolve_device(cfg.train.device)
+            resume: bool, device, observe=None) -> dict:
+    main = distributed.world().main
     seed_everything(cfg.train.seed)
     tokenizer = next(iter(datas.values())).tokenizer
 
@@ -164,12 +179,13 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
 
     evaluators = {name: Evaluator(tokenizer, d.template, d.fmt, d.splits.labels, cfg.eval, device, d.template.label_field)
                   for name, d in datas.items()}
-    variants, predictions = _baselines(cfg, out_dir, datas, evaluators, loaded.model)
+    # Rank 0 alone runs the baselines (the others wait for it at the first collective of training).
+    variants, predictions = _baselines(cfg, out_dir, datas, evaluators, loaded.model) if main else ({}, [])
 
     stage(f"Fine-tuning ({cfg.method.name})")
     train_set = _training_set(cfg, datas)
     validation = {name: d.encoded["validation"] for name, d in datas.items()}
-    with Tracker.open(out_dir, cfg) as tracker:  # closed as failed if anything below raises
+    with Tracker.open(out_dir, cfg, enabled=main) as tracker:  # closed as failed if anything below raises
         tracker.log_params({"lr": cfg.lr, "train_samples": len(train_set)})  # the resolved values
 
         def log(metrics: dict, step: int) -> None:
@@ -178,6 +194,8 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
                 observe(metrics, step)
 
         result = fit(cfg, loaded.model, tokenizer, train_set, validation, evaluators, out_dir, device, resume, log)
+        if result is None:  # not rank 0: its part ended with training
+            return {}
         history = result.history
         console.print(f"Trained {history.completed} steps in {history.seconds:.0f} s ({history.tokens / max(history.seconds, 1e-9):.0f} "
                       f"tokens/s); saved {result.saved.relative_to(out_dir)}/")
@@ -197,7 +215,7 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
         train_facts = {"method": cfg.method.name, "steps": history.completed, "planned_steps": history.steps,
                        "trainable_share": round(history.trainable / max(history.parameters, 1), 5),
                        "seconds": round(history.seconds, 1), "tokens": history.tokens, "best_step": history.best_step,
-                       "stopped_early": history.stopped_early,
+                       "stopped_early": history.stopped_early, "processes": distributed.world().size,
                        "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None,
                        "retention": result.retention}
         metrics = ({"tasks": sections, "mixing": cfg.mixing.model_dump(), "train": train_facts} if cfg.tasks
@@ -209,7 +227,9 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
                  "model": loaded.source, "method": cfg.method.name,
                  "data": ", ".join(d.splits.sources["train"] for d in datas.values()),
                  "train / validation": f"{len(train_set)} / {sum(map(len, validation.values()))}" + ("" if cfg.tasks else f" / test {len(first.encoded['test'])}"),
-                 "training": f"{history.completed} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}",
+                 "training": f"{history.completed} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}" + (
+                     f", {distributed.world().size} processes ({distributed.world().mode})"
+                     if distributed.world().active else ""),
                  "decoding": f"greedy, {cfg.eval.decoding}, few-shot k={cfg.eval.few_shot_k} from the training split"}
         write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections,
                      training_lines(history, overfit, result.retention, result.example_losses, cfg.eval.select.metric))

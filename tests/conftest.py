@@ -28,6 +28,10 @@ Classify the text. Answer with one of: Text: What is the topic of this news arti
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def build_tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import PreTrainedTokenizerFast
 

@@ -24,3 +24,19 @@ def test_train_speed_smoke_suite_runs_and_writes_its_section(tmp_path):
     text = md.read_text()
     assert "hand-written text stays" in text and text.count("<!-- bench:cpu-smoke -->") == 1
     assert text.count("| tiny |") == 4
+
+
+def test_distributed_overhead_bench_runs_every_wrapper_and_writes_its_section(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "distributed_overhead.py"), "--shape", "tiny",
+                           "--steps", "1", "--warmup", "1", "--max-len", "32", "--out", str(out), "--markdown", str(md)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert {(r["method"], r["mode"]) for r in results} == {(m, w) for m in ("lora", "full")
+                                                           for w in ("single", "ddp", "fsdp")}
+    assert all(r["tokens_per_s"] > 0 for r in results)
+    text = md.read_text()
+    assert text.count("<!-- bench:distributed -->") == 1 and "| tiny | lora | DDP |" in text

@@ -79,3 +79,25 @@ def test_skip_bad_rows_counts_each_reason(tmp_path):
     assert len(splits.train) == 3
     assert splits.skipped["train"] == {"empty value in column 'text'": 2,
                                        "label 'c' is not in data.label_names (known: a, b)": 1}
+
+
+def test_empty_share_caps_entity_free_training_sentences(tmp_path):
+    from tailorlm.tasks import TASKS
+
+    with_entity = "Paris\tB-location\nis\tO\nnice\tO\n\n"
+    without = "it\tO\nrains\tO\n{i}\tO\n\n"
+    train = write(tmp_path / "train.conll", with_entity * 2 + "".join(without.format(i=i) for i in range(6)))
+    test = write(tmp_path / "test.conll", with_entity + without.format(i="x"))
+    spec = DataSpec(train=str(train), validation=str(test), test=str(test), empty_share=0.5)
+    splits = load_splits(spec, {"text", "entities_text"}, None, TASKS["ner"])
+    assert len(splits.train) == 4 and sum(not ex["entities"] for ex in splits.train) == 2  # 2 of 4 = the share
+    assert splits.skipped == {"train": {"no entity, beyond data.empty_share=0.5": 4}}
+    assert len(splits.test) == 2  # evaluation splits keep their entity-free sentences
+    again = load_splits(spec, {"text", "entities_text"}, None, TASKS["ner"])
+    assert [ex["text"] for ex in again.train] == [ex["text"] for ex in splits.train]  # seeded
+
+
+def test_empty_share_is_for_extraction_tasks(tmp_path):
+    path = labeled_csv(tmp_path / "d.csv")
+    with pytest.raises(DataError, match=r"data.empty_share applies to extraction tasks \(template.preset: ner\)"):
+        load_splits(DataSpec(train=str(path), empty_share=0.2), {"text", "label"})

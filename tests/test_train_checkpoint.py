@@ -97,9 +97,9 @@ def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_toke
 
     real, calls = loop.accumulate_gradients, []
 
-    def poisoned(model, group, ctx):
+    def poisoned(loss_fn, group, ctx, no_sync=None):
         calls.append(1)
-        loss, tokens = real(model, group, ctx)
+        loss, tokens = real(loss_fn, group, ctx, no_sync)
         return (float("nan") if len(calls) == 4 else loss), tokens
 
     monkeypatch.setattr(loop, "accumulate_gradients", poisoned)

@@ -1,9 +1,12 @@
+from functools import partial
+
 import pytest
 import torch
 from conftest import tiny_llama
 
 from tailorlm.config import MethodSpec, TrainSpec
 from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.kernels.loss import completion_loss
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.loop import Hooks, plan_steps, train
 from tailorlm.train.optim import make_optimizer, make_schedule
@@ -50,11 +53,11 @@ def cpu(tokenizer, packing: bool = True) -> StepContext:
 def test_gradient_accumulation_equals_the_big_batch(tiny_tokenizer, packing):
     samples = memorize_samples(tiny_tokenizer, 6)
     model = tiny_llama(len(tiny_tokenizer))
-    big_loss, _ = accumulate_gradients(model, [samples], cpu(tiny_tokenizer, packing))
+    big_loss, _ = accumulate_gradients(partial(completion_loss, model), [samples], cpu(tiny_tokenizer, packing))
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     # Uneven micro-batches: a mean per micro-batch would weight these samples wrongly.
-    small_loss, _ = accumulate_gradients(model, [samples[:1], samples[1:4], samples[4:]], cpu(tiny_tokenizer, packing))
+    small_loss, _ = accumulate_gradients(partial(completion_loss, model), [samples[:1], samples[1:4], samples[4:]], cpu(tiny_tokenizer, packing))
     assert small_loss == pytest.approx(big_loss, rel=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-8, msg=name)

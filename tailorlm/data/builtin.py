@@ -59,10 +59,10 @@ def read_bbc_news() -> Table:
 
 
 def read_general() -> Table:
-    from tailorlm.data.sources import _read_jsonl
+    from tailorlm.data.sources import read_jsonl
 
     path = resources.files("tailorlm.defaults").joinpath("general.jsonl")
-    records = _read_jsonl(Path(str(path)))
+    records = read_jsonl(Path(str(path)))
     return Table("builtin:general", records)
 
 

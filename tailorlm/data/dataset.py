@@ -39,7 +39,7 @@ def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str | None
     label_field is the closed answer set to stratify by (classification), or None."""
     tables = {name: read_table(getattr(spec, name), spec.format, spec.encoding) for name in SPLITS if getattr(spec, name)}
     skipped = {name: Counter() for name in tables}
-    examples = {name: _to_examples(table, spec, needed_fields, label_field, task, skipped[name])
+    examples = {name: to_examples(table, spec, needed_fields, label_field, task, skipped[name])
                 for name, table in tables.items()}
     sources = {name: table.path for name, table in tables.items()}
 
@@ -54,6 +54,13 @@ def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str | None
         for name, part in zip(missing, parts[1:]):
             examples[name] = part
             sources[name] = f"{tables['train'].path} (split {getattr(spec.split, name):.0%}, seed {spec.split.seed})"
+
+    if spec.empty_share is not None:
+        if "entities" not in task.structured:
+            raise DataError(sources["train"], None, "data.empty_share applies to extraction tasks (template.preset: ner)")
+        examples["train"], dropped = cap_empty(examples["train"], spec.empty_share, spec.split.seed)
+        if dropped:
+            skipped["train"][f"no entity, beyond data.empty_share={spec.empty_share:g}"] += dropped
 
     for name in SPLITS:
         limit = getattr(spec.limit, name)
@@ -72,8 +79,22 @@ def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str | None
                   {name: dict(c) for name, c in skipped.items() if c})
 
 
-def _to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str | None, task: Task,
+def cap_empty(examples: list[Example], share: float, seed: int) -> tuple[list[Example], int]:
+    """Keep entity-free examples up to `share` of the result (a seeded choice, order kept); returns (kept,
+    number dropped)."""
+    empty = [i for i, ex in enumerate(examples) if not ex["entities"]]
+    allowed = math.floor(share / (1 - share) * (len(examples) - len(empty)))
+    if len(empty) <= allowed:
+        return examples, 0
+    drop = set(random.Random(seed).sample(empty, len(empty) - allowed))
+    return [ex for i, ex in enumerate(examples) if i not in drop], len(drop)
+
+
+def to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str | None, task: Task,
                  skipped: Counter) -> list[Example]:
+    """A table's rows as template examples: columns mapped to fields, chat records to single turns, values
+    checked, with the file and line in every error. Training, retention and `tailor predict` all read rows
+    through this one function. Rows skipped under data.skip_bad_rows are counted in `skipped` by reason."""
     columns = table.columns
     needed = (needed - task.derived) | (task.structured if needed & task.derived else set())
     mapping = {f: spec.columns.get(f, f) for f in needed | set(spec.columns)}

@@ -176,7 +176,7 @@ def _fields(obj: dict, path: Path, where: str, chat_only: bool) -> dict:
     return obj if fields is None else fields
 
 
-def _read_jsonl(path: Path, chat_only: bool = False) -> list[Record]:
+def read_jsonl(path: Path, chat_only: bool = False) -> list[Record]:
     records = []
     for number, line in numbered_lines(path, read_text(path)):
         if not line.strip():
@@ -207,7 +207,7 @@ def _read_json(path: Path, chat_only: bool = False) -> list[Record]:
 
 
 def _read_chat(path: Path) -> list[Record]:
-    return (_read_json if _suffix(path) == ".json" else _read_jsonl)(path, chat_only=True)
+    return (_read_json if _suffix(path) == ".json" else read_jsonl)(path, chat_only=True)
 
 
 def _read_parquet(path: Path) -> list[Record]:
@@ -240,7 +240,7 @@ from tailorlm.data import formats
 READERS = {
     "csv": lambda p: _read_delimited(p, ","),
     "tsv": lambda p: _read_delimited(p, "\t"),
-    "jsonl": _read_jsonl,
+    "jsonl": read_jsonl,
     "json": _read_json,
     "parquet": _read_parquet,
     "label_text": _read_label_text,

@@ -37,7 +37,8 @@ class ChatFormat:
         self.system = spec.system
         self.uses_chat = spec.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
-    def _messages(self, prompt: str, demos) -> list[dict]:
+    def messages(self, prompt: str, demos) -> list[dict]:
+        """The chat messages a prompt is rendered from: system, demonstrations as turns, then the prompt."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         for demo_prompt, demo_completion in demos:
             messages += [{"role": "user", "content": demo_prompt}, {"role": "assistant", "content": demo_completion}]
@@ -45,7 +46,7 @@ class ChatFormat:
 
     def prompt_text(self, prompt: str, demos: list[tuple[str, str]] = ()) -> str:
         if self.uses_chat:
-            return self.tokenizer.apply_chat_template(self._messages(prompt, demos), tokenize=False,
+            return self.tokenizer.apply_chat_template(self.messages(prompt, demos), tokenize=False,
                                                       add_generation_prompt=True)
         shots = "".join(f"{p}\nAnswer: {c}\n\n" for p, c in demos)
         return f"{shots}{prompt}\nAnswer:"
@@ -57,7 +58,7 @@ class ChatFormat:
             return f" {completion}{eos}"
         head = self.prompt_text(prompt)
         full = self.tokenizer.apply_chat_template(
-            self._messages(prompt, []) + [{"role": "assistant", "content": completion}], tokenize=False)
+            self.messages(prompt, []) + [{"role": "assistant", "content": completion}], tokenize=False)
         if not full.startswith(head):  # a template that rewrites earlier turns: fall back to the plain answer
             return f"{completion}{eos}"
         tail = full[len(head):]

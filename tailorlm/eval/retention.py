@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 
 from tailorlm.config import DataSpec, RetentionSpec, TemplateSpec
-from tailorlm.data.dataset import _to_examples
+from tailorlm.data.dataset import to_examples
 from tailorlm.data.sources import read_table
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, Sample, encode_examples
@@ -41,7 +41,7 @@ class RetentionProbe:
         template = PromptTemplate(TemplateSpec(preset="instruction", system=template_spec.system,
                                                chat_template=template_spec.chat_template,
                                                max_length=RETENTION_MAX_LENGTH, overlong="drop"))
-        examples = _to_examples(table, DataSpec(train=spec.data), template.fields, None, TASKS["instruction"], Counter())
+        examples = to_examples(table, DataSpec(train=spec.data), template.fields, None, TASKS["instruction"], Counter())
         rng = random.Random(seed)
         examples = rng.sample(examples, min(spec.limit, len(examples)))
         samples, _ = encode_examples(examples, template, ChatFormat(tokenizer, template.spec), [], template.spec)

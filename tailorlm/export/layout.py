@@ -97,7 +97,7 @@ def training_prompts(tokenizer, cfg: RunConfig, count: int = 3) -> list[PromptCa
     cases = []
     for sample in samples[:count]:
         user = template.prompt(sample.example, splits.labels)
-        messages = fmt._messages(user, [])  # ChatFormat's own message list: the one training rendered
+        messages = fmt.messages(user, [])  # the message list training rendered
         cases.append(PromptCase(user, messages, fmt.prompt_text(user), sample.prompt_ids))
     if not cases:
         raise TailorError(f"no test example of the run fits template.max_length={spec.max_length}")

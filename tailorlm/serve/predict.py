@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm.config import RunConfig
-from tailorlm.data.dataset import _to_examples  # the row -> example mapping training uses, error messages included
+from tailorlm.data.dataset import to_examples  # the row -> example mapping training uses, error messages included
 from tailorlm.data.sources import read_table
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
@@ -64,7 +64,7 @@ def read_rows(data_path: str, cfg: RunConfig, template: PromptTemplate,
     if not has_answers:  # a configured mapping for the answer column must not demand it
         spec = spec.model_copy(update={"columns": {f: c for f, c in spec.columns.items() if f not in answer_fields}})
     skipped: Counter = Counter()
-    examples = _to_examples(table, spec, needed, template.label_field if has_answers else None, task, skipped)
+    examples = to_examples(table, spec, needed, template.label_field if has_answers else None, task, skipped)
     return examples, has_answers, dict(skipped)
 
 

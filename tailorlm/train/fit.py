@@ -17,6 +17,7 @@ from tailorlm.errors import ConfigError
 from tailorlm.eval.retention import RetentionProbe
 from tailorlm.kernels.loss import per_sample_loss
 from tailorlm.models.methods import make_strategy
+from tailorlm.train import distributed
 from tailorlm.train.checkpoint import CheckpointStore
 from tailorlm.train.loop import Hooks, TrainResult, restore_best, train
 from tailorlm.train.step import StepContext, validation_loss
@@ -54,8 +55,9 @@ def check_select(cfg: RunConfig, tasks: dict[str, object]) -> None:
 
 
 def fit(cfg: RunConfig, model, tokenizer, train_set: list[Sample], validation: dict[str, list[Sample]],
-        evaluators: dict, out_dir: Path, device: torch.device, resume: bool = False, log=None) -> Fit:
-    """validation: task name -> its validation samples; evaluators: task name -> Evaluator (eval/evaluate.py)."""
+        evaluators: dict, out_dir: Path, device: torch.device, resume: bool = False, log=None) -> Fit | None:
+    """validation: task name -> its validation samples; evaluators: task name -> Evaluator (eval/evaluate.py).
+    Under torchrun every process calls this; only rank 0 gets a Fit back."""
     strategy = make_strategy(cfg.method)
     model = strategy.prepare(model)
     pad_id = tokenizer.pad_token_id
@@ -66,7 +68,9 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list[Sample], validation: d
     bs = cfg.train.batch_size
     retention = {}
     if probe:  # the base model's score, the guardrail's reference (also on resume: the model is still the base here)
-        retention = {"source": probe.source, **_retention_point(probe, model, plain, bs, first, "base")}
+        main = distributed.world().main  # rank 0 measures; every rank's guardrail uses its figure
+        retention = distributed.from_main(
+            {"source": probe.source, **_retention_point(probe, model, plain, bs, first, "base")} if main else None)
         probe.base_ppl = retention["base_ppl"]
         console.print(f"Retention ({probe.source}, {len(probe.samples)} examples): base perplexity {probe.base_ppl:.2f}")
     subsets = {name: _subset(samples, cfg.eval.during_training, cfg.train.seed) for name, samples in validation.items()}
@@ -90,6 +94,9 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list[Sample], validation: d
     hooks = Hooks(evaluate=evaluate if (val_set or probe) else None, checkpoints=store, select=cfg.eval.select,
                   log=log, guard=probe.guard if probe else None)
     history = train(model, strategy, train_set, cfg.train, cfg.lr, pad_id, device, hooks, start)
+    if history.model is None:  # another process under torchrun: rank 0 finishes the run alone
+        return None
+    model = history.model
     restored = restore_best(model, strategy, store, history)
     if restored:
         console.print(f"Restored the best checkpoint ({cfg.eval.select.metric}) from step {history.best_step}: {restored}")

@@ -8,6 +8,9 @@ gives the same update as one batch of 8.
 Resume is exact: batches are a pure function of (seed, epoch) and the checkpoint holds the position in the
 epoch, the optimizer, schedule and RNG states, so a killed and resumed run ends with the same weights, bit
 for bit, as one that never stopped.
+
+Under torchrun the same loop runs on every process; distributed.py splits each global batch and keeps
+checkpoints and decisions independent of the process count.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from tailorlm.data.batching import epoch_batches
 from tailorlm.data.tokenize import Sample
 from tailorlm.errors import TailorError
 from tailorlm.models.methods import Strategy
+from tailorlm.train import distributed
+from tailorlm.train.distributed import Wrapped
 from tailorlm.train.checkpoint import CheckpointStore, load_trainer, load_weights, rng_state, set_rng_state
 from tailorlm.train.optim import make_optimizer, make_schedule
 from tailorlm.train.selection import Selector
@@ -35,9 +40,11 @@ from tailorlm.ui import console, progress
 
 @dataclass
 class TrainResult:
+    """What a run did. train() also sets `model`, the plain trained model (rank 0's gathered copy under FSDP,
+    None on the other ranks); it is an attribute, not a field, so checkpoints never serialise it."""
     steps: int  # planned optimizer steps
     completed: int = 0  # steps actually taken (fewer when stopped early)
-    train_loss: list[dict] = field(default_factory=list)  # {step, epoch, loss, lr}
+    train_loss: list[dict] = field(default_factory=list)  # {step, epoch, loss, lr, grad_norm (before clipping)}
     evaluations: list[dict] = field(default_factory=list)  # {step, val_loss, <task metric>..., retention_ppl}
     events: list[dict] = field(default_factory=list)  # {step, event}: unfreezing stages, early stop, resume
     seconds: float = 0.0
@@ -77,16 +84,31 @@ def plan_steps(n_samples: int, spec: TrainSpec) -> tuple[int, int]:
 def train(model, strategy: Strategy, train_samples: list[Sample], spec: TrainSpec, lr: float, pad_id: int,
           device: torch.device, hooks: Hooks | None = None, resume: Path | None = None) -> TrainResult:
     seed_everything(spec.seed)
-    with fast_training(model, spec, pad_id, device) as ctx:
-        return _Run(model, strategy, train_samples, spec, lr, ctx, hooks or Hooks()).go(resume)
+    saved = None
+    if resume is not None:  # weights go in before FSDP shards them
+        saved = load_trainer(resume)
+        strategy.on_step(saved[1]["step"], model)  # the unfreezing stage the run had reached
+        load_weights(resume, strategy.checkpoint_params(model))
+    wrapped = Wrapped(model, device)
+    with fast_training(wrapped.module, spec, pad_id, device) as ctx:
+        run = _Run(wrapped, strategy, train_samples, spec, lr, ctx, hooks or Hooks())
+        if saved:
+            run.restore(resume, *saved)
+        result = run.go()
+        trained = distributed.full_tensors(strategy.checkpoint_params(wrapped.module))
+    result.model = wrapped.finished(trained)
+    return result
 
 
 class _Run:
     """One training run's mutable state; `go` is the loop."""
 
-    def __init__(self, model, strategy: Strategy, samples: list[Sample], spec: TrainSpec, lr: float,
+    def __init__(self, wrapped: Wrapped, strategy: Strategy, samples: list[Sample], spec: TrainSpec, lr: float,
                  ctx: StepContext, hooks: Hooks):
-        self.model, self.strategy, self.samples, self.spec, self.ctx, self.hooks = model, strategy, samples, spec, ctx, hooks
+        self.wrapped, self.model = wrapped, wrapped.module
+        self.strategy, self.samples, self.spec, self.ctx, self.hooks = strategy, samples, spec, ctx, hooks
+        self.world = distributed.world()
+        model = self.model
         self.per_epoch, total = plan_steps(len(samples), spec)
         strategy.plan(total, self.per_epoch)
         self.optimizer = make_optimizer(strategy.param_groups(model, lr), spec)
@@ -94,18 +116,19 @@ class _Run:
         self.result = TrainResult(steps=total)
         self.selector = Selector.from_spec(hooks.select)
         self.step, self.epoch, self.position = 0, 0, 0  # next step; its epoch; its first batch in the epoch
+        self.resumed = False
         if not any(p.requires_grad for p in model.parameters()):
             raise TailorError("the method left no trainable parameters")
 
-    def go(self, resume: Path | None) -> TrainResult:
-        if resume is not None:
-            self._restore(resume)
+    def go(self) -> TrainResult:
         spec, result = self.spec, self.result
         n_total = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        procs = f" over {self.world.size} processes ({self.world.mode})" if self.world.active else ""
         console.print(f"Training {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%}) for {result.steps} "
-                      f"steps: {len(self.samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation")
-        if resume is None and self.hooks.evaluate and spec.eval_every:
+                      f"steps: {len(self.samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation"
+                      f"{procs}")
+        if not self.resumed and self.hooks.evaluate and spec.eval_every:
             self._evaluate()  # the starting point: how the base model does
         self.model.train()
         start, seconds_before = time.perf_counter(), result.seconds
@@ -134,11 +157,12 @@ class _Run:
         if change:
             self.result.events.append({"step": step, "event": change})
             console.print(change)
+            self.wrapped.refresh()
         group = [[self.samples[i] for i in idx] for idx in batches[self.position:self.position + spec.grad_accum]]
-        loss, tokens = accumulate_gradients(self.model, group, self.ctx)
+        loss, tokens = accumulate_gradients(self.wrapped.loss, group, self.ctx, self.wrapped.no_sync)
         params = self.strategy.trainable(self.model)
         # clip_grad_norm_ with an infinite bound only measures (its scale factor is exactly 1)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
+        norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self._fail_non_finite("loss" if not math.isfinite(loss) else "gradient norm",
                                   loss if not math.isfinite(loss) else norm)
@@ -149,8 +173,8 @@ class _Run:
         self.result.tokens += tokens
         lr = self.schedule.get_last_lr()[0]
         epoch = round(self.epoch + min(self.position, len(batches)) / len(batches), 3)
-        self.result.train_loss.append({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr})
-        if self.hooks.log:
+        self.result.train_loss.append({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm})
+        if self.hooks.log and self.world.main:
             self.hooks.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, self.step)
         return f"loss {loss:.3f}"
 
@@ -177,10 +201,15 @@ class _Run:
         return info
 
     def _evaluate(self) -> dict:
-        metrics = self.hooks.evaluate(self.model, self.ctx, self.step)
+        # Under DDP rank 0 evaluates alone on its replica; FSDP needs every rank in each forward. Either way
+        # all ranks act on rank 0's figures, so they take the same early-stop and guardrail decisions.
+        metrics = None
+        if self.world.main or self.world.mode == "fsdp":
+            metrics = self.wrapped.run(lambda model: self.hooks.evaluate(model, self.ctx, self.step))
+        metrics = distributed.from_main(metrics)
         self.model.train()
         self.result.evaluations.append({"step": self.step, **metrics})
-        if self.hooks.log:
+        if self.hooks.log and self.world.main:
             self.hooks.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, self.step)
         if self.step > 0:  # the base model is the reference, not a candidate
             if self.selector.update(self.step, metrics):
@@ -196,24 +225,36 @@ class _Run:
 
     def _save(self, n_batches: int) -> None:
         epoch, position = (self.epoch + 1, 0) if self.position >= n_batches else (self.epoch, self.position)
-        trainer = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(), "rng": rng_state()}
+        # Full tensors keyed by name (collectives under FSDP: every rank takes part), so any process count
+        # can resume; each rank's RNG state, so the same count resumes exactly.
+        params = distributed.full_tensors(self.strategy.checkpoint_params(self.model))
+        optimizer = distributed.optimizer_state(self.model, self.optimizer)
+        rngs = distributed.gather(rng_state())
+        if not self.world.main:
+            return
+        trainer = {"optimizer": optimizer, "schedule": self.schedule.state_dict(), "rng": rngs[0]}
+        if self.world.active:
+            trainer["rng_ranks"] = rngs
         state = {"step": self.step, "epoch": epoch, "position": position, "selector": self.selector.state(),
-                 "result": asdict(self.result)}
-        self.hooks.checkpoints.save(self.step, self.strategy.checkpoint_params(self.model), trainer, state,
-                                    self.result.best_step)
+                 "result": asdict(self.result), "processes": self.world.size}
+        self.hooks.checkpoints.save(self.step, params, trainer, state, self.result.best_step)
 
-    def _restore(self, path: Path) -> None:
-        trainer, state = load_trainer(path)
-        self.strategy.on_step(state["step"], self.model)  # the unfreezing stage the run had reached
-        load_weights(path, self.strategy.checkpoint_params(self.model))
-        self.optimizer.load_state_dict(trainer["optimizer"])
+    def restore(self, path: Path, trainer: dict, state: dict) -> None:
+        """The optimizer, schedule, position and RNG of a checkpoint whose weights train() already loaded."""
+        self.resumed = True
+        distributed.load_optimizer_state(self.model, self.optimizer, trainer["optimizer"])
         self.schedule.load_state_dict(trainer["schedule"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.selector = Selector.from_state(state["selector"])
         self.result = TrainResult(**state["result"])
-        self.result.events.append({"step": self.step, "event": f"resumed from {path.name}"})
-        set_rng_state(trainer["rng"])  # last: nothing above may draw from the generators
-        console.print(f"Resumed from {path} at step {self.step} of {self.result.steps}")
+        before = state.get("processes", 1)
+        where = f" ({before} -> {self.world.size} processes)" if before != self.world.size else ""
+        self.result.events.append({"step": self.step, "event": f"resumed from {path.name}{where}"})
+        ranks = trainer.get("rng_ranks") or [trainer["rng"]]
+        # last: nothing above may draw from the generators. Another process count cannot replay the old
+        # per-rank streams (dropout differs); the data order and everything else still continue exactly.
+        set_rng_state(ranks[self.world.rank] if len(ranks) == self.world.size else trainer["rng"])
+        console.print(f"Resumed from {path} at step {self.step} of {self.result.steps}{where}")
 
 
 def restore_best(model, strategy: Strategy, store: CheckpointStore | None, result: TrainResult) -> Path | None:

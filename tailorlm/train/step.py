@@ -18,6 +18,7 @@ from tailorlm.kernels.attention import packed_attention
 from tailorlm.kernels.fused import compile_layers, uncompile_layers
 from tailorlm.kernels.loss import completion_loss
 from tailorlm.kernels.packing import pack, to_device
+from tailorlm.train import distributed
 
 
 @dataclass
@@ -106,20 +107,30 @@ def _mostly_frozen(model) -> bool:
     return trainable < 0.5 * sum(p.numel() for p in model.parameters())
 
 
-def accumulate_gradients(model, group: list[list[Sample]], ctx: StepContext) -> tuple[float, int]:
-    """Backward over micro-batches so the summed gradient equals that of one batch of all their samples.
+def accumulate_gradients(loss: Callable[[dict], tuple[torch.Tensor, int]], group: list[list[Sample]], ctx: StepContext,
+                         no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> tuple[float, int]:
+    """Backward over the global micro-batches of one step so the summed gradient equals that of one batch of all
+    their samples. Under torchrun each process runs its share of every micro-batch and scales by the process
+    count, which the gradient averaging of DDP/FSDP undoes; no_sync(last) skips that averaging until the last
+    micro-batch. loss(batch) -> (summed completion-token loss, tokens), e.g. Wrapped.loss.
 
-    Returns (mean loss per completion token, real tokens processed)."""
+    Returns (mean loss per completion token, real tokens processed), over all processes."""
+    world = distributed.world()
     n_step_tokens = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
     total, tokens = 0.0, 0
-    for samples in group:
-        batch = ctx.batch(samples)
-        with ctx.autocast():
-            loss_sum, _ = completion_loss(model, batch)
-        (loss_sum / max(n_step_tokens, 1)).backward()
-        total += float(loss_sum.detach())
-        tokens += real_tokens(batch)
-    return total / max(n_step_tokens, 1), tokens
+    for i, samples in enumerate(group):
+        mine, real = distributed.share(samples, world)
+        batch = ctx.batch(mine)
+        sync = no_sync(i == len(group) - 1) if no_sync else contextlib.nullcontext()
+        with sync:
+            with ctx.autocast():
+                loss_sum, _ = loss(batch)
+            (loss_sum * (world.size if real else 0) / max(n_step_tokens, 1)).backward()
+        if real:
+            total += float(loss_sum.detach())
+            tokens += real_tokens(batch)
+    total, tokens = distributed.sum_floats(total, tokens)
+    return total / max(n_step_tokens, 1), int(tokens)
 
 
 @torch.no_grad()
