@@ -116,7 +116,8 @@ def render(results: dict) -> None:
         for r in runs:
             cols, v = [c for c in r["columns"] if c not in ("valid", "answered")], r["variants"]
             cell = lambda variant: " / ".join(_fmt(c, v.get(variant, {}).get(c)) for c in cols)  # noqa: E731
-            shown = " ".join(o for o in r["overrides"] if not o.startswith("model.path="))
+            last = {o.split("=", 1)[0]: o for o in r["overrides"]}  # a later override (--set) wins
+            shown = " ".join(o for o in last.values() if not o.startswith("model.path="))
             lines.append(f"| {r['name']} (`{r['config']}` {shown}) | {' / '.join(cols)} | {r['n_test']} | "
                          f"{cell('zero_shot')} | {cell('few_shot')} | **{cell('fine_tuned')}** | "
                          f"{r['retention'].get('change', 0):+.1%} | {r['train']['steps']} steps, {r['train']['seconds']:.0f} s |")

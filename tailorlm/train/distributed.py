@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from tailorlm.config import DistSpec
 from tailorlm.errors import TailorError
+from tailorlm.kernels.loss import completion_loss
 
 
 @dataclass
@@ -67,6 +68,9 @@ def init(spec: DistSpec, device: torch.device) -> tuple[World, torch.device]:
         return _world, device
     rank, size, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise TailorError(f"process {local} of this machine has no GPU of its own ({torch.cuda.device_count()} "
+                              f"visible): start at most one process per GPU, or set train.device=cpu")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
@@ -148,8 +152,6 @@ class Wrapped:
 
     def loss(self, batch: dict):
         """(summed completion-token loss, tokens) of one batch, with the gradient hooks of DDP/FSDP."""
-        from tailorlm.kernels.loss import completion_loss
-
         if self.driver is None:
             return completion_loss(self.module, batch)
         # FSDP frees a block's gathered weights after each call and reduces its gradient after one backward,
