@@ -1,8 +1,6 @@
-import os
+from tailorlm.cli import main, torchrun_rank
 
-from tailorlm.cli import main
-
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+if torchrun_rank() is not None:
     # Under torchrun: its failure summary then shows the failing rank's exception, not only an exit code.
     from torch.distributed.elastic.multiprocessing.errors import record
 

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except TailorError as e:
         from rich.markup import escape
 
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        rank = torchrun_rank()
         console.quiet = False  # other ranks print nothing else under torchrun, but their errors must show
         console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {escape(str(e))}", soft_wrap=True)
         return 2
@@ -127,11 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def torchrun_rank() -> str | None:
+    """This process's RANK when torchrun started several, else None (read from the environment, so the CLI
+    need not import torch; train/distributed.py joins the process group)."""
+    return os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 def _torchrun(argv: list[str], nproc: int) -> int:
     """Start this same command on nproc processes under torchrun (single node, a free port found by torchrun)."""
     import subprocess
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_rank() is not None:
         raise TailorError("--nproc starts torchrun itself; under torchrun, leave it out")
     rest, skip = [], False
     for a in argv:

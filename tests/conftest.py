@@ -103,3 +103,13 @@ def labeled_csv(path: Path, n_per_label: int = 12) -> Path:
         for label, text in texts.items():
             rows.append(f"\"{text} {i}\",{label}")
     return write(path, "\n".join(rows) + "\n")
+
+
+def trained_weights(run_dir: Path) -> dict:
+    """The tensors a finished run saved: its adapter (LoRA family) or its model (full, freezing)."""
+    from safetensors.torch import load_file
+
+    from tailorlm.models.trained import run_weights
+
+    folder = run_weights(run_dir)
+    return load_file(folder / ("adapter_model.safetensors" if folder.name == "adapter" else "model.safetensors"))

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import labeled_csv
+from conftest import labeled_csv, trained_weights
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -57,11 +56,7 @@ def history(out: Path) -> dict:
     return json.loads((out / "train_log.json").read_text())
 
 
-def weights(out: Path, method: str) -> dict:
-    return load_file(out / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"))
-
-
-def assert_same_training(a: Path, b: Path, method: str, tol: float = 1e-4) -> None:
+def assert_same_training(a: Path, b: Path, tol: float = 1e-4) -> None:
     ha, hb = history(a), history(b)
     assert [r["step"] for r in ha["train_loss"]] == [r["step"] for r in hb["train_loss"]] == list(range(1, STEPS + 1))
     for ra, rb in zip(ha["train_loss"], hb["train_loss"]):
@@ -71,7 +66,7 @@ def assert_same_training(a: Path, b: Path, method: str, tol: float = 1e-4) -> No
     assert [e["step"] for e in ha["evaluations"]] == [e["step"] for e in hb["evaluations"]] == [0, 3, 6]
     for ea, eb in zip(ha["evaluations"], hb["evaluations"]):
         assert ea["val_loss"] == pytest.approx(eb["val_loss"], rel=tol)
-    wa, wb = weights(a, method), weights(b, method)
+    wa, wb = trained_weights(a), trained_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-4, msg=name)
@@ -101,7 +96,7 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, tiny_model
     # --nproc is the CLI's shorthand for torchrun --standalone --nproc-per-node
     log = ok(tailor(*run_args(tiny_model_dir, data, out, method, f"train.distributed.strategy={strategy}"),
                     "--nproc", "2"))
-    assert_same_training(single(method), out, method)
+    assert_same_training(single(method), out)
     assert log.count(f"over 2 processes ({strategy})") == 1  # rank 0 speaks for the job; the others are quiet
     assert log.count("Run complete") == 1
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
@@ -117,7 +112,7 @@ def test_gradual_unfreezing_under_ddp_rebuilds_the_wrapper_per_stage(tmp_path, t
     reference, out = tmp_path / "one", tmp_path / "two"
     ok(tailor(*run_args(tiny_model_dir, data, reference, "gradual_unfreeze", *extra)))
     ok(torchrun(*run_args(tiny_model_dir, data, out, "gradual_unfreeze", *extra)))
-    assert_same_training(reference, out, "gradual_unfreeze")
+    assert_same_training(reference, out)
     assert [e["event"] for e in history(out)["events"]] == [e["event"] for e in history(reference)["events"]]
 
 
@@ -144,7 +139,7 @@ def test_a_checkpoint_resumes_on_another_process_count(tmp_path, tiny_model_dir,
     resume = ("run", "--resume", str(out))
     log = ok(tailor(*resume) if after == 1 else torchrun(*resume))
     assert f"at step 4 of {STEPS} ({before} -> {after} processes)" in log
-    assert_same_training(single("full"), out, "full")
+    assert_same_training(single("full"), out)
 
 
 def free_port() -> int:
@@ -163,7 +158,7 @@ def test_two_nodes_on_loopback_train_as_one_job(tmp_path, tiny_model_dir, data, 
     logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)[-4000:]
     assert sum(log.count("over 2 processes (ddp)") for log in logs) == 1
-    assert_same_training(single("full"), out, "full")
+    assert_same_training(single("full"), out)
 
 
 @pytest.mark.parametrize("method", ["gradual_unfreeze", "qlora"])

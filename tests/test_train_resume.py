@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tailorlm.cli import main
 from tailorlm.rundir import RunLock
 from tailorlm.train.checkpoint import CheckpointStore
-from conftest import labeled_csv
+from conftest import labeled_csv, trained_weights
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -32,10 +31,6 @@ def tailor(*args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen([sys.executable, "-m", "tailorlm", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def weights(out: Path, method: str) -> dict:
-    return load_file(out / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"))
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -59,7 +54,7 @@ def test_killed_and_resumed_run_ends_bitwise_identical(tmp_path, tiny_model_dir,
     assert resumed.returncode == 0, out
     assert "Resumed from" in out and f"at step {latest} of {STEPS}" in out
     assert reference.wait(timeout=300) == 0
-    a, b = weights(straight, method), weights(killed, method)
+    a, b = trained_weights(straight), trained_weights(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise, not allclose
     log = json.loads((killed / "train_log.json").read_text())

@@ -183,8 +183,10 @@ class Wrapped:
         return _fsdp_no_sync(self.driver)
 
     def finished(self, trained: dict[str, torch.Tensor]) -> torch.nn.Module | None:
-        """The plain trained model on rank 0 (None on the others): under FSDP, rank 0's copy with the
-        gathered trained weights, moved to the device."""
+        """The plain trained model on rank 0 (None on the others): under FSDP, rank 0's copy with the trained
+        parameters gathered from their shards (a collective: every rank calls this)."""
+        if _world.mode == "fsdp":
+            trained = full_tensors(trained)
         if not _world.main:
             return None
         if self.keep is None:
@@ -264,10 +266,9 @@ def gather(obj) -> list:
     return out
 
 
-def share(samples: list, w: World | None = None) -> tuple[list, bool]:
+def share(samples: list, w: World) -> tuple[list, bool]:
     """This rank's share of a global micro-batch: every size-th sample from its rank. A rank left without
     samples (a short last batch) still runs one forward and backward, weighted 0, so the gradient
     collectives stay matched; returns (samples, is_real)."""
-    w = w or _world
     mine = samples[w.rank::w.size]
     return (mine, True) if mine else (samples[:1], False)

@@ -95,8 +95,7 @@ def train(model, strategy: Strategy, train_samples: list[Sample], spec: TrainSpe
         if saved:
             run.restore(resume, *saved)
         result = run.go()
-        trained = distributed.full_tensors(strategy.checkpoint_params(wrapped.module))
-    result.model = wrapped.finished(trained)
+        result.model = wrapped.finished(strategy.checkpoint_params(wrapped.module))
     return result
 
 
