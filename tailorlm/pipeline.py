@@ -197,8 +197,11 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
         if result is None:  # not rank 0: its part ended with training
             return {}
         history = result.history
-        console.print(f"Trained {history.completed} steps in {history.seconds:.0f} s ({history.tokens / max(history.seconds, 1e-9):.0f} "
-                      f"tokens/s); saved {result.saved.relative_to(out_dir)}/")
+        other = history.seconds - history.step_seconds
+        console.print(f"Trained {history.completed} steps in {history.seconds:.0f} s: {history.step_seconds:.0f} s of steps "
+                      f"({history.tokens / max(history.step_seconds, 1e-9):.0f} tokens/s)"
+                      + (f", {other:.0f} s of evaluation and checkpoints" if other >= 1 else "")
+                      + f"; saved {result.saved.relative_to(out_dir)}/")
         overfit = _save_training(out_dir, result)
 
         stage("Evaluation (fine-tuned)")
@@ -214,7 +217,8 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
                                  if isinstance(v, float)}, history.completed)
         train_facts = {"method": cfg.method.name, "steps": history.completed, "planned_steps": history.steps,
                        "trainable_share": round(history.trainable / max(history.parameters, 1), 5),
-                       "seconds": round(history.seconds, 1), "tokens": history.tokens, "best_step": history.best_step,
+                       "seconds": round(history.seconds, 1), "step_seconds": round(history.step_seconds, 1),
+                       "tokens": history.tokens, "best_step": history.best_step,
                        "stopped_early": history.stopped_early, "processes": distributed.world().size,
                        "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None,
                        "retention": result.retention}
@@ -248,6 +252,7 @@ def _save_training(out_dir: Path, result) -> int | None:
                                             "evaluations": history.evaluations, "events": history.events,
                                             "best_step": history.best_step, "overfit_step": overfit,
                                             "stopped_early": history.stopped_early, "seconds": history.seconds,
+                                            "step_seconds": history.step_seconds,
                                             "tokens": history.tokens, "retention": result.retention})
     write_predictions(out_dir / "example_losses.jsonl", result.example_losses)
     plot_training(out_dir / "loss_curve.png", history, overfit)

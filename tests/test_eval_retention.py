@@ -48,6 +48,9 @@ def test_guardrail_warns_or_stops_past_the_limit(tiny_tokenizer, capsys):
     out = capsys.readouterr().out.replace("\n", "")
     assert "warning: retention guardrail: at step 5 the perplexity of general data (builtin:general) is 13.00, " \
            "+30% over the base model's 10.00 (limit +25%)" in out
+    probe.guard({"retention_ppl": 14.0, "retention_change": 0.4}, 6)  # the advice once; then one short line each
+    assert capsys.readouterr().out.replace("\n", "") == \
+        "warning: retention guardrail: at step 6 still +40% over the base model"
     probe.spec = RetentionSpec(action="error")
     with pytest.raises(TailorError, match=r"retention guardrail: at step 7 .*\+30% over the base model's 10.00 "
                                           r"\(limit \+25%\); the model is forgetting general skills.*; the checkpoint "

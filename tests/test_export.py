@@ -146,7 +146,8 @@ def test_gguf_round_trips_through_transformers(merged, lora_run, tmp_path, quant
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"  # 1-D stay F32
     assert types["blk.1.attn_q.weight"] == matrix_type and types["token_embd.weight"] == matrix_type
     assert "output.weight" not in types  # tied embeddings: no separate output matrix
-    field = lambda key: reader.get_field(key).contents()
+    def field(key):
+        return reader.get_field(key).contents()
     assert field("general.architecture") == "llama"
     assert field("general.file_type") == {"f16": 1, "q8_0": 7}[quant]
     assert field("llama.block_count") == 2 and field("llama.attention.head_count_kv") == 2

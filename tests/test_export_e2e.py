@@ -46,7 +46,8 @@ def test_smollm2_run_exports_gguf_that_keeps_its_metadata_and_passes_the_checks(
         assert {k: v for k, v in fields.items() if k not in REPLACED} == source_fields
         assert fields["general.file_type"] == {"f16": 1, "q8_0": 7}[quant]
         assert fields["llama.context_length"] == 8192 and fields["tokenizer.ggml.eos_token_id"] == 2
-        shapes = lambda reader: sorted((t.name, t.shape.tolist()) for t in reader.tensors)
+        def shapes(reader):
+            return sorted((t.name, t.shape.tolist()) for t in reader.tensors)
         assert shapes(exported) == shapes(source)
         modelfile = result.modelfile.read_text()
         assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile

@@ -3,7 +3,7 @@ import torch
 from tailorlm.data.batching import collate
 from tailorlm.data.tokenize import IGNORE, Sample
 from tailorlm.kernels import loss as loss_module
-from tailorlm.kernels.loss import completion_loss
+from tailorlm.kernels.loss import completion_loss, per_sample_loss
 from tailorlm.kernels.prefix import shared_prefix_len, shared_prefix_len_padded
 from conftest import tiny_llama
 
@@ -53,6 +53,21 @@ def test_chunked_head_equals_one_chunk(monkeypatch):
     monkeypatch.setattr(loss_module, "CHUNK_ROWS", 3)
     chunked, _ = completion_loss(model, batch)
     torch.testing.assert_close(chunked, whole)
+
+
+def test_per_sample_losses_are_each_rows_own_loss_with_or_without_the_shared_prefix(monkeypatch):
+    model = tiny_llama(400)
+    batch = make_batch()
+    monkeypatch.setattr(loss_module, "CHUNK_ROWS", 3)  # rows of one sample split across head chunks
+    sums, counts = per_sample_loss(model, batch, shared_prefix=True)
+    plain_sums, plain_counts = per_sample_loss(model, batch, shared_prefix=False)
+    assert counts.tolist() == plain_counts.tolist() == [2, 3, 1, 4]
+    torch.testing.assert_close(sums, plain_sums, rtol=1e-5, atol=1e-5)
+    for row in range(4):
+        one = {k: v[row:row + 1] for k, v in batch.items()}
+        alone, n = completion_loss(model, one, shared_prefix=False)
+        assert n == counts[row]
+        torch.testing.assert_close(sums[row], alone.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_length_rules():

@@ -156,6 +156,9 @@ def test_compare_two_real_runs(runs, tmp_path, capsys):
     assert rows[("classification", "few_shot", "macro_f1")] == [None, full_m["few_shot"]["macro_f1"]]
     assert ("classification", "fine_tuned", "confusion") not in rows and ("classification", "fine_tuned", "n") not in rows
     assert saved["training"]["train steps"] == [3, 4] and saved["training"]["status"] == ["complete", "complete"]
+    facts = metrics_of(lora)["train"]  # tokens/s counts the optimizer steps, not the evaluations between them
+    assert 0 < facts["step_seconds"] <= facts["seconds"]
+    assert saved["training"]["tokens/s"][0] == round(facts["tokens"] / facts["step_seconds"])
 
     for label, run_dir in (("lora-run", lora), ("full-run", full)):
         log = json.loads((run_dir / "train_log.json").read_text())

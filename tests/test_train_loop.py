@@ -45,6 +45,19 @@ def test_loss_falls(tiny_tokenizer):
     assert result.tokens > 0
 
 
+def test_time_counts_evaluations_in_the_phase_but_not_in_the_steps(tiny_tokenizer):
+    import time
+
+    def slow_evaluation(model, ctx, step):
+        time.sleep(0.3)
+        return {"val_loss": 1.0}
+    _, result = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=4, eval_every=2),
+                    hooks=Hooks(evaluate=slow_evaluation))
+    assert [e["step"] for e in result.evaluations] == [0, 2, 4]  # the first and the last are in the phase too
+    assert result.seconds - result.step_seconds >= 3 * 0.3
+    assert 0 < result.step_seconds < result.seconds
+
+
 def cpu(tokenizer, packing: bool = True) -> StepContext:
     return StepContext(tokenizer.pad_token_id, torch.device("cpu"), packing=packing)
 

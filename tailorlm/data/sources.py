@@ -235,7 +235,7 @@ def _read_label_text(path: Path) -> list[Record]:
 
 # Imported as a module, and used only inside functions, because formats builds on the helpers above: this way
 # either module can be imported first.
-from tailorlm.data import formats
+from tailorlm.data import formats  # noqa: E402
 
 READERS = {
     "csv": lambda p: _read_delimited(p, ","),

@@ -32,6 +32,7 @@ class RetentionProbe:
     samples: list[Sample]
     source: str
     base_ppl: float | None = None  # the base model's perplexity, the guardrail's reference
+    warned: bool = False  # the advice is printed once; later breaches get one short line
 
     @classmethod
     def load(cls, spec: RetentionSpec, tokenizer, template_spec: TemplateSpec, seed: int) -> "RetentionProbe | None":
@@ -70,4 +71,7 @@ class RetentionProbe:
                    f"train fewer steps, or change fewer weights (LoRA, a smaller method.lora.r, freezing)")
         if self.spec.action == "error":
             raise TailorError(message + "; the checkpoint of this step is kept")
+        if self.warned:
+            message = f"retention guardrail: at step {step} still {change:+.0%} over the base model"
+        self.warned = True
         console.print(f"[yellow]warning: {message}[/]")

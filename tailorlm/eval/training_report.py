@@ -85,7 +85,7 @@ def training_lines(history: TrainResult, overfit: int | None, retention: dict, l
             lines.append(f"| ROUGE-L of generated answers | {retention['base_rouge_l']:.3f} | "
                          f"{retention['final_rouge_l']:.3f} | {retention['final_rouge_l'] - retention['base_rouge_l']:+.3f} |")
     if losses:
-        lines += ["", f"## Highest-loss training examples (often mislabeled; all in example_losses.jsonl)", "",
+        lines += ["", "## Highest-loss training examples (often mislabeled; all in example_losses.jsonl)", "",
                   "| loss | where | example |", "|---:|---|---|"]
         for row in losses[:10]:
             text = "; ".join(f"{k}: {v}" for k, v in row["example"].items() if isinstance(v, (str, int, float)))

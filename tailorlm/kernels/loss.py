@@ -54,11 +54,17 @@ def completion_loss(model: torch.nn.Module, batch: dict, shared_prefix: bool = T
     if parts is None:  # unusual heads (soft-capped, wrapped): take the library's logits
         logits_BxTxV = model(input_ids=input_ids_BxT, use_cache=False, **inputs).logits[:, :-1]
         return F.cross_entropy(logits_BxTxV[keep_BxT].float(), targets_BxT[keep_BxT], reduction="sum"), n_tokens
-    decoder, head = parts
+    hidden_NxH, targets_N = _completion_states(parts[0], batch, inputs, keep_BxT, shared_prefix and not packed)
+    return _head_loss(hidden_NxH, targets_N, parts[1]), n_tokens
+
+
+def _completion_states(decoder, batch: dict, inputs: dict, keep_BxT: torch.Tensor, shared_prefix: bool):
+    """(hidden states of the positions whose next token carries loss, those tokens), row by row in order."""
+    input_ids_BxT, targets_BxT = batch["input_ids"], batch["labels"][:, 1:]
     # Padded rows may share an opening (system prompt, instruction); it carries no loss, so compute it once.
     # The limit keeps every position that predicts a completion token out of the prefix.
     prefix_len = 0
-    if shared_prefix and not packed and n_tokens:
+    if shared_prefix and keep_BxT.any():
         first_predicting = int(keep_BxT.int().argmax(1).min())
         prefix_len = shared_prefix_len_padded(input_ids_BxT, first_predicting)
     if prefix_len:
@@ -66,7 +72,7 @@ def completion_loss(model: torch.nn.Module, batch: dict, shared_prefix: bool = T
         keep_BxT, targets_BxT = keep_BxT[:, prefix_len:], targets_BxT[:, prefix_len:]
     else:
         hidden_BxSxH = decoder(input_ids=input_ids_BxT, use_cache=False, **inputs).last_hidden_state
-    return _head_loss(hidden_BxSxH[:, :-1][keep_BxT], targets_BxT[keep_BxT], head), n_tokens
+    return hidden_BxSxH[:, :-1][keep_BxT], targets_BxT[keep_BxT]
 
 
 def _head_loss(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
@@ -82,7 +88,7 @@ def _head_loss(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn
 
 
 @torch.no_grad()
-def per_sample_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_loss(model: torch.nn.Module, batch: dict, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion-token loss per row, completion tokens per row) for padded rows, for reports of the
     hardest examples. The head runs in chunks as above, so logits for one chunk exist at a time."""
     input_ids_BxT, labels_BxT = batch["input_ids"], batch["labels"]
@@ -95,9 +101,9 @@ def per_sample_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
         token_losses_N = F.cross_entropy(logits_BxTxV[:, :-1][keep_BxT].float(), targets_BxT[keep_BxT], reduction="none")
     else:
         decoder, head = parts
-        hidden_NxH = decoder(input_ids=input_ids_BxT, attention_mask=batch["attention_mask"],
-                             use_cache=False).last_hidden_state[:, :-1][keep_BxT]
-        targets_N = targets_BxT[keep_BxT]
+        # the shared prefix as in training: this pass runs over the whole training set, so it is worth it
+        hidden_NxH, targets_N = _completion_states(decoder, batch, {"attention_mask": batch["attention_mask"]},
+                                                   keep_BxT, shared_prefix)
         token_losses_N = torch.cat([
             F.cross_entropy(F.linear(hidden_NxH[i:i + CHUNK_ROWS], head.weight, head.bias).float(),
                             targets_N[i:i + CHUNK_ROWS], reduction="none")

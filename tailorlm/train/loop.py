@@ -47,7 +47,8 @@ class TrainResult:
     train_loss: list[dict] = field(default_factory=list)  # {step, epoch, loss, lr, grad_norm (before clipping)}
     evaluations: list[dict] = field(default_factory=list)  # {step, val_loss, <task metric>..., retention_ppl}
     events: list[dict] = field(default_factory=list)  # {step, event}: unfreezing stages, early stop, resume
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole training phase: steps, evaluations during training, checkpoints
+    step_seconds: float = 0.0  # the optimizer steps alone: the basis of tokens/s
     tokens: int = 0  # real (non-padding) tokens seen
     best_step: int | None = None
     stopped_early: bool = False
@@ -127,23 +128,26 @@ class _Run:
         console.print(f"Training {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%}) for {result.steps} "
                       f"steps: {len(self.samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation"
                       f"{procs}")
+        start, seconds_before = time.perf_counter(), result.seconds
         if not self.resumed and self.hooks.evaluate and spec.eval_every:
             self._evaluate()  # the starting point: how the base model does
         self.model.train()
-        start, seconds_before = time.perf_counter(), result.seconds
         with progress("train", result.steps) as advance:
             advance(self.step)
             while self.step < result.steps and not result.stopped_early:
                 batches = epoch_batches(self.samples, spec.batch_size, spec.seed, self.epoch)
                 while self.position < len(batches) and self.step < result.steps:
+                    began = time.perf_counter()
                     info = self._one_step(batches)
-                    result.seconds = seconds_before + time.perf_counter() - start
+                    result.step_seconds += time.perf_counter() - began
+                    result.seconds = seconds_before + time.perf_counter() - start  # as of this step's checkpoint
                     info += self._maybe_evaluate_and_save(len(batches))
                     advance(1, info)
                     if result.stopped_early:
                         break
                 if self.position >= len(batches):
                     self.epoch, self.position = self.epoch + 1, 0
+        result.seconds = seconds_before + time.perf_counter() - start
         result.completed = self.step
         result.trainable = sum(p.numel() for p in self.strategy.checkpoint_params(self.model).values())
         result.parameters = n_total
