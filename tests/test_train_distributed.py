@@ -56,7 +56,9 @@ def history(out: Path) -> dict:
     return json.loads((out / "train_log.json").read_text())
 
 
-def assert_same_training(a: Path, b: Path, tol: float = 1e-4) -> None:
+def assert_same_training(a: Path, b: Path, tol: float = 1e-4, weight_norm_tol: float | None = None) -> None:
+    """The same losses, gradient norms, validation losses (relative tol) and final weights: elementwise, or
+    within weight_norm_tol of each tensor's norm where rounding (bf16) legitimately moves them."""
     ha, hb = history(a), history(b)
     assert [r["step"] for r in ha["train_loss"]] == [r["step"] for r in hb["train_loss"]] == list(range(1, STEPS + 1))
     for ra, rb in zip(ha["train_loss"], hb["train_loss"]):
@@ -69,7 +71,10 @@ def assert_same_training(a: Path, b: Path, tol: float = 1e-4) -> None:
     wa, wb = trained_weights(a), trained_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-4, msg=name)
+        if weight_norm_tol is None:
+            torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-4, msg=name)
+        else:
+            assert float((wa[name] - wb[name]).norm() / wa[name].norm()) < weight_norm_tol, name
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +187,5 @@ def test_fsdp_shards_a_bf16_base_under_fp32_adapters(tmp_path, tiny_model_dir, d
     assert "torch.bfloat16, cpu)" in log  # the base really is bf16
     # bf16 forwards of differently sharded batches round differently, and Adam turns that into small weight
     # differences: the figures match to 2%, the weights to 2% of each tensor's norm
-    ha, hb = history(reference), history(out)
-    for ra, rb in zip(ha["train_loss"], hb["train_loss"], strict=True):
-        assert (ra["loss"], ra["grad_norm"]) == pytest.approx((rb["loss"], rb["grad_norm"]), rel=2e-2), (ra, rb)
-    assert [e["val_loss"] for e in ha["evaluations"]] == pytest.approx([e["val_loss"] for e in hb["evaluations"]], rel=2e-2)
-    wa, wb = trained_weights(reference), trained_weights(out)
-    assert wa.keys() == wb.keys() and {w.dtype for w in wb.values()} == {torch.float32}  # the adapters stayed fp32
-    for name in wa:
-        assert float((wa[name] - wb[name]).norm() / wa[name].norm()) < 2e-2, name
+    assert_same_training(reference, out, tol=2e-2, weight_norm_tol=2e-2)
+    assert {w.dtype for w in trained_weights(out).values()} == {torch.float32}  # the adapters stayed fp32

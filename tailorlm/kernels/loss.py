@@ -18,9 +18,10 @@ from tailorlm.kernels.prefix import shared_prefix_len_padded, suffix_hidden
 CHUNK_ROWS = 2048  # head rows per chunk: bounds the fp32 logits alive at once to CHUNK_ROWS x vocab
 
 
-def _chunk_loss(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, weight_VxH: torch.Tensor, bias_V) -> torch.Tensor:
+def _chunk_loss(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, weight_VxH: torch.Tensor, bias_V,
+                reduction: str = "sum") -> torch.Tensor:
     logits_NxV = F.linear(hidden_NxH, weight_VxH, bias_V).float()
-    return F.cross_entropy(logits_NxV, targets_N, reduction="sum")
+    return F.cross_entropy(logits_NxV, targets_N, reduction=reduction)
 
 
 def decoder_and_head(model: torch.nn.Module):
@@ -64,7 +65,7 @@ def _completion_states(decoder, batch: dict, inputs: dict, keep_BxT: torch.Tenso
     # Padded rows may share an opening (system prompt, instruction); it carries no loss, so compute it once.
     # The limit keeps every position that predicts a completion token out of the prefix.
     prefix_len = 0
-    if shared_prefix and keep_BxT.any():
+    if shared_prefix:  # a batch without completion tokens gets limit 0, so no prefix
         first_predicting = int(keep_BxT.int().argmax(1).min())
         prefix_len = shared_prefix_len_padded(input_ids_BxT, first_predicting)
     if prefix_len:
@@ -105,8 +106,7 @@ def per_sample_loss(model: torch.nn.Module, batch: dict, shared_prefix: bool = T
         hidden_NxH, targets_N = _completion_states(decoder, batch, {"attention_mask": batch["attention_mask"]},
                                                    keep_BxT, shared_prefix)
         token_losses_N = torch.cat([
-            F.cross_entropy(F.linear(hidden_NxH[i:i + CHUNK_ROWS], head.weight, head.bias).float(),
-                            targets_N[i:i + CHUNK_ROWS], reduction="none")
+            _chunk_loss(hidden_NxH[i:i + CHUNK_ROWS], targets_N[i:i + CHUNK_ROWS], head.weight, head.bias, "none")
             for i in range(0, hidden_NxH.shape[0], CHUNK_ROWS)]) if hidden_NxH.shape[0] else hidden_NxH.new_zeros(0)
     n_rows = input_ids_BxT.shape[0]
     sums_B = torch.zeros(n_rows, dtype=torch.float32, device=input_ids_BxT.device).index_add_(0, rows_N, token_losses_N.float())

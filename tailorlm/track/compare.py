@@ -82,12 +82,11 @@ def training_facts(runs: list[RunRecord]) -> dict[str, list]:
     steps, seconds, tokens, best step, retention...), then rates derived from them. A failed run has no
     metrics.json: its steps, seconds and tokens come from train_log.json."""
     def facts(run: RunRecord) -> tuple[dict, dict, dict]:
-        train = {"steps": run.steps, "seconds": run.train_seconds, "tokens": run.log.get("tokens"),
-                 **(run.metrics.get("train") or {})}
+        train = {"steps": run.steps, "seconds": run.train_seconds, "step_seconds": run.log.get("step_seconds"),
+                 "tokens": run.log.get("tokens"), **(run.metrics.get("train") or {})}
         flat = {f"train {k}": v for k, v in flatten(train).items() if not isinstance(v, (list, dict))}
         # tokens/s over the steps alone where recorded (runs before step_seconds existed: the whole phase)
-        seconds = train.get("step_seconds") or run.log.get("step_seconds") or train.get("seconds")
-        tokens = train.get("tokens")
+        seconds, tokens = train.get("step_seconds") or train.get("seconds"), train.get("tokens")
         val = [r["loss"] for r in run.log.get("val_loss", []) if _is_number(r.get("loss"))]
         head = {"status": run.status, "started": run.started, "run seconds": run.state.get("seconds")}
         tail = {"tokens/s": round(tokens / seconds) if tokens and seconds else None,
