@@ -51,7 +51,16 @@ def _parser() -> argparse.ArgumentParser:
 
     for name in VERB_MODULES:
         importlib.import_module(name).register(verbs)
+    for name in MODEL_VERBS:  # every verb that loads a model: remote code runs only when its command says so
+        verbs.choices[name].add_argument(
+            "--trust-remote-code", action="store_true",
+            help="let the model folder's own Python code run (needed for architectures transformers lacks); "
+                 "a config.yaml asking for it is refused without this flag")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (any verb)")
     return parser
+
+
+MODEL_VERBS = ("run", "preflight", "export", "chat", "predict", "serve", "sweep")
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -66,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options (`tailor run cfg.yaml -o out train.lr=1e-4`); argparse leaves those over.
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the verb
+    argv = [a for a in argv if a != "--debug"]
     args, extra = parser.parse_known_args(argv)
     overridable = args.verb in ("run", "preflight")  # only these take key=value overrides
     unknown = [a for a in extra if "=" not in a or a.startswith("-") or not overridable]
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             config_path = str(Path(resume) / "config.yaml")
             if not Path(config_path).is_file():
                 raise TailorError(f"--resume: {resume} is not a run directory (no config.yaml)")
-        cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
+        cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []),
+                          trust_remote_code=args.trust_remote_code)
         if args.verb == "run" and args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0
@@ -115,16 +127,36 @@ def main(argv: list[str] | None = None) -> int:
             save_data_report(Path(args.output), data, cfg)
         enforce(data.preflight)
         return 0
-    except TailorError as e:
-        from rich.markup import escape
-
-        rank = torchrun_rank()
-        console.quiet = False  # other ranks print nothing else under torchrun, but their errors must show
-        console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {escape(str(e))}", soft_wrap=True)
-        return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        return _report(e)
+
+
+def _report(e: Exception) -> int:
+    """One clear line for a failure: a TailorError's own message (exit 2); a file the system refused, named
+    (exit 2); anything else is a defect of tailorlm's, said as one line with the way to see the traceback (1)."""
+    from rich.markup import escape
+
+    from tailorlm.ui import console
+
+    if isinstance(e, TailorError):
+        message, code = str(e), 2
+    elif isinstance(e, OSError) and e.filename:  # permission denied, disk full, read-only folder, ...
+        message, code = f"{e.filename}: {e.strerror or e}", 2
+    elif isinstance(e, MemoryError):
+        message, code = "out of memory; try a smaller train.batch_size or template.max_length", 2
+    else:
+        text = str(e).splitlines()[0] if str(e) else ""
+        message, code = (f"unexpected {type(e).__name__}{': ' + text if text else ''} (a tailorlm bug: run the "
+                         f"same command with --debug for the traceback, and report it)"), 1
+    rank = torchrun_rank()
+    console.quiet = False  # other ranks print nothing else under torchrun, but their errors must show
+    console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {escape(message)}", soft_wrap=True)
+    return code
 
 
 def torchrun_rank() -> str | None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, PrivateAttr,
+                      ValidationError, field_validator)
 
 from tailorlm.errors import ConfigError, did_you_mean
 
@@ -20,6 +21,17 @@ DEFAULT_CONFIG = "bbc_news.yaml"  # the embedded default job, in tailorlm/defaul
 Policy = Literal["warn", "error", "ignore"]
 
 
+def _label_value_text(value: Any) -> Any:
+    """A label_names key as the text it is matched against: YAML reads {0: negative} with an integer key, and
+    labels are compared as text ('0'). true/false are refused: YAML also reads yes/no/on/off as those."""
+    if isinstance(value, bool):
+        raise ValueError(f"YAML read this key as {str(value).lower()}; quote it (e.g. 'yes': positive) to mean the text")
+    return str(value) if isinstance(value, int) else value
+
+
+LabelValue = Annotated[str, BeforeValidator(_label_value_text)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,7 +39,8 @@ class Section(BaseModel):
 class ModelSpec(Section):
     path: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a HF folder, a .gguf file or a hub id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on a GPU that has it, else float32")
-    trust_remote_code: bool = Field(False, description="Never on by default: remote code runs arbitrary Python")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. A file alone cannot turn this "
+                                                       "on: the command must say so too (--trust-remote-code)")
 
 
 class SplitSpec(Section):
@@ -57,13 +70,14 @@ class DataSpec(Section):
     skip_bad_rows: bool = Field(False, description="Skip rows with bad values (empty, wrong type, unknown label) and report the count per reason, instead of stopping")
     encoding: str = Field("utf-8", description="Text encoding of the data files (a byte-order mark is always accepted)")
     columns: dict[str, str] = Field(default_factory=dict, description="Template field -> column in the file, e.g. {text: review, label: stars}")
-    label_names: dict[str, str] = Field(default_factory=dict, description="Raw label value -> the word the model should answer, e.g. {0: negative}")
+    label_names: dict[LabelValue, str] = Field(default_factory=dict, description="Raw label value -> the word the model should answer, e.g. {0: negative}")
     split: SplitSpec = SplitSpec()
     limit: LimitSpec = LimitSpec()
     empty_share: Optional[float] = Field(None, gt=0, lt=1, description="Extraction (ner): keep training sentences that have no entity up to this share of the training split (e.g. 0.2), applied before data.limit. When most sentences have none, a model otherwise learns that 'none' is always right. Validation and test keep theirs")
 
 
 class TemplateSpec(Section):
+    _source: str = PrivateAttr("the config")  # the file it came from, for render errors found later
     preset: Literal["classification", "ner", "qa", "translation", "math", "instruction"] = Field(
         "classification", description="The task: its default template, answer parsing and metrics (tailorlm/tasks.py)")
     instruction: Optional[str] = Field(None, description="Jinja2; sees the row's fields and `labels`; the preset's when absent")
@@ -155,7 +169,33 @@ class RetentionSpec(Section):
 
 class EvalSpec(Section):
     baselines: list[Literal["zero_shot", "few_shot"]] = ["zero_shot", "few_shot"]
-    few_shot_k: PositiveInt = Field(3, description="Demonstrations drawn from the training split")
+    few_shot_k: list[NonNegativeInt] = Field([0, 1, 3, 6], description="The k-shot curve: prompting measured with k "
+                                             "demonstrations from the training split for each k; the largest is the few-shot baseline. "
+                                             "A single number is read as [0, k]")
+    prompting: list[Literal["free", "constrained", "likelihood"]] = Field(
+        ["free", "constrained", "likelihood"], description="How prompting baselines answer a closed label set: free "
+        "generation, decoding constrained to the labels, and label log-likelihood (the most likely label's completion). "
+        "The fine-tuned model is compared with the best of them; open-answer tasks always generate freely")
+    demos: Literal["random", "similar"] = Field("random", description="Few-shot demonstrations: random (balanced over "
+                                                "labels, the same for every row) or similar (each row's k nearest training "
+                                                "examples by TF-IDF cosine)")
+    curve_rows: Optional[PositiveInt] = Field(100, description="Test rows scored at the intermediate k values of the curve "
+                                              "(label likelihood); None: all. The end points use the whole test split")
+    max_prompt_tokens: PositiveInt = Field(2048, description="Longest prompt a baseline may use: demonstrations that would "
+                                           "make it longer are dropped, and the count is reported")
+    classic: bool = Field(True, description="Also train TF-IDF + logistic regression on the training split (closed "
+                                            "label sets), to show what a classic classifier does")
+
+    @field_validator("few_shot_k", mode="before")
+    @classmethod
+    def _curve(cls, value):
+        """`few_shot_k: 3` (the form before the curve existed) is the curve [0, 3]; a list is sorted, deduplicated."""
+        values = [0, value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            values = sorted(set(values))
+            if not values:
+                raise ValueError("needs at least one k")
+        return values
     batch_size: PositiveInt = 16
     max_new_tokens: Optional[PositiveInt] = Field(None, description="By default the longest label plus 16 tokens, room for a sentence")
     decoding: Literal["free", "constrained"] = Field("free", description="free: greedy text, normalised to a label; constrained: greedy within the label set")
@@ -169,6 +209,7 @@ class PreflightSpec(Section):
     duplicates: Policy = Field("warn", description="The same prompt and answer more than once inside a split")
     empty: Policy = Field("error", description="An example whose rendered prompt or answer is empty")
     imbalance: Policy = Field("warn", description="Largest/smallest train label count over max_imbalance")
+    single_label: Policy = Field("error", description="The training split holds a single label (classification): the model can only learn to repeat it, and its score is trivial. When lowered, the report marks the score as trivial")
     max_imbalance: float = Field(10.0, gt=1)
     truncation: Policy = Field("warn", description="Samples truncated or dropped to fit template.max_length")
     near_duplicate_jaccard: float = Field(0.85, gt=0, le=1, description="Word 3-gram Jaccard at which two texts are near duplicates")
@@ -223,8 +264,12 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run spec (the embedded default when path is None), apply key=value overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), trust_remote_code: bool = False) -> RunConfig:
+    """Read a YAML run spec (the embedded default when path is None), apply key=value overrides, validate.
+
+    trust_remote_code=True is the caller saying, on this command, that the model's own Python may run; a config
+    (a file anyone may have written, such as a downloaded run folder's config.yaml) that asks for it without
+    that is refused."""
     if path is None:
         source = f"<default: {DEFAULT_CONFIG}>"
         text = resources.files("tailorlm.defaults").joinpath(DEFAULT_CONFIG).read_text()
@@ -257,6 +302,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             where = "" if any(loc[: i + 1] in overridden for i in range(len(loc))) else _line_of(root, loc)
             problems.append(f"{'.'.join(loc)}{where}: {_describe(err, loc)}")
         raise ConfigError(source, problems) from None
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        key = ("model", "trust_remote_code")
+        where = "" if key in overridden else _line_of(root, key)
+        raise ConfigError(source, [f"model.trust_remote_code{where}: the config asks to run Python code shipped with "
+                                   f"the model ({cfg.model.path}); a file cannot allow that by itself. If you trust "
+                                   f"that code, add --trust-remote-code to the command (trust_remote_code=True "
+                                   f"in Python)"])
+    cfg.model.trust_remote_code = trust_remote_code
+    for spec in [cfg.template] + [t.template for t in cfg.tasks]:
+        spec._source = source
     if path is not None and cfg.output.name == "run":
         cfg.output.name = Path(path).stem
     return cfg

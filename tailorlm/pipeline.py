@@ -28,24 +28,27 @@ from tailorlm.data.preflight import (
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import DataError, TailorError
-from tailorlm.eval.evaluate import Evaluator, pick_demos
+from tailorlm.eval.baselines import best_prompting, run_baselines, variant_name
+from tailorlm.eval.curve_report import curve_file, plot_curve
+from tailorlm.eval.evaluate import Evaluator
 from tailorlm.eval.report import (
     TITLES,
     format_metric,
     print_table,
+    variant_title,
     write_json,
     write_predictions,
     write_report,
 )
 from tailorlm.models.loading import (
-    count_parameters,
+    inspect_model,
     load_model,
     load_tokenizer,
     resolve_device,
 )
 from tailorlm.eval.training_report import overfit_step, plot_training, training_lines
 from tailorlm.models.methods import check_supported
-from tailorlm.rundir import open_run_dir, resolve_output_dir
+from tailorlm.rundir import check_output_dir, open_run_dir, read_status, resolve_output_dir
 from tailorlm.train import distributed
 from tailorlm.train.fit import check_select, fit
 from tailorlm.train.loop import seed_everything
@@ -95,7 +98,7 @@ def prepare_data(cfg: RunConfig, task_name: str | None = None) -> PreparedData:
 
     stage("Preflight")
     device = resolve_device(cfg.train.device)
-    pf = run_preflight(cfg, splits, encoded, reports, template, tokenizer, count_parameters(cfg.model), device)
+    pf = run_preflight(cfg, splits, encoded, reports, template, tokenizer, inspect_model(cfg.model), device)
     show(pf, tokenizer, encoded["train"])
     return PreparedData(template, splits, tokenizer, fmt, encoded, reports, pf)
 
@@ -133,6 +136,12 @@ def run(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, obser
 
 def _run(cfg: RunConfig, out_dir: Path | None, resume: bool, observe, started: float, world, device) -> dict:
     out_dir = distributed.from_main(out_dir or resolve_output_dir(cfg))  # one name, not one timestamp per process
+    check_output_dir(out_dir, cfg.output.overwrite, resume)
+    if resume and read_status(out_dir).get("status") == "complete" and (out_dir / "metrics.json").is_file():
+        # Redoing the final steps would overwrite its results and timings with a second, partial run's.
+        console.print(f"{out_dir} is a complete run (run.json); nothing to resume. Its results are in "
+                      f"{out_dir}/report.md; start a new run to train again.", soft_wrap=True)
+        return json.loads((out_dir / "metrics.json").read_text())
     check_supported(cfg.method, device)
     distributed.check_method(cfg.method.name)
     configs = task_configs(cfg)
@@ -180,7 +189,7 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
     evaluators = {name: Evaluator(tokenizer, d.template, d.fmt, d.splits.labels, cfg.eval, device, d.template.label_field)
                   for name, d in datas.items()}
     # Rank 0 alone runs the baselines (the others wait for it at the first collective of training).
-    variants, predictions = _baselines(cfg, out_dir, datas, evaluators, loaded.model) if main else ({}, [])
+    variants, predictions, curves = _baselines(cfg, out_dir, datas, evaluators, loaded.model) if main else ({}, [], {})
 
     stage(f"Fine-tuning ({cfg.method.name})")
     train_set = _training_set(cfg, datas)
@@ -207,17 +216,26 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
         stage("Evaluation (fine-tuned)")
         sections = {}
         for name, d in datas.items():
-            evaluated = evaluators[name].run(result.model, d.encoded["test"], "fine_tuned")
-            variants[name]["fine_tuned"] = evaluated.metrics
-            predictions += [{**p, "task": name} if cfg.tasks else p for p in evaluated.predictions]
+            # Free decoding always; constrained too where it is the production setting (eval.decoding).
+            kinds = ["free"] + (["constrained"] if cfg.eval.decoding == "constrained" and evaluators[name].closed else [])
+            for kind in kinds:
+                evaluated = evaluators[name].run(result.model, d.encoded["test"], variant_name("fine_tuned", kind), kind=kind)
+                variants[name][variant_name("fine_tuned", kind)] = evaluated.metrics
+                predictions += [{**p, "task": name} if cfg.tasks else p for p in evaluated.predictions]
+            tuned = variants[name]["fine_tuned"]
             sections[name] = {"task": configs[name].template.preset, "headline": d.template.task.headline,
                               "columns": list(d.template.task.columns), "variants": variants[name],
-                              "labels": d.splits.labels, "n_test": len(d.encoded["test"])}
-            tracker.log_metrics({f"test/{name + '/' if cfg.tasks else ''}{k}": v for k, v in evaluated.metrics.items()
+                              "best_prompting": best_prompting(variants[name], d.template.task.headline),
+                              "curve": curves.get(name, {}),
+                              "labels": d.splits.labels, "n_test": len(d.encoded["test"]),
+                              # why the score may not be a result: a single label, test rows also in train
+                              "trivial": d.preflight.facts.get("trivial", []),
+                              "contamination": d.preflight.facts.get("contamination")}
+            tracker.log_metrics({f"test/{name + '/' if cfg.tasks else ''}{k}": v for k, v in tuned.items()
                                  if isinstance(v, float)}, history.completed)
         train_facts = {"method": cfg.method.name, "steps": history.completed, "planned_steps": history.steps,
                        "trainable_share": round(history.trainable / max(history.parameters, 1), 5),
-                       "seconds": round(history.seconds, 1), "step_seconds": round(history.step_seconds, 1),
+                       "seconds": round(history.seconds, 1), "step_seconds": round(history.step_seconds, 3),
                        "tokens": history.tokens, "best_step": history.best_step,
                        "stopped_early": history.stopped_early, "processes": distributed.world().size,
                        "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None,
@@ -234,13 +252,18 @@ def _run_in(cfg: RunConfig, out_dir: Path, configs: dict[str, RunConfig], datas:
                  "training": f"{history.completed} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}" + (
                      f", {distributed.world().size} processes ({distributed.world().mode})"
                      if distributed.world().active else ""),
-                 "decoding": f"greedy, {cfg.eval.decoding}, few-shot k={cfg.eval.few_shot_k} from the training split"}
+                 "prompting": f"greedy; {', '.join(cfg.eval.prompting)}; k-shot curve k={cfg.eval.few_shot_k}, "
+                              f"{cfg.eval.demos} demonstrations from the training split"}
+        for name, section in sections.items():
+            plot_curve(out_dir / curve_file(name, bool(cfg.tasks)), section["curve"],
+                       section["variants"]["fine_tuned"].get(section["headline"]))
         write_report(out_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections,
                      training_lines(history, overfit, result.retention, result.example_losses, cfg.eval.select.metric))
         tracker.log_artifacts([out_dir / n for n in ("report.md", "metrics.json", "loss_curve.png", "train_log.json")])
     console.print()
     for name, section in sections.items():
-        print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if cfg.tasks else None)
+        print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if cfg.tasks else None,
+                    section["trivial"], section["contamination"], section["curve"])
     return metrics
 
 
@@ -259,28 +282,34 @@ def _save_training(out_dir: Path, result) -> int | None:
     return overfit
 
 
-def _baselines(cfg: RunConfig, out_dir: Path, datas: dict, evaluators: dict, model) -> tuple[dict, list]:
-    """Prompting baselines of the base model, saved to baselines.json so a resumed run does not redo them."""
+def _baselines(cfg: RunConfig, out_dir: Path, datas: dict, evaluators: dict, model) -> tuple[dict, list, dict]:
+    """Prompting baselines of the base model (every kind, the k-shot curve) and the classic classifier, saved to
+    baselines.json so a resumed run does not redo them. Returns (variants, predictions, curves) per task."""
     saved = out_dir / "baselines.json"
     if saved.is_file():
         cached = json.loads(saved.read_text())
-        console.print("Prompting baselines: reusing baselines.json from the interrupted run")
-        return cached["variants"], cached["predictions"]
+        if "curves" in cached:  # written by this version: a run resumed across an upgrade measures them anew
+            console.print("Prompting baselines: reusing baselines.json from the interrupted run")
+            return cached["variants"], cached["predictions"], cached["curves"]
     variants: dict[str, dict] = {name: {} for name in datas}
     predictions: list[dict] = []
+    curves: dict[str, dict] = {}
     if cfg.eval.baselines:
         stage("Prompting baselines (base model)")
     for name, d in datas.items():
-        for variant in cfg.eval.baselines:
-            demos = pick_demos(d.splits.train, cfg.eval.few_shot_k, cfg.train.seed,
-                               d.template.label_field) if variant == "few_shot" else []
-            result = evaluators[name].run(model, d.encoded["test"], variant, demos)
-            variants[name][variant] = result.metrics
-            predictions += [{**p, "task": name} if cfg.tasks else p for p in result.predictions]
-            console.print(f"{name + ' ' if cfg.tasks else ''}{variant}: " + ", ".join(
-                f"{TITLES.get(c, c)} {format_metric(c, result.metrics.get(c))}" for c in d.template.task.columns))
-    write_json(saved, {"variants": variants, "predictions": predictions})
-    return variants, predictions
+        def report(variant: str, metrics: dict, task=name, d=d) -> None:
+            console.print(f"{task + ' ' if cfg.tasks else ''}{variant_title(variant, metrics)}: " + ", ".join(
+                f"{TITLES.get(c, c)} {format_metric(c, metrics.get(c))}" for c in d.template.task.columns)
+                + f" ({metrics['prompt_tokens']:.0f} prompt tokens, {metrics['seconds_per_100']:.1f} s per 100)")
+        if not cfg.eval.baselines:  # no baselines at all: the classic classifier is one of them
+            continue
+        result = run_baselines(model, evaluators[name], d.splits.train, d.encoded["test"], cfg.eval, cfg.train.seed,
+                               report)
+        variants[name] = result.variants
+        curves[name] = result.curve
+        predictions += [{**p, "task": name} if cfg.tasks else p for p in result.predictions]
+    write_json(saved, {"variants": variants, "predictions": predictions, "curves": curves})
+    return variants, predictions, curves
 
 
 def _training_set(cfg: RunConfig, datas: dict[str, PreparedData]) -> list:

@@ -52,15 +52,27 @@ class RunLock:
             self.fd = None
 
 
-def open_run_dir(path: Path, overwrite: bool, resume: bool = False) -> RunLock:
-    """Lock the run directory, then make sure it is empty (a new run) or a run to continue (resume)."""
+def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
+    """What open_run_dir would refuse, checked before minutes of data preparation (and again when it opens)."""
+    if path.exists() and not path.is_dir():
+        raise TailorError(f"output directory {path} is an existing file, not a folder; choose another --output")
     if resume:
         if not (path / "config.yaml").is_file():
             raise TailorError(f"--resume: {path} is not a run directory (no config.yaml)")
-        return RunLock(path).acquire()
+        return
     if path.exists() and any(p.name != LOCK for p in path.iterdir()) and not overwrite:
         raise TailorError(f"output directory {path} already exists and is not empty; choose another --output, "
                           f"set output.overwrite=true, or continue it with `tailor run --resume {path}`")
+    for parent in path.parents:  # a file where a folder of the path should be: mkdir would fail later
+        if parent.exists() and not parent.is_dir():
+            raise TailorError(f"output directory {path}: {parent} is a file, not a folder; choose another --output")
+
+
+def open_run_dir(path: Path, overwrite: bool, resume: bool = False) -> RunLock:
+    """Lock the run directory, then make sure it is empty (a new run) or a run to continue (resume)."""
+    check_output_dir(path, overwrite, resume)
+    if resume:
+        return RunLock(path).acquire()
     lock = RunLock(path).acquire()  # before deleting anything: never wipe a directory another run is writing
     for child in path.iterdir():
         if child.name != LOCK:

@@ -67,3 +67,18 @@ def test_unreadable_or_invalid_yaml_is_reported(tmp_path):
         load_config(write(tmp_path / "broken.yaml", "train: [1, 2\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+def test_label_names_take_integer_keys_as_the_description_shows(tmp_path):
+    """The field's own example, {0: negative}, is YAML with integer keys; labels are matched as text."""
+    cfg = load_config(write(tmp_path / "c.yaml", "data:\n  label_names: {0: negative, 1: positive}\n"))
+    assert cfg.data.label_names == {"0": "negative", "1": "positive"}
+    assert load_config(None, ["data.label_names={0: negative}"]).data.label_names == {"0": "negative"}
+    assert load_config(write(tmp_path / "again.yaml", cfg.to_yaml())).data.label_names == {"0": "negative", "1": "positive"}
+
+
+def test_label_names_refuse_keys_that_yaml_read_as_booleans(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "c.yaml", "data:\n  label_names:\n    yes: positive\n"))
+    assert info.value.problems == ["data.label_names.1.[key] (line 2): Value error, YAML read this key as true; quote "
+                                   "it (e.g. 'yes': positive) to mean the text (got True)"]

@@ -10,6 +10,11 @@ from conftest import write
 
 BIG = "a" * 1_000_000  # with anything around it, a line over the 1,000,000-character limit
 TOO_LONG = "the line is {n:,} characters long; the limit is 1,000,000 (a binary file, or no line breaks?)"
+UNCLOSED = ("the quote opened on this line never closes, so every later line was read into one field; close it, "
+            "or double a quote that is part of the text (\"\")")
+LOST = "rename one, or one column's values would be lost"
+REPEATED_KEY = ("key '{key}' appears twice in the object opening on this line (keys {first} and {second}); "
+                "JSON readers keep only the last value, so rename or remove one")
 
 # id, files to write, the source to read ({d}: the folder), format, columns (None: read_table only, else also
 # load_splits with data.columns), and the exact message (None: must read cleanly).
@@ -61,11 +66,38 @@ CASES = [
      ("{d}/d.csv, line 3: malformed CSV: a field starting on this line is over 1,000,000 characters long, "
       "the limit; an unclosed quote may have swallowed the rest of the file")),
     ("csv-unclosed-quote", {"d.csv": 'text,label\nok,x\n"unclosed,y\n'}, "d.csv", "auto", None,
-     "{d}/d.csv, line 3: malformed CSV: unexpected end of data"),
+     "{d}/d.csv, line 3: malformed CSV: " + UNCLOSED),
+    # The reader stops at the end of the file; the line to fix is the one where the quote opened.
+    ("csv-unclosed-quote-lines-after", {"d.csv": 'text,label\nok,x\n"unclosed,y\nmore,z\nlast,w\n'}, "d.csv", "auto",
+     None, "{d}/d.csv, line 3: malformed CSV: " + UNCLOSED),
+    ("csv-unclosed-quote-in-second-field", {"d.csv": 'text,label\nok,"x\nmore,z\n'}, "d.csv", "auto", None,
+     "{d}/d.csv, line 2: malformed CSV: " + UNCLOSED),
+    ("csv-unclosed-quote-after-quoted-lines", {"d.csv": 'text,label\n"two\nlines",x\n"say ""hi""",y\n"open,z\nmore,w\n'},
+     "d.csv", "auto", None, "{d}/d.csv, line 5: malformed CSV: " + UNCLOSED),
+    ("tsv-unclosed-quote", {"d.tsv": 'text\tlabel\nok\tx\n"unclosed\ty\nmore\tz\n'}, "d.tsv", "auto", None,
+     "{d}/d.tsv, line 3: malformed TSV: " + UNCLOSED),
+    ("csv-quote-closed-lines-later", {"d.csv": 'text,label\nok,x\n"unclosed,y\nmore,"z"\n'}, "d.csv", "auto", None,
+     ("{d}/d.csv, line 3: malformed CSV: the quote opened on this line only closes on line 4, where text follows it "
+      "(',' expected after '\"'); is a closing quote missing on this line?")),
     ("csv-text-after-quote", {"d.csv": 'text,label\nok,x\n"quoted"tail,y\n'}, "d.csv", "auto", None,
      "{d}/d.csv, line 3: malformed CSV: ',' expected after '\"'"),
     ("csv-unquoted-comma", {"d.csv": "text,label\nok,x\nhello, world,y\n"}, "d.csv", "auto", None,
      "{d}/d.csv, line 3: expected 2 fields (text, label), found 3; check the quoting and delimiter"),
+    ("csv-repeated-column", {"d.csv": "text,label,text\na,x,b\n"}, "d.csv", "auto", None,
+     "{d}/d.csv, line 1: column 'text' appears twice in the header (columns 1 and 3); " + LOST),
+    ("csv-repeated-column-after-spaces", {"d.csv": "text, label,label \na,x,y\n"}, "d.csv", "auto", None,
+     "{d}/d.csv, line 1: column 'label' appears twice in the header (columns 2 and 3); " + LOST),
+    ("tsv-repeated-column", {"d.tsv": "label\ttext\ttext\nx\ta\tb\n"}, "d.tsv", "auto", None,
+     "{d}/d.tsv, line 1: column 'text' appears twice in the header (columns 2 and 3); " + LOST),
+    ("csv-two-unnamed-columns", {"d.csv": "text,label,,\na,x,1,2\n"}, "d.csv", "auto", None,
+     "{d}/d.csv, line 1: columns 3 and 4 both have an empty name in the header; name or remove them, or one "
+     "column's values would be lost"),
+    ("jsonl-repeated-key", {"d.jsonl": '{"text": "a", "label": "x"}\n{"text": "b", "label": "y", "text": "c"}\n'},
+     "d.jsonl", "auto", None, "{d}/d.jsonl, line 2: " + REPEATED_KEY.format(key="text", first=1, second=3)),
+    ("jsonl-repeated-nested-key", {"d.jsonl": '{"messages": [{"role": "user", "role": "assistant", "content": "hi"}]}\n'},
+     "d.jsonl", "auto", None, "{d}/d.jsonl, line 1: " + REPEATED_KEY.format(key="role", first=1, second=2)),
+    ("json-repeated-key", {"d.json": '[\n  {"text": "a", "label": "x"},\n  {"text": "b",\n   "label": "y", "label": "z"}\n]\n'},
+     "d.json", "auto", None, "{d}/d.json, line 3: " + REPEATED_KEY.format(key="label", first=2, second=3)),
     ("mixed-label-types", {"d.jsonl": '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n'}, "d.jsonl", "auto",
      {}, "{d}/d.jsonl, line 2: mixed label types: int (first at line 1) and str; use one type for every label"),
     ("conll-missing-tag", {"d.conll": "John\tB-person\nlives\tO\n\nin\n"}, "d.conll", "auto", None,

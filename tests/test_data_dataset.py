@@ -38,6 +38,18 @@ def test_column_mapping_and_label_names(tmp_path):
     assert {ex["label"] for ex in splits.train} == {"negative", "positive"}
 
 
+def test_label_names_with_integer_keys_map_integer_labels(tmp_path):
+    """{0: negative}, as YAML reads the field's own example, maps 0 in a CSV and in JSON alike."""
+    rows = "".join(f'{{"text": "text {i}", "label": {i % 2}}}\n' for i in range(20))
+    for path in (write(tmp_path / "d.jsonl", rows), labeled_csv(tmp_path / "d.csv", n_per_label=10)):
+        if path.suffix == ".csv":
+            path.write_text(path.read_text().replace(",positive", ",1").replace(",negative", ",0"))
+        splits = load_splits(DataSpec(train=str(path), label_names={0: "negative", 1: "positive"}), {"text", "label"})
+        assert splits.labels == ["negative", "positive"]
+        assert Counter(ex["label"] for ex in splits.train + splits.validation + splits.test) == {"negative": 10,
+                                                                                                "positive": 10}
+
+
 @pytest.mark.parametrize("content, spec_extra, message", [
     ("text,lable\na,x\n", {}, r"d.csv: no column 'label' \(did you mean 'lable'\?\); the columns are: text, lable"),
     ("review,label\na,x\n", {"columns": {"text": "body"}},

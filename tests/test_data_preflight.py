@@ -79,3 +79,55 @@ def test_short_inputs_are_not_near_duplicates_because_of_the_template(tmp_path, 
     findings = json.loads((out / "preflight.json").read_text())["findings"]
     leak = next(f for f in findings if f["check"] == "leakage" and f["message"].startswith("test"))
     assert leak["level"] == "ok" and leak["message"] == "test: 0 prompts also in train, 0 nearly"
+
+
+def _one_label(tmp_path, label="a", n=12, name="one.csv"):
+    rows = ["text,label"] + [f"\"{' '.join(WORDS[i:i + 9])} {i}\",{label}" for i in range(n)]
+    return write(tmp_path / name, "\n".join(rows) + "\n")
+
+
+ONE_TRAIN_LABEL = ("train: every one of the 9 examples has the label 'a': the model can only learn to repeat it, so "
+                   "its test score would mean nothing (preflight.single_label)")
+
+
+def test_a_single_training_label_stops_the_run_before_any_output(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    code = main(["run", f"model.path={tiny_model_dir}", f"data.train={_one_label(tmp_path)}", "--output", str(out)])
+    assert code == 2 and not out.exists()
+    printed = " ".join(capsys.readouterr().out.split())
+    assert (f"error: preflight failed (labels: {ONE_TRAIN_LABEL}); fix the data or relax preflight.* in the config"
+            in printed)
+
+
+def test_a_single_training_label_lowered_to_warn_is_kept_as_a_trivial_score(tmp_path, tiny_model_dir):
+    out = tmp_path / "pf"
+    assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={_one_label(tmp_path)}",
+                 "preflight.single_label=warn", "--output", str(out)]) == 0
+    report = json.loads((out / "preflight.json").read_text())
+    # No largest/smallest 'ok' beside them: a ratio of 1.0 over one label is not a healthy balance.
+    assert [(f["level"], f["message"]) for f in report["findings"] if f["check"] == "labels"] == [
+        ("warn", ONE_TRAIN_LABEL),
+        ("warn", "test: every one of the 2 examples has the label 'a'; the report marks the test score as trivial")]
+    assert report["trivial"] == ["the training split has a single label ('a'), so the model can only learn to repeat it",
+                                 "every test example has the label 'a', so always answering it scores 1.000"]
+
+
+def test_a_test_split_with_one_label_alone_makes_the_score_trivial(tmp_path, tiny_model_dir):
+    train, _ = _data(tmp_path)
+    out = tmp_path / "pf"
+    assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}",
+                 f"data.test={_one_label(tmp_path, 'b', 3, 'test.csv')}", "--output", str(out)]) == 0
+    report = json.loads((out / "preflight.json").read_text())
+    assert report["trivial"] == ["every test example has the label 'b', so always answering it scores 1.000"]
+    assert [f["level"] for f in report["findings"] if f["check"] == "labels"] == ["warn", "ok"]
+
+
+def test_contamination_is_counted_for_the_report_whatever_the_leakage_policy(tmp_path, tiny_model_dir):
+    train, test = _data(tmp_path)
+    for policy in ("warn", "ignore"):
+        out = tmp_path / policy
+        assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}", f"data.test={test}",
+                     f"preflight.leakage={policy}", "--output", str(out)]) == 0
+        report = json.loads((out / "preflight.json").read_text())
+        assert report["contamination"] == {"test_rows": 3, "in_train": 1, "share": 0.3333, "exact": 1, "near": 0,
+                                           "near_checked": True}

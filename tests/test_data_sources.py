@@ -79,3 +79,23 @@ def test_gzip_by_content_and_lines_split_only_at_newlines(tmp_path):
         read_table(str(write(tmp_path / "d.en.gz", "a")))
     assert [r.fields for r in read_table(str(write(tmp_path / "mac.txt", "1 good\r0 bad\r")), "label_text").records] == [
         {"label": "1", "text": "good"}, {"label": "0", "text": "bad"}]
+
+
+def test_parquet_with_a_repeated_column_name_names_both_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["x"]), pa.array(["b"])],
+                                        names=["text", "label", "text"]), path)
+    with pytest.raises(DataError) as info:
+        read_table(str(path))
+    assert str(info.value) == (f"{path}: column 'text' appears twice in the Parquet schema (columns 1 and 3); "
+                               f"rename one, or one column's values would be lost")
+
+
+def test_the_same_key_in_different_json_objects_is_not_a_repeat(tmp_path):
+    rows = [{"text": "a", "label": "x", "meta": {"text": "inner"}}, {"text": "b", "label": "y", "meta": {"text": "c"}}]
+    assert [r.fields for r in read_table(str(write(tmp_path / "d.json", json.dumps(rows, indent=2)))).records] == rows
+    text = "\n".join(json.dumps(r) for r in rows)
+    assert [r.fields for r in read_table(str(write(tmp_path / "d.jsonl", text))).records] == rows

@@ -21,18 +21,52 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir):
                  "data_report.json", "train_log.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["variants"]) == {"zero_shot", "few_shot", "fine_tuned"}
+    prompting = {f"{base}{kind}" for base in ("zero_shot", "few_shot") for kind in ("", "_constrained", "_likelihood")}
+    assert set(metrics["variants"]) == prompting | {"classic", "fine_tuned"}
     for variant in metrics["variants"].values():
-        assert {"accuracy", "macro_f1", "valid", "confusion"} <= set(variant)
+        assert {"accuracy", "macro_f1", "valid", "confusion", "kind", "k", "prompt_tokens",
+                "seconds_per_100", "dropped_demos"} <= set(variant)
+    assert metrics["variants"]["few_shot_likelihood"]["k"] == 2 and metrics["variants"]["zero_shot"]["k"] == 0
+    assert metrics["variants"]["zero_shot_likelihood"]["valid"] == 1.0  # a label is always chosen
+    best = metrics["best_prompting"]
+    assert best["value"] == max(metrics["variants"][v]["accuracy"] for v in prompting)
+    assert [p["k"] for p in metrics["curve"]["points"]] == [0, 2] and metrics["curve"]["kind"] == "likelihood"
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     n_test = metrics["n_test"]
-    assert len(predictions) == 3 * n_test
+    assert len(predictions) == 8 * n_test
     assert {"input", "expected", "predicted", "variant"} <= set(predictions[0])
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     report = (out / "report.md").read_text()
-    assert "| fine-tuned |" in report and "loss_curve.png" in report
+    assert "| fine-tuned |" in report and "loss_curve.png" in report and "k_shot_curve.png" in report
+    assert "vs prompting: against the best prompting result" in report
+    assert (out / "k_shot_curve.png").is_file()
     log = json.loads((out / "train_log.json").read_text())
     assert [r["step"] for r in log["val_loss"]] == [0, 2, 3]
+
+
+def test_a_contaminated_and_trivial_test_score_is_marked_everywhere(tmp_path, tiny_model_dir, capsys):
+    """Three of four test rows are training rows, and every test label is the same: metrics.json, report.md and
+    the terminal table say so instead of presenting the score as a result."""
+    train = labeled_csv(tmp_path / "reviews.csv")
+    copied = [line for line in train.read_text().splitlines() if line.endswith(",positive")][:3]
+    test = write(tmp_path / "test.csv", "\n".join(["text,label", *copied, "the team won the match,positive"]) + "\n")
+    validation = write(tmp_path / "val.csv", "text,label\nthe market rose,positive\nthe phone failed,negative\n")
+    out = tmp_path / "out"
+    assert cli(f"model.path={tiny_model_dir}", f"data.train={train}", f"data.validation={validation}",
+               f"data.test={test}", "--output", out, *FAST) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["contamination"] == {"test_rows": 4, "in_train": 3, "share": 0.75, "exact": 3, "near": 0,
+                                        "near_checked": True}
+    assert metrics["trivial"] == ["every test example has the label 'positive', so always answering it scores 1.000"]
+    notes = ["test score trivial: every test example has the label 'positive', so always answering it scores 1.000",
+             "test score contaminated: 3 of 4 test rows (75%) also occur in train"]
+    report = (out / "report.md").read_text()
+    assert all(f"- **{note}**" in report for note in notes)
+    assert "| trivial |" in report
+    printed = capsys.readouterr().out.splitlines()
+    table_end = max(i for i, line in enumerate(printed) if line.startswith("└"))
+    first = printed.index(notes[0])
+    assert table_end < first < table_end + 4 and printed[first:first + 2] == notes  # right under the table
 
 
 def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
@@ -154,9 +188,8 @@ def test_failure_mid_run_marks_the_directory_failed(tmp_path, tiny_model_dir, mo
 
     monkeypatch.setattr(pipeline, "fit", boom)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        cli(f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'd.csv')}", "--output", out,
-            "eval.baselines=[]", *FAST)
+    assert cli(f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'd.csv')}", "--output", out,
+               "eval.baselines=[]", *FAST) == 1  # an unexpected failure: one line, exit 1 (--debug re-raises)
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "failed" and status["error"] == "disk full"
     assert not (out / "metrics.json").exists()

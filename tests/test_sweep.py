@@ -132,7 +132,9 @@ def test_rerunning_the_command_resumes_the_same_study(tmp_path, base, capsys):
 def test_two_workers_share_one_sqlite_study(tmp_path, base):
     out = tmp_path / "sweep"
     # Shorter trials (fixed values in the space): this test is about sharing the study, not about training.
-    spec = space(tmp_path, text=SPACE.format(n=4, pruner="none") + "  train.max_steps: 2\n  eval.during_training: 0\n")
+    # An odd budget: the two workers start together and finish their first trials together, so both look for a
+    # third at the same moment, and only one may get it.
+    spec = space(tmp_path, text=SPACE.format(n=3, pruner="none") + "  train.max_steps: 2\n  eval.during_training: 0\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "tailorlm", "sweep", str(base), "--space", str(spec), "--output", str(out)]
     workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -140,11 +142,46 @@ def test_two_workers_share_one_sqlite_study(tmp_path, base):
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     trials = study_of(out).trials
-    assert len(trials) == 4
+    assert [t.number for t in trials] == [0, 1, 2], "\n\n".join(log[-3000:] for log in logs)
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert sorted(p.name for p in out.glob("trial-*")) == [f"trial-{n}" for n in range(4)]
-    assert len(list(csv.DictReader((out / "results.csv").open()))) == 4
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-0", "trial-1", "trial-2"]
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 3
+
+
+def test_workers_finishing_together_never_run_past_the_budget(tmp_path):
+    """Six workers (threads, each with its own connection to the study, as separate processes have) whose trials
+    end at the same moment and who then linger, as writing results does: each must still start a trial only
+    while the study holds fewer than the budget, and no trial may be started twice."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tailorlm.sweep.space import SweepSpec
+    from tailorlm.sweep.study import open_study, run_trials
+
+    spec = SweepSpec.model_validate({"params": {"train.lr": [1e-4]}})
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    n_workers, budget = 6, 9
+    in_step = threading.Barrier(n_workers, timeout=60)
+    started = []  # trial numbers, in the order objectives ran them
+
+    def objective(trial) -> float:
+        started.append(trial.number)
+        if trial.number < n_workers:  # each worker's first trial: they all end at once
+            in_step.wait()
+        return float(trial.number)
+
+    def worker(_) -> None:
+        study = open_study(url, "s", spec, "val_loss", "minimize")
+        run_trials(study, url, objective, budget, after_each=lambda study, trial: time.sleep(0.05))
+
+    with ThreadPoolExecutor(n_workers) as pool:
+        for result in [pool.submit(worker, n) for n in range(n_workers)]:
+            result.result()
+    assert sorted(started) == list(range(budget))
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [(t.number, t.state, t.value) for t in trials] == [
+        (n, optuna.trial.TrialState.COMPLETE, float(n)) for n in range(budget)]
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, base):

@@ -91,9 +91,10 @@ def test_listing_reads_figures_from_the_run_files(runs, tiny_model_dir):
         assert summary["train_seconds"] == metrics["train"]["seconds"]
         assert summary["headline"]["classification"] == {
             "metric": "accuracy", "fine_tuned": variants["fine_tuned"]["accuracy"],
-            "best_prompting": max(m["accuracy"] for v, m in variants.items() if v != "fine_tuned"),
+            "best_prompting": max(m["accuracy"] for v, m in variants.items() if v.startswith(("zero_shot", "few_shot"))),
+            "best_prompting_variant": metrics["best_prompting"]["variant"],
             "gain_points": pytest.approx(100 * (variants["fine_tuned"]["accuracy"] -
-                                                max(m["accuracy"] for v, m in variants.items() if v != "fine_tuned")))}
+                                                metrics["best_prompting"]["value"]))}
     broken = summaries["broken"]  # no metrics.json: steps and seconds from train_log.json
     assert (broken["steps"], broken["train_seconds"], broken["error"], broken["headline"]) == (2, 1.5, "loss is NaN at step 2", {})
 
@@ -113,7 +114,7 @@ def test_runs_json(runs, capsys):
     multi = next(r for r in listed if r["name"] == "multi-run")
     assert multi["headline"]["topics"]["gain_points"] == pytest.approx(47.4)
     assert multi["headline"]["german"] == {"metric": "bleu", "fine_tuned": 30.5, "best_prompting": 12.0,
-                                           "gain_points": pytest.approx(18.5)}
+                                           "best_prompting_variant": "zero_shot", "gain_points": pytest.approx(18.5)}
 
 
 def test_runs_table(runs, capsys, monkeypatch):

@@ -29,12 +29,13 @@ def test_checkpoints_are_complete_pointed_to_and_pruned(tmp_path):
     assert names == ["best", "latest", "step-00000002", "step-00000003", "step-00000004"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000004\n"
     assert store.best().name == "step-00000002"
-    for name in ("weights.safetensors", "trainer.pt", "state.json", MARKER):
+    for name in ("weights.safetensors", "trainer.safetensors", "state.json", MARKER):
         assert (store.latest() / name).is_file()
+    assert not list(store.root.rglob("*.pt"))  # no pickle anywhere
     params = {"w": torch.nn.Parameter(torch.zeros(2, 2))}
     load_weights(store.best(), params)
     assert torch.equal(params["w"], torch.full((2, 2), 2.0))
-    trainer, state = load_trainer(store.latest())  # weights_only load
+    trainer, state = load_trainer(store.latest())
     assert state == {"step": 4} and torch.equal(trainer["rng"]["torch"], torch.get_rng_state())
 
 
@@ -48,6 +49,69 @@ def test_a_torn_write_is_never_read(tmp_path):
     assert store.latest().name == "step-00000001"
     save(store, 3)  # the next save cleans both up
     assert sorted(p.name for p in store.root.glob("*step-*")) == ["step-00000001", "step-00000003"]
+
+
+def test_the_trainer_state_round_trips_without_pickle(tmp_path):
+    from safetensors import safe_open
+
+    from tailorlm.train.checkpoint import STRUCTURE_KEY
+
+    trainer = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3)}},
+                             "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": ["w"], "fused": None}]},
+               "schedule": {"last_epoch": 3, "_last_lr": [0.5]}, "rng": {"python": [3, [1, 2 ** 40], None]}}
+    path = CheckpointStore(tmp_path).save(1, {"w": torch.zeros(1)}, trainer, {"step": 1})
+    loaded, _ = load_trainer(path)
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)  # a tuple again
+    assert list(loaded["optimizer"]["state"]) == [0]  # an int key again
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.ones(2, 3))
+    assert loaded["schedule"] == trainer["schedule"] and loaded["rng"] == trainer["rng"]
+    with safe_open(str(path / "trainer.safetensors"), framework="pt") as f:
+        assert STRUCTURE_KEY in f.metadata()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+    store = CheckpointStore(tmp_path / "checkpoints", keep=3)
+    for step in (1, 2, 3):
+        save(store, step, value=step)
+    weights = store.path(3) / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # a disk that filled up mid-copy
+    state = store.path(2) / "state.json"
+    state.write_text(state.read_text().replace("2", "9"))  # same size, other content
+    assert store.latest().name == "step-00000003"  # the cheap scan trusts COMPLETE alone
+    assert store.latest(verify=True).name == "step-00000001"
+    out = capsys.readouterr().out
+    assert "step-00000003 is damaged (weights.safetensors has" in out and "the manifest says" in out
+    assert "step-00000002 is damaged (state.json does not match its checksum)" in out
+
+
+def test_a_damaged_best_checkpoint_keeps_the_final_weights(tmp_path, capsys):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    save(store, 1, best=1)
+    save(store, 2, best=1)
+    (store.path(1) / "state.json").unlink()
+    assert store.best() is None
+    assert "the best checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("planted, message", [
+    (b"\x80\x04K\x01.", r"trainer.safetensors is not a trainer state written by tailorlm"),  # a pickle
+    (None, r"no trainer.safetensors \(trainer.pt: a pickle from an older tailorlm, which is no longer loaded\)"),
+])
+def test_a_trainer_file_tailorlm_did_not_write_is_refused(tmp_path, planted, message):
+    path = save(CheckpointStore(tmp_path), 1)
+    if planted is None:
+        (path / "trainer.safetensors").rename(path / "trainer.pt")
+    else:
+        (path / "trainer.safetensors").write_bytes(planted)
+    with pytest.raises(TailorError, match=message):
+        load_trainer(path)
+
+
+def test_a_weights_file_that_is_not_safetensors_is_refused(tmp_path):
+    path = save(CheckpointStore(tmp_path), 1)
+    (path / "weights.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(TailorError, match=r"weights.safetensors is not a readable safetensors file"):
+        load_weights(path, {"w": torch.nn.Parameter(torch.zeros(2, 2))})
 
 
 def test_a_checkpoint_of_another_method_is_refused(tmp_path):

@@ -82,13 +82,18 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
                 [f"{splits[n][i]['_where']} ~ {splits.train[j]['_where']} ({s:.2f})" for i, j, s in near]
         if (lv := _level(spec.leakage, bool(exact or near))):
             pf.add("leakage", lv, f"{n}: {len(exact)} prompts also in train, {len(near)} nearly", where)
+        if n == "test":  # kept whatever the policy: the report marks a test score the model partly trained on
+            pf.facts["contamination"] = contamination(len(inputs[n]), exact, near, small)
 
     if template.label_field:
         dist = {n: _counts([ex[template.label_field] for ex in splits[n]], splits.labels) for n in SPLITS}
         counts = [c for c in dist["train"].values()]
         ratio = max(counts) / max(1, min(counts))
         pf.facts["labels"] = dist
-        if (lv := _level(spec.imbalance, ratio > spec.max_imbalance)):
+        pf.facts["trivial"] = check_label_sets(pf, dist, spec.single_label)
+        # With one training label the ratio is 1.0, which would read as a balanced, healthy label set.
+        one_label = sum(1 for c in counts if c) == 1
+        if not one_label and (lv := _level(spec.imbalance, ratio > spec.max_imbalance)):
             pf.add("labels", lv, f"train labels {dist['train']}; largest/smallest = {ratio:.1f}"
                                  + (f" (over {spec.max_imbalance:g})" if ratio > spec.max_imbalance else ""))
 
@@ -109,6 +114,38 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
                          f"{device.type}: {_duration(seconds)}")
     pf.facts["loss_preview"] = [loss_preview(s, tokenizer).plain for s in encoded["train"][:2]]
     return pf
+
+
+def check_label_sets(pf: Preflight, dist: dict[str, dict[str, int]], policy: str) -> list[str]:
+    """Findings for a degenerate label set; returns why a test score would be trivial (empty when it would not).
+
+    A training split with one label teaches the model to repeat it, and a test split with one label is scored
+    perfectly by a model that always answers it: either way accuracy and macro-F1 read 1.000 and mean nothing."""
+    trivial = []
+    train = [label for label, count in dist["train"].items() if count]
+    if len(train) == 1:
+        n = dist["train"][train[0]]
+        trivial.append(f"the training split has a single label ('{train[0]}'), so the model can only learn to repeat it")
+        if (lv := _level(policy, True)):
+            pf.add("labels", lv, f"train: every one of the {n} examples has the label '{train[0]}': the model can "
+                                 f"only learn to repeat it, so its test score would mean nothing "
+                                 f"(preflight.single_label)")
+    test = [label for label, count in dist["test"].items() if count]
+    if len(test) == 1:
+        trivial.append(f"every test example has the label '{test[0]}', so always answering it scores 1.000")
+        pf.add("labels", "warn", f"test: every one of the {dist['test'][test[0]]} examples has the label "
+                                 f"'{test[0]}'; the report marks the test score as trivial")
+    return trivial
+
+
+def contamination(n_test: int, exact: list[tuple[int, int]], near: list[tuple[int, int, float]],
+                  near_checked: bool) -> dict:
+    """How many test rows also occur in train (exactly, or nearly when near duplicates were searched for)."""
+    exact_rows = {i for i, _ in exact}
+    near_rows = {i for i, _, _ in near} - exact_rows
+    found = len(exact_rows) + len(near_rows)
+    return {"test_rows": n_test, "in_train": found, "share": round(found / n_test, 4) if n_test else 0.0,
+            "exact": len(exact_rows), "near": len(near_rows), "near_checked": near_checked}
 
 
 def _input_text(example: dict, fields: set[str]) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tailorlm.data import parse_checks
 from tailorlm.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
@@ -150,6 +151,8 @@ def _read_delimited(path: Path, delimiter: str) -> list[Record]:
         if header is None:
             return []
         header = [h.strip() for h in header]
+        if (problem := parse_checks.repeated_column_problem(header, "header")) is not None:
+            raise DataError(path, "line 1", problem)
         records, start = [], reader.line_num + 1
         for row in reader:
             if not row or all(not cell.strip() for cell in row):
@@ -161,13 +164,28 @@ def _read_delimited(path: Path, delimiter: str) -> list[Record]:
             records.append(Record(dict(zip(header, row)), f"line {start}"))
             start = reader.line_num + 1
     except csv.Error as e:
-        problem, line = str(e), reader.line_num
-        if "field larger than field limit" in problem:  # only a quoted field spanning lines gets this far
-            problem = (f"a field starting on this line is over {MAX_LINE_CHARS:,} characters long, the limit; "
-                       f"an unclosed quote may have swallowed the rest of the file")
-            line = start
+        line, problem = _quote_problem(text, start, reader.line_num, delimiter, str(e))
         raise DataError(path, f"line {line}", f"malformed {'CSV' if delimiter == ',' else 'TSV'}: {problem}") from None
     return records
+
+
+def _quote_problem(text: str, start: int, stopped: int, delimiter: str, problem: str) -> tuple[int, str]:
+    """(line, message) for a csv.Error in the record starting on line `start`, the reader having stopped on line
+    `stopped`. A quote that never closes makes the reader run to the end of the file, so the line it names
+    is the last one; the line that matters is where the quote opened."""
+    if "field larger than field limit" in problem:  # only a quoted field spanning lines gets this far
+        return start, (f"a field starting on this line is over {MAX_LINE_CHARS:,} characters long, the limit; "
+                       f"an unclosed quote may have swallowed the rest of the file")
+    opened = parse_checks.failed_quote_line(text, start, delimiter)
+    if opened is None:
+        return stopped, problem
+    if problem == "unexpected end of data":
+        return opened, ("the quote opened on this line never closes, so every later line was read into one "
+                        "field; close it, or double a quote that is part of the text (\"\")")
+    if opened < stopped:  # text after a closing quote many lines on: that quote was meant to open a field
+        return opened, (f"the quote opened on this line only closes on line {stopped}, where text follows it "
+                        f"({problem}); is a closing quote missing on this line?")
+    return stopped, problem
 
 
 def _fields(obj: dict, path: Path, where: str, chat_only: bool) -> dict:
@@ -182,9 +200,11 @@ def read_jsonl(path: Path, chat_only: bool = False) -> list[Record]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = parse_checks.loads_unique(line)
         except json.JSONDecodeError as e:
             raise DataError(path, f"line {number}", f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except parse_checks.RepeatedKey as e:
+            raise DataError(path, f"line {number}", e.problem) from None
         if not isinstance(obj, dict):
             raise DataError(path, f"line {number}", f"expected a JSON object, found {type(obj).__name__}")
         records.append(Record(_fields(obj, path, f"line {number}", chat_only), f"line {number}"))
@@ -193,9 +213,11 @@ def read_jsonl(path: Path, chat_only: bool = False) -> list[Record]:
 
 def _read_json(path: Path, chat_only: bool = False) -> list[Record]:
     try:
-        obj = json.loads(read_text(path))
+        obj = parse_checks.loads_unique(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(path, f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except parse_checks.RepeatedKey as e:
+        raise DataError(path, f"line {e.line}" if e.line else None, e.problem) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -214,7 +236,13 @@ def _read_parquet(path: Path) -> list[Record]:
     import pyarrow.parquet as pq
 
     try:
+        names = pq.read_schema(path).names
+        # Checked before reading: pyarrow refuses a repeated name with a message that does not say which column.
+        if (problem := parse_checks.repeated_column_problem(names, "Parquet schema")) is not None:
+            raise DataError(path, None, problem)
         rows = pq.read_table(path).to_pylist()
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(path, None, f"cannot read as Parquet: {e}") from None
     return [Record(row, f"row {i}") for i, row in enumerate(rows, start=1)]

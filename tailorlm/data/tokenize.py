@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from tailorlm.config import TemplateSpec
 from tailorlm.data.templates import PromptTemplate
+from tailorlm.errors import TailorError
 
 IGNORE = -100  # label value that carries no loss (PyTorch's cross_entropy ignore_index)
 
@@ -46,8 +47,7 @@ class ChatFormat:
 
     def prompt_text(self, prompt: str, demos: list[tuple[str, str]] = ()) -> str:
         if self.uses_chat:
-            return self.tokenizer.apply_chat_template(self.messages(prompt, demos), tokenize=False,
-                                                      add_generation_prompt=True)
+            return self._apply(self.messages(prompt, demos), add_generation_prompt=True)
         shots = "".join(f"{p}\nAnswer: {c}\n\n" for p, c in demos)
         return f"{shots}{prompt}\nAnswer:"
 
@@ -57,13 +57,23 @@ class ChatFormat:
         if not self.uses_chat:
             return f" {completion}{eos}"
         head = self.prompt_text(prompt)
-        full = self.tokenizer.apply_chat_template(
-            self.messages(prompt, []) + [{"role": "assistant", "content": completion}], tokenize=False)
+        full = self._apply(self.messages(prompt, []) + [{"role": "assistant", "content": completion}])
         if not full.startswith(head):  # a template that rewrites earlier turns: fall back to the plain answer
             return f"{completion}{eos}"
         tail = full[len(head):]
         # Stop after the end-of-turn token: what follows (a newline) is never generated.
         return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
+
+    def _apply(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The model's chat template (transformers renders it in a Jinja sandbox); its failures name the model."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except (TemplateError, TypeError, ValueError) as e:  # SecurityError is a TemplateError
+            raise TailorError(f"the chat template of {getattr(self.tokenizer, 'name_or_path', 'the model') or 'the model'} "
+                              f"(tokenizer_config.json / chat_template.jinja) failed: {type(e).__name__}: {e}; "
+                              f"fix the template, or set template.chat_template=never for the plain layout") from None
 
     def encode_prompt(self, text: str) -> list[int]:
         # A chat template writes its own special tokens (BOS included, where the model uses one).

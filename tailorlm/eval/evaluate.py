@@ -6,12 +6,15 @@ was trained on. Few-shot demonstrations come from the training split only, so no
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 from tailorlm.config import EvalSpec
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, Sample
 from tailorlm.eval.generate import LabelTrie, generate
+from tailorlm.eval.likelihood import answer_logprobs
+from tailorlm.eval.metrics import answer_complete
 
 
 @dataclass
@@ -37,31 +40,67 @@ def pick_demos(train: list[dict], k: int, seed: int, label_field: str | None = "
 
 
 class Evaluator:
+    """Scores one model on samples under one template: free generation, constrained decoding or (closed label
+    sets) label log-likelihood, optionally after demonstrations, with what each prediction cost."""
+
     def __init__(self, tokenizer, template: PromptTemplate, fmt: ChatFormat, labels: list[str], spec: EvalSpec,
                  device, label_field: str | None = "label"):
         self.tokenizer, self.template, self.fmt, self.labels = tokenizer, template, fmt, labels
         self.spec, self.device, self.label_field, self.task = spec, device, label_field, template.task
-        self.max_new_tokens, self.trie = spec.max_new_tokens or self.task.max_new_tokens, None
+        self.max_new_tokens, self.trie, self.answers = spec.max_new_tokens or self.task.max_new_tokens, None, []
         if label_field:
-            answers = [fmt.encode_completion(fmt.completion_text("", template.completion({label_field: label})))
-                       for label in labels]
+            self.answers = [fmt.encode_completion(fmt.completion_text("", template.completion({label_field: label})))
+                            for label in labels]
             # Room for a short sentence around the label ("The topic is business."): a base model that answers in
             # a sentence must not be cut off before it names the label, or the baseline would be unfairly low.
-            self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in answers) + 16
-            self.trie = LabelTrie(answers) if spec.decoding == "constrained" else None
+            self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in self.answers) + 16
+            self.trie = LabelTrie(self.answers)
 
-    def prompts(self, samples: list[Sample], demos: list[dict] = ()) -> list[list[int]]:
-        shots = [(self.template.prompt(d, self.labels), self.template.completion(d)) for d in demos]
-        if not shots:
-            return [s.prompt_ids for s in samples]  # exactly the training prompt
-        return [self.fmt.encode_prompt(self.fmt.prompt_text(self.template.prompt(s.example, self.labels), shots))
-                for s in samples]
+    @property
+    def closed(self) -> bool:
+        """A closed label set: constrained decoding and label likelihood apply."""
+        return bool(self.label_field and self.labels)
 
-    def run(self, model, samples: list[Sample], variant: str, demos: list[dict] = ()) -> VariantResult:
-        generated = generate(model, self.tokenizer, self.prompts(samples, demos), self.max_new_tokens,
-                             self.spec.batch_size, self.device, self.trie, description=f"eval {variant}")
+    def prompts(self, samples: list[Sample], demos: list[dict] | list[list[dict]] = ()) -> tuple[list[list[int]], int]:
+        """(prompt ids, demonstrations dropped). demos is one list for every row, or one list per row; a row
+        whose prompt would pass eval.max_prompt_tokens loses demonstrations from the end until it fits."""
+        if not demos:
+            return [s.prompt_ids for s in samples], 0  # exactly the training prompt
+        per_row = demos if isinstance(demos[0], list) else [demos] * len(samples)
+        limit, prompts, dropped = self.spec.max_prompt_tokens, [], 0
+        for sample, row_demos in zip(samples, per_row):
+            shots = [(self.template.prompt(d, self.labels), self.template.completion(d)) for d in row_demos]
+            question = self.template.prompt(sample.example, self.labels)
+            ids = self.fmt.encode_prompt(self.fmt.prompt_text(question, shots))
+            while shots and len(ids) + self.max_new_tokens > limit:
+                shots.pop()
+                dropped += 1
+                ids = self.fmt.encode_prompt(self.fmt.prompt_text(question, shots))
+            prompts.append(ids)
+        return prompts, dropped
+
+    def run(self, model, samples: list[Sample], variant: str, demos: list[dict] | list[list[dict]] = (),
+            kind: str | None = None) -> VariantResult:
+        """kind: free, constrained or likelihood (eval.decoding when None)."""
+        kind = kind or self.spec.decoding
+        if kind != "free" and not self.closed:
+            raise ValueError(f"internal: {kind} scoring needs a closed label set")
+        started = time.perf_counter()
+        prompts, dropped = self.prompts(samples, demos)
+        if kind == "likelihood":
+            scores = answer_logprobs(model, prompts, self.answers, self.device, description=f"eval {variant}")
+            generated = [self.labels[max(range(len(row)), key=row.__getitem__)] for row in scores]
+        else:
+            done = answer_complete(self.labels) if self.closed and kind == "free" else None
+            generated = generate(model, self.tokenizer, prompts, self.max_new_tokens, self.spec.batch_size,
+                                 self.device, self.trie if kind == "constrained" else None,
+                                 description=f"eval {variant}", done=done)
+        seconds = time.perf_counter() - started
         examples = [s.example for s in samples]
         metrics, predicted = self.task.score(generated, examples, self.labels)
+        metrics.update({"kind": kind, "k": max((len(d) for d in demos), default=0) if demos and isinstance(demos[0], list)
+                        else len(demos), "prompt_tokens": round(sum(map(len, prompts)) / max(len(prompts), 1), 1),
+                        "seconds_per_100": round(seconds / max(len(prompts), 1) * 100, 2), "dropped_demos": dropped})
         expected = [self.template.completion(ex) for ex in examples]
         predictions = [{"variant": variant, "input": _input_text(ex, self.template, self.labels), "expected": e,
                         "generated": g, "predicted": p, "where": ex.get("_where")}

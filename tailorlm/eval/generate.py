@@ -8,7 +8,10 @@ answer is always a valid label; with "free" the model writes what it likes and t
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tailorlm.kernels.loss import decoder_and_head
 from tailorlm.kernels.prefix import prefix_cache, shared_prefix_len
@@ -28,6 +31,18 @@ class LabelTrie:
         return sorted(self.children.get(tuple(prefix), fallback))
 
 
+class _AnswerFinished(StoppingCriteria):
+    """A transformers stopping criterion: a row stops once `done(text so far)` says its answer is complete.
+    Generation ends when every row has stopped, so a batch no longer waits for its most verbose row."""
+
+    def __init__(self, tokenizer, start: int, done: Callable[[str], bool]):
+        self.tokenizer, self.start, self.done = tokenizer, start, done
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([self.done(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 def stop_token_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id}
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -37,8 +52,10 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
-             trie: LabelTrie | None = None, description: str = "generate", shared_prefix: bool = True) -> list[str]:
-    """Greedy completions for token-id prompts, returned in input order."""
+             trie: LabelTrie | None = None, description: str = "generate", shared_prefix: bool = True,
+             done: Callable[[str], bool] | None = None) -> list[str]:
+    """Greedy completions for token-id prompts, returned in input order. done(text), when given, ends a row's
+    answer early (a classification answer that has named its label, or ended its line)."""
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -67,7 +84,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=stops, pad_token_id=pad_id, prefix_allowed_tokens_fn=constrain,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None,
+                                 stopping_criteria=StoppingCriteriaList([_AnswerFinished(tokenizer, width, done)])
+                                 if done else None)
             for row, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
             advance(len(idx))

@@ -51,3 +51,20 @@ def classification_metrics(expected: list[str], predicted: list[str | None], lab
         "valid": sum(p is not None for p in predicted) / n if n else 0.0,
         "confusion": confusion,
     }
+
+
+def answer_complete(labels: list[str]):
+    """done(text) for free generation of a label: the answer has ended its line, or has named a label that
+    a space or punctuation already follows (so the next token cannot turn 'tech' into 'technology').
+    Text generated later cannot name a label that starts earlier, so the prediction stays the same (barring a
+    longer label that begins with this one); it saves the tokens of the sentence around the label."""
+    patterns = [re.compile(r"\b" + r"\s+".join(map(re.escape, _norm(label).split())) + r"\b(?=\s)")
+                for label in labels if _norm(label)]
+
+    def done(text: str) -> bool:
+        if "\n" in text.strip():
+            return True
+        spaced = _PUNCT.sub(" ", text.lower())
+        return any(p.search(spaced) for p in patterns)
+
+    return done

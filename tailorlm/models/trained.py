@@ -16,6 +16,7 @@ from tailorlm.config import ModelSpec, RunConfig, load_config
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
 from tailorlm.errors import TailorError
+from tailorlm.models.files import check_adapter
 from tailorlm.models.loading import load_model, load_tokenizer
 
 
@@ -45,8 +46,9 @@ class Trained:
 
 
 def is_run_dir(path: str | Path) -> bool:
+    """A folder `tailor run` wrote (its config.yaml); run_weights then says whether it finished."""
     p = Path(path)
-    return p.is_dir() and (p / "config.yaml").is_file() and (p / "run.json").is_file()
+    return p.is_dir() and (p / "config.yaml").is_file() and not (p / "config.json").is_file()
 
 
 def run_weights(run_dir: Path) -> Path:
@@ -59,18 +61,22 @@ def run_weights(run_dir: Path) -> Path:
                       f"was the run finished? `tailor run --resume {run_dir}` continues it")
 
 
-def load_trained(path: str | Path, device: torch.device | str = "cpu", merge: bool = False) -> Trained:
+def load_trained(path: str | Path, device: torch.device | str = "cpu", merge: bool = False,
+                 trust_remote_code: bool = False) -> Trained:
     """A run directory (base + trained weights + template) or a plain model (folder, .gguf, 'default').
 
-    merge=True folds a LoRA adapter into the base weights (what `export --format hf|gguf` ships)."""
+    merge=True folds a LoRA adapter into the base weights (what `export --format hf|gguf` ships).
+    trust_remote_code=True lets the model's own Python run; a run's config.yaml asking for it is not enough."""
     device = torch.device(device)
     if not is_run_dir(path):
-        spec = ModelSpec(path=str(path))
+        spec = ModelSpec(path=str(path), trust_remote_code=trust_remote_code)
         loaded = load_model(spec, device)
         return Trained(loaded.model, loaded.tokenizer, RunConfig(model=spec), None, loaded.source, None, [])
     run_dir = Path(path)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", trust_remote_code=trust_remote_code)
     weights = run_weights(run_dir)
+    if weights.name == "adapter":
+        check_adapter(weights)  # before the base model's seconds of loading
     if weights.name == "model":  # full fine-tuning saved the whole model (and its tokenizer)
         spec = cfg.model.model_copy(update={"path": str(weights)})
         loaded = load_model(spec, device, load_tokenizer(spec))
@@ -79,7 +85,11 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", merge: bo
         loaded = load_model(cfg.model, device, load_tokenizer(cfg.model))
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(loaded.model, str(weights), is_trainable=False).to(device)
+        try:
+            model = PeftModel.from_pretrained(loaded.model, str(weights), is_trainable=False).to(device)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a config or tensors PEFT rejects
+            raise TailorError(f"{weights}: cannot load the adapter onto {cfg.model.path}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if merge:
             model = model.merge_and_unload()
         model.eval()

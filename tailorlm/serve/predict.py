@@ -111,7 +111,8 @@ def predict(trained, data_path: str, output: Path, batch_size: int | None = None
     evaluator = Evaluator(trained.tokenizer, template, fmt, labels, cfg.eval, device, template.label_field)
     ready = [i for i, p in enumerate(rows.prompts) if p is not None]
     generated = generate(trained.model, trained.tokenizer, [rows.prompts[i] for i in ready],
-                         evaluator.max_new_tokens, batch_size or cfg.eval.batch_size, device, evaluator.trie,
+                         evaluator.max_new_tokens, batch_size or cfg.eval.batch_size, device,
+                         evaluator.trie if cfg.eval.decoding == "constrained" else None,
                          description="predict")
     scored = [rows.examples[i] if rows.has_answers else _with_placeholder_answer(rows.examples[i], template)
               for i in ready]

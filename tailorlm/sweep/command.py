@@ -55,7 +55,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     )
     from tailorlm.ui import console
 
-    base = load_config(args.config)
+    base = load_config(args.config, trust_remote_code=args.trust_remote_code)
     space = load_space(args.space) if args.space else default_space(base)
     if args.trials:
         space = space.model_copy(update={"n_trials": args.trials})
@@ -81,11 +81,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         outcome = f"{metric} {trial.value:.4g}" if trial.value is not None else trial.state.name.lower()
         console.print(f"[bold]Trial {trial.number} {trial.state.name.lower()}[/]: {outcome}"
                       + (f"; best so far: trial {best.number}, {metric} {best.value:.4g}" if best else ""))
-        write_results(study, space, metric, sweep_dir, args.config)
+        write_results(study, space, metric, sweep_dir, args.config, args.trust_remote_code)
 
     objective = TrialRun(args.config, base, space, metric, sweep_dir, lambda n: make_sampler(space, space.seed + n))
-    run_trials(study, objective, space.n_trials, after_each)
-    write_results(study, space, metric, sweep_dir, args.config)
+    run_trials(study, url, objective, space.n_trials, after_each)
+    write_results(study, space, metric, sweep_dir, args.config, args.trust_remote_code)
     console.print()
     print_results(study, space, metric)
     best = best_trial(study)

@@ -63,7 +63,8 @@ class TrialRun:
         from tailorlm.pipeline import run
 
         try:
-            cfg = load_config(self.config_path, overrides(values))
+            # remote code only when the sweep's own command allowed it (the base config then carries it)
+            cfg = load_config(self.config_path, overrides(values), trust_remote_code=self.base.model.trust_remote_code)
             run(cfg, out_dir, observe=self._reporter(trial))
         except optuna.TrialPruned:
             raise

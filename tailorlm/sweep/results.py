@@ -54,7 +54,8 @@ def trial_rows(study: optuna.Study, keys: list[str]) -> list[dict]:
     return rows
 
 
-def write_results(study: optuna.Study, space: SweepSpec, metric: str, sweep_dir: Path, config_path: str) -> list[Path]:
+def write_results(study: optuna.Study, space: SweepSpec, metric: str, sweep_dir: Path, config_path: str,
+                  trust_remote_code: bool = False) -> list[Path]:
     keys = searched_keys(space)
     rows = trial_rows(study, keys)
     written = [_write(sweep_dir / "results.csv", _csv(rows, keys)),
@@ -62,7 +63,7 @@ def write_results(study: optuna.Study, space: SweepSpec, metric: str, sweep_dir:
     written += write_plots(study, sweep_dir)
     best = best_trial(study)
     if best is not None:
-        cfg = load_config(config_path, best.user_attrs["overrides"])
+        cfg = load_config(config_path, best.user_attrs["overrides"], trust_remote_code=trust_remote_code)
         header = (f"# tailor sweep '{study.study_name}': trial {best.number} of {len(rows)}, {metric} {best.value:.6g} "
                   f"on the validation split\n# {' '.join(best.user_attrs['overrides'])}\n")
         written.append(_write(sweep_dir / "best.yaml", header + cfg.to_yaml()))

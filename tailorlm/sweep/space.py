@@ -275,7 +275,7 @@ def check_against_config(space: SweepSpec, space_path: str, config_path: str | N
             value = resolve({key: example}, base)[key]
             shown = f"{example!r}" + (f" (= {value!r})" if value != example else "")
             try:
-                load_config(config_path, overrides({key: value}))
+                load_config(config_path, overrides({key: value}), trust_remote_code=base.model.trust_remote_code)
             except ConfigError as e:
                 where = _line_of(root, ("params", key)) if root else ""
                 for problem in e.problems:

@@ -1,17 +1,22 @@
 """The Optuna study behind a sweep: one storage (SQLite in the sweep directory by default) that every run of the
 same command, and every worker started beside it, shares. Re-running the command resumes the study; the trial
-count is the study's total, so `--trials 20` means 20 trials whatever the number of runs or workers."""
+count is the study's total, so `--trials 20` means 20 trials whatever the number of runs or workers: each worker
+reserves its next trial under a lock that all of them take, so the total holds exactly."""
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import socket
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from tailorlm.errors import TailorError
@@ -47,9 +52,9 @@ def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
 
 def open_study(url: str, name: str, space: SweepSpec, metric: str, direction: str) -> optuna.Study:
     """Create the study, or load it when it exists (a resumed sweep, or another worker got there first)."""
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if _is_sqlite(url) else {}
     try:
-        with _first_one_creates(url):
+        with _sqlite_file_lock(url):
             storage = RDBStorage(url, engine_kwargs=engine_kwargs)
             study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True,
                                         sampler=make_sampler(space, space.seed), pruner=make_pruner(space.pruner))
@@ -67,25 +72,75 @@ def open_study(url: str, name: str, space: SweepSpec, metric: str, direction: st
     return study
 
 
-@contextmanager
-def _first_one_creates(url: str):
-    """Workers started together on a new SQLite file would race to create its tables and schema version (and
-    fail with 'table already exists'): an exclusive lock beside the file lets one create, the others then load."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL; None for an in-memory database, any other storage, or a bad URL
+    (left to RDBStorage, which reports it)."""
     try:
         parsed = make_url(url)
-    except ArgumentError:  # left to RDBStorage, which reports it
-        parsed = None
-    if parsed is None or not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+    except ArgumentError:
+        return None
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+@contextmanager
+def _sqlite_file_lock(url: str):
+    """An exclusive lock on a file beside an SQLite database; a no-op for any other storage.
+
+    Workers started together on a new SQLite file would race to create its tables and schema version (and fail
+    with 'table already exists'): under this lock one creates, the others then load. Workers also reserve trials
+    under it (reserve_trial). A file lock rather than SQLite's own: SQLite takes its write lock only at a
+    statement that writes, too late to cover the count that comes before it."""
+    database = _sqlite_file(url)
+    if database is None:
         yield
         return
-    lock_path = Path(parsed.database).with_name(Path(parsed.database).name + ".lock")
+    lock_path = database.with_name(database.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         yield
+
+
+@contextmanager
+def _study_row_lock(url: str, study_name: str):
+    """On a database server, where workers may be on several machines that no file lock reaches: the study's
+    'metric' attribute row, held FOR UPDATE until the block ends, so a second worker waits at this select. That
+    row because open_study always writes it and Optuna never locks it; Optuna locks the study's own row while it
+    creates a trial, so holding that one here would deadlock our own ask()."""
+    attrs = sqlalchemy.table("study_user_attributes", sqlalchemy.column("study_id"), sqlalchemy.column("key"))
+    studies = sqlalchemy.table("studies", sqlalchemy.column("study_id"), sqlalchemy.column("study_name"))
+    this_study = sqlalchemy.select(studies.c.study_id).where(studies.c.study_name == study_name).scalar_subquery()
+    metric_row = sqlalchemy.select(attrs.c.study_id).where(attrs.c.study_id == this_study, attrs.c.key == "metric")
+    with _server_engine(url).begin() as connection:
+        if connection.execute(metric_row.with_for_update()).first() is None:
+            raise TailorError(f"study '{study_name}' in {url} has no 'metric' attribute (a sweep writes it when it "
+                              f"opens the study), so its workers cannot take turns")
+        yield
+
+
+@lru_cache(maxsize=None)
+def _server_engine(url: str) -> sqlalchemy.Engine:
+    # One engine (one connection pool) per storage for the whole sweep, beside Optuna's own.
+    return sqlalchemy.create_engine(url)
+
+
+def reserve_trial(study: optuna.Study, url: str, n_trials: int) -> optuna.Trial | None:
+    """Start the study's next trial, or return None once the study holds n_trials (any state).
+
+    Counting and creating happen under one lock that every worker takes: a worker that counted first and asked
+    later could find another worker had done the same in between, and both would start the last trial.
+    (An in-memory SQLite study lives in one process: nothing else can add to it.)"""
+    lock = _sqlite_file_lock(url) if _is_sqlite(url) else _study_row_lock(url, study.study_name)
+    with lock:
+        if len(study.get_trials(deepcopy=False)) >= n_trials:
+            return None
+        return study.ask()
 
 
 def fail_interrupted(study: optuna.Study) -> list[int]:
@@ -113,19 +168,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_trials(study: optuna.Study, objective, n_trials: int, after_each=None) -> None:
-    """Run trials until the study holds n_trials in all (any state, counting other workers' running ones).
-    A trial that fails on a TailorError (or runs out of GPU memory) is recorded and the sweep goes on."""
-    remaining = n_trials - len(study.get_trials(deepcopy=False))
-    if remaining <= 0:
-        console.print(f"The study already holds {len(study.trials)} of {n_trials} trials; nothing to run "
+def run_trials(study: optuna.Study, url: str, objective, n_trials: int, after_each=None) -> None:
+    """Run trials until the study holds n_trials in all (any state: failed and interrupted trials count, and so do
+    other workers' running ones). A trial that fails on a TailorError (or runs out of GPU memory) is recorded and
+    the sweep goes on. after_each(study, trial) is called with each finished trial."""
+    held = len(study.get_trials(deepcopy=False))
+    if held >= n_trials:
+        console.print(f"The study already holds {held} of {n_trials} trials; nothing to run "
                       f"(raise --trials to run more)")
         return
-    console.print(f"Running up to {remaining} trial(s); the study holds {n_trials - remaining} of {n_trials}")
-    # MaxTrialsCallback stops this worker once the study's total (all states, other workers' included) is reached;
-    # n_trials=remaining bounds this worker alone when it runs by itself.
-    callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=None)] + ([after_each] if after_each else [])
+    console.print(f"Running up to {n_trials - held} trial(s); the study holds {held} of {n_trials}")
     import torch
 
-    study.optimize(objective, n_trials=remaining, catch=(TailorError, torch.cuda.OutOfMemoryError),
-                   callbacks=callbacks, gc_after_trial=True)
+    recoverable = (TailorError, torch.cuda.OutOfMemoryError)
+    while (trial := reserve_trial(study, url, n_trials)) is not None:
+        finished = _run_one(study, objective, trial, recoverable)
+        gc.collect()  # the trial's model and optimizer go now, not when the next trial is already loading its own
+        if after_each:
+            after_each(study, finished)
+
+
+def _run_one(study: optuna.Study, objective, trial: optuna.Trial, recoverable: tuple) -> FrozenTrial:
+    """Run one reserved trial and record how it ended, as Optuna's optimize() does: pruned (with its last
+    reported value), failed, or complete with the objective's value."""
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
+    except recoverable:
+        return study.tell(trial, state=TrialState.FAIL)
+    except BaseException:  # Ctrl-C or a bug: the trial is recorded as failed, and the sweep stops
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    return study.tell(trial, value)

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm.errors import TailorError
-from tailorlm.eval.report import TITLES, VARIANT_TITLES, format_metric, write_json
+from tailorlm.eval.report import TITLES, format_metric, variant_title, write_json
 from tailorlm.track.flat import as_text, flatten
 from tailorlm.track.registry import RunRecord, load_run
 
 ABSENT = object()  # a config key a run does not have (an older version's config), unlike an explicit null
-VARIANT_ORDER = ["zero_shot", "few_shot", "fine_tuned", "vs prompting"]  # rows in this order, whichever run has them
+VARIANT_ORDER = [f"{base}{kind}" for base in ("zero_shot", "few_shot") for kind in ("", "_constrained", "_likelihood")] + [
+    "classic", "fine_tuned", "fine_tuned_constrained", "vs prompting"]  # rows in this order, whichever run has them
 NOT_CURVE_FIELDS = {"step", "epoch"}  # x positions, not values to plot
 METRICS_TITLE = "Metrics (test split, on generated text)"
 NUMERIC_TABLES = {METRICS_TITLE, "Training"}
@@ -165,7 +166,7 @@ def tables(comparison: Comparison) -> dict[str, tuple[list[str], list[list[str]]
     labels = comparison.labels
     config = (["key", *labels], [[k, *(_cell(v) for v in vs)] for k, vs in comparison.config_diff.items()])
     metrics = (["task", "variant", "metric", *labels],
-               [[m["task"], VARIANT_TITLES.get(m["variant"], m["variant"]), TITLES.get(m["metric"], m["metric"]),
+               [[m["task"], variant_title(m["variant"]), TITLES.get(m["metric"], m["metric"]),
                  *(_metric_cell(m["metric"], v) for v in m["values"])] for m in comparison.metrics])
     training = (["", *labels], [[fact, *(_cell(v, none="-") for v in vs)] for fact, vs in comparison.training.items()])
     runs = (["run", "path"], [[label, str(r.path)] for label, r in zip(labels, comparison.runs)])

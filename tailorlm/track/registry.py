@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tailorlm.errors import TailorError
+from tailorlm.eval.baselines import best_prompting
 from tailorlm.eval.report import SCALE_100, VARIANT_TITLES, format_metric
 from tailorlm.track.lock import writer_is_gone
 
@@ -27,6 +28,7 @@ class Headline:
     metric: str
     fine_tuned: float | None
     best_prompting: float | None
+    best_variant: str | None = None  # which prompting result that is (few_shot_likelihood, ...)
 
     @property
     def gain_points(self) -> float | None:
@@ -94,9 +96,9 @@ class RunRecord:
         result = {}
         for task, section in self.sections().items():
             metric, variants = section.get("headline"), section.get("variants", {})
-            prompting = [m[metric] for v, m in variants.items() if v != "fine_tuned" and m.get(metric) is not None]
-            result[task] = Headline(metric, variants.get("fine_tuned", {}).get(metric),
-                                    max(prompting) if prompting else None)
+            best = best_prompting(variants, metric)  # of any kind: free, constrained, label likelihood
+            result[task] = Headline(metric, variants.get("fine_tuned", {}).get(metric), best and best["value"],
+                                    best and best["variant"])
         return result
 
     def summary(self) -> dict:
@@ -105,7 +107,8 @@ class RunRecord:
                 "task": self.task, "method": self.method, "model": self.model, "steps": self.steps,
                 "train_seconds": self.train_seconds, "error": self.state.get("error"),
                 "headline": {task: {"metric": h.metric, "fine_tuned": h.fine_tuned,
-                                    "best_prompting": h.best_prompting, "gain_points": h.gain_points}
+                                    "best_prompting": h.best_prompting, "best_prompting_variant": h.best_variant,
+                                    "gain_points": h.gain_points}
                              for task, h in self.headlines().items()}}
 
 

@@ -2,10 +2,12 @@
 
 A checkpoint is a folder `checkpoints/step-00000040/` with:
   weights.safetensors   every parameter the method can change (strategy.checkpoint_params)
-  trainer.pt            optimizer and schedule state, RNG states (plain tensors and lists: loads with
-                        torch.load(weights_only=True))
+  trainer.safetensors   optimizer and schedule state, RNG states: the tensors, with the structure around
+                        them as JSON in the file's metadata (no pickle: nothing in a checkpoint can run code)
   state.json            the loop's position and history (step, epoch, batch, losses, best so far)
-  COMPLETE              written last: a folder without it is a torn write and is never read
+  COMPLETE              written last: a manifest of each file's size and SHA-256. A folder without it is a
+                        torn write and is never read; one whose files do not match it (a disk that filled up,
+                        a truncated copy, an edited file) is skipped for the newest checkpoint that does
 
 Writes are atomic: everything goes into `.tmp-step-N/`, each file is fsynced, the folder is renamed into
 place, COMPLETE is written and synced, and only then does `latest` (a one-line file, itself replaced by
@@ -13,6 +15,7 @@ rename) move and are old checkpoints pruned. A kill at any moment leaves the pre
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -24,8 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tailorlm.errors import TailorError
+from tailorlm.ui import console
 
 MARKER = "COMPLETE"
+FILES = ("weights.safetensors", "trainer.safetensors", "state.json")
+STRUCTURE_KEY = "tailorlm.trainer"  # the safetensors metadata entry that holds the trainer state's structure
 
 
 def _fsync_file(path: Path) -> None:
@@ -89,16 +95,16 @@ class CheckpointStore:
         # contiguous CPU copies: safetensors needs them, and the live tensors keep training on their device
         save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()},
                   tmp / "weights.safetensors")
-        torch.save(trainer, tmp / "trainer.pt")
+        save_trainer(trainer, tmp / "trainer.safetensors")
         (tmp / "state.json").write_text(json.dumps(state))
-        for name in ("weights.safetensors", "trainer.pt", "state.json"):
+        for name in FILES:
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
         if final.exists():  # a complete checkpoint of the same step from an earlier attempt: replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(self.root)
-        (final / MARKER).write_text("ok\n")
+        (final / MARKER).write_text(json.dumps({"files": {name: _fingerprint(final / name) for name in FILES}}))
         _fsync_file(final / MARKER)
         _fsync_dir(final)
         _write_text_atomic(self.root / "latest", final.name + "\n")
@@ -112,17 +118,26 @@ class CheckpointStore:
             return []
         return sorted(p for p in self.root.glob("step-*") if (p / MARKER).is_file())
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint (the `latest` pointer, else a scan: the pointer may lag a kill)."""
-        found = self.complete()
-        return found[-1] if found else None
+    def latest(self, verify: bool = False) -> Path | None:
+        """The newest complete checkpoint (a scan: the `latest` pointer may lag a kill). verify=True reads every
+        file against the manifest and falls back, saying so, past any that do not match."""
+        for path in reversed(self.complete()):
+            problem = damage(path) if verify else None
+            if problem is None:
+                return path
+            console.print(f"[yellow]checkpoint {path} is damaged ({problem}); trying the one before it[/]", soft_wrap=True)
+        return None
 
     def best(self) -> Path | None:
         pointer = self.root / "best"
         if pointer.is_file():
             path = self.root / pointer.read_text().strip()
             if (path / MARKER).is_file():
-                return path
+                problem = damage(path)
+                if problem is None:
+                    return path
+                console.print(f"[yellow]the best checkpoint {path} is damaged ({problem}); keeping the final "
+                              f"weights instead[/]", soft_wrap=True)
         return None
 
     def prune(self, best_step: int | None) -> None:
@@ -136,9 +151,94 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def damage(path: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be trusted, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((path / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MARKER} is not a manifest written by this version of tailorlm"
+    if set(manifest) != set(FILES):
+        return f"{MARKER} lists {sorted(manifest)}, expected {list(FILES)}"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected.get("bytes"):
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected.get('bytes')}"
+        if _fingerprint(file)["sha256"] != expected.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _pack(value, tensors: dict):
+    """JSON-able structure with each tensor replaced by a reference into `tensors`. Tuples and dicts with
+    non-string keys (optimizer states key by index) are tagged so they come back as they were."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        pairs = [[_pack(k, tensors), _pack(v, tensors)] for k, v in value.items()]
+        return {"__dict__": pairs}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_pack(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_pack(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"internal: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _unpack(value, tensors: dict):
+    if isinstance(value, list):
+        return [_unpack(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_unpack(v, tensors) for v in value["__tuple__"])
+        return {_unpack(k, tensors): _unpack(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
+def save_trainer(trainer: dict, path: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _pack(trainer, tensors)
+    save_file(tensors, path, metadata={STRUCTURE_KEY: json.dumps(structure)})
+
+
+def _read_trainer(path: Path) -> dict:
+    from safetensors import safe_open
+
+    file = path / "trainer.safetensors"
+    if not file.is_file():
+        old = " (trainer.pt: a pickle from an older tailorlm, which is no longer loaded)" if (path / "trainer.pt").exists() else ""
+        raise TailorError(f"{path}: no trainer.safetensors{old}; start the run again")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            structure = json.loads((f.metadata() or {})[STRUCTURE_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return _unpack(structure, tensors)
+    except Exception as e:  # a bad header, no structure entry, a reference to a missing tensor
+        raise TailorError(f"{file} is not a trainer state written by tailorlm "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+
+
 def load_weights(path: Path, params: dict[str, torch.nn.Parameter]) -> None:
     """Copy a checkpoint's weights into the live parameters (names must match the method's set)."""
-    saved = load_file(path / "weights.safetensors")
+    try:
+        saved = load_file(path / "weights.safetensors")
+    except Exception as e:  # SafetensorError or OSError: not the file tailorlm wrote
+        raise TailorError(f"{path / 'weights.safetensors'} is not a readable safetensors file "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     missing = set(params) - set(saved)
     if missing:
         raise TailorError(f"{path}: checkpoint lacks {len(missing)} parameter(s) this run trains, e.g. "
@@ -150,5 +250,8 @@ def load_weights(path: Path, params: dict[str, torch.nn.Parameter]) -> None:
 
 def load_trainer(path: Path) -> tuple[dict, dict]:
     """(trainer state: optimizer, schedule, rng; loop state from state.json)."""
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    return trainer, json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TailorError(f"{path / 'state.json'} is not readable loop state ({e})") from None
+    return _read_trainer(path), state

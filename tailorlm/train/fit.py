@@ -88,7 +88,7 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list[Sample], validation: d
         return metrics
 
     store = CheckpointStore(out_dir / "checkpoints", cfg.train.keep_checkpoints)
-    start = store.latest() if resume else None
+    start = store.latest(verify=True) if resume else None
     if resume and start is None:
         console.print("No complete checkpoint yet: training starts from the beginning")
     hooks = Hooks(evaluate=evaluate if (val_set or probe) else None, checkpoints=store, select=cfg.eval.select,

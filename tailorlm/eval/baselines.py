@@ -1,0 +1,142 @@
+"""Prompting at its best, before fine-tuning claims a gain.
+
+For a task with a closed label set, the base model is prompted zero-shot and few-shot, and each is scored
+three ways: free generation, decoding constrained to the labels, and label log-likelihood. The fine-tuned
+model is compared with the best of all of them. Free generation alone would count a base model that does not
+follow the answer format as ignorant, and the gain over it would be partly a gain in format-following.
+
+Around them: the k-shot curve (prompting quality against the number of demonstrations, where it stops
+improving), demonstrations drawn at random or retrieved by similarity, and a TF-IDF + logistic regression
+classifier trained on the same split, with what each prediction costs in prompt tokens and seconds.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from tailorlm.config import EvalSpec
+from tailorlm.eval.classic import nearest, tfidf_logistic_regression
+from tailorlm.eval.evaluate import Evaluator, pick_demos
+
+PROMPTING = ("zero_shot", "few_shot")
+CLASSIC = "classic"
+CURVE_KIND_ORDER = ("likelihood", "constrained", "free")  # the cheapest kind measures the curve's inner points
+
+
+def variant_name(base: str, kind: str) -> str:
+    """zero_shot (free generation), zero_shot_constrained, zero_shot_likelihood, fine_tuned, ..."""
+    return base if kind == "free" else f"{base}_{kind}"
+
+
+def is_prompting(variant: str) -> bool:
+    return variant.startswith(PROMPTING)
+
+
+def best_prompting(variants: dict[str, dict], headline: str) -> dict | None:
+    """{variant, value} of the best prompting result of any kind; the fine-tuned gain is measured against it."""
+    scored = [(m[headline], v) for v, m in variants.items() if is_prompting(v) and m.get(headline) is not None]
+    if not scored:
+        return None
+    order = list(variants)
+    value, variant = max(scored, key=lambda x: (x[0], -order.index(x[1])))  # ties: the first listed
+    return {"variant": variant, "value": value}
+
+
+@dataclass
+class Baselines:
+    variants: dict[str, dict] = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+    curve: dict = field(default_factory=dict)  # {kind, metric, points: [{k, value, rows, dropped_demos}], best_k}
+
+
+def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, spec: EvalSpec, seed: int,
+                  report=print) -> Baselines:
+    """Every prompting baseline of one task on its test samples, the k-shot curve, and the classic classifier."""
+    out = Baselines()
+    kinds = [k for k in ("free", "constrained", "likelihood") if k in spec.prompting] if evaluator.closed else ["free"]
+    kinds = kinds or ["free"]
+    ks = spec.few_shot_k
+    largest = max(ks)
+    demos_for = _demo_picker(evaluator, train, test, spec.demos, seed)
+    headline = evaluator.task.headline
+    measured: dict[tuple[int, str], dict] = {}
+    for base, k in (("zero_shot", 0), ("few_shot", largest)):
+        if base not in spec.baselines or (base == "few_shot" and largest == 0):
+            continue
+        for kind in kinds:
+            name = variant_name(base, kind)
+            result = evaluator.run(model, test, name, demos_for(k), kind)
+            out.variants[name] = result.metrics
+            out.predictions += result.predictions
+            measured[(k, kind)] = {"rows": len(test), **result.metrics}
+            report(name, result.metrics)
+    curve_kind = next((k for k in CURVE_KIND_ORDER if k in kinds), "free")
+    rows = _curve_rows(test, spec.curve_rows, seed)
+    points = []
+    for k in ks:
+        if (k, curve_kind) not in measured:
+            if k not in (0, largest) and not evaluator.closed:
+                continue  # open answers: the inner points would cost a full generation each
+            if (k == 0 and "zero_shot" not in spec.baselines) or (k == largest and "few_shot" not in spec.baselines):
+                continue
+            result = evaluator.run(model, rows, f"{k}-shot ({curve_kind})", demos_for(k, rows), curve_kind)
+            measured[(k, curve_kind)] = {"rows": len(rows), **result.metrics}
+        m = measured[(k, curve_kind)]
+        points.append({"k": k, "value": m[headline], "rows": m["rows"], "dropped_demos": m["dropped_demos"],
+                       "prompt_tokens": m["prompt_tokens"]})
+    if points:
+        best = max(points, key=lambda p: (p["value"], -p["k"]))  # the smallest k that reaches the best value
+        out.curve = {"kind": curve_kind, "metric": headline, "demos": spec.demos, "points": points, "best_k": best["k"]}
+    if spec.classic and evaluator.closed and evaluator.label_field:
+        out.variants[CLASSIC], predictions = _classic(evaluator, train, test, seed)
+        out.predictions += predictions
+        report(CLASSIC, out.variants[CLASSIC])
+    return out
+
+
+def _demo_picker(evaluator: Evaluator, train: list[dict], test: list, how: str, seed: int):
+    """demos_for(k, samples=test): the demonstrations of k shots, one list for all rows (random) or one per row
+    (similar). The same training examples for every kind, so the kinds differ in scoring alone."""
+    if how == "random":
+        return lambda k, samples=None: pick_demos(train, k, seed, evaluator.label_field) if k else []
+    texts = [input_text(ex, evaluator) for ex in train]
+    cache: dict[int, list[list[int]]] = {}
+
+    def similar(k: int, samples=None):
+        if not k:
+            return []
+        samples = test if samples is None else samples
+        key = (k, id(samples))
+        if key not in cache:
+            cache[key] = nearest(texts, [input_text(s.example, evaluator) for s in samples], k)
+        # most similar last: nearest the question, where a model weighs demonstrations most
+        return [[train[i] for i in reversed(row)] for row in cache[key]]
+
+    return similar
+
+
+def input_text(example: dict, evaluator: Evaluator) -> str:
+    """The example's own input fields, joined: what retrieval and the classic classifier see."""
+    fields = sorted(evaluator.template.input_fields)
+    return "\n".join(str(example.get(f, "")) for f in fields if isinstance(example.get(f), (str, int, float)))
+
+
+def _curve_rows(test: list, limit: int | None, seed: int) -> list:
+    if limit is None or len(test) <= limit:
+        return test
+    keep = sorted(random.Random(seed + 11).sample(range(len(test)), limit))
+    return [test[i] for i in keep]
+
+
+def _classic(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> tuple[dict, list[dict]]:
+    field_ = evaluator.label_field
+    result = tfidf_logistic_regression([input_text(ex, evaluator) for ex in train], [ex[field_] for ex in train],
+                                       [input_text(s.example, evaluator) for s in test], seed)
+    examples = [s.example for s in test]
+    metrics, predicted = evaluator.task.score(result.predicted, examples, evaluator.labels)
+    metrics.update({"kind": "tf-idf + logistic regression", "k": 0, "prompt_tokens": 0.0,
+                    "seconds_per_100": round(result.seconds_per_100, 4), "dropped_demos": 0,
+                    "train_seconds": round(result.train_seconds, 2)})
+    predictions = [{"variant": CLASSIC, "input": input_text(ex, evaluator), "expected": ex[field_], "generated": g,
+                    "predicted": p, "where": ex.get("_where")} for ex, g, p in zip(examples, result.predicted, predicted)]
+    return metrics, predictions

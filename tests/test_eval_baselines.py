@@ -1,0 +1,163 @@
+"""The strongest honest baseline: label likelihood against a direct computation, constrained and free kinds, the
+k-shot curve with its dropped demonstrations, retrieved demonstrations, the classic classifier, and the gain
+measured against the best prompting result of any kind."""
+import pytest
+import torch
+
+from tailorlm.config import EvalSpec, TemplateSpec
+from tailorlm.data.templates import PromptTemplate
+from tailorlm.data.tokenize import ChatFormat, encode_examples
+from tailorlm.eval.baselines import best_prompting, run_baselines, variant_name
+from tailorlm.eval.classic import nearest, tfidf_logistic_regression
+from tailorlm.eval.evaluate import Evaluator, pick_demos
+from tailorlm.eval.likelihood import answer_logprobs
+from tailorlm.eval.metrics import answer_complete
+from conftest import tiny_llama
+
+LABELS = ["negative", "positive"]
+TEXTS = {"positive": ["a great movie", "the actor won an award", "great film great director", "the team won"],
+         "negative": ["an awful film", "the director failed", "awful awful movie", "the minister said awful"]}
+CPU = torch.device("cpu")
+
+
+def examples(n_rounds: int = 1) -> list[dict]:
+    return [{"text": f"{t} {i}" if i else t, "label": label, "_where": f"d.csv, line {j}"}
+            for i in range(n_rounds) for label, texts in TEXTS.items() for j, t in enumerate(texts, 2)]
+
+
+def setup(tokenizer, **eval_overrides):
+    spec = TemplateSpec(max_length=256)
+    template, fmt = PromptTemplate(spec), ChatFormat(tokenizer, spec)
+    samples, _ = encode_examples(examples(), template, fmt, LABELS, spec)
+    evaluator = Evaluator(tokenizer, template, fmt, LABELS, EvalSpec(batch_size=4, **eval_overrides), CPU)
+    return evaluator, samples
+
+
+def direct_logprob(model, prompt: list[int], answer: list[int]) -> float:
+    """log p(answer | prompt), summed over the answer's tokens, from one plain forward pass of the whole text."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(answer))
+
+
+def test_answer_logprobs_equal_a_direct_computation(tiny_tokenizer):
+    model = tiny_llama(len(tiny_tokenizer), seed=1)
+    shared = list(range(30, 45))  # a shared opening: the prefix cache path
+    prompts = [shared + [50, 51, 52], shared + [60, 61], shared + [70]]
+    answers = [[5], [7, 8, 9], [10, 11]]  # one token, and longer ones of different lengths (padding)
+    got = answer_logprobs(model, prompts, answers, CPU)
+    for prompt, row in zip(prompts, got):
+        assert row == pytest.approx([direct_logprob(model, prompt, a) for a in answers], abs=1e-4)
+    alone = answer_logprobs(model, [prompts[1]], answers, CPU)  # no shared prefix: one prompt
+    assert alone[0] == pytest.approx(got[1], abs=1e-4)
+
+
+def test_label_likelihood_picks_the_label_with_the_highest_summed_logprob(tiny_tokenizer):
+    model = tiny_llama(len(tiny_tokenizer), seed=2)
+    evaluator, samples = setup(tiny_tokenizer)
+    result = evaluator.run(model, samples, "zero_shot_likelihood", kind="likelihood")
+    for sample, prediction in zip(samples, result.predictions):
+        scores = [direct_logprob(model, sample.prompt_ids, answer) for answer in evaluator.answers]
+        assert prediction["predicted"] == LABELS[max(range(2), key=scores.__getitem__)]
+    assert result.metrics["valid"] == 1.0 and result.metrics["kind"] == "likelihood"
+    assert result.metrics["prompt_tokens"] == pytest.approx(sum(len(s.prompt_ids) for s in samples) / len(samples), abs=0.1)
+    # the answers scored are exactly the completions training teaches, end-of-turn token included
+    assert [tiny_tokenizer.decode(a) for a in evaluator.answers] == ["negative<|im_end|>", "positive<|im_end|>"]
+
+
+def test_constrained_decoding_always_answers_a_label(tiny_tokenizer):
+    model = tiny_llama(len(tiny_tokenizer), seed=3)
+    evaluator, samples = setup(tiny_tokenizer)
+    result = evaluator.run(model, samples, "zero_shot_constrained", kind="constrained")
+    assert {p["predicted"] for p in result.predictions} <= set(LABELS) and result.metrics["valid"] == 1.0
+
+
+def test_free_generation_stops_once_a_label_is_named_or_the_line_ends():
+    done = answer_complete(["sport", "tech", "very positive"])
+    assert not done("The topic is tech")  # 'tech' may still become 'technology'
+    assert not done("The topic is technology ")
+    assert done("The topic is tech.") and done("The topic is sport and")
+    assert done("I am not sure\nThe") and not done("\n  I am not")  # a leading newline is not an answer
+    assert done("very   positive!") and not done("very posit")
+
+
+@pytest.mark.parametrize("limit, dropped", [(4096, [0, 0, 0]), (None, None)])
+def test_the_curve_has_each_k_and_counts_dropped_demos(tiny_tokenizer, limit, dropped):
+    model = tiny_llama(len(tiny_tokenizer), seed=4)
+    evaluator, samples = setup(tiny_tokenizer, few_shot_k=[3, 0, 1], curve_rows=5)
+    train = examples(3)
+    if limit is None:  # a limit that fits the 1-shot prompts but not all 3 demonstrations
+        one_shot, _ = evaluator.prompts(samples, pick_demos(train, 1, 0))
+        three_shot, _ = evaluator.prompts(samples, pick_demos(train, 3, 0))
+        limit = max(map(len, one_shot)) + evaluator.max_new_tokens + 2
+        assert max(map(len, three_shot)) + evaluator.max_new_tokens > limit
+    evaluator.spec = evaluator.spec.model_copy(update={"max_prompt_tokens": limit})
+    out = run_baselines(model, evaluator, train, samples, evaluator.spec, seed=0, report=lambda *a: None)
+    points = out.curve["points"]
+    assert [p["k"] for p in points] == [0, 1, 3] and out.curve["kind"] == "likelihood"
+    assert [p["rows"] for p in points] == [8, 5, 8]  # the end points use the whole split, inner ones curve_rows
+    assert out.variants["few_shot_likelihood"]["k"] == 3
+    if dropped is not None:
+        assert [p["dropped_demos"] for p in points] == dropped
+    else:
+        # every row loses what does not fit: recount it by building each prompt by hand
+        expected = 0
+        for sample in samples:
+            shots = [(evaluator.template.prompt(d, LABELS), evaluator.template.completion(d)) for d in pick_demos(train, 3, 0)]
+            question = evaluator.template.prompt(sample.example, LABELS)
+            while shots and len(evaluator.fmt.encode_prompt(evaluator.fmt.prompt_text(question, shots))) + evaluator.max_new_tokens > limit:
+                shots.pop()
+                expected += 1
+        assert points[2]["dropped_demos"] == expected > 0 and points[0]["dropped_demos"] == 0
+        assert out.variants["few_shot"]["dropped_demos"] == expected
+    assert out.curve["best_k"] == max(points, key=lambda p: (p["value"], -p["k"]))["k"]
+    expected_variants = {variant_name(b, k) for b in ("zero_shot", "few_shot") for k in ("free", "constrained", "likelihood")}
+    assert set(out.variants) == expected_variants | {"classic"}
+
+
+def test_similar_demos_are_each_rows_nearest_training_examples(tiny_tokenizer):
+    model = tiny_llama(len(tiny_tokenizer), seed=5)
+    evaluator, samples = setup(tiny_tokenizer, few_shot_k=[0, 2], demos="similar", prompting=["likelihood"], classic=False)
+    train = [{"text": "awful awful movie again", "label": "negative"}, {"text": "the team won again", "label": "positive"},
+             {"text": "weather report", "label": "negative"}]
+    seen = []
+    real = evaluator.prompts
+
+    def spy(rows, demos=()):
+        seen.append(demos)
+        return real(rows, demos)
+
+    evaluator.prompts = spy
+    out = run_baselines(model, evaluator, train, samples, evaluator.spec, seed=0, report=lambda *a: None)
+    per_row = seen[-1]
+    assert len(per_row) == len(samples)
+    row = next(i for i, s in enumerate(samples) if s.example["text"] == "awful awful movie")
+    assert per_row[row][-1]["text"] == "awful awful movie again"  # the most similar sits next to the question
+    assert set(out.variants) == {"zero_shot_likelihood", "few_shot_likelihood"}
+
+
+def test_classic_classifier_and_retrieval():
+    train = [f"{w} film" for w in ("great", "superb", "lovely")] + [f"{w} film" for w in ("awful", "dire", "bad")]
+    labels = ["positive"] * 3 + ["negative"] * 3
+    result = tfidf_logistic_regression(train * 3, labels * 3, ["a superb film", "a dire film"])
+    assert result.predicted == ["positive", "negative"] and result.seconds_per_100 >= 0
+    assert nearest(train, ["dire dire"], 2)[0][0] == 4
+    assert tfidf_logistic_regression(["a", "b"], ["x", "x"], ["c"]).predicted == ["x"]  # one label: that label
+
+
+def test_the_gain_is_over_the_best_prompting_result_of_any_kind():
+    variants = {"zero_shot": {"accuracy": 0.2}, "zero_shot_likelihood": {"accuracy": 0.7},
+                "few_shot_constrained": {"accuracy": 0.7}, "classic": {"accuracy": 0.9}, "fine_tuned": {"accuracy": 0.8}}
+    assert best_prompting(variants, "accuracy") == {"variant": "zero_shot_likelihood", "value": 0.7}  # ties: first
+    from tailorlm.eval.report import best_line, comparison_rows
+
+    rows = {r[0]: r for r in comparison_rows(variants, ("accuracy",))}
+    assert rows["fine-tuned"][2] == "+10.0 pts" and rows["TF-IDF + logistic reg."][2] == ""
+    assert best_line(variants, "accuracy") == ("vs prompting: against the best prompting result, zero-shot, "
+                                               "likelihood (accuracy 0.700)")
+
+
+def test_a_single_k_is_the_curve_from_zero():
+    assert EvalSpec(few_shot_k=4).few_shot_k == [0, 4]
+    assert EvalSpec(few_shot_k=[6, 0, 3, 3]).few_shot_k == [0, 3, 6]
