@@ -7,6 +7,9 @@ tests use it too).
 """
 import io
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -67,6 +70,23 @@ def direct_greedy(trained, prompt_ids: list[int], max_new_tokens: int) -> str:
         out = trained.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=trained.tokenizer.pad_token_id, eos_token_id=2)
     return trained.tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+
+
+@contextmanager
+def slowed(model, seconds: float):
+    """Every forward pass of the model takes `seconds` longer: generations long enough to interrupt."""
+    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.01)
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -142,6 +162,82 @@ def test_queued_greedy_requests_run_as_one_batch_with_their_own_answers(trained,
     assert [r.text for r in results] == expected
     assert [r.completion_tokens for r in results] == budgets
     assert engine.batch_sizes == [1, 3] and most[0] == 1  # never two generations on the model at once
+
+
+def test_a_short_row_is_answered_before_the_long_row_of_its_batch_ends(trained, engine):
+    prompts = [engine.chat_prompt([{"role": "user", "content": text}]) for text in ("hello", "the market rose")]
+    expected = [direct_greedy(trained, prompts[0], 60), direct_greedy(trained, prompts[1], 4)]
+    entered, gate, generate = threading.Event(), threading.Event(), engine.model.generate
+
+    def gated_generate(*args, **kwargs):  # hold the first generation until both requests are queued
+        entered.set()
+        gate.wait(10)
+        return generate(*args, **kwargs)
+
+    engine.model.generate = gated_generate
+    try:
+        with slowed(engine.model, 0.01):
+            engine.submit(prompts[0], Sampling(1))
+            assert entered.wait(10)
+            long, short = engine.submit(prompts[0], Sampling(60)), engine.submit(prompts[1], Sampling(4))
+            gate.set()
+            assert short.result(30).text == expected[1]
+            assert not long.done()  # the short answer did not wait for the 56 steps the long row still needs
+            assert long.result(30).text == expected[0]
+    finally:
+        del engine.model.generate
+    assert engine.batch_sizes == [1, 2]
+
+
+def _long_answer(engine, prompt: list[int], sampling: Sampling, streamed: bool) -> str:
+    return "".join(engine.stream(prompt, sampling)) if streamed else engine.complete(prompt, sampling).text
+
+
+@pytest.mark.parametrize("kind", ["greedy", "sampled", "streamed"])
+def test_a_long_generation_pauses_for_a_new_request_and_resumes_unchanged(trained, kind):
+    """Past a slice, a generation gives the model to a request that waits, then continues from its cache and
+    its own random state: its answer is the one it gives uninterrupted."""
+    engine = Engine(trained.model, trained.tokenizer, trained.chat_format(), "cpu", slice_tokens=8)
+    prompt, other = (engine.chat_prompt([{"role": "user", "content": t}]) for t in ("the film won", "hello"))
+    sampling = Sampling(60, temperature=1.0, seed=3) if kind == "sampled" else Sampling(60)
+    interrupting = Sampling(5, temperature=1.0, seed=11)  # reseeds the generator the paused run samples from
+    try:
+        alone = _long_answer(engine, prompt, sampling, kind == "streamed")
+        calls = len(engine.batch_sizes)
+        with slowed(engine.model, 0.01), ThreadPoolExecutor(1) as pool:
+            long = pool.submit(_long_answer, engine, prompt, sampling, kind == "streamed")
+            wait_until(lambda: len(engine.batch_sizes) > calls)
+            assert engine.complete(other, interrupting).completion_tokens > 0
+            assert not long.done()  # the new request was answered while the long one waited
+            assert long.result(60) == alone
+        assert engine.batch_sizes[calls:] == [1, 1, 1]  # the long run's first turn, the new request, the rest
+    finally:
+        engine.close()
+
+
+def test_a_paused_generation_still_progresses_while_new_requests_keep_coming(trained):
+    """Two clients send short sampled requests back to back, so one always waits: the long generation, paused
+    after its first slice, is still resumed every RESUME_EVERY-th turn and finishes meanwhile."""
+    engine = Engine(trained.model, trained.tokenizer, trained.chat_format(), "cpu", slice_tokens=4)
+    prompt = engine.chat_prompt([{"role": "user", "content": "the film won"}])
+    stop, shorts = threading.Event(), []
+
+    def keep_asking() -> None:  # sampled requests run one at a time, so they never merge into one batch
+        while not stop.is_set() and len(shorts) < 400:
+            shorts.append(engine.complete(prompt, Sampling(2, temperature=1.0)))
+
+    try:
+        long = engine.submit(prompt, Sampling(24))
+        wait_until(lambda: len(engine.batch_sizes) > 0)
+        with ThreadPoolExecutor(2) as pool:
+            askers = [pool.submit(keep_asking) for _ in range(2)]
+            long.result(60)
+            finished_during = len(shorts) < 400 and not any(a.done() for a in askers)
+            stop.set()
+        assert finished_during  # not starved until the other clients stopped
+        assert long.result().text == direct_greedy(trained, prompt, 24)
+    finally:
+        engine.close()
 
 
 def test_sampling_is_reproducible_with_a_seed(engine):

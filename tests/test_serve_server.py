@@ -1,6 +1,8 @@
 """`tailor serve` end to end: a live uvicorn server on a free port, driven by the official openai client."""
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -9,10 +11,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from test_serve_chat import SYSTEM, direct_greedy, serve_run
+from test_serve_chat import SYSTEM, direct_greedy, serve_run, slowed, wait_until
 from tailorlm.serve.command import model_id
 from tailorlm.serve.engine import Engine
-from tailorlm.serve.server import BackgroundServer, create_app
+from tailorlm.serve.server import BackgroundServer, Limits, create_app
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +227,11 @@ def test_the_raw_stream_is_server_sent_events_ending_with_done(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_failed_generation_is_a_500_and_the_worker_lives_on(client, engine, monkeypatch):
-    def broken(jobs):
+def test_a_failed_generation_is_a_500_and_the_worker_lives_on(client, trained, monkeypatch):
+    def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(engine, "_generate", broken)
+    monkeypatch.setattr(trained.model, "generate", broken)
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="run", messages=user("hi"), max_tokens=3)
     assert caught.value.body["message"] == "RuntimeError: out of memory (simulated)"
@@ -245,10 +247,174 @@ def test_the_serve_verb_serves_a_run_under_its_name(trained, monkeypatch):
 
     seen = {}
 
-    def fake_serve(engine, name, host, port):  # everything but uvicorn.run, which the tests above cover
-        seen.update(name=name, host=host, port=port, max_batch=engine.max_batch, system=engine.fmt.system)
+    def fake_serve(engine, name, host, port, limits):  # everything but uvicorn.run, which the tests above cover
+        seen.update(name=name, host=host, port=port, max_batch=engine.max_batch, system=engine.fmt.system,
+                    limits=limits)
         engine.close()
 
     monkeypatch.setattr("tailorlm.serve.server.serve", fake_serve)
     assert main(["serve", str(trained.run_dir), "--port", "8123", "--max-batch", "3"]) == 0
-    assert seen == {"name": "run", "host": "127.0.0.1", "port": 8123, "max_batch": 3, "system": SYSTEM}
+    assert seen == {"name": "run", "host": "127.0.0.1", "port": 8123, "max_batch": 3, "system": SYSTEM,
+                    "limits": Limits(max_tokens=2048, queue_timeout=60.0)}
+    assert main(["serve", str(trained.run_dir), "--max-tokens-limit", "300", "--queue-timeout", "2.5"]) == 0
+    assert seen["limits"] == Limits(max_tokens=300, queue_timeout=2.5)
+
+
+# ---- clients that misbehave -------------------------------------------------------------------------------------
+
+STEP_S = 0.03  # added to each forward pass: 400 tokens take about 12 s, and a 32-token slice about 1 s
+
+
+@pytest.fixture
+def slow_steps(trained):
+    with slowed(trained.model, STEP_S):
+        yield
+
+
+def long_chat(**extra) -> dict:
+    """A greedy chat request for 400 tokens (this model never ends an answer by itself)."""
+    return {"model": "run", "messages": user("the film won an award"), "max_tokens": 400, "temperature": 0, **extra}
+
+
+def send_and_keep(address: tuple[str, int], path: str, body: dict) -> socket.socket:
+    """POST body and return the open connection without reading the reply: closing it walks away."""
+    data = json.dumps(body).encode()
+    connection = socket.create_connection(address, timeout=30)
+    connection.sendall(f"POST /v1/{path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return connection
+
+
+def address(client: OpenAI) -> tuple[str, int]:
+    return client.base_url.host, client.base_url.port
+
+
+def test_a_client_that_leaves_stops_its_generation_and_frees_the_model(client, engine, generations, slow_steps):
+    cancels, calls = len(engine.cancelled), generations["calls"]
+    leaver = send_and_keep(address(client), "chat/completions", long_chat())
+    wait_until(lambda: generations["calls"] > calls)
+    time.sleep(0.3)  # about 10 of its 400 tokens
+    leaver.close()
+    wait_until(lambda: len(engine.cancelled) > cancels)
+    assert 0 < engine.cancelled[-1] < 100  # stopped soon after its client left, not after 400 tokens
+    started = time.monotonic()
+    reply = client.chat.completions.create(model="run", messages=user("hi"), max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3 and time.monotonic() - started < 5
+
+
+def test_a_streaming_client_that_leaves_stops_its_generation(client, engine, slow_steps):
+    cancels = len(engine.cancelled)
+    leaver = send_and_keep(address(client), "chat/completions", long_chat(stream=True))
+    received = b""
+    while received.count(b"data: ") < 3:  # the opening chunk and two pieces of text
+        received += leaver.recv(4096)
+    leaver.close()
+    wait_until(lambda: len(engine.cancelled) > cancels)
+    assert 0 < engine.cancelled[-1] < 100
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_queued_client_that_leaves_never_reaches_the_model(client, engine, generations, slow_steps, stream):
+    cancels = len(engine.cancelled)
+    holder = send_and_keep(address(client), "chat/completions", long_chat())  # the model is busy for a slice
+    wait_until(lambda: generations["running"] == 1)
+    queued = send_and_keep(address(client), "chat/completions", long_chat(messages=user("hello"), stream=stream))
+    wait_until(lambda: engine.queued == 1)
+    queued.close()
+    wait_until(lambda: len(engine.cancelled) > cancels)
+    assert engine.cancelled[-1] == 0  # taken out of the queue: not one token generated
+    holder.close()
+    wait_until(lambda: len(engine.cancelled) > cancels + 1)
+    assert engine.cancelled[-1] < 100
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_request_the_model_cannot_take_in_time_gets_a_503_with_retry_after(engine, generations, slow_steps,
+                                                                              stream):
+    with BackgroundServer(create_app(engine, "run", Limits(queue_timeout=0.2))) as server:
+        impatient = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=60)
+        cancels, calls = len(engine.cancelled), generations["calls"]
+        holder = send_and_keep((server.host, server.port), "chat/completions", long_chat())
+        wait_until(lambda: generations["running"] == 1)
+        with pytest.raises(openai.InternalServerError) as caught:
+            impatient.chat.completions.create(model="run", messages=user("hi"), max_tokens=3, stream=stream)
+        holder.close()
+        wait_until(lambda: len(engine.cancelled) > cancels)
+    assert generations["calls"] == calls + 1  # only the holder's: the refused request never reached the model
+    error = caught.value
+    assert error.status_code == 503 and error.response.headers["Retry-After"] == "1"
+    assert error.body == {"message": "the server is busy: the request waited 0.2 s without reaching the model; "
+                                     "retry in 1 s", "type": "server_error", "param": None, "code": "queue_timeout"}
+
+
+def test_max_tokens_over_the_server_limit_is_a_400_naming_the_limit(engine):
+    with BackgroundServer(create_app(engine, "run", Limits(max_tokens=40))) as server:
+        capped = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=60)
+        asks = [("max_tokens", lambda: capped.chat.completions.create(model="run", messages=user("hi"), max_tokens=41)),
+                ("max_completion_tokens", lambda: capped.chat.completions.create(
+                    model="run", messages=user("hi"), max_completion_tokens=41)),
+                ("max_tokens", lambda: capped.completions.create(model="run", prompt="hi", max_tokens=41, stream=True))]
+        for param, ask in asks:
+            with pytest.raises(openai.BadRequestError) as caught:
+                ask()
+            assert caught.value.body["message"] == f"{param} is 41; this server allows at most 40 tokens per completion"
+            assert caught.value.param == param
+        at_limit = capped.chat.completions.create(model="run", messages=user("hi"), max_tokens=40, temperature=0)
+        unasked = capped.chat.completions.create(model="run", messages=user("hi"), temperature=0)  # default 256
+    assert at_limit.usage.completion_tokens == 40 and unasked.usage.completion_tokens == 40
+
+
+def post_raw(client: OpenAI, path: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{client.base_url}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+
+
+OUT_OF_RANGE = [
+    ("seed", 2**64, "seed: Input should be less than or equal to 9223372036854775807"),
+    ("seed", -2**63 - 1, "seed: Input should be greater than or equal to -9223372036854775808"),
+    ("seed", 1.5, "seed: Input should be a valid integer"),
+    ("max_tokens", 2**70, f"max_tokens is {2**70}; this server allows at most 2048 tokens per completion"),
+    ("max_tokens", -1, "max_tokens: Input should be greater than 0"),
+    ("max_tokens", True, "max_tokens: Input should be a valid integer"),
+    ("max_completion_tokens", 10**6, "max_completion_tokens is 1000000; this server allows at most 2048 tokens "
+                                     "per completion"),
+    ("max_completion_tokens", 0, "max_completion_tokens: Input should be greater than 0"),
+    ("temperature", float("nan"), "temperature: Input should be a finite number"),
+    ("temperature", float("inf"), "temperature: Input should be a finite number"),
+    ("temperature", 2.5, "temperature: Input should be less than or equal to 2"),
+    ("temperature", -0.1, "temperature: Input should be greater than or equal to 0"),
+    ("top_p", float("nan"), "top_p: Input should be a finite number"),
+    ("top_p", 0, "top_p: Input should be greater than 0"),
+    ("top_p", 1.01, "top_p: Input should be less than or equal to 1"),
+    ("n", 2**64, "n: only n=1 is supported (one choice per request)"),
+    ("n", "1", "n: Input should be a valid integer"),
+    ("stop", ["a", "b", "c", "d", "e"], "stop: at most 4 stop strings, none of them empty"),
+    ("stop", [7], "stop[0]: Input should be a valid string"),
+    ("stream", 1, "stream: Input should be a valid boolean"),
+    ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage: Input should be a valid boolean"),
+]
+
+
+@pytest.mark.parametrize("param,value,message", OUT_OF_RANGE,
+                         ids=[f"{p}={str(v)[:12]}" for p, v, _ in OUT_OF_RANGE])
+def test_every_out_of_range_parameter_is_a_400_naming_it(client, param, value, message):
+    body = {"model": "run", "messages": user("hi"), "max_tokens": 2, param: value}  # sampled: the seed is used
+    status, error = post_raw(client, "chat/completions", json.dumps(body).encode())
+    named = message.split(" ")[0].rstrip(":")  # the parameter, or the element of it, that is wrong
+    assert named.startswith(param)
+    assert (status, error["message"], error["param"], error["type"]) == (400, message, named, "invalid_request_error")
+
+
+def test_out_of_range_token_ids_and_numbers_too_long_to_read_are_400s(client):
+    status, error = post_raw(client, "completions", json.dumps({"model": "run", "prompt": [5, 2**64]}).encode())
+    assert (status, error["message"]) == (400, "the prompt holds token ids outside the vocabulary (0 to 399)")
+    status, error = post_raw(client, "completions", json.dumps({"model": "run", "prompt": [-1]}).encode())
+    assert (status, error["message"]) == (400, "the prompt holds token ids outside the vocabulary (0 to 399)")
+    digits = b'{"model": "run", "prompt": "hi", "seed": 1' + b"0" * 5000 + b"}"
+    status, error = post_raw(client, "completions", digits)
+    assert (status, error["message"]) == (400, "There was an error parsing the body")

@@ -73,7 +73,10 @@ def test_gradient_accumulation_equals_the_big_batch(tiny_tokenizer, packing):
     small_loss, _ = accumulate_gradients(partial(completion_loss, model), [samples[:1], samples[1:4], samples[4:]], cpu(tiny_tokenizer, packing))
     assert small_loss == pytest.approx(big_loss, rel=1e-6)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-8, msg=name)
+        # Micro-batches sum the same terms in another order: float32 rounding of about 1e-7 of the tensor's
+        # largest entry, which a plain atol of 1e-8 calls a mismatch on entries near zero.
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def test_same_seed_same_weights(tiny_tokenizer):

@@ -45,6 +45,11 @@ def register(verbs) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=_positive, default=8,
                        help="greedy requests generated together at most (default 8; 1 turns batching off)")
+    serve.add_argument("--max-tokens-limit", type=_positive, default=2048,
+                       help="the largest max_tokens a request may ask for; more is a 400 naming the limit "
+                            "(default 2048; a request without max_tokens gets min(its default, this))")
+    serve.add_argument("--queue-timeout", type=_positive_seconds, default=60.0,
+                       help="seconds a request may wait for the model before a 503 with Retry-After (default 60)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     serve.set_defaults(handler=run_serve_verb)
 
@@ -53,6 +58,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -70,7 +82,7 @@ def model_id(path: str, trained) -> str:
     return Path(trained.base_source).name
 
 
-def load_engine(path: str, device_name: str, max_batch: int = 8):
+def load_engine(path: str, device_name: str, max_batch: int = 8, trust_remote_code: bool = False):
     from tailorlm.models.loading import quiet_library_logs, resolve_device
     from tailorlm.models.trained import load_trained
     from tailorlm.serve.engine import Engine
@@ -79,7 +91,7 @@ def load_engine(path: str, device_name: str, max_batch: int = 8):
     quiet_library_logs()
     device = resolve_device(device_name)
     with console.status(f"Loading {path} ..."):
-        trained = load_trained(path, device, merge=True)
+        trained = load_trained(path, device, merge=True, trust_remote_code=trust_remote_code)
     return Engine(trained.model, trained.tokenizer, trained.chat_format(), device, max_batch), trained
 
 
@@ -89,7 +101,7 @@ def run_chat_verb(args) -> int:
     from tailorlm.serve.chat import ChatSession, run_chat
     from tailorlm.serve.engine import Sampling
 
-    engine, _ = load_engine(args.model, args.device)
+    engine, _ = load_engine(args.model, args.device, trust_remote_code=args.trust_remote_code)
     try:
         return run_chat(ChatSession(engine, Sampling(args.max_new_tokens, args.temperature), args.system),
                         sys.stdin, sys.stdout)
@@ -112,7 +124,7 @@ def run_predict_verb(args) -> int:
     quiet_library_logs()
     device = resolve_device(args.device)
     with console.status(f"Loading {args.model} ..."):
-        trained = load_trained(args.model, device, merge=True)
+        trained = load_trained(args.model, device, merge=True, trust_remote_code=args.trust_remote_code)
     summary = predict(trained, args.data, args.output, args.batch_size, args.limit, args.task, device)
     console.print(f"Wrote {summary['rows']} predictions to {args.output}")
     for reason, count in summary["skipped"].items():
@@ -126,11 +138,11 @@ def run_predict_verb(args) -> int:
 
 
 def run_serve_verb(args) -> int:
-    from tailorlm.serve.server import serve
+    from tailorlm.serve.server import Limits, serve
     from tailorlm.ui import console
 
-    engine, trained = load_engine(args.model, args.device, args.max_batch)
+    engine, trained = load_engine(args.model, args.device, args.max_batch, trust_remote_code=args.trust_remote_code)
     name = model_id(args.model, trained)
     console.print(f"Serving '{name}' at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)")
-    serve(engine, name, args.host, args.port)
+    serve(engine, name, args.host, args.port, Limits(args.max_tokens_limit, args.queue_timeout))
     return 0

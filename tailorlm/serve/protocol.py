@@ -2,13 +2,14 @@
 
 Only the parameters this server honours are declared; other OpenAI parameters a client may send (user,
 presence_penalty, ...) are ignored, as many OpenAI-compatible servers do, so stock clients keep working.
-Types are strict: "0.5" is not a temperature, true is not a max_tokens.
+Types are strict: "0.5" is not a temperature, true is not a max_tokens. Ranges are checked here too (a seed
+past 64 bits, a NaN temperature), so every bad value is a 400 naming the parameter, never a failure deeper in.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, field_validator
 
@@ -19,6 +20,16 @@ DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
 MAX_STOPS = 4  # as OpenAI
 
 PositiveStrictInt = Annotated[int, Strict(), Field(gt=0)]
+# OpenAI's range for seed (a signed 64-bit integer); torch.manual_seed takes all of it.
+Seed = Annotated[int, Strict(), Field(ge=-2**63, le=2**63 - 1)]
+
+
+class ParameterError(Exception):
+    """A parameter of a valid type and range that this server's own limits refuse (a 400 naming it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class _Request(BaseModel):
@@ -47,13 +58,15 @@ class StreamOptions(_Request):
 class SamplingRequest(_Request):
     model: StrictStr
     max_tokens: Optional[PositiveStrictInt] = None
-    temperature: Annotated[float, Strict(), Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = 1.0
+    temperature: Annotated[float, Strict(), Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
     n: StrictInt = 1
     stop: Optional[list[StrictStr]] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[Seed] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
+    # The parameters that set the completion's length; when several are given, the first one sets it.
+    length_params: ClassVar[tuple[str, ...]] = ("max_tokens",)
 
     @field_validator("n")
     @classmethod
@@ -70,12 +83,16 @@ class SamplingRequest(_Request):
             raise ValueError(f"at most {MAX_STOPS} stop strings, none of them empty")
         return value
 
-    def sampling(self) -> Sampling:
-        return Sampling(self.token_budget() or DEFAULT_MAX_TOKENS[self.kind()], self.temperature, self.top_p,
-                        self.seed, tuple(self.stop or ()))
-
-    def token_budget(self) -> int | None:
-        return self.max_tokens
+    def sampling(self, max_tokens_limit: int | None = None) -> Sampling:
+        """The engine's settings. An asked length over the server's limit is refused; the default is capped."""
+        asked = [(p, getattr(self, p)) for p in self.length_params if getattr(self, p) is not None]
+        for param, value in asked:
+            if max_tokens_limit is not None and value > max_tokens_limit:
+                raise ParameterError(f"{param} is {value}; this server allows at most {max_tokens_limit} tokens "
+                                     f"per completion", param)
+        default = DEFAULT_MAX_TOKENS[self.kind()]
+        budget = asked[0][1] if asked else min(default, max_tokens_limit or default)
+        return Sampling(budget, self.temperature, self.top_p, self.seed, tuple(self.stop or ()))
 
     def kind(self) -> str:
         return "text"
@@ -88,9 +105,7 @@ class SamplingRequest(_Request):
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[PositiveStrictInt] = None  # the newer name for max_tokens
-
-    def token_budget(self) -> int | None:
-        return self.max_tokens or self.max_completion_tokens
+    length_params: ClassVar[tuple[str, ...]] = ("max_tokens", "max_completion_tokens")
 
     def kind(self) -> str:
         return "chat"
