@@ -88,7 +88,8 @@ class Evaluator:
         started = time.perf_counter()
         prompts, dropped = self.prompts(samples, demos)
         if kind == "likelihood":
-            scores = answer_logprobs(model, prompts, self.answers, self.device, description=f"eval {variant}")
+            scores = answer_logprobs(model, prompts, self.answers, self.device, self.spec.batch_size,
+                                     description=f"eval {variant}")
             generated = [self.labels[max(range(len(row)), key=row.__getitem__)] for row in scores]
         else:
             done = answer_complete(self.labels) if self.closed and kind == "free" else None

@@ -4,9 +4,10 @@ This is how language-model evaluation usually scores a multiple-choice task (lm-
 loglikelihood requests): it measures what the model knows without asking it to follow an answer format,
 so a base model that would ramble on instead of answering still gets its due.
 
-The prompt is run once, its key/value cache is repeated for the L labels, and the L label continuations
-run as one batch on top: one prompt pass and one label pass per example, however many labels there are.
-The opening every prompt shares (system prompt, instruction, demonstrations) is run once for the whole set.
+The prompt is run once, and each label's continuation runs on its key/value cache (cropped back after each
+label): one prompt pass per batch of examples, and one short pass per label of more than one token. The
+opening every prompt shares (system prompt, instruction, demonstrations) is run once for the whole set, and
+rows are batched with left padding, as in generation (a row at a time costs more than the arithmetic on a CPU).
 """
 from __future__ import annotations
 
@@ -19,44 +20,69 @@ from tailorlm.ui import progress
 
 
 @torch.no_grad()
-def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], device,
+def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], device, batch_size: int = 16,
                     description: str = "label likelihood") -> list[list[float]]:
     """For each prompt, the summed log-probability of each answer's tokens following it (prompts x answers)."""
     if not answers or any(not a for a in answers):
         raise ValueError("internal: every answer needs at least one token")
     model.eval()
-    n_answers, longest = len(answers), max(len(a) for a in answers)
-    answer_ids = torch.zeros((n_answers, longest), dtype=torch.long, device=device)  # right-padded: causal
-    valid = torch.zeros((n_answers, longest), dtype=torch.bool, device=device)       # attention never sees pads
-    for i, a in enumerate(answers):
-        answer_ids[i, :len(a)] = torch.tensor(a, device=device)
-        valid[i, :len(a)] = True
     # Keep one own token per prompt: its logits predict each answer's first token.
     n_prefix = shared_prefix_len(prompts, min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
-    prefix = _run(model, torch.tensor(prompts[0][:n_prefix], device=device), None, 0) if n_prefix else None
-    scores = []
+    prefix = _forward(model, torch.tensor([prompts[0][:n_prefix]], device=device), None, None, None)[1] \
+        if n_prefix else None
+    scores: list[list[float]] = [[] for _ in prompts]
     with progress(description, len(prompts)) as advance:
-        for prompt in prompts:
-            cache = copy.deepcopy(prefix[1]) if prefix else None
-            last_logits, cache = _run(model, torch.tensor(prompt[n_prefix:], device=device), cache, n_prefix)
-            first = torch.log_softmax(last_logits.float(), -1)[answer_ids[:, 0]]  # each answer's first token
-            total = first
-            if longest > 1:
-                cache.batch_repeat_interleave(n_answers)
-                start = len(prompt)
-                positions = torch.arange(start, start + longest - 1, device=device).expand(n_answers, -1)
-                mask = torch.ones((n_answers, start + longest - 1), dtype=torch.long, device=device)
-                logits = model(input_ids=answer_ids[:, :-1], past_key_values=cache, position_ids=positions,
-                               attention_mask=mask, use_cache=True).logits.float()
-                rest = torch.log_softmax(logits, -1).gather(-1, answer_ids[:, 1:, None])[..., 0]
-                total = total + (rest * valid[:, 1:]).sum(-1)
-            scores.append(total.tolist())
-            advance(1)
+        for start in range(0, len(prompts), batch_size):
+            rows = list(range(start, min(start + batch_size, len(prompts))))
+            for i, row in zip(rows, _score_batch(model, [prompts[i] for i in rows], answers, n_prefix, prefix, device)):
+                scores[i] = row
+            advance(len(rows))
     return scores
 
 
-def _run(model, ids: torch.Tensor, cache, start: int):
-    """(logits of the last position, cache) after running ids from position `start` on top of `cache`."""
-    positions = torch.arange(start, start + len(ids), device=ids.device)[None]
-    out = model(input_ids=ids[None], past_key_values=cache, position_ids=positions, use_cache=True)
-    return out.logits[0, -1], out.past_key_values
+def _score_batch(model, prompts: list[list[int]], answers: list[list[int]], n_prefix: int, prefix, device):
+    """One batch: [shared prefix | left padding | own tokens], then each answer's later tokens on that cache."""
+    batch = len(prompts)
+    own = [p[n_prefix:] for p in prompts]
+    width = max(map(len, own))
+    ids = torch.zeros((batch, width), dtype=torch.long, device=device)
+    mask = torch.zeros((batch, n_prefix + width), dtype=torch.long, device=device)
+    positions = torch.zeros((batch, width), dtype=torch.long, device=device)
+    mask[:, :n_prefix] = 1
+    for r, tokens in enumerate(own):
+        pad = width - len(tokens)
+        ids[r, pad:] = torch.tensor(tokens, device=device)
+        mask[r, n_prefix + pad:] = 1
+        positions[r, pad:] = torch.arange(n_prefix, n_prefix + len(tokens), device=device)
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(batch)
+    logits, cache = _forward(model, ids, mask, positions, cache)
+    answer_ids = torch.tensor([a[0] for a in answers], device=device)
+    total = torch.log_softmax(logits[:, -1].float(), -1)[:, answer_ids]  # (batch, answers): first tokens
+    # Each longer answer runs on the batch's cache, which is cropped back after it: the cache is never copied
+    # per answer (a repeated 500-token cache for every row and label costs more than the arithmetic).
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    for index, answer in enumerate(answers):
+        if len(answer) == 1:
+            continue
+        follow = torch.tensor(answer[:-1], device=device).expand(batch, -1)
+        steps = torch.arange(len(answer) - 1, device=device)
+        follow_mask = torch.cat([mask, torch.ones((batch, len(answer) - 1), dtype=torch.long, device=device)], 1)
+        follow_logits, cache = _forward(model, follow, follow_mask, lengths[:, None] + steps, cache, last_only=False)
+        cache.crop(-(len(answer) - 1))  # drop this answer's tokens again (this transformers takes a count)
+        targets = torch.tensor(answer[1:], device=device).expand(batch, -1)
+        rest = torch.log_softmax(follow_logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+        total[:, index] += rest.sum(-1)
+    return total.tolist()
+
+
+def _forward(model, ids: torch.Tensor, mask, positions, cache, last_only: bool = True):
+    """(logits, cache) of ids run on top of cache; only the last position's logits unless last_only=False."""
+    if positions is None:
+        start = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1 if last_only else 0)
+    return out.logits, out.past_key_values

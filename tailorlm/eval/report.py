@@ -56,8 +56,8 @@ def format_metric(key: str, value) -> str:
     return f"{value:.0%}" if key in PERCENT else f"{value:.1f}" if key in SCALE_100 else f"{value:.3f}"
 
 
-def header(columns: tuple[str, ...]) -> list[str]:
-    return ["variant", *(TITLES.get(c, c) for c in columns), "vs prompting", *COST]
+def header(columns: tuple[str, ...], cost: bool = True) -> list[str]:
+    return ["variant", *(TITLES.get(c, c) for c in columns), "vs prompting", *(COST if cost else ())]
 
 
 def _cost(m: dict) -> tuple[str, str]:
@@ -108,10 +108,12 @@ def score_notes(trivial: list[str], contamination: dict | None) -> list[str]:
 def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str | None = None,
                 trivial: list[str] = (), contamination: dict | None = None, curve: dict | None = None) -> None:
     table = Table(title=f"{task + ': test' if task else 'Test'} split, {n_test} examples, metrics on generated text")
-    for column in header(columns):
-        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
+    # The cost columns stay in report.md (each baseline's line printed them as it ran): without them the table
+    # fits an 80-column terminal, with variant names wrapping at spaces.
+    for column in header(columns, cost=False):
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=column != "variant")
     for row in comparison_rows(variants, columns, bool(trivial)):
-        table.add_row(*row, style="bold green" if row[0].startswith("fine-tuned") else None)
+        table.add_row(*row[:-len(COST)], style="bold green" if row[0].startswith("fine-tuned") else None)
     console.print(table)
     for note in score_notes(list(trivial), contamination):  # first: they qualify every figure above
         console.print(f"[bold yellow]{escape(note)}[/]", soft_wrap=True)
