@@ -305,10 +305,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), trust
     if cfg.model.trust_remote_code and not trust_remote_code:
         key = ("model", "trust_remote_code")
         where = "" if key in overridden else _line_of(root, key)
-        raise ConfigError(source, [f"model.trust_remote_code{where}: the config asks to run Python code shipped with "
-                                   f"the model ({cfg.model.path}); a file cannot allow that by itself. If you trust "
-                                   f"that code, add --trust-remote-code to the command (trust_remote_code=True "
-                                   f"in Python)"])
+        who = "a key=value override" if key in overridden else "a config file"
+        raise ConfigError(source, [f"model.trust_remote_code{where}: asks to run Python code shipped with the model "
+                                   f"({cfg.model.path}), which {who} cannot allow by itself. If you trust that "
+                                   f"code, add --trust-remote-code to the command (trust_remote_code=True in "
+                                   f"Python)"])
     cfg.model.trust_remote_code = trust_remote_code
     for spec in [cfg.template] + [t.template for t in cfg.tasks]:
         spec._source = source
