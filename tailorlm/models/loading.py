@@ -93,7 +93,7 @@ def _load_failed(spec: ModelSpec, e: Exception, what: str = "") -> TailorError:
 
 def check_files(spec: ModelSpec) -> tuple[str, str | None, dict]:
     """What the model path names, checked cheaply (file type, headers, config, remote code) before loading:
-    (folder or hub id, gguf file or None, the from_pretrained keywords that select the weights)."""
+    (folder or hub id, gguf file or None, the from_pretrained keywords that select the file)."""
     folder, gguf_file, kwargs = _source(spec)
     if gguf_file:
         files.check_gguf(Path(folder) / gguf_file)
@@ -101,7 +101,6 @@ def check_files(spec: ModelSpec) -> tuple[str, str | None, dict]:
         config = files.read_json(Path(folder) / "config.json", "the model config")
         files.check_remote_code(Path(folder), config, spec.trust_remote_code)
         files.tensor_names(files.safetensors_files(Path(folder)))  # every header parses
-        kwargs["use_safetensors"] = True  # never fall back to a pickle beside the safetensors
     return folder, gguf_file, kwargs
 
 
@@ -110,7 +109,6 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     folder, _, kwargs = check_files(spec)  # the first touch of the model: its files are checked here
-    kwargs.pop("use_safetensors", None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     except Exception as e:  # OSError, ValueError, tokenizers' own exception on a damaged tokenizer.json, ...
@@ -123,10 +121,14 @@ def load_tokenizer(spec: ModelSpec):
 def inspect_model(spec: ModelSpec) -> int:
     """Check the model's files against its config, and return its parameter count, all without reading a
     weight: the model is built on the meta device (no memory), and safetensors headers name its tensors."""
+    return _inspect(spec)[0]
+
+
+def _inspect(spec: ModelSpec) -> tuple[int, str, str | None, dict]:
+    """(parameter count, and check_files' answer) after the checks of inspect_model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, gguf_file, kwargs = check_files(spec)
-    kwargs.pop("use_safetensors", None)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
         with torch.device("meta"):
@@ -135,7 +137,7 @@ def inspect_model(spec: ModelSpec) -> int:
         raise _load_failed(spec, e) from None
     if not gguf_file and Path(folder).is_dir():
         files.check_tensor_names(files.safetensors_files(Path(folder)), [n for n, _ in model.named_parameters()])
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), folder, gguf_file, kwargs
 
 
 def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: bool = False) -> LoadedModel:
@@ -145,8 +147,10 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    inspect_model(spec)  # a damaged, pickled or incomplete model is refused before seconds of loading
-    folder, gguf_file, kwargs = check_files(spec)
+    # A damaged, pickled or incomplete model is refused before seconds of loading.
+    _, folder, gguf_file, kwargs = _inspect(spec)
+    if not gguf_file and Path(folder).is_dir():
+        kwargs["use_safetensors"] = True  # never fall back to a pickle beside the safetensors
     hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = resolve_dtype(spec.dtype, device)
