@@ -1,5 +1,16 @@
 """tailorlm: fine-tune a language model on task data, and prove it beats prompting the same model.
 
-The package reads along the user's path: data -> models -> train -> eval -> (export).
+    import tailorlm
+    run = tailorlm.run(data=df)            # the embedded default job, on your own table
+    run.predict(rows); run.export("gguf")
+    tailorlm.load("runs/<name>")           # a finished run directory
+
+The package reads along the user's path: data -> models -> train -> eval -> (export, serve, track) ->
+pipeline -> api -> cli. Importing it changes no global setting.
 """
+from tailorlm.api import Run, load, run
+from tailorlm.config import RunConfig, load_config
+from tailorlm.errors import TailorError
+
 __version__ = "0.1.0"
+__all__ = ["Run", "RunConfig", "TailorError", "load", "load_config", "run", "__version__"]

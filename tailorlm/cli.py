@@ -112,20 +112,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "run" and args.nproc and args.nproc > 1:
             return _torchrun(argv, args.nproc)
         if args.verb == "run":
-            from tailorlm.pipeline import run
+            import tailorlm
 
             if resume and args.output and Path(args.output) != Path(resume):
                 raise TailorError("--resume continues the run in its own directory; drop --output")
-            run(cfg, Path(resume) if resume else Path(args.output) if args.output else None, resume=bool(resume))
+            tailorlm.run(cfg, output=resume or args.output, resume=bool(resume), quiet=True)
             return 0
         from tailorlm.data.preflight import enforce
-        from tailorlm.pipeline import prepare_data, save_data_report
+        from tailorlm.pipeline import prepare, save_data_report
 
-        data = prepare_data(cfg)
-        if args.output:
-            Path(args.output).mkdir(parents=True, exist_ok=True)
-            save_data_report(Path(args.output), data, cfg)
-        enforce(data.preflight)
+        prepared = prepare(cfg)
+        for name, task in prepared.tasks.items():
+            if args.output:
+                folder = Path(args.output) / "tasks" / name if prepared.several else Path(args.output)
+                folder.mkdir(parents=True, exist_ok=True)
+                save_data_report(folder, task)
+        for task in prepared.tasks.values():
+            enforce(task.preflight)
         return 0
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")

@@ -260,17 +260,34 @@ class RunConfig(Section):
     def lr(self) -> float:
         return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
 
+    @property
+    def multi_task(self) -> bool:
+        return bool(self.tasks)
+
+    def task_set(self) -> list[TaskSpec]:
+        """Every task of the run: the `tasks` list, or the run's own data and template as one task named after
+        its preset. The rest of the code treats a single-task run as a task set of one."""
+        return list(self.tasks) or [TaskSpec(name=self.template.preset, data=self.data, template=self.template)]
+
+    def for_task(self, task: TaskSpec) -> RunConfig:
+        """This config with one task's data and template in place of the run's own."""
+        return self.model_copy(update={"data": task.data, "template": task.template})
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), trust_remote_code: bool = False) -> RunConfig:
-    """Read a YAML run spec (the embedded default when path is None), apply key=value overrides, validate.
+def load_config(path: str | Path | None = None, overrides: list[str] = (), trust_remote_code: bool = False,
+                text: str | None = None, source: str | None = None) -> RunConfig:
+    """Read a YAML run spec (the embedded default when path and text are None), apply key=value overrides,
+    validate. `text` is a spec given as YAML text (the Python API's dicts); `source` names it in errors.
 
     trust_remote_code=True is the caller saying, on this command, that the model's own Python may run; a config
     (a file anyone may have written, such as a downloaded run folder's config.yaml) that asks for it without
     that is refused."""
-    if path is None:
+    if text is not None:
+        source = source or "<config text>"
+    elif path is None:
         source = f"<default: {DEFAULT_CONFIG}>"
         text = resources.files("tailorlm.defaults").joinpath(DEFAULT_CONFIG).read_text()
     else:

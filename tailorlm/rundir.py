@@ -1,4 +1,17 @@
-"""The run directory: where it is, who may write to it, and what state it is in.
+"""The run directory: the one owner of every file `tailor run` writes and every later command reads.
+
+Layout (a multi-task run keeps each task's data reports under tasks/<name>/):
+
+    config.yaml        the resolved config            run.json          status: running | failed | complete
+    manifest.json      what using the model needs     metrics.json      every variant's test metrics
+    baselines.json     prompting results (resume)     train_log.json    losses, evaluations, events
+    predictions.jsonl  every generated test answer    example_losses.jsonl
+    report.md, *.png   for people                     adapter/ or model/, checkpoints/
+
+Predict, serve, chat, export and the registry read a run only through `RunDir`, and use-time facts (labels,
+template, chat layout, task, base model, a few test examples for export checks) come from manifest.json, not
+from reports or the original data files, which may have moved. Every write is atomic (a temporary file
+renamed into place), so a reader never sees half a file and a killed run never leaves one.
 
 One process writes a run directory at a time. `RunLock` holds an exclusive flock on `<run>/.lock` for the
 life of the process; the kernel drops it when the process dies, even by SIGKILL, so a crashed run never
@@ -10,19 +23,87 @@ import fcntl
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from tailorlm.config import RunConfig
+import yaml
+
+from tailorlm.config import RunConfig, load_config
 from tailorlm.errors import TailorError
 
 LOCK = ".lock"
+MANIFEST_VERSION = 1
+WEIGHT_FOLDERS = ("adapter", "model")  # LoRA family / full fine-tuning and freezing
 
 
-def resolve_output_dir(cfg: RunConfig) -> Path:
-    if cfg.output.dir:
-        return Path(cfg.output.dir)
-    return Path("runs") / f"{cfg.output.name}-{datetime.now():%Y%m%d-%H%M%S}"
+def write_text(path: Path, text: str) -> None:
+    """The one write rule: a temporary sibling renamed into place, so readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def read_json(path: Path) -> dict:
+    """A run file as a dict; {} when it is missing (a failed run has no metrics.json), an error naming the file
+    when it is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise TailorError(f"{path}: invalid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class TaskManifest:
+    """What using one task of a trained model needs, recorded when the run ends."""
+    preset: str  # classification, ner, ...
+    labels: list[str]  # the closed label set (classification) or entity types (ner); [] for open answers
+    template: dict  # the TemplateSpec the model was trained with
+    chat_layout: str  # "chat template" (the tokenizer's) or "plain" (prompt + "Answer:")
+    examples: list[dict] = field(default_factory=list)  # a few test examples: export checks render them
+
+
+@dataclass
+class Manifest:
+    base_model: str  # model.path as configured ("default", a folder, a .gguf)
+    method: str
+    weights: str  # "adapter" or "model"
+    tasks: dict[str, TaskManifest]
+    version: int = MANIFEST_VERSION
+    legacy: bool = False  # rebuilt from an older run's config.yaml and data_report.json
+
+    def task(self, name: str | None = None) -> tuple[str, TaskManifest]:
+        """One task's facts: the only task, or `name` in a multi-task run (an error lists the choices)."""
+        if name is None and len(self.tasks) == 1:
+            return next(iter(self.tasks.items()))
+        if name not in self.tasks:
+            what = "a multi-task run" if name is None else f"no task '{name}' in this multi-task run"
+            raise TailorError(f"{what}; choose one with --task ({', '.join(self.tasks)})")
+        return name, self.tasks[name]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> Manifest:
+        try:
+            tasks = {name: TaskManifest(**t) for name, t in data["tasks"].items()}
+            return cls(data["base_model"], data["method"], data["weights"], tasks, data.get("version", 1))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise TailorError(f"{where}: not a manifest this version of tailorlm reads ({e}); "
+                              f"re-run the training, or remove the file to rebuild it from config.yaml") from None
 
 
 class RunLock:
@@ -30,7 +111,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -52,36 +133,150 @@ class RunLock:
             self.fd = None
 
 
-def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
-    """What open_run_dir would refuse, checked before minutes of data preparation (and again when it opens)."""
-    if path.exists() and not path.is_dir():
-        raise TailorError(f"output directory {path} is an existing file, not a folder; choose another --output")
-    if resume:
-        if not (path / "config.yaml").is_file():
-            raise TailorError(f"--resume: {path} is not a run directory (no config.yaml)")
-        return
-    if path.exists() and any(p.name != LOCK for p in path.iterdir()) and not overwrite:
-        raise TailorError(f"output directory {path} already exists and is not empty; choose another --output, "
-                          f"set output.overwrite=true, or continue it with `tailor run --resume {path}`")
-    for parent in path.parents:  # a file where a folder of the path should be: mkdir would fail later
-        if parent.exists() and not parent.is_dir():
-            raise TailorError(f"output directory {path}: {parent} is a file, not a folder; choose another --output")
+class RunDir:
+    """One run directory. Paths are attributes; reads and writes are methods."""
 
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
 
-def open_run_dir(path: Path, overwrite: bool, resume: bool = False) -> RunLock:
-    """Lock the run directory, then make sure it is empty (a new run) or a run to continue (resume)."""
-    check_output_dir(path, overwrite, resume)
-    if resume:
-        return RunLock(path).acquire()
-    lock = RunLock(path).acquire()  # before deleting anything: never wipe a directory another run is writing
-    for child in path.iterdir():
-        if child.name != LOCK:
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    return lock
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
 
+    @classmethod
+    def for_config(cls, cfg: RunConfig) -> RunDir:
+        """output.dir, or runs/<output.name>-<timestamp>."""
+        if cfg.output.dir:
+            return cls(cfg.output.dir)
+        return cls(Path("runs") / f"{cfg.output.name}-{datetime.now():%Y%m%d-%H%M%S}")
 
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # --- what kind of folder this is --------------------------------------------------------------------
+    def is_run(self) -> bool:
+        """A folder `tailor run` wrote (config.yaml, and no config.json: a model folder is not a run)."""
+        return self.path.is_dir() and (self / "config.yaml").is_file() and not (self / "config.json").is_file()
+
+    def started(self) -> list[str]:
+        """The files every started run has (config.yaml, run.json) that this folder lacks; [] for a run."""
+        return [name for name in ("config.yaml", "run.json") if not (self / name).is_file()]
+
+    def require_run(self, verb: str) -> None:
+        if not self.path.is_dir():
+            raise TailorError(f"{self.path}: not found ({verb} takes a run directory written by `tailor run`)")
+        if not self.is_run():
+            raise TailorError(f"{self.path}: not a run directory (no config.yaml and run.json; "
+                              f"{verb} takes a run directory written by `tailor run`)")
+
+    def require_complete(self, verb: str, doing: str) -> None:
+        """A clear error unless this is a run directory whose run finished; `doing` ends the sentence."""
+        self.require_run(verb)
+        if self.status() != "complete":
+            raise TailorError(f"{self.path}: the run is not complete (status: {self.status()}); "
+                              f"finish it with `tailor run --resume {self.path}` before {doing}")
+
+    # --- writing: the lock and the status ----------------------------------------------------------------
+    def check_output(self, overwrite: bool, resume: bool = False) -> None:
+        """What open() would refuse, checked before minutes of data preparation (and again when it opens)."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise TailorError(f"output directory {path} is an existing file, not a folder; choose another --output")
+        if resume:
+            if not (path / "config.yaml").is_file():
+                raise TailorError(f"--resume: {path} is not a run directory (no config.yaml)")
+            return
+        if path.exists() and any(p.name != LOCK for p in path.iterdir()) and not overwrite:
+            raise TailorError(f"output directory {path} already exists and is not empty; choose another --output, "
+                              f"set output.overwrite=true, or continue it with `tailor run --resume {path}`")
+        for parent in path.parents:  # a file where a folder of the path should be: mkdir would fail later
+            if parent.exists() and not parent.is_dir():
+                raise TailorError(f"output directory {path}: {parent} is a file, not a folder; choose another --output")
+
+    def open(self, overwrite: bool, resume: bool = False) -> RunLock:
+        """Lock the directory, then make sure it is empty (a new run) or a run to continue (resume)."""
+        self.check_output(overwrite, resume)
+        lock = RunLock(self.path).acquire()  # before deleting anything: never wipe a directory another run writes
+        if not resume:
+            for child in self.path.iterdir():
+                if child.name != LOCK:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return lock
+
+    def state(self) -> dict:
+        return read_json(self / "run.json")
+
+    def status(self) -> str:
+        try:
+            return self.state().get("status", "unknown")
+        except TailorError:
+            return "unreadable run.json"
+
+    def set_state(self, state: dict) -> None:
+        write_json(self / "run.json", state)
+
+    # --- the config and the manifest ---------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig) -> None:
+        write_text(self / "config.yaml", cfg.to_yaml())
+
+    def raw_config(self) -> dict:
+        """config.yaml as plain data, unvalidated: listing runs must work for configs an older version wrote."""
+        try:
+            return yaml.safe_load((self / "config.yaml").read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise TailorError(f"{self / 'config.yaml'}: invalid YAML ({e})") from None
+
+    def config(self, trust_remote_code: bool = False) -> RunConfig:
+        return load_config(self / "config.yaml", trust_remote_code=trust_remote_code)
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        write_json(self / "manifest.json", manifest.to_json())
+
+    def manifest(self, cfg: RunConfig | None = None) -> Manifest:
+        """manifest.json; for a run written before manifests existed, rebuilt from its config and data reports
+        (the only place those reports are still read for use)."""
+        if (self / "manifest.json").is_file():
+            return Manifest.from_json(read_json(self / "manifest.json"), self / "manifest.json")
+        cfg = cfg or self.config()
+        tasks = {}
+        for name, task_cfg, folder in self._task_folders(cfg):
+            labels = list(read_json(folder / "data_report.json").get("labels") or [])
+            tasks[name] = TaskManifest(task_cfg.template.preset, labels, task_cfg.template.model_dump(),
+                                       "unknown", [])
+        weights = next((w for w in WEIGHT_FOLDERS if (self / w).is_dir()), "adapter")
+        return Manifest(cfg.model.path, cfg.method.name, weights, tasks, legacy=True)
+
+    def _task_folders(self, cfg: RunConfig):
+        if not cfg.tasks:
+            yield cfg.template.preset, cfg, self.path
+        for t in cfg.tasks:
+            yield t.name, cfg.model_copy(update={"data": t.data, "template": t.template}), self.path / "tasks" / t.name
+
+    def task_folder(self, name: str, several: bool) -> Path:
+        """Where one task's data reports go: the run folder, or tasks/<name>/ in a multi-task run."""
+        folder = self.path / "tasks" / name if several else self.path
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def weights(self) -> Path:
+        """The trained weights: adapter/ (LoRA family) or model/ (full fine-tuning, freezing)."""
+        for name in WEIGHT_FOLDERS:
+            if (self / name).is_dir():
+                return self / name
+        raise TailorError(f"{self.path}: no adapter/ or model/ folder (run status: {self.status()}); "
+                          f"was the run finished? `tailor run --resume {self.path}` continues it")
+
+    # --- results ---------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        return read_json(self / "metrics.json")
+
+    def train_log(self) -> dict:
+        return read_json(self / "train_log.json")
+
+    def read(self, name: str) -> dict:
+        return read_json(self / name)
+
+    def write(self, name: str, obj) -> None:
+        write_json(self / name, obj)
+
+    def write_rows(self, name: str, rows: list[dict]) -> None:
+        write_jsonl(self / name, rows)

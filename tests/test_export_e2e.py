@@ -24,7 +24,7 @@ def test_smollm2_run_exports_gguf_that_keeps_its_metadata_and_passes_the_checks(
     assert main(["run", "data.limit.train=16", "data.limit.validation=8", "data.limit.test=8", "train.max_steps=2",
                  "eval.baselines=[]", "template.max_length=128", "--output", str(run), *QUIET_EVAL]) == 0
     trained = load_trained(run, merge=True)
-    cases = training_prompts(trained.tokenizer, trained.cfg)
+    cases = training_prompts(trained)
     source = GGUFReader(default_model_path())
     source_fields = {name: f.contents() for name, f in source.fields.items()
                      if not name.startswith("GGUF.") and name not in REPLACED}

@@ -181,12 +181,12 @@ def test_print_config_shows_the_resolved_spec(capsys):
 
 
 def test_failure_mid_run_marks_the_directory_failed(tmp_path, tiny_model_dir, monkeypatch):
-    import tailorlm.pipeline as pipeline
+    import tailorlm.pipeline.stages as stages
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pipeline, "fit", boom)
+    monkeypatch.setattr(stages, "fit", boom)
     out = tmp_path / "out"
     assert cli(f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'd.csv')}", "--output", out,
                "eval.baselines=[]", *FAST) == 1  # an unexpected failure: one line, exit 1 (--debug re-raises)

@@ -51,10 +51,10 @@ def test_predictions_file_has_one_line_per_row_and_matches_the_run_evaluation(ru
 
 
 def test_prompts_are_the_training_prompts_token_for_token(trained, training_file):
-    from tailorlm.pipeline import prepare_data
+    from tailorlm.pipeline import prepare as prepare_run
     from tailorlm.serve.predict import prepare
 
-    data = prepare_data(trained.cfg)
+    data = next(iter(prepare_run(trained.cfg).tasks.values()))
     trained_prompts = {s.example["_where"]: s.prompt_ids for name in ("train", "validation", "test")
                        for s in data.encoded[name]}
     rows = prepare(training_file, trained.cfg, trained.template(), trained.chat_format(), trained.labels)
@@ -103,16 +103,9 @@ def test_a_bad_data_file_names_the_file_and_line(run, trained, tmp_path, capsys)
         predict(trained, str(renamed), tmp_path / "out.jsonl")
 
 
-def test_predict_needs_a_run_directory(tiny_model_dir, training_file, tmp_path, capsys):
+def test_predict_needs_a_run_directory(tiny_model_dir, training_file, tmp_path, capsys, trained):
     assert main(["predict", str(tiny_model_dir), training_file, "-o", str(tmp_path / "p.jsonl")]) == 2
     assert f"{tiny_model_dir}: not a run directory (config.yaml and run.json)" in capsys.readouterr().out
-    from tailorlm.serve.predict import task_config
+    with pytest.raises(TailorError, match=r": --task is for multi-task runs; this run has one task$"):
+        trained.task("topics")
 
-    with pytest.raises(TailorError, match="--task is for multi-task runs"):
-        task_config(load_cfg(), tmp_path, "topics")
-
-
-def load_cfg():
-    from tailorlm.config import load_config
-
-    return load_config(None)

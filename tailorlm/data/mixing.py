@@ -24,7 +24,10 @@ def mixing_shares(sizes: list[int], weights: list[float], strategy: str, tempera
 
 
 def mix(train_sets: list[list], shares: list[float], seed: int) -> list:
-    """The combined training list; counts follow shares by largest remainders (they sum to the total)."""
+    """The combined training list; counts follow shares by largest remainders (they sum to the total).
+    One task mixes to itself, in its own order (the loop shuffles each epoch)."""
+    if len(train_sets) == 1:
+        return list(train_sets[0])
     total = sum(len(s) for s in train_sets)
     quotas = [share * total for share in shares]
     counts = [int(q) for q in quotas]

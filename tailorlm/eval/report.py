@@ -1,7 +1,6 @@
 """The run's results: metrics.json, predictions.jsonl, a loss-curve PNG and report.md, plus the terminal table."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.markup import escape
@@ -34,20 +33,6 @@ def variant_title(name: str, metrics: dict | None = None) -> str:
     if base == "few_shot" and metrics and metrics.get("k"):
         title += f" (k={metrics['k']})"
     return f"{title}, {KIND_TITLES[kind]}" if kind else title
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # readers never see a half-written file
-
-
-def write_predictions(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def format_metric(key: str, value) -> str:

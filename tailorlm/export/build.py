@@ -6,14 +6,14 @@ a failed export leaves nothing behind, a finished one is complete.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm.errors import TailorError
 from tailorlm.export.layout import Layout, run_layout
-from tailorlm.models.trained import Trained, is_run_dir
+from tailorlm.models.trained import Trained
+from tailorlm.rundir import RunDir
 
 FORMATS = ("hf", "adapter", "gguf")
 QUANTS = ("f16", "q8_0")
@@ -31,18 +31,7 @@ class ExportResult:
 
 def check_run_dir(path: Path) -> None:
     """A clear error unless `path` is a run directory whose run finished."""
-    if not path.is_dir():
-        raise TailorError(f"{path}: not found (tailor export takes a run directory written by `tailor run`)")
-    if not is_run_dir(path):
-        raise TailorError(f"{path}: not a run directory (no config.yaml and run.json; "
-                          f"tailor export takes a run directory written by `tailor run`)")
-    try:
-        status = json.loads((path / "run.json").read_text()).get("status", "unknown")
-    except (OSError, ValueError):
-        status = "unreadable run.json"
-    if status != "complete":
-        raise TailorError(f"{path}: the run is not complete (status: {status}); "
-                          f"finish it with `tailor run --resume {path}` before exporting")
+    RunDir(path).require_complete("tailor export", "exporting")
 
 
 def default_output(run_dir: Path, fmt: str, quant: str | None) -> Path:

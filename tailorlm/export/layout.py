@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tailorlm.config import RunConfig, TemplateSpec
-from tailorlm.data.tokenize import ChatFormat
+from tailorlm.data.dataset import load_splits
+from tailorlm.data.templates import PromptTemplate
+from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import TailorError
 
 # ChatFormat's plain layout as a Jinja2 chat template: a user turn is "{prompt}\nAnswer:", an earlier answer
@@ -43,7 +45,7 @@ class PromptCase:
 
 def run_template_spec(cfg: RunConfig) -> TemplateSpec:
     """The template spec that decides the chat layout; for a multi-task run, the one all tasks share."""
-    if not cfg.tasks:
+    if not cfg.multi_task:
         return cfg.template
     layouts = {(t.template.system, t.template.chat_template) for t in cfg.tasks}
     if len(layouts) > 1:
@@ -76,27 +78,27 @@ def _end_of_turn(fmt: ChatFormat) -> tuple[str, int]:
     return eos, fmt.tokenizer.eos_token_id
 
 
-def training_prompts(tokenizer, cfg: RunConfig, count: int = 3) -> list[PromptCase]:
-    """The first `count` test examples of the run, encoded exactly as training and evaluation encoded them.
-
-    The data is read again from the run's config (the same seeded split), so the files must still be there."""
-    from tailorlm.data.dataset import load_splits
-    from tailorlm.data.templates import PromptTemplate
-    from tailorlm.data.tokenize import encode_examples
-
-    data_spec = cfg.tasks[0].data if cfg.tasks else cfg.data
-    spec = run_template_spec(cfg)
-    template = PromptTemplate(spec)
-    try:
-        splits = load_splits(data_spec, template.fields, template.label_field, template.task)
-    except TailorError as e:
-        raise TailorError(f"the checks need the run's test data, which cannot be read now: {e}") from None
-    fmt = ChatFormat(tokenizer, spec)
+def training_prompts(trained, count: int = 3) -> list[PromptCase]:
+    """The first `count` test examples of the run (a loaded models.trained.Trained), encoded exactly as training
+    and evaluation encoded them. They come from the run's manifest, so the data files need not still exist;
+    a run written before manifests existed reads its test split again from the config's paths."""
+    cfg, entry = trained.task(trained.cfg.task_set()[0].name if trained.cfg.multi_task else None)
+    spec = run_template_spec(trained.cfg)
+    template = PromptTemplate(cfg.template)
+    examples, labels = entry.examples, entry.labels
+    if not examples:  # a legacy run: its manifest was rebuilt without examples
+        try:
+            splits = load_splits(cfg.data, template.fields, template.label_field, template.task)
+        except TailorError as e:
+            raise TailorError(f"the checks need the run's test data, which cannot be read now: {e} (runs written "
+                              f"by this version keep a few test examples in manifest.json)") from None
+        examples, labels = splits.test[:50], splits.labels
+    fmt = ChatFormat(trained.tokenizer, spec)
     # a few dozen candidates, so that `count` remain when template.overlong=drop dropped some
-    samples, _ = encode_examples(splits.test[:50], template, fmt, splits.labels, spec)
+    samples, _ = encode_examples(examples, template, fmt, labels, spec)
     cases = []
     for sample in samples[:count]:
-        user = template.prompt(sample.example, splits.labels)
+        user = template.prompt(sample.example, labels)
         messages = fmt.messages(user, [])  # the message list training rendered
         cases.append(PromptCase(user, messages, fmt.prompt_text(user), sample.prompt_ids))
     if not cases:

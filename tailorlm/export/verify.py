@@ -67,7 +67,7 @@ def verify_export(trained: Trained, result: ExportResult, cases: list[PromptCase
     """Load the export back and run the checks; `trained` is the loaded run the export was written from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cases = cases or training_prompts(trained.tokenizer, trained.cfg)
+    cases = cases or training_prompts(trained)
     device = next(trained.model.parameters()).device
     report = VerifyReport()
     folder = str(result.folder)

@@ -151,7 +151,6 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
     _, folder, gguf_file, kwargs = _inspect(spec)
     if not gguf_file and Path(folder).is_dir():
         kwargs["use_safetensors"] = True  # never fall back to a pickle beside the safetensors
-    hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = resolve_dtype(spec.dtype, device)
     if quantize:
@@ -161,11 +160,15 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
         kwargs["device_map"] = {"": device.index or 0}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output; restored after
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=spec.trust_remote_code,
                                                      **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged or mismatched weights, unknown layouts
         raise _load_failed(spec, e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)  # a library call leaves the caller's logging as it found it
     if gguf_file:
         # The weights are dequantized on load; drop the GGUF marker so saving writes a plain safetensors model.
         model.config.__dict__.pop("quantization_config", None)

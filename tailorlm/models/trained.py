@@ -6,18 +6,18 @@ prompt is rendered token for token as in training.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tailorlm.config import ModelSpec, RunConfig, load_config
+from tailorlm.config import ModelSpec, RunConfig
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
 from tailorlm.errors import TailorError
 from tailorlm.models.files import check_adapter
-from tailorlm.models.loading import load_model, load_tokenizer
+from tailorlm.models.loading import load_model, load_tokenizer, locate
+from tailorlm.rundir import Manifest, RunDir, TaskManifest
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Trained:
     run_dir: Path | None  # None for a plain model
     base_source: str  # the base model's path as loaded (folder, .gguf file)
     weights: Path | None  # the run's adapter/ or model/ folder
-    labels: list[str]  # the run's label set (classification), [] otherwise
+    manifest: Manifest | None = None  # the run's use-time facts (rundir.py); None for a plain model
 
     @property
     def method(self) -> str:
@@ -38,6 +38,27 @@ class Trained:
     def is_adapter(self) -> bool:
         return self.weights is not None and self.weights.name == "adapter"
 
+    @property
+    def labels(self) -> list[str]:
+        """The label set of a single-task run (classification), [] otherwise."""
+        if self.manifest is None or len(self.manifest.tasks) != 1:
+            return []
+        return next(iter(self.manifest.tasks.values())).labels
+
+    def task(self, name: str | None = None) -> tuple[RunConfig, TaskManifest]:
+        """One task's config and manifest entry (multi-task runs need its name)."""
+        if self.manifest is None:
+            return self.cfg, TaskManifest(self.cfg.template.preset, [], self.cfg.template.model_dump(mode="json"),
+                                          "unknown")
+        if name is not None and not self.cfg.multi_task:
+            raise TailorError(f"{self.run_dir}: --task is for multi-task runs; this run has one task")
+        try:
+            name, entry = self.manifest.task(name)
+        except TailorError as e:
+            raise TailorError(f"{self.run_dir}: {e}") from None
+        spec = next(t for t in self.cfg.task_set() if t.name == name) if self.cfg.multi_task else None
+        return (self.cfg.for_task(spec) if spec else self.cfg), entry
+
     def template(self) -> PromptTemplate:
         return PromptTemplate(self.cfg.template)
 
@@ -46,19 +67,8 @@ class Trained:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """A folder `tailor run` wrote (its config.yaml); run_weights then says whether it finished."""
-    p = Path(path)
-    return p.is_dir() and (p / "config.yaml").is_file() and not (p / "config.json").is_file()
-
-
-def run_weights(run_dir: Path) -> Path:
-    """The trained weights of a run: adapter/ (LoRA family) or model/ (full fine-tuning, freezing)."""
-    for name in ("adapter", "model"):
-        if (run_dir / name).is_dir():
-            return run_dir / name
-    status = _status(run_dir)
-    raise TailorError(f"{run_dir}: no adapter/ or model/ folder (run status: {status}); "
-                      f"was the run finished? `tailor run --resume {run_dir}` continues it")
+    """A folder `tailor run` wrote (its config.yaml); RunDir.weights then says whether it finished."""
+    return RunDir(path).is_run()
 
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu", merge: bool = False,
@@ -68,13 +78,14 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", merge: bo
     merge=True folds a LoRA adapter into the base weights (what `export --format hf|gguf` ships).
     trust_remote_code=True lets the model's own Python run; a run's config.yaml asking for it is not enough."""
     device = torch.device(device)
-    if not is_run_dir(path):
+    run_dir = RunDir(path)
+    if not run_dir.is_run():
         spec = ModelSpec(path=str(path), trust_remote_code=trust_remote_code)
         loaded = load_model(spec, device)
-        return Trained(loaded.model, loaded.tokenizer, RunConfig(model=spec), None, loaded.source, None, [])
-    run_dir = Path(path)
-    cfg = load_config(run_dir / "config.yaml", trust_remote_code=trust_remote_code)
-    weights = run_weights(run_dir)
+        return Trained(loaded.model, loaded.tokenizer, RunConfig(model=spec), None, loaded.source, None)
+    cfg = run_dir.config(trust_remote_code=trust_remote_code)
+    weights = run_dir.weights()
+    manifest = run_dir.manifest(cfg)
     if weights.name == "adapter":
         check_adapter(weights)  # before the base model's seconds of loading
     if weights.name == "model":  # full fine-tuning saved the whole model (and its tokenizer)
@@ -93,25 +104,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", merge: bo
         if merge:
             model = model.merge_and_unload()
         model.eval()
-    return Trained(model, loaded.tokenizer, cfg, run_dir, _base_source(cfg), weights, _labels(run_dir))
+    return Trained(model, loaded.tokenizer, cfg, run_dir.path, _base_source(cfg), weights, manifest)
 
 
 def _base_source(cfg: RunConfig) -> str:
-    from tailorlm.models.loading import locate
-
     folder, gguf_file = locate(cfg.model.path)
     return str(Path(folder) / gguf_file) if gguf_file else folder
-
-
-def _labels(run_dir: Path) -> list[str]:
-    report = run_dir / "data_report.json"
-    if report.is_file():
-        return list(json.loads(report.read_text()).get("labels") or [])
-    return []
-
-
-def _status(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status", "unknown")
-    except (OSError, ValueError):
-        return "unknown"

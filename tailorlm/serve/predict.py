@@ -7,20 +7,18 @@ the run's task (a label, entities, a number...). A label column is optional: pre
 """
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm.config import RunConfig
 from tailorlm.data.dataset import to_examples  # the row -> example mapping training uses, error messages included
-from tailorlm.data.sources import read_table
+from tailorlm.data.sources import Table, read_table
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
-from tailorlm.errors import TailorError
 from tailorlm.eval.evaluate import Evaluator, _input_text
 from tailorlm.eval.generate import generate
+from tailorlm.rundir import write_jsonl
 
 
 @dataclass
@@ -32,29 +30,12 @@ class PredictionSet:
     skipped: dict[str, int]  # rows skipped per reason (data.skip_bad_rows)
 
 
-def task_config(cfg: RunConfig, run_dir: Path, task: str | None) -> tuple[RunConfig, Path]:
-    """The run's config for one task (multi-task runs need --task), and where that task's data report lives."""
-    if not cfg.tasks:
-        if task:
-            raise TailorError(f"{run_dir}: --task is for multi-task runs; this run has one task")
-        return cfg, run_dir
-    names = [t.name for t in cfg.tasks]
-    if task not in names:
-        raise TailorError(f"{run_dir}: a multi-task run; choose one with --task ({', '.join(names)})")
-    entry = cfg.tasks[names.index(task)]
-    return cfg.model_copy(update={"data": entry.data, "template": entry.template}), run_dir / "tasks" / task
-
-
-def run_labels(report_dir: Path) -> list[str]:
-    report = report_dir / "data_report.json"
-    return list(json.loads(report.read_text()).get("labels") or []) if report.is_file() else []
-
-
-def read_rows(data_path: str, cfg: RunConfig, template: PromptTemplate,
+def read_rows(data: str | Table, cfg: RunConfig, template: PromptTemplate,
               limit: int | None = None) -> tuple[list[dict], bool, dict]:
-    """The file's rows as template examples, read and checked as training reads them; answers optional."""
+    """The rows (a file, or a Table already read) as template examples, read and checked as training reads
+    them; answers optional."""
     spec, task = cfg.data, template.task
-    table = read_table(data_path, spec.format, spec.encoding)
+    table = data if isinstance(data, Table) else read_table(data, spec.format, spec.encoding)
     if limit:
         table.records = table.records[:limit]
     answer_fields = _answer_fields(template)
@@ -103,9 +84,18 @@ def _with_placeholder_answer(ex: dict, template: PromptTemplate, label: str = ""
 def predict(trained, data_path: str, output: Path, batch_size: int | None = None, limit: int | None = None,
             task: str | None = None, device="cpu") -> dict:
     """Write the predictions file; returns {'rows', 'skipped', 'too_long', 'metrics'} for the summary."""
-    cfg, report_dir = task_config(trained.cfg, trained.run_dir, task)
+    lines, summary = predict_rows(trained, data_path, batch_size, limit, task, device)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(output, lines)
+    return summary
+
+
+def predict_rows(trained, data_path: str | Table, batch_size: int | None = None, limit: int | None = None,
+                 task: str | None = None, device="cpu") -> tuple[list[dict], dict]:
+    """One prediction per row ({row, where, input, generated, predicted[, expected]}), and the summary."""
+    cfg, entry = trained.task(task)  # the task's config and its manifest entry (labels)
     template, fmt = PromptTemplate(cfg.template), ChatFormat(trained.tokenizer, cfg.template)
-    labels = run_labels(report_dir)
+    labels = entry.labels
     rows = prepare(data_path, cfg, template, fmt, labels, limit)
     # The evaluator decides the token budget and constrained decoding exactly as in the run's evaluation.
     evaluator = Evaluator(trained.tokenizer, template, fmt, labels, cfg.eval, device, template.label_field)
@@ -130,18 +120,5 @@ def predict(trained, data_path: str, output: Path, batch_size: int | None = None
         if rows.has_answers:
             line["expected"] = template.completion(ex)
         lines.append(line)
-    _write_jsonl(output, lines)
-    return {"rows": len(lines), "skipped": rows.skipped, "too_long": len(lines) - len(ready),
-            "metrics": metrics if rows.has_answers else None, "columns": template.task.columns}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Written beside the target and renamed into place: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return lines, {"rows": len(lines), "skipped": rows.skipped, "too_long": len(lines) - len(ready),
+                   "metrics": metrics if rows.has_answers else None, "columns": template.task.columns}

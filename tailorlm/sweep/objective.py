@@ -22,7 +22,7 @@ def choose_metric(space: SweepSpec, cfg: RunConfig) -> tuple[str, str]:
     on generated validation text; checked against what training actually measures."""
     from tailorlm.data.templates import PromptTemplate
     from tailorlm.pipeline import task_configs
-    from tailorlm.train.fit import metric_names
+    from tailorlm.eval.during_training import metric_names
 
     templates = {name: PromptTemplate(c.template) for name, c in task_configs(cfg).items()}
     metric = space.metric

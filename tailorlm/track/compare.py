@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm.errors import TailorError
-from tailorlm.eval.report import TITLES, format_metric, variant_title, write_json
+from tailorlm.eval.report import TITLES, format_metric, variant_title
+from tailorlm.rundir import write_json
 from tailorlm.track.flat import as_text, flatten
 from tailorlm.track.registry import RunRecord, load_run
 

@@ -6,19 +6,16 @@ bookkeeping. `tailor runs` lists them; `tailor compare` (compare.py) sets a few 
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from tailorlm.errors import TailorError
 from tailorlm.eval.baselines import best_prompting
 from tailorlm.eval.report import SCALE_100, VARIANT_TITLES, format_metric
+from tailorlm.rundir import RunDir
 from tailorlm.track.lock import writer_is_gone
 
-RUN_FILES = ("config.yaml", "run.json")
 SEARCH_DEPTH = 2  # runs/<run>/ and runs/<group>/<run>/ (a sweep's trials, say)
 
 
@@ -113,7 +110,7 @@ class RunRecord:
 
 
 def is_run_dir(path: Path) -> bool:
-    return all((path / name).is_file() for name in RUN_FILES)
+    return not RunDir(path).started()
 
 
 def load_run(path: str | Path) -> RunRecord:
@@ -121,15 +118,11 @@ def load_run(path: str | Path) -> RunRecord:
     path = Path(path)
     if not path.is_dir():
         raise TailorError(f"{path}: no such run directory")
-    missing = [name for name in RUN_FILES if not (path / name).is_file()]
+    run = RunDir(path)
+    missing = run.started()
     if missing:
         raise TailorError(f"{path}: not a run directory (no {' or '.join(missing)})")
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise TailorError(f"{path / 'config.yaml'}: invalid YAML ({e})") from None
-    return RunRecord(path, config, _read_json(path / "run.json"), _read_json(path / "metrics.json"),
-                     _read_json(path / "train_log.json"))
+    return RunRecord(path, run.raw_config(), run.state(), run.metrics(), run.train_log())
 
 
 def find_runs(root: str | Path) -> list[RunRecord]:
@@ -181,7 +174,7 @@ def print_listing(records: list[RunRecord], root: Path) -> None:
     from tailorlm.ui import console
 
     if not records:
-        console.print(f"no runs under {root} (a run directory holds {' and '.join(RUN_FILES)})")
+        console.print(f"no runs under {root} (a run directory holds config.yaml and run.json)")
         return
     table = Table(title=f"Runs under {root}: {len(records)}")
     for column in LISTING_HEADER:
@@ -196,11 +189,3 @@ def _or_dash(value, fmt: str = "{}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise TailorError(f"{path}: invalid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tailorlm.config import RunConfig
 from tailorlm.errors import TailorError
-from tailorlm.eval.report import write_json
+from tailorlm.rundir import write_json
 from tailorlm.track.flat import as_text, flatten
 
 MLFLOW_MISSING = "track.mlflow needs MLflow: pip install 'tailorlm[mlflow]'"

@@ -13,7 +13,7 @@ import torch
 
 from tailorlm.config import TrainSpec
 from tailorlm.data.batching import collate, eval_batches
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.kernels.attention import packed_attention
 from tailorlm.kernels.fused import compile_layers, uncompile_layers
 from tailorlm.kernels.loss import completion_loss
@@ -69,8 +69,9 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
     casting = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)] if half else []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     compiled = spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda" and _mostly_frozen(model))
-    if compiled:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    recompile_limit = torch._dynamo.config.recompile_limit
+    if compiled:  # one graph per packed shape bucket; the caller's limit is put back on exit
+        torch._dynamo.config.recompile_limit = max(recompile_limit, 32)
     attention = contextlib.ExitStack()
 
     def setup() -> None:
@@ -96,6 +97,7 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
         yield ctx
     finally:
         teardown()
+        torch._dynamo.config.recompile_limit = recompile_limit
         if spec.gradient_checkpointing:
             base.gradient_checkpointing_disable()
 

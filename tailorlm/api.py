@@ -1,0 +1,232 @@
+"""tailorlm from Python: one call trains and measures, and a `Run` is what it gives back.
+
+    import tailorlm
+    run = tailorlm.run("examples/sst2.yaml", data=df, train__lr=1e-4)   # or tailorlm.run() for the default job
+    run.metrics["variants"]["fine_tuned"]["accuracy"]
+    run.predict([{"text": "a gripping, funny film"}])
+    run.export("gguf")
+    tailorlm.load("runs/sst2-20261125-101500").compare(run)
+
+The CLI is a layer over these same calls. Nothing global changes on import or on a call: library logging is
+quieted only when the call says `quiet=True` (the CLI does), and the rest puts back what it changes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from tailorlm.config import RunConfig, load_config
+from tailorlm.errors import TailorError
+from tailorlm.rundir import RunDir
+
+def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = None, model: Any = None,
+        tokenizer: Any = None, output: str | Path | None = None, overrides: Iterable[str] | Mapping = (),
+        resume: bool = False, trust_remote_code: bool = False, quiet: bool = False, **settings) -> Run:
+    """Fine-tune and measure, exactly as `tailor run` does; returns the finished `Run`.
+
+    config: a YAML path, a RunConfig, a dict of settings, or None for the embedded default job.
+    data: training data, overriding data.train: a file path, a pandas DataFrame, a list of dicts, a
+        `datasets.Dataset`, a `DatasetDict` (its train/validation/test splits), or {"train": ..., "test": ...}.
+    model: model.path (a folder, a .gguf, "default"), or a loaded transformers model (pass its `tokenizer`).
+    overrides: "key=value" strings or a {dotted.key: value} mapping; settings: the same as keywords, with
+        "__" for the dots (train__lr=1e-4).
+    output: the run directory (default runs/<output.name>-<timestamp>); resume=True continues the interrupted
+        run there from its latest complete checkpoint, with the config it was started with.
+    quiet: lower transformers/PEFT logging to errors for this process (what the CLI does).
+    """
+    from tailorlm.models.loading import LoadedModel, quiet_library_logs
+    from tailorlm.pipeline import run_stages
+
+    given = None
+    extra = _override_list(overrides) + _override_list({k.replace("__", "."): v for k, v in settings.items()})
+    loaded = None
+    if isinstance(model, (str, Path)):
+        extra.append(f"model.path={model}")
+    elif model is not None:
+        if tokenizer is None:
+            raise TailorError("tailorlm.run(model=...): a loaded model needs its tokenizer too (tokenizer=...)")
+        source = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        extra.append(f"model.path={source}")
+        loaded = LoadedModel(model, tokenizer, source)
+    if data is not None:
+        if isinstance(data, (str, Path)):
+            extra.append(f"data.train={data}")
+        else:
+            from tailorlm.data.memory import in_memory_sources
+
+            fields, given = in_memory_sources(data)
+            extra += [f"data.{split}={source}" for split, source in fields.items()]
+    cfg = _config(config, extra, trust_remote_code)
+    if quiet:
+        quiet_library_logs()
+    outcome = run_stages(cfg, Path(output) if output else None, resume, given=given, model=loaded)
+    return Run(outcome.run_dir.path, _outcome=outcome)
+
+
+def load(run_dir: str | Path) -> Run:
+    """A finished run directory, as a `Run` (its model is loaded when first used)."""
+    RunDir(run_dir).require_complete("tailorlm.load", "loading it")
+    return Run(Path(run_dir))
+
+
+class Run:
+    """A finished run: its metrics and files, and its trained model for prediction, generation and export."""
+
+    def __init__(self, path: str | Path, *, _outcome=None, device: str = "auto"):
+        self.dir = RunDir(path)
+        self._outcome = _outcome
+        self._device = device
+        self._trained = None
+        self._engine = None
+
+    def __repr__(self) -> str:
+        head = self.headline
+        return f"Run({str(self.path)!r}" + (f", {head}" if head else "") + ")"
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    @property
+    def metrics(self) -> dict:
+        """metrics.json: every variant's test metrics, the best prompting result, the k-shot curve, training."""
+        return self._outcome.metrics if self._outcome and self._outcome.metrics else self.dir.metrics()
+
+    @property
+    def config(self) -> RunConfig:
+        return self.dir.config()
+
+    @property
+    def headline(self) -> str:
+        """One line: the fine-tuned headline metric against the best prompting result."""
+        metrics = self.metrics
+        sections = metrics.get("tasks") or ({"": metrics} if "variants" in metrics else {})
+        parts = []
+        for name, section in sections.items():
+            metric = section["headline"]
+            tuned = section["variants"].get("fine_tuned", {}).get(metric)
+            best = section.get("best_prompting") or {}
+            text = f"{name + ' ' if name else ''}{metric} {tuned:.3f}" if tuned is not None else ""
+            if text and best.get("value") is not None:
+                text += f" vs {best['value']:.3f} ({best['variant']})"
+            parts.append(text)
+        return "; ".join(p for p in parts if p)
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.md"
+
+    @property
+    def trained(self):
+        """The trained model, loaded from the run directory on first use (models.trained.Trained)."""
+        if self._trained is None:
+            from tailorlm.models.loading import resolve_device
+            from tailorlm.models.trained import load_trained
+
+            self._trained = load_trained(self.path, resolve_device(self._device), merge=True)
+        return self._trained
+
+    @property
+    def model(self):
+        return self.trained.model
+
+    @property
+    def tokenizer(self):
+        return self.trained.tokenizer
+
+    def predict(self, rows: Any, *, task: str | None = None, batch_size: int | None = None,
+                limit: int | None = None) -> list[dict]:
+        """Predictions for rows: a data file path, a DataFrame, a list of dicts or a Dataset, read with the
+        run's column mapping and template exactly as training read its data. One dict per row:
+        {row, where, input, generated, predicted[, expected]} (expected when the rows carry answers)."""
+        from tailorlm.serve.predict import predict_rows
+
+        source = str(rows) if isinstance(rows, (str, Path)) else self._table(rows)
+        device = next(self.model.parameters()).device
+        lines, _ = predict_rows(self.trained, source, batch_size, limit, task, device)
+        return lines
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+        """The model's answer to one prompt, laid out as in training (the run's chat format and system)."""
+        return self.chat([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
+                         temperature=temperature)
+
+    def chat(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:
+        """The assistant's next message for an OpenAI-style message list."""
+        from tailorlm.serve.jobs import Sampling
+
+        engine = self._get_engine()
+        return engine.complete(engine.chat_prompt(list(messages)), Sampling(max_new_tokens, temperature)).text
+
+    def export(self, format: str = "gguf", *, quant: str | None = None, output: str | Path | None = None,
+               verify: bool = False) -> Path:
+        """Write an export (hf, adapter or gguf, as `tailor export`); returns its folder. verify=True loads it
+        back and raises when its logits or prompts differ from the run's."""
+        from tailorlm.export.build import export_run
+        from tailorlm.models.trained import load_trained
+
+        # On the CPU in float32: exporting is memory-bound, and the checks compare against exact float32 logits.
+        trained = load_trained(self.path, "cpu", merge=format != "adapter")
+        result = export_run(trained, format, quant, output)
+        if verify:
+            from tailorlm.export.verify import verify_export
+
+            checked = verify_export(trained, result)
+            if not checked.ok:
+                raise TailorError(f"{result.folder}: the export differs from the run: " + "; ".join(
+                    f"{c.name}: {c.value}" for c in checked.checks if not c.ok))
+        return result.folder
+
+    def compare(self, *others: Run | str | Path):
+        """This run beside others (track.compare.Comparison: config differences, metrics, curves)."""
+        from tailorlm.track.compare import compare_runs
+
+        return compare_runs([self.path] + [o.path if isinstance(o, Run) else Path(o) for o in others])
+
+    def close(self) -> None:
+        """Stop the generation worker, if generate/chat started one."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _get_engine(self):
+        if self._engine is None:
+            from tailorlm.serve.engine import Engine
+
+            device = next(self.model.parameters()).device
+            self._engine = Engine(self.model, self.tokenizer, self.trained.chat_format(), device)
+        return self._engine
+
+    def _table(self, rows: Any):
+        from tailorlm.data.memory import memory_table
+
+        return memory_table(rows, "rows")
+
+
+def _config(config, overrides: list[str], trust_remote_code: bool) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if not overrides:
+            return config
+        config = config.model_dump(mode="json")
+    if isinstance(config, Mapping):
+        import yaml
+
+        # One validation path for every kind of config: the YAML loader, with its messages.
+        return load_config(None, overrides, trust_remote_code, text=yaml.safe_dump(dict(config), sort_keys=False),
+                           source="<the config given to tailorlm.run>")
+    return load_config(config, overrides, trust_remote_code=trust_remote_code)
+
+
+def _override_list(overrides: Iterable[str] | Mapping) -> list[str]:
+    if isinstance(overrides, Mapping):
+        import json
+
+        return [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+                for key, value in overrides.items()]
+    return list(overrides)

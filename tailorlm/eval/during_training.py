@@ -1,0 +1,115 @@
+"""What runs at each evaluation during training: the validation loss, the task metric on generated validation
+text, and retention (perplexity of general data, with its guardrail).
+
+It lives in eval/ and is handed to the training phase as an object with three calls (before, evaluate,
+after), so the loop (train/) knows nothing of generation, tasks or retention data: layers point one way.
+"""
+from __future__ import annotations
+
+import random
+
+from tailorlm.config import RunConfig, TemplateSpec
+from tailorlm.data.samples import Sample
+from tailorlm.data.templates import PromptTemplate
+from tailorlm.errors import ConfigError
+from tailorlm.eval.evaluate import Evaluator
+from tailorlm.eval.retention import RetentionProbe
+from tailorlm.train import distributed
+from tailorlm.train.step import StepContext, validation_loss
+from tailorlm.ui import console
+
+
+def metric_key(task: str, metric: str, several: bool) -> str:
+    """A task metric's name in logs and eval.select.metric: 'accuracy', or 'task/accuracy' with several tasks."""
+    return f"{task}/{metric}" if several else metric
+
+
+def metric_names(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> list[str]:
+    """What eval.select.metric may name: val_loss, retention_ppl, and each task's metrics on generated text
+    (prefixed 'task/' in multi-task runs)."""
+    names = ["val_loss"] + (["retention_ppl"] if cfg.eval.retention.data else [])
+    if cfg.eval.during_training:
+        for name, template in templates.items():
+            names += [metric_key(name, c, len(templates) > 1) for c in template.task.columns]
+    return names
+
+
+def check_select(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> None:
+    allowed = metric_names(cfg, templates)
+    if cfg.eval.select.metric not in allowed:
+        hint = "" if cfg.eval.during_training else " (eval.during_training=0 turns generated-text metrics off)"
+        raise ConfigError("config", [f"eval.select.metric: '{cfg.eval.select.metric}' is not measured during training"
+                                     f"{hint}; choose one of: {', '.join(allowed)}"])
+
+
+class TrainingEvaluation:
+    """validation: task -> its validation samples; evaluators: task -> Evaluator. Measures retention before
+    training (the guardrail's reference), at each evaluation, and after."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, validation: dict[str, list[Sample]], evaluators: dict[str, Evaluator],
+                 device):
+        self.cfg, self.evaluators, self.device = cfg, evaluators, device
+        self.batch_size = cfg.train.batch_size
+        self.several = len(evaluators) > 1
+        self.val_set = [s for samples in validation.values() for s in samples]
+        self.subsets = {name: _subset(samples, cfg.eval.during_training, cfg.train.seed)
+                        for name, samples in validation.items()}
+        self.probe = RetentionProbe.load(cfg.eval.retention, tokenizer, cfg.template, cfg.train.seed)
+        self.plain = StepContext(tokenizer.pad_token_id, device, packing=False)
+        self.retention: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.val_set or self.probe)
+
+    @property
+    def guard(self):
+        return self.probe.guard if self.probe else None
+
+    def before(self, model) -> None:
+        """The base model's retention (also on resume: the model is still the base here)."""
+        if not self.probe:
+            return
+        main = distributed.world().main  # rank 0 measures; every rank's guardrail uses its figure
+        self.retention = distributed.from_main(
+            {"source": self.probe.source, **self._retention_point(model, "base")} if main else None)
+        self.probe.base_ppl = self.retention["base_ppl"]
+        console.print(f"Retention ({self.probe.source}, {len(self.probe.samples)} examples): "
+                      f"base perplexity {self.probe.base_ppl:.2f}")
+
+    def evaluate(self, model, ctx: StepContext, step: int) -> dict:
+        bs = self.batch_size
+        metrics = {"val_loss": validation_loss(model, self.val_set, bs, ctx)} if self.val_set else {}
+        with ctx.eager():
+            for name, subset in self.subsets.items():
+                if subset:
+                    scores = self.evaluators[name].run(model, subset, f"validation @{step}").metrics
+                    metrics.update({metric_key(name, k, self.several): v for k, v in scores.items()
+                                    if isinstance(v, float)})
+        if self.probe:
+            metrics.update(self.probe.measure(model, lambda m, s: validation_loss(m, s, bs, ctx)))
+        return metrics
+
+    def after(self, model) -> dict:
+        """{source, base_ppl, final_ppl, change[, base_rouge_l, final_rouge_l]}, or {} without retention."""
+        if self.probe:
+            self.retention.update(self._retention_point(model, "final"))
+            self.retention["change"] = self.retention["final_ppl"] / self.retention["base_ppl"] - 1.0
+        return self.retention
+
+    def _retention_point(self, model, when: str) -> dict:
+        bs, ctx = self.batch_size, self.plain
+        point = {f"{when}_ppl": self.probe.perplexity(model, lambda m, s: validation_loss(m, s, bs, ctx))}
+        if self.probe.spec.generate:
+            first = next(iter(self.evaluators.values()))
+            general = Evaluator(first.tokenizer, PromptTemplate(TemplateSpec(preset="instruction")), first.fmt, [],
+                                first.spec, first.device, None)
+            point[f"{when}_rouge_l"] = general.run(model, self.probe.samples, f"retention {when}").metrics["rouge_l"]
+        return point
+
+
+def _subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+    """A fixed, seeded subset of the validation split for generated-text metrics during training."""
+    if n <= 0 or not samples:
+        return []
+    return random.Random(seed + 11).sample(samples, min(n, len(samples)))

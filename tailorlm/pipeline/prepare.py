@@ -1,0 +1,137 @@
+"""The first stage: data -> template -> tokens -> preflight, for every task of a run, before any output is
+written or any weight is loaded.
+
+A run trains one task or several (`tasks:` in the config); a single-task run is a task set of one, named
+after its preset, so nothing downstream asks which kind of run it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Mapping
+
+from tailorlm.config import RunConfig
+from tailorlm.data.dataset import Splits, load_splits
+from tailorlm.data.mixing import mix, mixing_shares
+from tailorlm.data.preflight import Preflight, plot_lengths, run_preflight, show
+from tailorlm.data.samples import Sample
+from tailorlm.data.templates import PromptTemplate
+from tailorlm.data.tokenize import ChatFormat, EncodeReport, encode_examples
+from tailorlm.errors import DataError, TailorError
+from tailorlm.models.loading import inspect_model, load_tokenizer, resolve_device
+from tailorlm.rundir import RunDir, write_json
+from tailorlm.ui import console, stage
+
+
+@dataclass
+class TaskData:
+    """One task, everything known before the model's weights are loaded: examples, tokens, the preflight."""
+    name: str
+    cfg: RunConfig  # the run's config with this task's data and template
+    template: PromptTemplate
+    splits: Splits
+    fmt: ChatFormat
+    encoded: dict[str, list[Sample]]  # train / validation / test
+    reports: dict[str, EncodeReport]
+    preflight: Preflight
+    weight: float = 1.0  # share of training samples under mixing.strategy=weights
+
+    @property
+    def labels(self) -> list[str]:
+        return self.splits.labels
+
+
+@dataclass
+class Prepared:
+    """Every task of a run, prepared. `several` is true for a multi-task run (its outputs are per task)."""
+    cfg: RunConfig
+    tasks: dict[str, TaskData]
+    tokenizer: object
+
+    @property
+    def several(self) -> bool:
+        return self.cfg.multi_task
+
+    def tagged(self, rows: list[dict], task: str) -> list[dict]:
+        """Prediction rows, each marked with its task when the run has several."""
+        return [{**r, "task": task} for r in rows] if self.several else rows
+
+    def validation(self) -> dict[str, list[Sample]]:
+        return {name: t.encoded["validation"] for name, t in self.tasks.items()}
+
+    @cached_property
+    def training_set(self) -> list[Sample]:
+        """The tasks' training samples mixed per cfg.mixing (one task mixes to itself)."""
+        cfg = self.cfg
+        trains = [t.encoded["train"] for t in self.tasks.values()]
+        shares = mixing_shares([len(t) for t in trains], [t.weight for t in self.tasks.values()],
+                               cfg.mixing.strategy, cfg.mixing.temperature)
+        mixed = mix(trains, shares, cfg.train.seed)
+        if self.several:
+            console.print("mixing (" + cfg.mixing.strategy + "): " +
+                          ", ".join(f"{n} {share:.0%} of {len(mixed)}" for n, share in zip(self.tasks, shares)))
+        return mixed
+
+
+def task_configs(cfg: RunConfig) -> dict[str, RunConfig]:
+    """One run config per task (RunConfig.task_set: a single-task run is a set of one)."""
+    return {t.name: cfg.for_task(t) for t in cfg.task_set()}
+
+
+def prepare(cfg: RunConfig, given: Mapping[str, object] | None = None, tokenizer=None,
+            n_params: int | None = None) -> Prepared:
+    """Every task's data, tokens and preflight. `given` holds in-memory data that `memory:NAME` sources name;
+    `tokenizer` and `n_params` stand in for the model files when the caller passes a loaded model."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)  # a wrong path is reported now
+    if n_params is None:
+        n_params = inspect_model(cfg.model)
+    tasks = {t.name: prepare_task(t.name, cfg.for_task(t), tokenizer, n_params, given, named=cfg.multi_task,
+                                  weight=t.weight) for t in cfg.task_set()}
+    return Prepared(cfg, tasks, tokenizer)
+
+
+def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Mapping[str, object] | None = None,
+                 named: bool = False, weight: float = 1.0) -> TaskData:
+    stage(f"Data: {name}" if named else "Data")
+    template = PromptTemplate(cfg.template)
+    label_field = template.label_field
+    if template.task.label_field and label_field is None:
+        raise TailorError("template.completion must use {{ label }}: the classification preset learns to answer the label")
+    splits = load_splits(cfg.data, template.fields, label_field, template.task, **({"given": given} if given else {}))
+    for split in ("train", "validation", "test"):
+        console.print(f"{split:>10}: {len(splits[split]):5d} examples from {splits.sources[split]}")
+    for split, reasons in splits.skipped.items():
+        for reason, count in reasons.items():
+            console.print(f"[yellow]{split:>10}: skipped {count} row(s): {reason}[/]")
+    if splits.labels:
+        console.print(f"{'labels' if label_field else 'types':>10}: {', '.join(splits.labels)}")
+    # Render every example once now, so a template error surfaces before any output or model load.
+    for ex in splits.train + splits.validation + splits.test:
+        template.prompt(ex, splits.labels), template.completion(ex)
+
+    fmt = ChatFormat(tokenizer, cfg.template)
+    encoded, reports = {}, {}
+    for split in ("train", "validation", "test"):
+        encoded[split], reports[split] = encode_examples(splits[split], template, fmt, splits.labels, cfg.template)
+        console.print(f"{split:>10}: {reports[split].summary()}")
+        if not encoded[split]:
+            raise DataError(splits.sources[split], None,
+                            f"no {split} sample fits template.max_length={cfg.template.max_length}")
+
+    stage("Preflight")
+    pf = run_preflight(cfg, splits, encoded, reports, template, tokenizer, n_params, resolve_device(cfg.train.device))
+    show(pf, tokenizer, encoded["train"])
+    return TaskData(name, cfg, template, splits, fmt, encoded, reports, pf, weight)
+
+
+def save_data_report(folder, data: TaskData) -> None:
+    """preflight.json, data_report.json and token_lengths.png of one task, into `folder` (a run's, or any)."""
+    folder = RunDir(folder).path
+    splits, reports = data.splits, data.reports
+    write_json(folder / "preflight.json", {"findings": data.preflight.findings, **data.preflight.facts})
+    plot_lengths(folder / "token_lengths.png", data.encoded["train"], data.cfg.template.max_length)
+    write_json(folder / "data_report.json", {
+        "sources": splits.sources, "labels": splits.labels, "skipped_rows": splits.skipped,
+        "splits": {n: {"examples": len(splits[n]), "samples": reports[n].kept, "truncated": reports[n].truncated,
+                       "dropped": dict(reports[n].dropped)} for n in data.encoded},
+        "train_tokens_per_epoch": sum(len(s) for s in data.encoded["train"])})

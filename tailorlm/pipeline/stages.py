@@ -1,0 +1,171 @@
+"""The stages after preparation, each a function with typed inputs and outputs that a notebook can call on its
+own: load the base model -> prompting baselines -> train -> evaluate -> report.
+
+None of them writes outside the run directory it is given, and none decides what kind of run this is: a
+single-task run is a task set of one (prepare.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tailorlm.eval.baselines import best_prompting, run_baselines, variant_name
+from tailorlm.eval.curve_report import curve_file, plot_curve
+from tailorlm.eval.during_training import TrainingEvaluation
+from tailorlm.eval.evaluate import Evaluator
+from tailorlm.eval.report import TITLES, format_metric, print_table, variant_title, write_report
+from tailorlm.eval.training_report import overfit_step, plot_training, training_lines
+from tailorlm.models.loading import LoadedModel, load_model
+from tailorlm.pipeline.prepare import Prepared
+from tailorlm.rundir import RunDir
+from tailorlm.train import distributed
+from tailorlm.train.fit import Fit, fit
+from tailorlm.ui import console, stage
+
+
+@dataclass
+class Baselines:
+    """The base model's prompting results (every kind, the k-shot curve) and the classic classifier, per task."""
+    variants: dict[str, dict] = field(default_factory=dict)  # task -> variant -> metrics
+    predictions: list[dict] = field(default_factory=list)
+    curves: dict[str, dict] = field(default_factory=dict)  # task -> k-shot curve
+
+    def to_json(self) -> dict:
+        return {"variants": self.variants, "predictions": self.predictions, "curves": self.curves}
+
+
+@dataclass
+class Results:
+    """What the run measured: one metrics section per task, and every test prediction."""
+    sections: dict[str, dict]
+    predictions: list[dict]
+    metrics: dict  # metrics.json
+
+
+def load_base(prepared: Prepared, device) -> LoadedModel:
+    stage("Model")
+    cfg = prepared.cfg
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model, device, prepared.tokenizer, quantize=cfg.method.name == "qlora")
+    console.print(f"Loaded {loaded.name} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters, "
+                  f"{next(loaded.model.parameters()).dtype}, {device}) in {time.perf_counter() - t0:.0f} s")
+    return loaded
+
+
+def evaluators(prepared: Prepared, device) -> dict[str, Evaluator]:
+    """One Evaluator per task: the same prompts, decoding and answer parsing for every model it scores."""
+    return {name: Evaluator(prepared.tokenizer, t.template, t.fmt, t.labels, prepared.cfg.eval, device,
+                            t.template.label_field) for name, t in prepared.tasks.items()}
+
+
+def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Baselines:
+    """Prompting baselines of the base model, every kind and the k-shot curve, and the classic classifier."""
+    cfg, result = prepared.cfg, Baselines({name: {} for name in prepared.tasks})
+    if not cfg.eval.baselines:  # no baselines at all: the classic classifier is one of them
+        return result
+    stage("Prompting baselines (base model)")
+    for name, t in prepared.tasks.items():
+        def report(variant: str, metrics: dict, task=name, t=t) -> None:
+            console.print(f"{task + ' ' if prepared.several else ''}{variant_title(variant, metrics)}: " + ", ".join(
+                f"{TITLES.get(c, c)} {format_metric(c, metrics.get(c))}" for c in t.template.task.columns)
+                + f" ({metrics['prompt_tokens']:.0f} prompt tokens, {metrics['seconds_per_100']:.1f} s per 100)")
+        measured = run_baselines(model, scorers[name], t.splits.train, t.encoded["test"], cfg.eval, cfg.train.seed,
+                                 report)
+        result.variants[name] = measured.variants
+        result.curves[name] = measured.curve
+        result.predictions += prepared.tagged(measured.predictions, name)
+    return result
+
+
+def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str, Evaluator], resume: bool = False,
+          log=None) -> Fit | None:
+    """Fine-tune `model` with the config's method; evaluations during training use `scorers`. Returns the
+    trained model with its history (None on the other processes under torchrun)."""
+    cfg = prepared.cfg
+    stage(f"Fine-tuning ({cfg.method.name})")
+    during = TrainingEvaluation(cfg, prepared.tokenizer, prepared.validation(), scorers, device)
+    result = fit(cfg, model, prepared.tokenizer, prepared.training_set, run_dir.path, device, resume, log, during)
+    if result is None:
+        return None
+    history = result.history
+    other = history.seconds - history.step_seconds
+    console.print(f"Trained {history.completed} steps in {history.seconds:.0f} s: {history.step_seconds:.0f} s of steps "
+                  f"({history.tokens / max(history.step_seconds, 1e-9):.0f} tokens/s)"
+                  + (f", {other:.0f} s of evaluation and checkpoints" if other >= 1 else "")
+                  + f"; saved {result.saved.relative_to(run_dir.path)}/")
+    return result
+
+
+def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Baselines) -> tuple[dict, list[dict]]:
+    """The fine-tuned model on every task's test split: free decoding always, constrained too where it is the
+    production setting (eval.decoding). Returns (sections: task -> metrics section, predictions)."""
+    stage("Evaluation (fine-tuned)")
+    cfg = prepared.cfg
+    sections, predictions = {}, []
+    for name, t in prepared.tasks.items():
+        variants = dict(found.variants.get(name, {}))
+        kinds = ["free"] + (["constrained"] if cfg.eval.decoding == "constrained" and scorers[name].closed else [])
+        for kind in kinds:
+            evaluated = scorers[name].run(model, t.encoded["test"], variant_name("fine_tuned", kind), kind=kind)
+            variants[variant_name("fine_tuned", kind)] = evaluated.metrics
+            predictions += prepared.tagged(evaluated.predictions, name)
+        task = t.template.task
+        sections[name] = {"task": t.cfg.template.preset, "headline": task.headline, "columns": list(task.columns),
+                          "variants": variants, "best_prompting": best_prompting(variants, task.headline),
+                          "curve": found.curves.get(name, {}), "labels": t.labels, "n_test": len(t.encoded["test"]),
+                          # why the score may not be a result: a single label, test rows also in train
+                          "trivial": t.preflight.facts.get("trivial", []),
+                          "contamination": t.preflight.facts.get("contamination")}
+    return sections, predictions
+
+
+def metrics_json(prepared: Prepared, sections: dict, result: Fit) -> dict:
+    """metrics.json: a multi-task run keeps a section per task; a single-task run's section is the top level."""
+    history, cfg = result.history, prepared.cfg
+    train_facts = {"method": cfg.method.name, "steps": history.completed, "planned_steps": history.steps,
+                   "trainable_share": round(history.trainable / max(history.parameters, 1), 5),
+                   "seconds": round(history.seconds, 1), "step_seconds": round(history.step_seconds, 3),
+                   "tokens": history.tokens, "best_step": history.best_step,
+                   "stopped_early": history.stopped_early, "processes": distributed.world().size,
+                   "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None,
+                   "retention": result.retention}
+    if prepared.several:
+        return {"tasks": sections, "mixing": cfg.mixing.model_dump(), "train": train_facts}
+    return {**next(iter(sections.values())), "train": train_facts}
+
+
+def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, source: str, device) -> int | None:
+    """train_log.json, example_losses.jsonl, the curves, report.md and the terminal table. Returns the step
+    where overfitting began, if it did."""
+    cfg, history = prepared.cfg, result.history
+    overfit = overfit_step(history.evaluations)
+    run_dir.write("train_log.json", {"train_loss": history.train_loss, "val_loss": history.val_loss,
+                                     "evaluations": history.evaluations, "events": history.events,
+                                     "best_step": history.best_step, "overfit_step": overfit,
+                                     "stopped_early": history.stopped_early, "seconds": history.seconds,
+                                     "step_seconds": history.step_seconds,
+                                     "tokens": history.tokens, "retention": result.retention})
+    run_dir.write_rows("example_losses.jsonl", result.example_losses)
+    plot_training(run_dir / "loss_curve.png", history, overfit)
+    tasks = prepared.tasks
+    world = distributed.world()
+    facts = {"task": ", ".join(f"{n} ({t.cfg.template.preset})" for n, t in tasks.items()) if prepared.several
+             else cfg.template.preset,
+             "model": source, "method": cfg.method.name,
+             "data": ", ".join(t.splits.sources["train"] for t in tasks.values()),
+             "train / validation": f"{len(prepared.training_set)} / {sum(map(len, prepared.validation().values()))}"
+                                   + ("" if prepared.several else f" / test {len(next(iter(tasks.values())).encoded['test'])}"),
+             "training": f"{history.completed} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}" + (
+                 f", {world.size} processes ({world.mode})" if world.active else ""),
+             "prompting": f"greedy; {', '.join(cfg.eval.prompting)}; k-shot curve k={cfg.eval.few_shot_k}, "
+                          f"{cfg.eval.demos} demonstrations from the training split"}
+    for name, section in sections.items():
+        plot_curve(run_dir / curve_file(name, prepared.several), section["curve"],
+                   section["variants"]["fine_tuned"].get(section["headline"]))
+    write_report(run_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections,
+                 training_lines(history, overfit, result.retention, result.example_losses, cfg.eval.select.metric))
+    console.print()
+    for name, section in sections.items():
+        print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if prepared.several else None,
+                    section["trivial"], section["contamination"], section["curve"])
+    return overfit
