@@ -47,7 +47,7 @@ BATCH = 8  # samples per optimizer step, for both sides (equal real tokens per s
 def synthetic_samples(n: int, vocab: int, seed: int, max_len: int = 2048):
     """Instruction-like lengths: log-normal, median 220 tokens, long tail, clipped to 16..max_len.
     Every token carries loss (the case least favourable to tailorlm's completion-only head)."""
-    from tailorlm.data.tokenize import Sample
+    from tailorlm.data.samples import Sample
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.exp(math.log(220) + 0.8 * torch.randn(n, generator=g)).clamp(16, max_len).long().tolist()
@@ -192,7 +192,7 @@ def run_case(case: dict) -> dict:
 
 def max_context(step, vocab: int, case: dict) -> int:
     """Longest single sample (batch 1) whose training step fits in GPU memory, over the given lengths."""
-    from tailorlm.data.tokenize import Sample
+    from tailorlm.data.samples import Sample
 
     best = 0
     for length in case["lengths"]:

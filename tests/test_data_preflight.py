@@ -4,7 +4,7 @@ import json
 from tailorlm.cli import main
 from tailorlm.data import quality
 from tailorlm.data.preflight import loss_preview
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 from conftest import write
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired sailors sing about the distant northern sea".split()

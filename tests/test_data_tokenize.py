@@ -1,6 +1,7 @@
 from tailorlm.config import TemplateSpec
+from tailorlm.data.samples import IGNORE
 from tailorlm.data.templates import PromptTemplate
-from tailorlm.data.tokenize import IGNORE, ChatFormat, encode_examples
+from tailorlm.data.tokenize import ChatFormat, encode_examples
 
 LABELS = ["negative", "positive"]
 EX = {"text": "the film won an award", "label": "positive", "_where": "d.csv, line 2"}

@@ -8,7 +8,7 @@ from conftest import tiny_llama
 
 from tailorlm.config import MethodSpec, TrainSpec
 from tailorlm.data.batching import collate
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.kernels.attention import _per_sample_sdpa, _varlen, varlen_available
 from tailorlm.kernels.fused import compile_layers
 from tailorlm.kernels.loss import completion_loss

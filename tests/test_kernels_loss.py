@@ -1,7 +1,7 @@
 import torch
 
 from tailorlm.data.batching import collate
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.kernels import loss as loss_module
 from tailorlm.kernels.loss import completion_loss, per_sample_loss
 from tailorlm.kernels.prefix import shared_prefix_len, shared_prefix_len_padded

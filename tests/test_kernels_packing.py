@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_llama
 
 from tailorlm.data.batching import collate
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.kernels.attention import packed_attention
 from tailorlm.kernels.loss import completion_loss
 from tailorlm.kernels.packing import pack

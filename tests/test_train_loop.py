@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_llama
 
 from tailorlm.config import MethodSpec, TrainSpec
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.kernels.loss import completion_loss
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.loop import Hooks, plan_steps, train

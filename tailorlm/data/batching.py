@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 
 GROUP_BATCHES = 32  # sort lengths within windows of this many batches
 

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from tailorlm.config import RunConfig
 from tailorlm.data import quality
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.errors import TailorError
 from tailorlm.ui import console
 

@@ -10,24 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tailorlm.config import TemplateSpec
+from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.errors import TailorError
-
-IGNORE = -100  # label value that carries no loss (PyTorch's cross_entropy ignore_index)
-
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE on prompt tokens, the token id on completion tokens
-    example: dict  # the example as encoded (its input field shortened if it had to be)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.input_ids[: self.labels.count(IGNORE)]
 
 
 class ChatFormat:

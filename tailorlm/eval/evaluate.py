@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 
 from tailorlm.config import EvalSpec
+from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
-from tailorlm.data.tokenize import ChatFormat, Sample
+from tailorlm.data.tokenize import ChatFormat
 from tailorlm.eval.generate import LabelTrie, generate
 from tailorlm.eval.likelihood import answer_logprobs
 from tailorlm.eval.metrics import answer_complete

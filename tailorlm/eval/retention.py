@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from tailorlm.config import DataSpec, RetentionSpec, TemplateSpec
 from tailorlm.data.dataset import to_examples
 from tailorlm.data.sources import read_table
+from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
-from tailorlm.data.tokenize import ChatFormat, Sample, encode_examples
+from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import DataError, TailorError
 from tailorlm.tasks import TASKS
 from tailorlm.ui import console

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tailorlm.data.tokenize import IGNORE
+from tailorlm.data.samples import IGNORE
 from tailorlm.kernels.prefix import shared_prefix_len_padded, suffix_hidden
 
 CHUNK_ROWS = 2048  # head rows per chunk: bounds the fp32 logits alive at once to CHUNK_ROWS x vocab

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tailorlm.data.tokenize import IGNORE, Sample
+from tailorlm.data.samples import IGNORE, Sample
 
 
 def pack(samples: list[Sample], pad_to_multiple: int = 1, pad_id: int = 0) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from tailorlm.config import SelectSpec, TrainSpec
 from tailorlm.data.batching import epoch_batches
-from tailorlm.data.tokenize import Sample
+from tailorlm.data.samples import Sample
 from tailorlm.errors import TailorError
 from tailorlm.models.methods import Strategy
 from tailorlm.train import distributed
