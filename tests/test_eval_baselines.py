@@ -11,7 +11,7 @@ from tailorlm.eval.baselines import best_prompting, run_baselines, variant_name
 from tailorlm.eval.classic import nearest, tfidf_logistic_regression
 from tailorlm.eval.evaluate import Evaluator, pick_demos
 from tailorlm.eval.likelihood import answer_logprobs
-from tailorlm.eval.metrics import answer_complete
+from tailorlm.tasks.classification import answer_complete
 from conftest import tiny_llama
 
 LABELS = ["negative", "positive"]

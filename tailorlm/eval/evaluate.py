@@ -15,7 +15,7 @@ from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
 from tailorlm.eval.generate import LabelTrie, generate
 from tailorlm.eval.likelihood import answer_logprobs
-from tailorlm.eval.metrics import answer_complete
+from tailorlm.tasks.classification import answer_complete
 
 
 @dataclass

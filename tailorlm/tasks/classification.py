@@ -1,14 +1,17 @@
-"""Metrics computed on generated text, never on teacher-forced tokens.
+"""Classification: the preset, how a generated answer is read back as a label, and its metrics.
 
-Classification: the generated answer is normalised to a label (case, punctuation, a trailing explanation);
-an answer that names no label, or several, is invalid and counts as wrong.
+The generated answer is normalised to a label (case, punctuation, a trailing explanation); an answer that
+names no label is invalid and counts as wrong. Metrics are computed on generated text, never on
+teacher-forced tokens, so prompting baselines and the fine-tuned model get the same numbers. The answer
+parsing lives here, beside the preset, because evaluation (eval/evaluate.py stops generation with
+answer_complete) and scoring must read an answer the same way.
 """
 from __future__ import annotations
 
 import re
 import string
 
-from sklearn.metrics import f1_score
+from tailorlm.tasks.base import Task
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -35,6 +38,10 @@ def normalise_label(generated: str, labels: list[str]) -> str | None:
 
 def classification_metrics(expected: list[str], predicted: list[str | None], labels: list[str]) -> dict:
     """accuracy, macro-F1 over the label set, share of valid answers, and a confusion table gold -> predicted."""
+    # Lazy: scikit-learn takes about a second to import, and everything that reads a task preset (data checks,
+    # templates, the CLI) would pay for it; only scoring needs it.
+    from sklearn.metrics import f1_score
+
     n = len(expected)
     invalid = "(invalid)"
     pred = [p if p is not None else invalid for p in predicted]
@@ -68,3 +75,14 @@ def answer_complete(labels: list[str]):
         return any(p.search(spaced) for p in patterns)
 
     return done
+
+
+def score(generated: list[str], examples: list[dict], labels: list[str]) -> tuple[dict, list]:
+    expected = [ex["label"] for ex in examples]
+    predicted = [normalise_label(g, labels) for g in generated]
+    return classification_metrics(expected, predicted, labels), predicted
+
+
+TASK = Task("classification", "Classify the text. Answer with one of: {{ labels | join(', ') }}.",
+            "{{ instruction }}\n\nText: {{ text }}", "{{ label }}", ("accuracy", "macro_f1", "valid"), score,
+            label_field="label")

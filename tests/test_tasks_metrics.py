@@ -5,17 +5,11 @@ import json
 
 import pytest
 
-from tailorlm.eval.task_metrics import (
-    entity_scores,
-    final_number,
-    format_entities,
-    gsm8k_answer,
-    math_scores,
-    parse_entities,
-    qa_scores,
-    rouge_l,
-    translation_scores,
-)
+from tailorlm.tasks.instruction import rouge_l
+from tailorlm.tasks.math_problems import final_number, gsm8k_answer, math_scores
+from tailorlm.tasks.ner import entity_scores, format_entities, parse_entities
+from tailorlm.tasks.qa import qa_scores
+from tailorlm.tasks.translation import translation_scores
 
 TYPES = ["person", "location", "organization"]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tailorlm.eval.metrics import classification_metrics, normalise_label
+from tailorlm.tasks.classification import classification_metrics, normalise_label
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 

@@ -1,0 +1,52 @@
+"""What a task preset is, and the small helpers every task's metrics share.
+
+This module sits at the bottom of the tasks package (and the tasks package near the bottom of tailorlm): the
+data layer reads a preset's template and fields, the eval layer calls its scorer, so nothing here may import
+from either of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+Scorer = Callable[[list[str], list[dict], list[str]], tuple[dict, list]]  # (generated, examples, labels)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    instruction: str
+    prompt: str
+    completion: str
+    columns: tuple[str, ...]  # metric keys shown in the comparison table; the first is the headline
+    score: Scorer
+    max_new_tokens: int = 64  # the generation budget when eval.max_new_tokens is not set
+    label_field: str | None = None  # a closed answer set (classification): stratified splits, constrained decoding
+    optional: frozenset[str] = frozenset()  # fields that may be empty (Alpaca's input, QA's context)
+    structured: frozenset[str] = frozenset()  # fields that hold lists (CoNLL entities), not text
+    derived: frozenset[str] = frozenset()  # template fields computed by derive(), not read from the data
+    derive: Callable[[dict], dict] = field(default=lambda ex: {})
+
+    @property
+    def headline(self) -> str:
+        return self.columns[0]
+
+    def answer_set(self, examples: list[dict]) -> list[str]:
+        """What the template calls `labels`: the label set, or the entity types for extraction."""
+        if self.label_field:
+            return sorted({ex[self.label_field] for ex in examples})
+        if "entities" in self.structured:
+            return sorted({e["type"] for ex in examples for e in ex.get("entities", [])})
+        return []
+
+
+def check_lengths(predictions: list, references: list) -> None:
+    # zip would silently drop the tail of the longer list and report a score on fewer examples.
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+
+
+def ratio(num: float, den: float) -> float:
+    # A denominator of 0 (no examples, no entities) gives 0.0 rather than an error, so an empty eval shows up
+    # as a bad score instead of a crash halfway through a report.
+    return num / den if den else 0.0
