@@ -18,7 +18,10 @@ setup: $(BIN)/tailor
 run: setup
 	$(BIN)/tailor run $(ARGS)
 
+# The layer contract (pyproject.toml, [tool.importlinter]) first: a wrong-way import fails in a second,
+# before the slow tests start.
 test: setup
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 .PHONY: setup run test
