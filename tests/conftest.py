@@ -109,7 +109,7 @@ def trained_weights(run_dir: Path) -> dict:
     """The tensors a finished run saved: its adapter (LoRA family) or its model (full, freezing)."""
     from safetensors.torch import load_file
 
-    from tailorlm.models.trained import run_weights
+    from tailorlm.rundir import RunDir
 
-    folder = run_weights(run_dir)
+    folder = RunDir(run_dir).weights()
     return load_file(folder / ("adapter_model.safetensors" if folder.name == "adapter" else "model.safetensors"))
