@@ -9,6 +9,9 @@
 
 The CLI is a layer over these same calls. Nothing global changes on import or on a call: library logging is
 quieted only when the call says `quiet=True` (the CLI does), and the rest puts back what it changes.
+
+`import tailorlm` loads this module; torch, transformers and the pipeline load inside the calls that need
+them, so importing the package takes a fraction of a second (that is why the imports below are local).
 """
 from __future__ import annotations
 
