@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         if resume:
             if config_path:
                 raise TailorError(f"--resume {resume} uses the run's own config.yaml; drop {config_path}")
-            config_path = str(Path(resume) / "config.yaml")
-            if not Path(config_path).is_file():
+            from tailorlm.rundir import RunDir
+
+            if not RunDir(resume).is_run():
                 raise TailorError(f"--resume: {resume} is not a run directory (no config.yaml)")
+            config_path = str(RunDir(resume) / "config.yaml")
         cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []),
                           trust_remote_code=args.trust_remote_code)
         if args.verb == "run" and args.print_config:

@@ -2,7 +2,6 @@
 Optuna at each evaluation (so a poor trial is pruned early) and scored on the validation split at the end."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -11,7 +10,11 @@ from pathlib import Path
 import optuna
 
 from tailorlm.config import RunConfig, load_config
+from tailorlm.data.templates import PromptTemplate
 from tailorlm.errors import ConfigError, TailorError
+from tailorlm.eval.during_training import metric_names
+from tailorlm.pipeline import run, task_configs
+from tailorlm.rundir import RunDir
 from tailorlm.sweep.space import SweepSpec, overrides, resolve
 from tailorlm.train.selection import lower_is_better
 from tailorlm.ui import console, stage
@@ -20,10 +23,6 @@ from tailorlm.ui import console, stage
 def choose_metric(space: SweepSpec, cfg: RunConfig) -> tuple[str, str]:
     """(metric, direction): the space's, else eval.select.metric when the config sets it, else the task's headline
     on generated validation text; checked against what training actually measures."""
-    from tailorlm.data.templates import PromptTemplate
-    from tailorlm.pipeline import task_configs
-    from tailorlm.eval.during_training import metric_names
-
     templates = {name: PromptTemplate(c.template) for name, c in task_configs(cfg).items()}
     metric = space.metric
     if metric is None:
@@ -60,7 +59,6 @@ class TrialRun:
         trial.set_user_attr("overrides", overrides(values))
         trial.set_user_attr("run_dir", str(out_dir))
         stage(f"Sweep trial {trial.number}: " + " ".join(overrides(values)))
-        from tailorlm.pipeline import run
 
         try:
             # remote code only when the sweep's own command allowed it (the base config then carries it)
@@ -102,7 +100,7 @@ def validation_value(train_log: Path, metric: str) -> tuple[float, int]:
     Selection must never read the test split (metrics.json's 'fine_tuned' variant): picking hyperparameters by
     test score tunes them to the test set, and the test score of the winner would no longer be an honest
     estimate. The test split stays untouched until the user runs best.yaml."""
-    log = json.loads(train_log.read_text())
+    log = RunDir(train_log.parent).read(train_log.name)
     evaluations = [e for e in log.get("evaluations", []) if e.get("step", 0) > 0 and metric in e]
     if not evaluations:
         raise TailorError(f"{train_log}: no evaluation measured {metric} after training started; the sweep needs a "
