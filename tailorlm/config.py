@@ -57,11 +57,12 @@ class LimitSpec(Section):
 
 
 class DataSpec(Section):
-    train: str = Field("builtin:bbc_news", description="Training file, builtin:NAME, or SOURCE|TARGET (two line-aligned files, format parallel)")
-    validation: Optional[str] = Field(None, description="Validation file; split off the training file when absent")
-    test: Optional[str] = Field(None, description="Test file; split off the training file when absent")
-    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet", "label_text", "conll", "parallel", "chat"] = Field(
-        "auto", description="auto picks by file extension (.conll/.bio/.iob: conll; 'a|b': parallel); "
+    train: str = Field("builtin:bbc_news", description="Training data: a file; builtin:NAME; SOURCE|TARGET (two line-aligned files, format parallel); hf:NAME[:CONFIG][@SPLIT] (a Hugging Face hub dataset, e.g. hf:ag_news); a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk (FOLDER@SPLIT picks a split; without one, its 'train' split, and its 'validation'/'test' splits fill data.validation/data.test when those are absent); an .arrow file of a saved dataset; memory:NAME (data passed from Python: tailorlm.run(data=...))")
+    validation: Optional[str] = Field(None, description="Validation data, any source data.train takes; when absent, the validation split of a DatasetDict named by data.train, else split off the training data")
+    test: Optional[str] = Field(None, description="Test data, any source data.train takes; when absent, the test split of a DatasetDict named by data.train, else split off the training data")
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet", "label_text", "conll", "parallel", "chat", "arrow"] = Field(
+        "auto", description="auto picks by file extension (.conll/.bio/.iob: conll; .arrow: arrow; 'a|b': parallel; "
+                            "hf:, memory: and folders need none); arrow is one Arrow file of a saved dataset; "
                             "label_text is 'LABEL text' per line (SST-2, TREC); conll is one 'TOKEN TAG' per line, "
                             "BIO tags, blank lines between sentences (NER); parallel is two line-aligned files "
                             "'train.en|train.de', plain or .gz (translation); chat requires every JSON/JSONL record "
@@ -70,7 +71,7 @@ class DataSpec(Section):
     skip_bad_rows: bool = Field(False, description="Skip rows with bad values (empty, wrong type, unknown label) and report the count per reason, instead of stopping")
     encoding: str = Field("utf-8", description="Text encoding of the data files (a byte-order mark is always accepted)")
     columns: dict[str, str] = Field(default_factory=dict, description="Template field -> column in the file, e.g. {text: review, label: stars}")
-    label_names: dict[LabelValue, str] = Field(default_factory=dict, description="Raw label value -> the word the model should answer, e.g. {0: negative}")
+    label_names: dict[LabelValue, str] = Field(default_factory=dict, description="Raw label value -> the word the model should answer, e.g. {0: negative}; for a Hugging Face ClassLabel column, its class names when absent")
     split: SplitSpec = SplitSpec()
     limit: LimitSpec = LimitSpec()
     empty_share: Optional[float] = Field(None, gt=0, lt=1, description="Extraction (ner): keep training sentences that have no entity up to this share of the training split (e.g. 0.2), applied before data.limit. When most sentences have none, a model otherwise learns that 'none' is always right. Validation and test keep theirs")

@@ -13,7 +13,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from tailorlm.data.sources import Record, Table
+from tailorlm.data.records import Record, Table
+from tailorlm.data.tabular import read_jsonl
 from tailorlm.errors import DataError
 
 OPENING_CHARS = 240  # title + opening lines: enough to tell the topic, short enough for CPU training
@@ -59,8 +60,6 @@ def read_bbc_news() -> Table:
 
 
 def read_general() -> Table:
-    from tailorlm.data.sources import read_jsonl
-
     path = resources.files("tailorlm.defaults").joinpath("general.jsonl")
     records = read_jsonl(Path(str(path)))
     return Table("builtin:general", records)

@@ -9,9 +9,11 @@ import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from tailorlm.config import DataSpec
-from tailorlm.data.sources import Table, read_table
+from tailorlm.data.records import Table
+from tailorlm.data.sources import read_splits
 from tailorlm.errors import DataError, did_you_mean
 from tailorlm.tasks import TASKS, Task
 
@@ -33,11 +35,12 @@ class Splits:
 
 
 def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str | None = "label",
-                task: Task = TASKS["classification"]) -> Splits:
-    """Read the configured files, map columns to template fields, split and subsample, all seeded.
+                task: Task = TASKS["classification"], given: Mapping[str, object] | None = None) -> Splits:
+    """Read the configured sources, map columns to template fields, split and subsample, all seeded.
 
-    label_field is the closed answer set to stratify by (classification), or None."""
-    tables = {name: read_table(getattr(spec, name), spec.format, spec.encoding) for name in SPLITS if getattr(spec, name)}
+    label_field is the closed answer set to stratify by (classification), or None. `given` maps NAME to the
+    object (DataFrame, list of dicts, Dataset, DatasetDict) that a memory:NAME source names."""
+    tables = read_splits({name: getattr(spec, name) for name in SPLITS}, spec.format, spec.encoding, given)
     skipped = {name: Counter() for name in tables}
     examples = {name: to_examples(table, spec, needed_fields, label_field, task, skipped[name])
                 for name, table in tables.items()}
@@ -73,7 +76,8 @@ def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str | None
     if label_field is None:  # open answers; extraction tasks still name their entity types
         labels = task.answer_set([ex for name in SPLITS for ex in examples[name]])
     else:
-        order = list(dict.fromkeys(spec.label_names.values()))
+        words, _ = label_words(spec, tables["train"], spec.columns.get(label_field, label_field))
+        order = list(dict.fromkeys(words.values()))
         labels = order + sorted({ex[label_field] for name in SPLITS for ex in examples[name]} - set(order))
     return Splits(examples["train"], examples["validation"], examples["test"], labels, sources,
                   {name: dict(c) for name, c in skipped.items() if c})
@@ -106,7 +110,7 @@ def to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str
             hint = did_you_mean(column, columns)
             how = "" if field_name == column else f" (mapped from template field '{field_name}')"
             raise DataError(table.path, None, f"no column '{column}'{how}{hint}; the columns are: {', '.join(columns)}")
-    label_names = {str(k): v for k, v in spec.label_names.items()}
+    label_names = label_words(spec, table, mapping[label_field]) if label_field in mapping else ({}, "")
     examples, label_types = [], {}
     for record in table.records:
         try:
@@ -126,8 +130,21 @@ def to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str
     return examples
 
 
-def _to_example(record, path: str, mapping: dict[str, str], label_field: str | None, label_names: dict[str, str],
-                task: Task, from_messages: bool, needed: set[str]) -> Example:
+def label_words(spec: DataSpec, table: Table, column: str) -> tuple[dict[str, str], str]:
+    """(raw label value -> the word the model answers, where that mapping comes from), for the label column.
+
+    data.label_names when given; else, for a Hugging Face ClassLabel column (ag_news, imdb, ...) whose values
+    are indices into its class names, those names: the words a user expects the model to answer, rather than
+    '0', '1', '2'. Empty otherwise (the values are the words)."""
+    if spec.label_names:
+        return {str(k): v for k, v in spec.label_names.items()}, "data.label_names"
+    if names := table.class_names.get(column):
+        return {str(i): name for i, name in enumerate(names)}, f"the class names of column '{column}'"
+    return {}, ""
+
+
+def _to_example(record, path: str, mapping: dict[str, str], label_field: str | None,
+                label_names: tuple[dict[str, str], str], task: Task, from_messages: bool, needed: set[str]) -> Example:
     ex: Example = {"_where": f"{path}, {record.where}"}
     fields = {**record.fields, **_single_turn(record, path)} if from_messages else record.fields
     for field_name, column in mapping.items():
@@ -151,10 +168,10 @@ def _to_example(record, path: str, mapping: dict[str, str], label_field: str | N
     ex.update(task.derive(ex) if needed & task.structured else {})
     if label_field and label_field in ex:
         raw = ex[label_field].strip()
-        if label_names and raw not in label_names:
-            raise DataError(path, record.where, f"label '{raw}' is not in data.label_names "
-                                                f"(known: {', '.join(label_names)})")
-        ex[label_field] = label_names.get(raw, raw)
+        words, origin = label_names
+        if words and raw not in words:
+            raise DataError(path, record.where, f"label '{raw}' is not in {origin} (known: {', '.join(words)})")
+        ex[label_field] = words.get(raw, raw)
     return ex
 
 

@@ -1,22 +1,16 @@
 """Readers for structured task data: CoNLL token/tag files (NER), line-aligned parallel text (translation), and
 chat conversations in the OpenAI, ShareGPT and Alpaca shapes.
 
-Like the readers in sources.py, each returns clean records or raises DataError naming the file, the line or
-record, and the problem.
+Like the readers in tabular.py, each returns clean records or raises DataError naming the file, the line or
+record, and the problem. Which reader reads a file is decided in sources.py; chat_fields is also used by the
+JSON readers, which recognise chat-shaped records.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tailorlm.data.sources import (
-    PAIR_SEPARATOR,
-    Record,
-    Table,
-    check_file,
-    numbered_lines,
-    read_text,
-)
+from tailorlm.data.records import PAIR_SEPARATOR, Record, Table, check_file, numbered_lines, read_text
 from tailorlm.errors import DataError, did_you_mean
 
 DOCSTART = "-DOCSTART-"  # CoNLL-2003 document marker, not a token

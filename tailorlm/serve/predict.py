@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tailorlm.config import RunConfig
 from tailorlm.data.dataset import to_examples  # the row -> example mapping training uses, error messages included
-from tailorlm.data.sources import Table, read_table
+from tailorlm.data.records import Table
+from tailorlm.data.sources import read_table
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.eval.evaluate import Evaluator, _input_text
