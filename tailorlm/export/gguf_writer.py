@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tailorlm.errors import TailorError
+from tailorlm.export.gguf_metadata import add_llama_metadata, copy_source_metadata
 from tailorlm.export.layout import Layout
 
 SUPPORTED_ARCHITECTURES = ("llama",)  # SmolLM2, Llama, TinyLlama
@@ -42,8 +43,6 @@ def source_reader(path: str):
 
 def write_gguf(model: torch.nn.Module, tokenizer, path: Path, quant: str, base_source: str, layout: Layout) -> None:
     import gguf
-
-    from tailorlm.export.gguf_metadata import add_llama_metadata, copy_source_metadata
 
     arch = gguf_architecture(model, base_source)
     qtype, file_type = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tailorlm.errors import TailorError
 from tailorlm.export.layout import Layout
+from tailorlm.models.loading import DEFAULT_MODEL, locate
 from tailorlm.models.trained import Trained
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -53,8 +54,6 @@ def write_adapter(trained: Trained, layout: Layout, out: Path) -> None:
 def base_record(trained: Trained) -> dict:
     """Where the base model comes from: the folder (and GGUF file) it was loaded from, the package for the
     embedded default. The adapter was trained on exactly these weights (dequantized, for a GGUF)."""
-    from tailorlm.models.loading import DEFAULT_MODEL, locate
-
     folder, gguf_file = locate(trained.cfg.model.path)
     record = {"model_path": trained.cfg.model.path, "folder": str(Path(folder).resolve()) if Path(folder).exists()
               else folder, "gguf_file": gguf_file, "source": trained.base_source, "dtype": trained.cfg.model.dtype}

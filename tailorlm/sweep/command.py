@@ -38,6 +38,8 @@ def register(verbs) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    # Lazy on purpose: cli.py imports this module to build its parser on every `tailor` call; the verb's own
+    # imports (torch, transformers, optuna, rich) load only when it runs.
     from pathlib import Path
 
     import optuna

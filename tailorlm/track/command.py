@@ -21,6 +21,8 @@ def register(verbs) -> None:
 
 
 def list_runs(args: argparse.Namespace) -> int:
+    # Lazy on purpose: cli.py imports this module to build its parser on every `tailor` call; the verb's own
+    # imports (torch, transformers, optuna, rich) load only when it runs.
     import json
     import sys
     from pathlib import Path
@@ -36,6 +38,8 @@ def list_runs(args: argparse.Namespace) -> int:
 
 
 def compare_runs(args: argparse.Namespace) -> int:
+    # Lazy on purpose: cli.py imports this module to build its parser on every `tailor` call; the verb's own
+    # imports (torch, transformers, optuna, rich) load only when it runs.
     from datetime import datetime
     from pathlib import Path
 

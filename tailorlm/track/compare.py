@@ -9,11 +9,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+from rich.text import Text
+
 from tailorlm.errors import TailorError
 from tailorlm.eval.report import TITLES, format_metric, variant_title
 from tailorlm.rundir import write_json
 from tailorlm.track.flat import as_text, flatten
 from tailorlm.track.registry import RunRecord, load_run
+from tailorlm.ui import console
 
 ABSENT = object()  # a config key a run does not have (an older version's config), unlike an explicit null
 VARIANT_ORDER = [f"{base}{kind}" for base in ("zero_shot", "few_shot") for kind in ("", "_constrained", "_likelihood")] + [
@@ -189,11 +193,6 @@ def markdown(comparison: Comparison, images: list[str]) -> str:
 
 
 def print_comparison(comparison: Comparison) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from tailorlm.ui import console
-
     for title, (header, rows) in tables(comparison).items():
         if not rows:
             console.print(f"[bold]{title}:[/] " + ("identical" if title == "Config differences" else "none"))

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from tailorlm.config import DistSpec
 from tailorlm.errors import TailorError
 from tailorlm.kernels.loss import completion_loss
+from tailorlm.models.layers import block_list_name
+from tailorlm.ui import console
 
 
 @dataclass
@@ -80,8 +82,6 @@ def init(spec: DistSpec, device: torch.device) -> tuple[World, torch.device]:
     if not _world.main:  # one voice: rank 0 prints progress and results for the whole job
         from transformers.utils import logging as hf_logging
 
-        from tailorlm.ui import console
-
         console.quiet = True
         hf_logging.disable_progress_bar()
     return _world, device
@@ -131,8 +131,6 @@ class Wrapped:
             self._ddp()
         elif w.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
-
-            from tailorlm.models.layers import block_list_name
 
             if w.main:  # the plain model for after training; FSDP below replaces the parameters in place
                 self.keep = copy.deepcopy(model).to("cpu")
