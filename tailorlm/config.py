@@ -80,7 +80,7 @@ class DataSpec(Section):
 class TemplateSpec(Section):
     _source: str = PrivateAttr("the config")  # the file it came from, for render errors found later
     preset: Literal["classification", "ner", "qa", "translation", "math", "instruction"] = Field(
-        "classification", description="The task: its default template, answer parsing and metrics (tailorlm/tasks.py)")
+        "classification", description="The task: its default template, answer parsing and metrics (tailorlm/tasks/)")
     instruction: Optional[str] = Field(None, description="Jinja2; sees the row's fields and `labels`; the preset's when absent")
     prompt: Optional[str] = Field(None, description="Jinja2 for the whole user prompt; the preset's when absent")
     completion: Optional[str] = Field(None, description="Jinja2 for the answer the model learns to give; the preset's when absent")

@@ -10,7 +10,7 @@ from tailorlm.eval.baselines import best_prompting
 from tailorlm.eval.curve_report import curve_lines, curve_summary
 from tailorlm.ui import console
 
-# Column titles for the terminal table and report.md. The table shows the task's metrics (tasks.py); the last
+# Column titles for the terminal table and report.md. The table shows the task's metrics (tasks/); the last
 # column is the fine-tuned gain, in points of the headline metric, over the best prompting variant.
 TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "valid": "valid answers", "f1": "entity F1",
           "precision": "precision", "recall": "recall", "exact_match": "exact match", "token_f1": "token F1",
