@@ -97,7 +97,7 @@ def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Map
     label_field = template.label_field
     if template.task.label_field and label_field is None:
         raise TailorError("template.completion must use {{ label }}: the classification preset learns to answer the label")
-    splits = load_splits(cfg.data, template.fields, label_field, template.task, **({"given": given} if given else {}))
+    splits = load_splits(cfg.data, template.fields, label_field, template.task, given=given)
     for split in ("train", "validation", "test"):
         console.print(f"{split:>10}: {len(splits[split]):5d} examples from {splits.sources[split]}")
     for split, reasons in splits.skipped.items():
