@@ -238,18 +238,13 @@ class RunDir:
             return Manifest.from_json(read_json(self / "manifest.json"), self / "manifest.json")
         cfg = cfg or self.config()
         tasks = {}
-        for name, task_cfg, folder in self._task_folders(cfg):
+        for task in cfg.task_set():
+            folder = self.path / "tasks" / task.name if cfg.multi_task else self.path
             labels = list(read_json(folder / "data_report.json").get("labels") or [])
-            tasks[name] = TaskManifest(task_cfg.template.preset, labels, task_cfg.template.model_dump(),
-                                       "unknown", [])
+            tasks[task.name] = TaskManifest(task.template.preset, labels, task.template.model_dump(mode="json"),
+                                            "unknown", [])
         weights = next((w for w in WEIGHT_FOLDERS if (self / w).is_dir()), "adapter")
         return Manifest(cfg.model.path, cfg.method.name, weights, tasks, legacy=True)
-
-    def _task_folders(self, cfg: RunConfig):
-        if not cfg.tasks:
-            yield cfg.template.preset, cfg, self.path
-        for t in cfg.tasks:
-            yield t.name, cfg.model_copy(update={"data": t.data, "template": t.template}), self.path / "tasks" / t.name
 
     def task_folder(self, name: str, several: bool) -> Path:
         """Where one task's data reports go: the run folder, or tasks/<name>/ in a multi-task run."""
