@@ -8,6 +8,9 @@ Layout (a multi-task run keeps each task's data reports under tasks/<name>/):
     predictions.jsonl  every generated test answer    example_losses.jsonl
     report.md, *.png   for people                     adapter/ or model/, checkpoints/
 
+checkpoints/ belongs to train/checkpoint.py (CheckpointStore), which writes each one to a temporary folder
+and renames it into place under the same rule.
+
 Predict, serve, chat, export and the registry read a run only through `RunDir`, and use-time facts (labels,
 template, chat layout, task, base model, a few test examples for export checks) come from manifest.json, not
 from reports or the original data files, which may have moved. Every write is atomic (a temporary file

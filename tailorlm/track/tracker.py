@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tailorlm.config import RunConfig
 from tailorlm.errors import TailorError
-from tailorlm.rundir import write_json
+from tailorlm.rundir import read_json, write_json
 from tailorlm.track.flat import as_text, flatten
 
 MLFLOW_MISSING = "track.mlflow needs MLflow: pip install 'tailorlm[mlflow]'"
@@ -159,7 +159,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            before = json.loads((self.out_dir / "tracking.json").read_text()).get("mlflow") or {}
+            before = read_json(self.out_dir / "tracking.json").get("mlflow") or {}
         except (OSError, ValueError):
             return None
         if before.get("tracking_uri") != uri or not before.get("run_id"):
