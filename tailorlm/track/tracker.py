@@ -15,7 +15,6 @@ other than 0) writes nothing at all.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -160,7 +159,7 @@ class Tracker:
 
         try:
             before = read_json(self.out_dir / "tracking.json").get("mlflow") or {}
-        except (OSError, ValueError):
+        except TailorError:  # a damaged tracking.json: start a new MLflow run
             return None
         if before.get("tracking_uri") != uri or not before.get("run_id"):
             return None
