@@ -14,7 +14,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tailorlm.kernels.loss import decoder_and_head
-from tailorlm.kernels.prefix import prefix_cache, shared_prefix_len
+from tailorlm.kernels.prefix import generation_prefix_blocker, prefix_cache, shared_prefix_len
 from tailorlm.ui import progress
 
 
@@ -61,6 +61,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     outputs: list[str] = [""] * len(prompts)
     parts = decoder_and_head(model)
+    longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+    shared_prefix = shared_prefix and generation_prefix_blocker(model, longest) is None
     model.eval()
     with progress(description, len(prompts)) as advance:
         for start in range(0, len(order), batch_size):

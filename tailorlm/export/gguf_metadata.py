@@ -30,26 +30,37 @@ def copy_source_metadata(writer, source, layout: Layout) -> None:
     writer.add_eos_token_id(layout.end_of_turn_id)
 
 
-def add_llama_metadata(writer, config, tokenizer, layout: Layout) -> None:
-    """The llama hyperparameters from config.json, and the tokenizer, as llama.cpp's converter writes them."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise TailorError(f"GGUF export: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not supported yet")
+def add_model_metadata(writer, config, tokenizer, layout: Layout, family) -> None:
+    """The hyperparameters from config.json, and the tokenizer, as llama.cpp's converter writes them for the
+    family (export/gguf_families.py)."""
+    from tailorlm.export.gguf_families import rope_scaling, rope_theta
+
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    context = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if window and not family.window_applied and (config.model_type != "qwen2" or config.use_sliding_window):
+        context = min(context, window)  # llama.cpp does not slide for this architecture: exact up to the window
     writer.add_name(str(getattr(config, "_name_or_path", "") or "model").rstrip("/").split("/")[-1])
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(rope_theta(config))
+    kind, factor = rope_scaling(config)
+    if kind == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:
+    if head_dim != config.hidden_size // config.num_attention_heads or family.arch == "gemma3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    family.extra_metadata(writer, config)
     add_byte_level_bpe_tokenizer(writer, tokenizer, config.vocab_size, layout)
 
 

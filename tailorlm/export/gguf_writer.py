@@ -1,9 +1,10 @@
 """Merged weights -> one GGUF file, written with the `gguf` package's GGUFWriter (no llama.cpp build needed).
 
-Tensors are named by gguf's own TensorNameMap for the architecture, 1-D tensors (norms) stay F32 as in
-llama.cpp's converter, 2-D ones become F16 or Q8_0 (gguf.quants). The metadata comes from the base model's
-own GGUF when it was loaded from one (gguf_metadata.copy_source_metadata), else from config.json and the
-tokenizer (gguf_metadata.add_llama_metadata).
+Tensors are named by gguf's own TensorNameMap for the architecture, 1-D tensors (norms, biases) stay F32 as in
+llama.cpp's converter, 2-D ones become F16 or Q8_0 (gguf.quants). What differs between model families (the
+architecture name, the Q/K reordering, norm offsets, what llama.cpp cannot reproduce) is in gguf_families.py.
+The metadata comes from the base model's own GGUF when it was loaded from one
+(gguf_metadata.copy_source_metadata), else from config.json and the tokenizer (gguf_metadata.add_model_metadata).
 """
 from __future__ import annotations
 
@@ -14,23 +15,27 @@ import numpy as np
 import torch
 
 from tailorlm.errors import TailorError
-from tailorlm.export.gguf_metadata import add_llama_metadata, copy_source_metadata
+from tailorlm.export.gguf_families import GGUFFamily, check_supported, family_for
+from tailorlm.export.gguf_metadata import add_model_metadata, copy_source_metadata
 from tailorlm.export.layout import Layout
 
-SUPPORTED_ARCHITECTURES = ("llama",)  # SmolLM2, Llama, TinyLlama
+
+def gguf_family(model: torch.nn.Module, base_source: str) -> GGUFFamily:
+    """The model's family, checked: a clear error, before anything is written, for a model this writer would
+    turn into a file llama.cpp runs differently."""
+    if base_source.endswith(".gguf"):
+        field = source_reader(base_source).get_field("general.architecture")
+        family = family_for(field.contents() if field else "unknown", from_gguf=True)
+    else:
+        family = family_for(model.config.model_type)
+    if model is not None and not base_source.endswith(".gguf"):
+        check_supported(family, model.config)
+    return family
 
 
 def gguf_architecture(model: torch.nn.Module, base_source: str) -> str:
-    """The architecture name the GGUF will state; a clear error for ones this writer does not handle yet."""
-    if base_source.endswith(".gguf"):
-        field = source_reader(base_source).get_field("general.architecture")
-        arch = field.contents() if field else "unknown"
-    else:
-        arch = model.config.model_type
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise TailorError(f"GGUF export supports the {', '.join(SUPPORTED_ARCHITECTURES)} architecture; "
-                          f"'{arch}' is not supported yet (--format hf or --format adapter export any model)")
-    return arch
+    """The architecture name the GGUF will state (see gguf_family)."""
+    return gguf_family(model, base_source).arch
 
 
 @lru_cache(maxsize=2)
@@ -44,7 +49,8 @@ def source_reader(path: str):
 def write_gguf(model: torch.nn.Module, tokenizer, path: Path, quant: str, base_source: str, layout: Layout) -> None:
     import gguf
 
-    arch = gguf_architecture(model, base_source)
+    family = gguf_family(model, base_source)
+    arch = family.arch
     qtype, file_type = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
                         "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}[quant]
     names = tensor_names(model, arch)
@@ -57,10 +63,10 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: Path, quant: str, base_s
                               f"missing {sorted(expected - produced)[:5]}, extra {sorted(produced - expected)[:5]}")
         copy_source_metadata(writer, source, layout)
     else:
-        add_llama_metadata(writer, model.config, tokenizer, layout)
+        add_model_metadata(writer, model.config, tokenizer, layout, family)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, array in gguf_tensors(model, names):  # one float32 copy at a time: the writer keeps only the encoded
+    for name, array in gguf_tensors(model, names, family):  # one float32 copy at a time: the writer keeps only the encoded
         data, raw_type = _encode(array, qtype)
         writer.add_tensor(name, data, raw_dtype=raw_type)
     writer.write_header_to_file()
@@ -87,15 +93,18 @@ def tensor_names(model: torch.nn.Module, arch: str) -> dict[str, str]:
     return names
 
 
-def gguf_tensors(model: torch.nn.Module, names: dict[str, str]):
-    """(GGUF name, float32 array) for each weight, with Q and K permuted as llama.cpp's converter does."""
+def gguf_tensors(model: torch.nn.Module, names: dict[str, str], family: GGUFFamily):
+    """(GGUF name, float32 array) for each weight, transformed as llama.cpp's converter does for the family:
+    Q and K permuted where llama.cpp rotates interleaved pairs, norm weights shifted where HF adds an offset."""
     config, state = model.config, model.state_dict()
     for hf_name, name in names.items():
         array = state[hf_name].detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if family.permute_qk and hf_name.endswith("q_proj.weight"):
             array = permute_for_rope(array, config.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif family.permute_qk and hf_name.endswith("k_proj.weight"):
             array = permute_for_rope(array, config.num_key_value_heads)
+        elif family.norm_offset and hf_name.endswith("norm.weight"):
+            array = array + np.float32(family.norm_offset)
         yield name, array
 
 

@@ -4,7 +4,9 @@
    model, on a few of the run's test prompts exactly as training tokenized them;
 2. chat template: the template the export carries, rendered by transformers (Jinja2) and tokenized by the
    exported tokenizer, gives the training prompt token for token;
-3. Modelfile (GGUF): its TEMPLATE, rendered for system + prompt, gives the training prompt text.
+3. Modelfile (GGUF): its TEMPLATE, rendered for system + prompt, gives the training prompt text;
+4. llama.cpp (GGUF): the file run by llama.cpp itself continues each prompt greedily as the merged model does
+   (export/llamacpp_check.py); skipped, not failed, where llama-cpp-python is not installed.
 """
 from __future__ import annotations
 
@@ -31,6 +33,19 @@ Q8_0_TOLERANCE = 0.40
 # The same float32 weights reloaded (hf folder, adapter on its base): only summation order can differ.
 EXACT_TOLERANCE = 1e-4
 TOLERANCES = {"f16": F16_TOLERANCE, "q8_0": Q8_0_TOLERANCE, None: EXACT_TOLERANCE}
+
+# llama.cpp's greedy tokens against the merged model's, GREEDY_TOKENS per prompt. f16 rounding is far below
+# a trained model's margins between its first and second choice: every prompt must agree token for token.
+# Q8_0 moves logits by ~20% of their std (above), enough to flip a close choice, after which the two texts
+# part ways: the share of tokens that agree before each prompt's first divergence must reach Q8_0_AGREEMENT.
+# Measured with llama-cpp-python 0.3.36: SmolLM2-135M-Instruct, 10 chat prompts x 16 tokens, f16 10/10
+# prompts identical, q8_0 5/10 prompts and 72% of tokens; the tiny random models of every family
+# (tests/family_models.py, 3 prompts x 8 tokens) f16 all identical, q8_0 71% to 100% of tokens. 50% leaves
+# room for the few prompts a check runs on, while a wrong file agrees on next to nothing.
+GREEDY_TOKENS = 8
+F16_AGREEMENT = 1.0
+Q8_0_AGREEMENT = 0.5
+AGREEMENT = {"f16": F16_AGREEMENT, "q8_0": Q8_0_AGREEMENT}
 
 
 @dataclass
@@ -94,7 +109,27 @@ def verify_export(trained: Trained, result: ExportResult, cases: list[PromptCase
     report.checks.append(_template_check(report, tokenizer, result.layout.uses_chat, cases))
     if result.modelfile is not None:
         report.checks.append(_modelfile_check(report, result.modelfile.read_text(), cases))
+    if result.format == "gguf":
+        report.checks.append(llama_cpp_check(report, trained.model, result.gguf_file, result.quant, cases))
     return report
+
+
+def llama_cpp_check(report, model, gguf_file, quant: str, cases) -> Check:
+    """The GGUF run by llama.cpp: greedy tokens against the merged model's (f16: all prompts identical)."""
+    from tailorlm.export.llamacpp_check import greedy_agreement
+
+    agreement = greedy_agreement(model, gguf_file, [case.ids for case in cases], GREEDY_TOKENS)
+    name = f"llama.cpp greedy tokens ({quant}) vs merged model"
+    if agreement.skipped:
+        report.figures["llama_cpp_skipped"] = agreement.skipped
+        return Check(name, f"skipped: {agreement.skipped}", "", True)
+    report.figures.update(llama_cpp_prompts_identical=agreement.prompts_identical,
+                          llama_cpp_token_share=agreement.token_share)
+    result = (f"{agreement.prompts_identical}/{len(cases)} prompts identical, "
+              f"{agreement.token_share:.0%} of tokens before a divergence")
+    if quant == "f16":
+        return Check(name, result, "all prompts", agreement.prompts_identical == len(cases))
+    return Check(name, result, f"{AGREEMENT[quant]:.0%} of tokens", agreement.token_share >= AGREEMENT[quant])
 
 
 def logit_difference(reference: torch.nn.Module, exported: torch.nn.Module,

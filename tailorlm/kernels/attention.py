@@ -6,11 +6,15 @@ layers) runs unchanged and only the attention call changes. The model forward re
 - CUDA, half precision: one variable-length FlashAttention call (torch.nn.attention.varlen), which skips
   every cross-sample block, so a packed row costs the attention FLOPs of its samples and no more.
 - elsewhere: one causal SDPA call per sample, exact and cheap at CPU lengths.
+A layer with a sliding window (Gemma 3's local layers, Mistral, Phi-3) passes `sliding_window`: each query
+then sees only the last `sliding_window` keys of its sample, as transformers' own mask does (FlashAttention's
+window where this torch has it, else the per-sample path with an explicit mask, said once in the log).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PACKED = "tailor_packed"
+log = logging.getLogger(__name__)
+_said: set[str] = set()
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _said:
+        _said.add(reason)
+        log.info(reason)
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
@@ -30,7 +42,7 @@ def varlen_available(query: torch.Tensor) -> bool:
     return varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
 
 
-def _varlen(query, key, value, cu_seqlens, max_len, scaling):
+def _varlen(query, key, value, cu_seqlens, max_len, scaling, window: int | None = None):
     """query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D) through FlashAttention varlen."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
     kwargs = {"scale": scaling}
@@ -39,19 +51,26 @@ def _varlen(query, key, value, cu_seqlens, max_len, scaling):
     elif k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     if "window_size" in _VARLEN_ARGS:
-        kwargs["window_size"] = (-1, 0)  # causal
+        kwargs["window_size"] = (window - 1 if window else -1, 0)  # causal, over the last `window` keys
     else:
         kwargs["is_causal"] = True
     cu = cu_seqlens.to(torch.int32)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)[None]
 
 
-def _per_sample_sdpa(query, key, value, cu_seqlens, scaling):
+def _per_sample_sdpa(query, key, value, cu_seqlens, scaling, window: int | None = None):
     bounds = cu_seqlens.tolist()
     gqa = key.shape[1] != query.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                           scale=scaling, enable_gqa=gqa)
-            for a, b in zip(bounds, bounds[1:])]
+    outs = []
+    for a, b in zip(bounds, bounds[1:]):
+        q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
+        if window and b - a > window:  # transformers' sliding mask: key j is seen from query i when 0 <= i - j < window
+            i = torch.arange(b - a, device=q.device)
+            distance = i[:, None] - i[None, :]
+            mask = (distance >= 0) & (distance < window)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
@@ -63,10 +82,14 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
                                       **kwargs)
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one packed row (batch size 1)")
-    if varlen_available(query):
-        out = _varlen(query, key, value, cu_seqlens, int(kwargs["max_length_q"]), scaling)
+    window = kwargs.get("sliding_window") or None
+    if window and varlen_available(query) and "window_size" not in _VARLEN_ARGS:
+        _say_once("packed attention: this torch's FlashAttention varlen has no sliding window; layers with one "
+                  "run one SDPA call per sample instead")
+    if varlen_available(query) and (not window or "window_size" in _VARLEN_ARGS):
+        out = _varlen(query, key, value, cu_seqlens, int(kwargs["max_length_q"]), scaling, window)
     else:
-        out = _per_sample_sdpa(query, key, value, cu_seqlens, scaling)
+        out = _per_sample_sdpa(query, key, value, cu_seqlens, scaling, window)
     return out.contiguous(), None
 
 

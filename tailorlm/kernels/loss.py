@@ -8,6 +8,8 @@ fifth of the model's FLOPs and most of its activation memory.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -15,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from tailorlm.data.samples import IGNORE
 from tailorlm.kernels.prefix import shared_prefix_len_padded, suffix_hidden
 
+log = logging.getLogger(__name__)
+_said: set[str] = set()
 CHUNK_ROWS = 2048  # head rows per chunk: bounds the fp32 logits alive at once to CHUNK_ROWS x vocab
 
 
@@ -29,7 +33,14 @@ def decoder_and_head(model: torch.nn.Module):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if decoder is None or not isinstance(head, torch.nn.Linear) or getattr(base.config, "final_logit_softcapping", None):
+    if decoder is None or not isinstance(head, torch.nn.Linear):
+        return None
+    if getattr(base.config, "final_logit_softcapping", None):
+        reason = (f"{base.config.model_type}: final logit soft-capping; the completion-only head and shared "
+                  f"prefixes are off, the library's full logits are used")
+        if reason not in _said:
+            _said.add(reason)
+            log.info(reason)
         return None
     return decoder, head
 

@@ -8,8 +8,12 @@ the same computation up to float rounding, and gradients flow back into the pref
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
+log = logging.getLogger(__name__)
+_said: set[str] = set()
 MIN_PREFIX = 8  # below this the extra prefix pass costs more than it saves
 
 
@@ -51,3 +55,23 @@ def suffix_hidden(decoder, input_ids_BxT: torch.Tensor, attention_mask_BxT: torc
     out = decoder(input_ids=input_ids_BxT[:, prefix_len:], attention_mask=attention_mask_BxT,
                   past_key_values=cache, position_ids=positions_BxS, use_cache=True)
     return out.last_hidden_state
+
+
+def generation_prefix_blocker(model, longest: int) -> str | None:
+    """Why generation cannot share a prefix with this model for rows up to `longest` tokens (prompt and
+    generated), or None.
+
+    Generation lays rows out as [shared prefix | left padding | own tokens]. A sliding window counts cache
+    slots, padding included, so a padded row would see less of its prefix than the same prompt alone does;
+    a window longer than every row makes that harmless."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    uses_window = window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False))
+    if not uses_window or longest <= window:
+        return None
+    reason = (f"{config.model_type}: sliding-window attention (window {window}) shorter than the rows; "
+              f"generation runs each prompt whole, without a shared prefix")
+    if reason not in _said:
+        _said.add(reason)
+        log.info(reason)
+    return reason

@@ -1,0 +1,181 @@
+"""Every supported model family, on a tiny random model of it: GGUF export that llama.cpp runs exactly as
+PyTorch does, training fast paths equal to the plain step, and shared-prefix generation equal to plain."""
+import logging
+
+import pytest
+import torch
+
+from conftest import CHATML
+from family_models import FAMILIES, SLIDING_WINDOW, tiny_family_model
+from tailorlm.data.batching import collate
+from tailorlm.data.samples import IGNORE, Sample
+from tailorlm.errors import TailorError
+from tailorlm.eval.generate import generate
+from tailorlm.export.gguf_writer import write_gguf
+from tailorlm.export.layout import Layout
+from tailorlm.export.llamacpp_check import greedy_agreement
+from tailorlm.kernels.attention import packed_attention
+from tailorlm.kernels.loss import completion_loss
+from tailorlm.kernels.packing import pack
+
+TEXTS = ["the market rose as shares in the bank climbed", "the film won an award and the actor",
+         "positive negative neutral business entertainment politics sport"]
+
+
+def _layout(tokenizer):
+    return Layout(CHATML, True, None, "<|im_end|>", tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def _prompts(tokenizer):
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    assert min(len(p) for p in prompts) > SLIDING_WINDOW  # gemma3's window is in play
+    return prompts
+
+
+# ---- GGUF export, run by llama.cpp ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f16_gguf_continues_every_prompt_as_pytorch_does_in_llama_cpp(family, tiny_tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model = tiny_family_model(family, len(tiny_tokenizer))
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(model, tiny_tokenizer, path, "f16", "", _layout(tiny_tokenizer))
+    agreement = greedy_agreement(model, path, _prompts(tiny_tokenizer), new_tokens=8)
+    assert agreement.exported == agreement.reference
+    assert len(set(sum(agreement.reference, []))) > 4  # the model writes varied text, not one repeated token
+
+
+def test_llama_cpp_tells_a_gemma3_file_without_its_norm_offset_apart(tiny_tokenizer, tmp_path, monkeypatch):
+    """The check has teeth: gemma3 norms written as stored (no 1 + w) change what llama.cpp writes."""
+    pytest.importorskip("llama_cpp")
+    import dataclasses
+
+    import tailorlm.export.gguf_families as families
+
+    monkeypatch.setitem(families.FAMILIES, "gemma3_text",
+                        dataclasses.replace(families.FAMILIES["gemma3_text"], norm_offset=0.0))
+    model = tiny_family_model("gemma3", len(tiny_tokenizer))
+    path = tmp_path / "broken.gguf"
+    write_gguf(model, tiny_tokenizer, path, "f16", "", _layout(tiny_tokenizer))
+    assert greedy_agreement(model, path, _prompts(tiny_tokenizer), new_tokens=8).prompts_identical == 0
+
+
+def test_gguf_metadata_per_family(tiny_tokenizer, tmp_path):
+    import gguf
+
+    expected = {"mistral": ("llama", "blk.0.attn_q.weight"), "qwen2": ("qwen2", "blk.0.attn_q.bias"),
+                "qwen3": ("qwen3", "blk.0.attn_k_norm.weight"), "phi3": ("phi3", "blk.0.attn_qkv.weight"),
+                "gemma3": ("gemma3", "blk.1.post_ffw_norm.weight")}
+    for family, (arch, tensor) in expected.items():
+        model = tiny_family_model(family, len(tiny_tokenizer), sharp=False)
+        path = tmp_path / f"{family}.gguf"
+        write_gguf(model, tiny_tokenizer, path, "f16", "", _layout(tiny_tokenizer))
+        reader = gguf.GGUFReader(path)
+        names = {t.name: t for t in reader.tensors}
+        assert reader.get_field("general.architecture").contents() == arch and tensor in names, family
+        assert ("output.weight" in names) == (not model.config.tie_word_embeddings), family
+        if family == "phi3":  # fused: gate and up rows in one matrix
+            assert list(names["blk.0.ffn_up.weight"].shape) == [64, 256]
+        if family == "gemma3":
+            assert reader.get_field("gemma3.attention.sliding_window").contents() == SLIDING_WINDOW
+            assert reader.get_field("gemma3.attention.key_length").contents() == 16
+            stored = model.model.norm.weight.detach().numpy()
+            written = names["output_norm.weight"].data
+            assert abs(written - (stored + 1)).max() < 1e-6  # llama.cpp's RMSNorm multiplies by 1 + w
+
+
+def test_what_llama_cpp_cannot_reproduce_is_refused_by_name(tiny_tokenizer, tmp_path):
+    capped = tiny_family_model("gemma3", len(tiny_tokenizer), sharp=False, softcap=True)
+    with pytest.raises(TailorError, match=r"final logit soft-capping \(final_logit_softcapping=30.0\)"):
+        write_gguf(capped, tiny_tokenizer, tmp_path / "capped.gguf", "f16", "", _layout(tiny_tokenizer))
+    odd = tiny_family_model("gemma3", len(tiny_tokenizer), sharp=False)
+    odd.config.layer_types = ["full_attention", "full_attention"]
+    with pytest.raises(TailorError, match="a layer pattern other than 5 sliding-window layers then 1 global"):
+        write_gguf(odd, tiny_tokenizer, tmp_path / "odd.gguf", "f16", "", _layout(tiny_tokenizer))
+    assert list(tmp_path.iterdir()) == []  # refused before a byte is written
+
+
+# ---- training: fast paths equal the plain step ------------------------------------------------------------
+
+def _samples(shared: int = 0, seed: int = 3) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    head = list(range(5, 5 + shared))
+    out = []
+    for prompt, answer in [(9, 2), (4, 5), (17, 1), (6, 3), (12, 6)]:
+        ids = head + torch.randint(10, 390, (prompt + answer,), generator=g).tolist()
+        out.append(Sample(ids, [IGNORE] * (shared + prompt) + ids[shared + prompt:], {}))
+    return out
+
+
+def _loss_and_grads(model, batch, **kwargs):
+    model.zero_grad()
+    loss, n = completion_loss(model, batch, **kwargs)
+    loss.backward()
+    return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(got, expected):
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert got[1] == expected[1] and got[2].keys() == expected[2].keys()
+    for name, grad in got[2].items():
+        torch.testing.assert_close(grad, expected[2][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_and_shared_prefix_steps_equal_the_plain_step(family):
+    model = tiny_family_model(family, 400, sharp=False)
+    padded = collate(_samples(), pad_id=3)
+    plain = _loss_and_grads(model, padded, shared_prefix=False)
+    with packed_attention(model):
+        _assert_same(_loss_and_grads(model, pack(_samples(), pad_to_multiple=32, pad_id=3)), plain)
+    prefixed = collate(_samples(shared=20), pad_id=3)
+    _assert_same(_loss_and_grads(model, prefixed, shared_prefix=True),
+                 _loss_and_grads(model, prefixed, shared_prefix=False))
+
+
+def test_a_soft_capped_head_falls_back_to_full_logits_and_says_so(caplog, monkeypatch):
+    from tailorlm.kernels import loss
+
+    monkeypatch.setattr(loss, "_said", set())  # as in a fresh process
+    model = tiny_family_model("gemma3", 400, sharp=False, softcap=True)
+    batch = collate(_samples(shared=20), pad_id=3)
+    with caplog.at_level(logging.INFO, logger="tailorlm.kernels.loss"):
+        fast = _loss_and_grads(model, batch, shared_prefix=True)
+    assert "final logit soft-capping" in caplog.text
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    reference = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    torch.testing.assert_close(fast[0], reference.detach(), rtol=1e-5, atol=1e-5)
+    with packed_attention(model):
+        _assert_same(_loss_and_grads(model, pack(_samples(shared=20), pad_id=3)), fast)
+
+
+# ---- evaluation: batched generation with and without the shared prefix ------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_generation_equals_plain_generation(family, tiny_tokenizer):
+    model = tiny_family_model(family, len(tiny_tokenizer))
+    head = "<|im_start|>user\nClassify the text. Answer with one of: negative, positive.\n\nText: "
+    texts = ["the film won an award", "awful", "the team won the match with a late goal from the striker", "great"]
+    ids = [tiny_tokenizer(f"{head}{t}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+           for t in texts]
+    plain = generate(model, tiny_tokenizer, ids, 6, 4, torch.device("cpu"), shared_prefix=False)
+    shared = generate(model, tiny_tokenizer, ids, 6, 4, torch.device("cpu"), shared_prefix=True)
+    one_at_a_time = [generate(model, tiny_tokenizer, [p], 6, 1, torch.device("cpu"))[0] for p in ids]
+    assert shared == plain == one_at_a_time
+
+
+def test_a_sliding_window_shorter_than_the_rows_turns_the_generation_prefix_off_and_says_so(caplog, monkeypatch):
+    from tailorlm.kernels import prefix
+    from tailorlm.kernels.prefix import generation_prefix_blocker
+
+    monkeypatch.setattr(prefix, "_said", set())  # as in a fresh process
+
+    model = tiny_family_model("gemma3", 400, sharp=False)
+    assert generation_prefix_blocker(model, SLIDING_WINDOW) is None  # every row inside the window: harmless
+    with caplog.at_level(logging.INFO, logger="tailorlm.kernels.prefix"):
+        assert "sliding-window attention (window 8)" in generation_prefix_blocker(model, 40)
+        generation_prefix_blocker(model, 40)
+    assert caplog.text.count("sliding-window attention") == 1  # said once
+    assert generation_prefix_blocker(tiny_family_model("llama", 400, sharp=False), 10_000) is None
