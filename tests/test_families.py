@@ -45,6 +45,17 @@ def test_f16_gguf_continues_every_prompt_as_pytorch_does_in_llama_cpp(family, ti
     assert len(set(sum(agreement.reference, []))) > 4  # the model writes varied text, not one repeated token
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q8_0_gguf_agrees_with_pytorch_above_the_verify_threshold(family, tiny_tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from tailorlm.export.verify import Q8_0_AGREEMENT
+
+    model = tiny_family_model(family, len(tiny_tokenizer))
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(model, tiny_tokenizer, path, "q8_0", "", _layout(tiny_tokenizer))
+    assert greedy_agreement(model, path, _prompts(tiny_tokenizer), new_tokens=8).token_share >= Q8_0_AGREEMENT
+
+
 def test_llama_cpp_tells_a_gemma3_file_without_its_norm_offset_apart(tiny_tokenizer, tmp_path, monkeypatch):
     """The check has teeth: gemma3 norms written as stored (no 1 + w) change what llama.cpp writes."""
     pytest.importorskip("llama_cpp")
@@ -179,3 +190,27 @@ def test_a_sliding_window_shorter_than_the_rows_turns_the_generation_prefix_off_
         generation_prefix_blocker(model, 40)
     assert caplog.text.count("sliding-window attention") == 1  # said once
     assert generation_prefix_blocker(tiny_family_model("llama", 400, sharp=False), 10_000) is None
+
+
+def test_without_llama_cpp_python_the_check_is_skipped_with_the_way_to_install_it(tiny_tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    import sys
+
+    from tailorlm.export.verify import llama_cpp_check, VerifyReport
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    model = tiny_family_model("qwen2", len(tiny_tokenizer), sharp=False)
+    cases = [type("Case", (), {"ids": p})() for p in _prompts(tiny_tokenizer)]
+    report = VerifyReport()
+    check = llama_cpp_check(report, model, tmp_path / "absent.gguf", "f16", cases)
+    assert check.ok and check.result.startswith("skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
+    assert "llama_cpp_skipped" in report.figures
+
+
+def test_a_window_llama_cpp_does_not_apply_caps_the_context_length(tiny_tokenizer, tmp_path):
+    import gguf
+
+    model = tiny_family_model("mistral", len(tiny_tokenizer), sharp=False)
+    model.config.sliding_window = 64  # llama.cpp runs mistral as llama, with no window: exact up to 64 tokens
+    write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f16", "", _layout(tiny_tokenizer))
+    assert gguf.GGUFReader(tmp_path / "m.gguf").get_field("llama.context_length").contents() == 64
