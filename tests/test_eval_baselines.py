@@ -1,6 +1,8 @@
 """The strongest honest baseline: label likelihood against a direct computation, constrained and free kinds, the
 k-shot curve with its dropped demonstrations, retrieved demonstrations, the classic classifier, and the gain
 measured against the best prompting result of any kind."""
+import math
+
 import pytest
 import torch
 
@@ -57,8 +59,13 @@ def test_label_likelihood_picks_the_label_with_the_highest_summed_logprob(tiny_t
     model = tiny_llama(len(tiny_tokenizer), seed=2)
     evaluator, samples = setup(tiny_tokenizer)
     result = evaluator.run(model, samples, "zero_shot_likelihood", kind="likelihood")
+    forms = {label: [tiny_tokenizer.encode(text + "<|im_end|>", add_special_tokens=False)
+                     for text in (label, label.capitalize())] for label in LABELS}
+    assert [(LABELS[i], ids) for i, ids in evaluator.forms] == [(label, ids) for label in LABELS for ids in forms[label]]
     for sample, prediction in zip(samples, result.predictions):
-        scores = [direct_logprob(model, sample.prompt_ids, answer) for answer in evaluator.answers]
+        # A label's probability is that of its spellings together: log(p(negative) + p(Negative)).
+        scores = [math.log(sum(math.exp(direct_logprob(model, sample.prompt_ids, ids)) for ids in forms[label]))
+                  for label in LABELS]
         assert prediction["predicted"] == LABELS[max(range(2), key=scores.__getitem__)]
     assert result.metrics["valid"] == 1.0 and result.metrics["kind"] == "likelihood"
     assert result.metrics["prompt_tokens"] == pytest.approx(sum(len(s.prompt_ids) for s in samples) / len(samples), abs=0.1)

@@ -9,6 +9,8 @@ import random
 import time
 from dataclasses import dataclass
 
+import torch
+
 from tailorlm.config import EvalSpec
 from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
@@ -49,13 +51,20 @@ class Evaluator:
         self.tokenizer, self.template, self.fmt, self.labels = tokenizer, template, fmt, labels
         self.spec, self.device, self.label_field, self.task = spec, device, label_field, template.task
         self.max_new_tokens, self.trie, self.answers = spec.max_new_tokens or self.task.max_new_tokens, None, []
+        self.forms: list[tuple[int, list[int]]] = []  # (label index, token ids) of every surface form
         if label_field:
-            self.answers = [fmt.encode_completion(fmt.completion_text("", template.completion({label_field: label})))
-                            for label in labels]
+            encode = lambda text: fmt.encode_completion(fmt.completion_text("", template.completion(  # noqa: E731
+                {label_field: text})))
+            self.answers = [encode(label) for label in labels]  # exactly the completions training teaches
+            # A base model asked for "negative or positive" often prefers "Negative": constrained decoding and
+            # label likelihood that allowed only the exact spelling would score its second choice. Each label
+            # also counts in its capitalised and lower-case forms (the answer parser ignores case anyway).
+            self.forms = [(i, ids) for i, label in enumerate(labels)
+                          for ids in _unique([self.answers[i]] + [encode(form) for form in _case_forms(label)])]
             # Room for a short sentence around the label ("The topic is business."): a base model that answers in
             # a sentence must not be cut off before it names the label, or the baseline would be unfairly low.
             self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in self.answers) + 16
-            self.trie = LabelTrie(self.answers)
+            self.trie = LabelTrie([ids for _, ids in self.forms])
 
     @property
     def closed(self) -> bool:
@@ -89,9 +98,10 @@ class Evaluator:
         started = time.perf_counter()
         prompts, dropped = self.prompts(samples, demos)
         if kind == "likelihood":
-            scores = answer_logprobs(model, prompts, self.answers, self.device, self.spec.batch_size,
-                                     description=f"eval {variant}")
-            generated = [self.labels[max(range(len(row)), key=row.__getitem__)] for row in scores]
+            scores = answer_logprobs(model, prompts, [ids for _, ids in self.forms], self.device,
+                                     self.spec.batch_size, description=f"eval {variant}")
+            generated = [self.labels[max(range(len(self.labels)), key=by_label.__getitem__)]
+                         for by_label in map(self.label_scores, scores)]
         else:
             done = answer_complete(self.labels) if self.closed and kind == "free" else None
             generated = generate(model, self.tokenizer, prompts, self.max_new_tokens, self.spec.batch_size,
@@ -108,6 +118,27 @@ class Evaluator:
                         "generated": g, "predicted": p, "where": ex.get("_where")}
                        for ex, e, g, p in zip(examples, expected, generated, predicted)]
         return VariantResult(metrics, predictions)
+
+
+    def label_scores(self, form_scores: list[float]) -> list[float]:
+        """Each label's log-probability: its surface forms' probabilities summed (log-sum-exp)."""
+        grouped: list[list[float]] = [[] for _ in self.labels]
+        for (label, _), score in zip(self.forms, form_scores):
+            grouped[label].append(score)
+        return [torch.logsumexp(torch.tensor(g, dtype=torch.float64), 0).item() for g in grouped]
+
+
+def _case_forms(label: str) -> list[str]:
+    return [label[:1].upper() + label[1:], label.lower()]
+
+
+def _unique(sequences: list[list[int]]) -> list[list[int]]:
+    seen, kept = set(), []
+    for seq in sequences:
+        if tuple(seq) not in seen:
+            seen.add(tuple(seq))
+            kept.append(seq)
+    return kept
 
 
 def _input_text(example: dict, template: PromptTemplate, labels: list[str]) -> str:
