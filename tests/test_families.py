@@ -145,12 +145,12 @@ def test_packed_and_shared_prefix_steps_equal_the_plain_step(family):
 
 
 def test_a_soft_capped_head_falls_back_to_full_logits_and_says_so(caplog, monkeypatch):
-    from tailorlm.kernels import loss
+    from tailorlm.kernels import fallback
 
-    monkeypatch.setattr(loss, "_said", set())  # as in a fresh process
+    monkeypatch.setattr(fallback, "_said", set())  # as in a fresh process
     model = tiny_family_model("gemma3", 400, sharp=False, softcap=True)
     batch = collate(_samples(shared=20), pad_id=3)
-    with caplog.at_level(logging.INFO, logger="tailorlm.kernels.loss"):
+    with caplog.at_level(logging.INFO, logger="tailorlm.kernels"):
         fast = _loss_and_grads(model, batch, shared_prefix=True)
     assert "final logit soft-capping" in caplog.text
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -178,14 +178,14 @@ def test_shared_prefix_generation_equals_plain_generation(family, tiny_tokenizer
 
 
 def test_a_sliding_window_shorter_than_the_rows_turns_the_generation_prefix_off_and_says_so(caplog, monkeypatch):
-    from tailorlm.kernels import prefix
+    from tailorlm.kernels import fallback
     from tailorlm.kernels.prefix import generation_prefix_blocker
 
-    monkeypatch.setattr(prefix, "_said", set())  # as in a fresh process
+    monkeypatch.setattr(fallback, "_said", set())  # as in a fresh process
 
     model = tiny_family_model("gemma3", 400, sharp=False)
     assert generation_prefix_blocker(model, SLIDING_WINDOW) is None  # every row inside the window: harmless
-    with caplog.at_level(logging.INFO, logger="tailorlm.kernels.prefix"):
+    with caplog.at_level(logging.INFO, logger="tailorlm.kernels"):
         assert "sliding-window attention (window 8)" in generation_prefix_blocker(model, 40)
         generation_prefix_blocker(model, 40)
     assert caplog.text.count("sliding-window attention") == 1  # said once

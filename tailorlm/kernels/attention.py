@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tailorlm.kernels.fallback import say_once
+
 PACKED = "tailor_packed"
-log = logging.getLogger(__name__)
-_said: set[str] = set()
-
-
-def _say_once(reason: str) -> None:
-    if reason not in _said:
-        _said.add(reason)
-        log.info(reason)
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
@@ -84,7 +77,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError("packed attention expects one packed row (batch size 1)")
     window = kwargs.get("sliding_window") or None
     if window and varlen_available(query) and "window_size" not in _VARLEN_ARGS:
-        _say_once("packed attention: this torch's FlashAttention varlen has no sliding window; layers with one "
+        say_once("packed attention: this torch's FlashAttention varlen has no sliding window; layers with one "
                   "run one SDPA call per sample instead")
     if varlen_available(query) and (not window or "window_size" in _VARLEN_ARGS):
         out = _varlen(query, key, value, cu_seqlens, int(kwargs["max_length_q"]), scaling, window)

@@ -8,17 +8,15 @@ fifth of the model's FLOPs and most of its activation memory.
 """
 from __future__ import annotations
 
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tailorlm.data.samples import IGNORE
+from tailorlm.kernels.fallback import say_once
 from tailorlm.kernels.prefix import shared_prefix_len_padded, suffix_hidden
 
-log = logging.getLogger(__name__)
-_said: set[str] = set()
 CHUNK_ROWS = 2048  # head rows per chunk: bounds the fp32 logits alive at once to CHUNK_ROWS x vocab
 
 
@@ -38,9 +36,7 @@ def decoder_and_head(model: torch.nn.Module):
     if getattr(base.config, "final_logit_softcapping", None):
         reason = (f"{base.config.model_type}: final logit soft-capping; the completion-only head and shared "
                   f"prefixes are off, the library's full logits are used")
-        if reason not in _said:
-            _said.add(reason)
-            log.info(reason)
+        say_once(reason)
         return None
     return decoder, head
 

@@ -8,12 +8,10 @@ the same computation up to float rounding, and gradients flow back into the pref
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
-log = logging.getLogger(__name__)
-_said: set[str] = set()
+from tailorlm.kernels.fallback import say_once
+
 MIN_PREFIX = 8  # below this the extra prefix pass costs more than it saves
 
 
@@ -71,7 +69,5 @@ def generation_prefix_blocker(model, longest: int) -> str | None:
         return None
     reason = (f"{config.model_type}: sliding-window attention (window {window}) shorter than the rows; "
               f"generation runs each prompt whole, without a shared prefix")
-    if reason not in _said:
-        _said.add(reason)
-        log.info(reason)
+    say_once(reason)
     return reason
