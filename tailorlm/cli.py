@@ -122,13 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from tailorlm.data.preflight import enforce
         from tailorlm.pipeline import prepare, save_data_report
+        from tailorlm.rundir import RunDir
 
         prepared = prepare(cfg)
         for name, task in prepared.tasks.items():
-            if args.output:
-                folder = Path(args.output) / "tasks" / name if prepared.several else Path(args.output)
-                folder.mkdir(parents=True, exist_ok=True)
-                save_data_report(folder, task)
+            if args.output:  # the same layout as a run's data reports
+                save_data_report(RunDir(args.output).task_folder(name, prepared.several), task)
         for task in prepared.tasks.values():
             enforce(task.preflight)
         return 0

@@ -242,16 +242,19 @@ class RunDir:
         cfg = cfg or self.config()
         tasks = {}
         for task in cfg.task_set():
-            folder = self.path / "tasks" / task.name if cfg.multi_task else self.path
-            labels = list(read_json(folder / "data_report.json").get("labels") or [])
+            labels = list(read_json(self.task_path(task.name, cfg.multi_task) / "data_report.json").get("labels") or [])
             tasks[task.name] = TaskManifest(task.template.preset, labels, task.template.model_dump(mode="json"),
                                             "unknown", [])
         weights = next((w for w in WEIGHT_FOLDERS if (self / w).is_dir()), "adapter")
         return Manifest(cfg.model.path, cfg.method.name, weights, tasks, legacy=True)
 
+    def task_path(self, name: str, several: bool) -> Path:
+        """Where one task's data reports live: the run folder, or tasks/<name>/ in a multi-task run."""
+        return self.path / "tasks" / name if several else self.path
+
     def task_folder(self, name: str, several: bool) -> Path:
-        """Where one task's data reports go: the run folder, or tasks/<name>/ in a multi-task run."""
-        folder = self.path / "tasks" / name if several else self.path
+        """task_path, created for writing."""
+        folder = self.task_path(name, several)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 

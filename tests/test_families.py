@@ -34,26 +34,27 @@ def _prompts(tokenizer):
 
 # ---- GGUF export, run by llama.cpp ------------------------------------------------------------------------
 
+def _exported_agreement(family: str, quant: str, tokenizer, folder):
+    """A tiny model of the family, exported at `quant` and continued by llama.cpp beside PyTorch."""
+    pytest.importorskip("llama_cpp")
+    model = tiny_family_model(family, len(tokenizer))
+    path = folder / f"{family}.gguf"
+    write_gguf(model, tokenizer, path, quant, "", _layout(tokenizer))
+    return greedy_agreement(model, path, _prompts(tokenizer), new_tokens=8)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_f16_gguf_continues_every_prompt_as_pytorch_does_in_llama_cpp(family, tiny_tokenizer, tmp_path):
-    pytest.importorskip("llama_cpp")
-    model = tiny_family_model(family, len(tiny_tokenizer))
-    path = tmp_path / f"{family}.gguf"
-    write_gguf(model, tiny_tokenizer, path, "f16", "", _layout(tiny_tokenizer))
-    agreement = greedy_agreement(model, path, _prompts(tiny_tokenizer), new_tokens=8)
+    agreement = _exported_agreement(family, "f16", tiny_tokenizer, tmp_path)
     assert agreement.exported == agreement.reference
     assert len(set(sum(agreement.reference, []))) > 4  # the model writes varied text, not one repeated token
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_q8_0_gguf_agrees_with_pytorch_above_the_verify_threshold(family, tiny_tokenizer, tmp_path):
-    pytest.importorskip("llama_cpp")
     from tailorlm.export.verify import Q8_0_AGREEMENT
 
-    model = tiny_family_model(family, len(tiny_tokenizer))
-    path = tmp_path / f"{family}.gguf"
-    write_gguf(model, tiny_tokenizer, path, "q8_0", "", _layout(tiny_tokenizer))
-    assert greedy_agreement(model, path, _prompts(tiny_tokenizer), new_tokens=8).token_share >= Q8_0_AGREEMENT
+    assert _exported_agreement(family, "q8_0", tiny_tokenizer, tmp_path).token_share >= Q8_0_AGREEMENT
 
 
 def test_llama_cpp_tells_a_gemma3_file_without_its_norm_offset_apart(tiny_tokenizer, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Mapping
 
 from tailorlm.config import RunConfig
@@ -19,7 +20,7 @@ from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, EncodeReport, encode_examples
 from tailorlm.errors import DataError, TailorError
 from tailorlm.models.loading import inspect_model, load_tokenizer, resolve_device
-from tailorlm.rundir import RunDir, write_json
+from tailorlm.rundir import write_json
 from tailorlm.ui import console, stage
 
 
@@ -124,9 +125,8 @@ def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Map
     return TaskData(name, cfg, template, splits, fmt, encoded, reports, pf, weight)
 
 
-def save_data_report(folder, data: TaskData) -> None:
+def save_data_report(folder: Path, data: TaskData) -> None:
     """preflight.json, data_report.json and token_lengths.png of one task, into `folder` (a run's, or any)."""
-    folder = RunDir(folder).path
     splits, reports = data.splits, data.reports
     write_json(folder / "preflight.json", {"findings": data.preflight.findings, **data.preflight.facts})
     plot_lengths(folder / "token_lengths.png", data.encoded["train"], data.cfg.template.max_length)
