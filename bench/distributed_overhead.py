@@ -44,7 +44,7 @@ def one_mode(mode: str, shape: str, method: str, samples, args, device) -> dict:
     strategy = make_strategy(MethodSpec(name=method))
     model = strategy.prepare(model)
     model.train()
-    spec = TrainSpec(batch_size=args.batch, max_grad_norm=1.0)
+    spec = TrainSpec(batch_size=args.batch, max_grad_norm=1.0, compile=args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     wrapped = distributed.Wrapped(model, device)
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="train.compile for every mode (off: the wrappers' cost without compile time)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()

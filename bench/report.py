@@ -9,7 +9,9 @@ TARGETS = {("llama-3.2-1b", "lora"): 12, ("llama-3.2-1b", "full"): 4, ("smollm2-
            ("smollm2-135m", "full"): 10, ("default-job", "lora"): 1.5}
 TITLES = {"gpu": "Training speed on one GPU: transformers + PEFT vs tailorlm",
           "cpu-default": "Training speed on this CPU: the default job, transformers + PEFT vs tailorlm",
-          "cpu-smoke": "Training speed smoke test (tiny shapes, CPU; checks the script runs, not speed)"}
+          "cpu-smoke": "Training speed smoke test (tiny shapes, CPU; checks the script runs, not speed)",
+          "gpu-families": "Training speed on one GPU, other families (LoRA): transformers + PEFT vs tailorlm",
+          "gpu-accum": "Training speed at 32 samples per step: 4 x 8 accumulation vs fuller packed micro-batches"}
 
 
 COMPILE_LABELS = {"on": ", compile on", "off": ", compile off", "auto": " (default)"}
@@ -20,11 +22,18 @@ def _fmt(x, spec: str = ",.0f", none: str = "-") -> str:
 
 
 def _label(r: dict) -> str:
+    accum = f" ({r['accum']} x 8 accumulation)" if r.get("accum", 1) > 1 else ""
     if r["impl"] == "baseline":
-        return "transformers + PEFT"
+        return "transformers + PEFT" + accum
     name = "tailorlm" + {"off": " (padded, shared prefix: the CPU default)", "on": " (packed)"}.get(r.get("packing"), "")
-    if r.get("device") == "cuda" and r.get("compile") in COMPILE_LABELS:
-        name += COMPILE_LABELS[r["compile"]]
+    if r.get("device") == "cuda":
+        name += COMPILE_LABELS[r.get("compile", "auto")]
+    if r.get("graphs") == "on":
+        name += " + CUDA graphs"
+    if r.get("budget"):
+        name += f", packed micro-batches of up to {r['budget']:,} tokens"
+    elif accum:
+        name += accum
     return name
 
 

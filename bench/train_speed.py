@@ -1,6 +1,8 @@
 """Training speed: plain transformers + PEFT against tailorlm, side by side in one job, on the same data.
 
     python bench/train_speed.py --suite gpu          # H100/H200: Llama-3.2-1B and SmolLM2-135M shapes
+    python bench/train_speed.py --suite gpu-families # H100/H200: Qwen2.5-0.5B and Gemma-3-1B shapes, LoRA
+    python bench/train_speed.py --suite gpu-accum    # 32 samples per step as 4 x 8 accumulation vs fuller packs
     python bench/train_speed.py --suite cpu-default  # this machine: the default job's data and model
     python bench/train_speed.py --suite cpu-smoke    # tiny shapes, a few steps: CI checks that it runs
 
@@ -37,6 +39,15 @@ SHAPES = {  # random weights of the real architectures' shapes
                          num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+}
+FAMILY_SHAPES = {  # other families, random weights of their released shapes (config class, arguments)
+    "qwen2.5-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                         rope_theta=1000000.0)),
+    "gemma-3-1b": ("Gemma3TextConfig", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                                            num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                                            head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+                                            rope_theta=1000000.0)),
 }
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM datasheet)
 KEEP_OPEN = contextlib.ExitStack()
@@ -82,16 +93,28 @@ def build(case: dict, device: torch.device):
         loaded = load_model(ModelSpec(path="default", dtype="float32"), device)
         cfg, samples = default_job_samples(loaded.tokenizer)
         return loaded.model, cfg, samples
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = LlamaConfig(**SHAPES[case["shape"]], tie_word_embeddings=True, max_position_embeddings=1 << 20,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="sdpa")
+    kind, shape = FAMILY_SHAPES.get(case["shape"], ("LlamaConfig", SHAPES.get(case["shape"])))
+    config = getattr(transformers, kind)(**shape, tie_word_embeddings=True, max_position_embeddings=1 << 20,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    n = BATCH * (case["steps"] + case["warmup"])
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    n = samples_per_step(case) * (case["steps"] + case["warmup"])
     return model, None, synthetic_samples(n, config.vocab_size, seed=1)
+
+
+def samples_per_step(case: dict) -> int:
+    return BATCH * case.get("accum", 1)
+
+
+def micro_batches(samples: list, case: dict) -> list[list]:
+    """An optimizer step's samples as the recipe's micro-batches of BATCH (accumulated when accum > 1)."""
+    return [samples[i:i + BATCH] for i in range(0, len(samples), BATCH)]
 
 
 def lora_config():
@@ -112,12 +135,15 @@ def baseline_runner(model, case, pad_id: int, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
-    def step(samples) -> int:
-        batch = {k: v.to(device) for k, v in collate(samples, pad_id).items()}
-        model(**batch).loss.backward()
+    def step(samples) -> int:  # accumulation as the library's examples do it: each micro-batch's mean loss / count
+        tokens, parts = 0, micro_batches(samples, case)
+        for part in parts:
+            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+            (model(**batch).loss / len(parts)).backward()
+            tokens += int(batch["attention_mask"].sum())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
+        return tokens
     return model, step
 
 
@@ -130,7 +156,8 @@ def tailorlm_runner(model, case, pad_id: int, device):
     from tailorlm.train.step import accumulate_gradients, fast_training
 
     spec = TrainSpec(batch_size=BATCH, max_grad_norm=None, packing=case.get("packing", "auto"),
-                     gradient_checkpointing=case.get("checkpointing", False), compile=case.get("compile", "auto"))
+                     gradient_checkpointing=case.get("checkpointing", False), compile=case.get("compile", "auto"),
+                     cuda_graphs=case.get("graphs", "auto"), micro_batch_tokens=case.get("budget"))
     strategy = make_strategy(MethodSpec(name=case["method"]))
     model = strategy.prepare(model)
     model.train()
@@ -138,7 +165,7 @@ def tailorlm_runner(model, case, pad_id: int, device):
     optimizer = make_optimizer(strategy.param_groups(model, 1e-5), spec)
 
     def step(samples) -> int:  # the loop's step (train/loop.py) without its bookkeeping
-        _, tokens = accumulate_gradients(lambda batch: completion_loss(model, batch), [samples], ctx)
+        _, tokens = accumulate_gradients(lambda batch: completion_loss(model, batch), micro_batches(samples, case), ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return tokens
@@ -161,7 +188,8 @@ def run_case(case: dict) -> dict:
         order = epoch_batches(samples, cfg.train.batch_size, cfg.train.seed, 0)
         batches = [[samples[i] for i in idx] for idx in order][: case["warmup"] + case["steps"]]
     else:
-        batches = [samples[i:i + BATCH] for i in range(0, len(samples), BATCH)]
+        per_step = samples_per_step(case)
+        batches = [samples[i:i + per_step] for i in range(0, len(samples), per_step)]
     n_params = sum(p.numel() for p in model.parameters())
     runner = baseline_runner if case["impl"] == "baseline" else tailorlm_runner
     model, step = runner(model, case, pad_id, device)
@@ -170,18 +198,26 @@ def run_case(case: dict) -> dict:
     if case.get("max_context"):
         return {**case, "max_context": max_context(step, SHAPES[case["shape"]]["vocab_size"], case)}
     t0 = time.perf_counter()
-    for b in batches[: case["warmup"]]:
+    # CUDA graphs are recorded once per packed-length bucket, on a bucket's second sight: warm up over the timed
+    # batches too, so the timed steps measure replays (the recording cost is in the warm-up column)
+    warm = batches[: case["warmup"]] + (batches[case["warmup"]:] if case.get("graphs") == "on" else [])
+    for b in warm:
         step(b)
     sync(device)
     warmup_s = time.perf_counter() - t0
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, step_ms = time.perf_counter(), 0, []
     for b in batches[case["warmup"]:]:
+        began = time.perf_counter()
         tokens += step(b)
+        if case.get("series"):  # per-step times (a sync each): shows a step time that grows with the run
+            sync(device)
+            step_ms.append(round(1000 * (time.perf_counter() - began), 1))
     sync(device)
     seconds = time.perf_counter() - t0
     flops_per_token = (4 if case["method"] == "lora" else 6) * n_params
     out = {**case, "tokens_per_s": tokens / seconds, "warmup_s": warmup_s, "params": n_params,
-           "step_ms": 1000 * seconds / max(1, len(batches) - case["warmup"]), "real_tokens": tokens}
+           "step_ms": 1000 * seconds / max(1, len(batches) - case["warmup"]), "real_tokens": tokens,
+           **({"step_ms_series": step_ms} if step_ms else {})}
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -219,11 +255,26 @@ def suite_cases(suite: str) -> list[dict]:
                      packing="off"),
                 dict(shape="default-job", method="lora", impl="tailorlm", device="cpu", steps=6, warmup=1,
                      packing="on")]
+    gpu = dict(device="cuda", warmup=5)
+    if suite == "gpu-families":  # LoRA on the other families' shapes, next to the Llama rows of --suite gpu
+        first = [dict(gpu, shape=shape, method="lora", impl=impl, steps=15) for shape in FAMILY_SHAPES
+                 for impl in ("baseline", "tailorlm")]
+        return first + [dict(gpu, shape=shape, method="lora", impl="tailorlm", steps=15, graphs="on")
+                        for shape in FAMILY_SHAPES]
+    if suite == "gpu-accum":  # equal samples per optimizer step (32): the recipe's 4 x 8, or fuller packed rows
+        return [dict(gpu, shape="llama-3.2-1b", method=method, impl=impl, steps=10, accum=4, **extra)
+                for method in ("lora", "full") for impl, extra in
+                (("baseline", {}), ("tailorlm", {}), ("tailorlm", {"budget": 16384}))]
     cases = []
     for shape, steps in (("smollm2-135m", 30), ("llama-3.2-1b", 20)):
         for method in ("lora", "full"):
-            for impl in ("baseline", "tailorlm"):
-                cases.append(dict(shape=shape, method=method, impl=impl, device="cuda", steps=steps, warmup=5))
+            cases.append(dict(gpu, shape=shape, method=method, impl="baseline", steps=steps))
+            cases.append(dict(gpu, shape=shape, method=method, impl="tailorlm", steps=steps))
+            cases.append(dict(gpu, shape=shape, method=method, impl="tailorlm", steps=steps, compile="on",
+                              graphs="on"))
+            if method == "full":  # compiled without graphs: its step time per step, to find the slowdown
+                cases.append(dict(gpu, shape=shape, method=method, impl="tailorlm", steps=steps, compile="on",
+                                  graphs="off", series=True))
     return cases
 
 
@@ -236,10 +287,14 @@ def context_cases(baseline_max: int | None) -> list[dict]:
                  lengths=[target // 4, target // 2, target])]
 
 
-def run_in_subprocess(case: dict) -> dict:
+def run_in_subprocess(case: dict, logs: Path | None = None) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
                               filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    if logs:  # the case's own output (compiler logs when TORCH_LOGS is set), one file per case
+        logs.mkdir(parents=True, exist_ok=True)
+        name = "-".join(str(case.get(k)) for k in ("shape", "method", "impl", "compile", "graphs", "budget"))
+        (logs / f"{len(list(logs.iterdir())):02d}-{name}.log").write_text(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {**case, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
@@ -248,10 +303,11 @@ def run_in_subprocess(case: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["gpu", "cpu-default", "cpu-smoke"])
+    parser.add_argument("--suite", choices=["gpu", "gpu-families", "gpu-accum", "cpu-default", "cpu-smoke"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--only", help="run only cases whose shape contains this text")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--logs", type=Path, help="keep each case's output in this folder")
     parser.add_argument("--render", help="re-render BENCHMARKS.md from a saved results JSON")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file to update ('' to skip)")
     args = parser.parse_args()
@@ -275,7 +331,7 @@ def main() -> None:
 
     for case in suite_cases(args.suite):
         if not args.only or args.only in case["shape"]:
-            record(run_in_subprocess(case))
+            record(run_in_subprocess(case, args.logs))
     if args.suite == "gpu" and (not args.only or args.only == "context"):
         base = record(run_in_subprocess(context_cases(None)[0]))
         if base.get("max_context"):

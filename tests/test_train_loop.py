@@ -79,6 +79,48 @@ def test_gradient_accumulation_equals_the_big_batch(tiny_tokenizer, packing):
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
+def test_token_budget_regroups_a_step_into_fuller_micro_batches(tiny_tokenizer):
+    """train.micro_batch_tokens: 3 micro-batches become packs of up to 72 tokens, with the same update."""
+    from tailorlm.train.step import regroup
+
+    samples = memorize_samples(tiny_tokenizer, 6)
+    group = [samples[:1], samples[1:4], samples[4:]]
+    assert [len(s) for s in samples] == [24] * 6
+    assert regroup(group, 72) == [samples[:3], samples[3:]]  # same samples, same order, up to 72 tokens each
+    assert regroup(group, 1) == [[s] for s in samples]  # a sample over the budget goes alone
+
+    model = tiny_llama(len(tiny_tokenizer))
+    ctx = cpu(tiny_tokenizer)
+    calls = []
+    real_batch = ctx.batch
+    ctx.batch = lambda s: calls.append(len(s)) or real_batch(s)
+    plain_loss, _ = accumulate_gradients(partial(completion_loss, model), group, ctx)
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    calls.clear()
+    ctx.token_budget = 10_000
+    fused_loss, _ = accumulate_gradients(partial(completion_loss, model), group, ctx)
+    assert calls == [6]  # one packed micro-batch instead of three
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, p in model.named_parameters():
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_cuda_graphs_on_where_they_cannot_run_says_why_and_trains(tiny_tokenizer, caplog):
+    import logging
+
+    from tailorlm.kernels import fallback
+
+    reason = ("train.cuda_graphs=on: CUDA graphs need a CUDA device, packing, compiled layers (train.compile); "
+              "the layers run without them")
+    fallback._said.discard(reason)
+    with caplog.at_level(logging.INFO, logger="tailorlm.kernels"):
+        _, result = run(tiny_tokenizer, TrainSpec(max_steps=2, batch_size=4, eval_every=0, cuda_graphs="on"))
+    assert result.completed == 2
+    assert reason in caplog.messages
+
+
 def test_same_seed_same_weights(tiny_tokenizer):
     a, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))
     b, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))

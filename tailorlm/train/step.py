@@ -15,6 +15,7 @@ from tailorlm.config import TrainSpec
 from tailorlm.data.batching import collate, eval_batches
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.kernels.attention import packed_attention
+from tailorlm.kernels.fallback import say_once
 from tailorlm.kernels.fused import compile_layers, uncompile_layers
 from tailorlm.kernels.loss import completion_loss
 from tailorlm.kernels.packing import pack, to_device
@@ -27,11 +28,16 @@ class StepContext:
     device: torch.device
     packing: bool = True
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 compute over fp32 trainable weights (GPU)
+    graphs: bool = False  # compiled layers replayed as CUDA graphs: packed rows take a few static shapes
+    token_budget: int | None = None  # regroup a step's samples into packed micro-batches of this many tokens
     undo: Callable[[], None] = lambda: None  # back to the plain model (set by fast_training)
+    own_gradients: Callable[[], None] = lambda: None  # graphs: copy .grad out of the graphs' memory (below)
     redo: Callable[[], None] = lambda: None  # and to the training setup
 
     def batch(self, samples: list[Sample]) -> dict:
-        built = pack(samples, pad_id=self.pad_id) if self.packing else collate(samples, self.pad_id)
+        if self.graphs:  # a new forward begins: the graphs may reuse the memory of earlier replays' outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        built = pack(samples, pad_id=self.pad_id, static=self.graphs) if self.packing else collate(samples, self.pad_id)
         return to_device(built, self.device)
 
     @contextlib.contextmanager
@@ -64,11 +70,15 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
     base_dtype = model.get_input_embeddings().weight.dtype  # the base weights' dtype (adapters may differ)
     half = base_dtype in (torch.bfloat16, torch.float16) and device.type == "cuda"
     packing = spec.packing == "on" or (spec.packing == "auto" and device.type == "cuda")
-    ctx = StepContext(pad_id, device, packing=packing, autocast_dtype=base_dtype if half else None)
+    ctx = StepContext(pad_id, device, packing=packing, autocast_dtype=base_dtype if half else None,
+                      token_budget=spec.micro_batch_tokens if packing else None)
     # PEFT would upcast every adapter input to the adapters' fp32; under autocast they run in bf16 instead.
     casting = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)] if half else []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     compiled = spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda" and _mostly_frozen(model))
+    ctx.graphs = _use_graphs(spec, device, compiled, packing)
+    if ctx.graphs:
+        ctx.own_gradients = lambda: _own_gradients(model)
     recompile_limit = torch._dynamo.config.recompile_limit
     if compiled:  # one graph per packed shape bucket; the caller's limit is put back on exit
         torch._dynamo.config.recompile_limit = max(recompile_limit, 32)
@@ -78,7 +88,7 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
         for module in casting:
             module.cast_input_dtype_enabled = False
         if compiled:
-            compile_layers(model)
+            compile_layers(model, graphs=ctx.graphs)
         if packing:
             attention.enter_context(packed_attention(model))
 
@@ -102,6 +112,31 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
             base.gradient_checkpointing_disable()
 
 
+GRAPHS_BY_DEFAULT = False  # what cuda_graphs: auto does where graphs can run (BENCHMARKS.md)
+
+
+def _use_graphs(spec: TrainSpec, device: torch.device, compiled: bool, packing: bool) -> bool:
+    if spec.cuda_graphs == "off" or (spec.cuda_graphs == "auto" and not GRAPHS_BY_DEFAULT):
+        return False
+    missing = [why for why, lacking in [("a CUDA device", device.type != "cuda"), ("packing", not packing),
+                                        ("a single process", distributed.world().active),
+                                        ("compiled layers (train.compile)", not compiled),
+                                        ("no gradient checkpointing", spec.gradient_checkpointing)] if lacking]
+    if missing and spec.cuda_graphs == "on":
+        say_once(f"train.cuda_graphs=on: CUDA graphs need {', '.join(missing)}; the layers run without them")
+    return not missing
+
+
+def _own_gradients(model) -> None:
+    """A backward replayed from a CUDA graph leaves each .grad in the graphs' memory, which the next micro-batch's
+    replay overwrites (a known limit of torch's graph trees: accumulated gradients came out 1/N of the truth).
+    Between micro-batches of one step the gradients are therefore copied out; the next backward then adds
+    into the copies. After the last micro-batch they are used (clipping, optimizer) before any replay."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+
+
 def _mostly_frozen(model) -> bool:
     """True for parameter-efficient methods. auto compiles only these: on an H100, compiled layers made LoRA
     1.9-2.5x faster, but full fine-tuning of the Llama-3.2-1B shape 5.8x slower (BENCHMARKS.md)."""
@@ -118,8 +153,10 @@ def accumulate_gradients(loss: Callable[[dict], tuple[torch.Tensor, int]], group
 
     Returns (mean loss per completion token, real tokens processed), over all processes."""
     world = distributed.world()
+    if ctx.token_budget:
+        group = regroup(group, ctx.token_budget)
     n_step_tokens = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
-    total, tokens = 0.0, 0
+    losses, tokens = [], 0
     for i, samples in enumerate(group):
         mine, real = distributed.share(samples, world)
         batch = ctx.batch(mine)
@@ -128,11 +165,30 @@ def accumulate_gradients(loss: Callable[[dict], tuple[torch.Tensor, int]], group
             with ctx.autocast():
                 loss_sum, _ = loss(batch)
             (loss_sum * (world.size if real else 0) / max(n_step_tokens, 1)).backward()
+        if i < len(group) - 1:
+            ctx.own_gradients()
         if real:
-            total += float(loss_sum.detach())
+            losses.append(loss_sum.detach())
             tokens += real_tokens(batch)
-    total, tokens = distributed.sum_floats(total, tokens)
+    # read once every micro-batch is queued: reading each as it comes would make the CPU wait for the GPU
+    total, tokens = distributed.sum_floats(sum(float(x) for x in losses), tokens)
     return total / max(n_step_tokens, 1), int(tokens)
+
+
+def regroup(group: list[list[Sample]], budget: int) -> list[list[Sample]]:
+    """A step's samples, in order, in micro-batches of at most `budget` tokens (a longer sample goes alone).
+
+    Packed rows cost what their tokens cost, so a step of 4 micro-batches of 8 samples can run as one of 32:
+    the loss is normalised over the whole step either way, so the update is the same, with a quarter of the
+    launches and fuller matmuls."""
+    out, current, used = [], [], 0
+    for sample in (s for batch in group for s in batch):
+        if current and used + len(sample) > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(sample)
+        used += len(sample)
+    return out + [current] if current else out
 
 
 @torch.no_grad()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU measurements and checks, most important first, each part under its own time limit so that a short
+# session on a GPU machine still brings back what finished. Results, logs and the test report go to OUTDIR.
+#
+#   bench/gpu_checks.sh OUTDIR [PART ...]
+#   parts: env tests speed-1b accum families speed-135m distributed   (default: all, in this order)
+#
+# Then: python bench/train_speed.py --render OUTDIR/<suite>.json   (writes that suite's BENCHMARKS.md section)
+set -u
+out=${1:?usage: bench/gpu_checks.sh OUTDIR [PART ...]}; shift
+parts=${*:-env tests speed-1b accum families speed-135m distributed}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# recompilations and the reasons CUDA graphs are skipped, in each case's log
+export TORCH_LOGS=${TORCH_LOGS:-recompiles,perf_hints}
+py=${PYTHON:-python3}
+TESTS=${TESTS:-}  # a pytest -k expression to run part of the GPU tests
+speed() {  # suite, time limit, json name, extra arguments
+  local suite=$1 limit=$2 name=$3; shift 3
+  timeout "$limit" $py bench/train_speed.py --suite "$suite" --json "$out/$name.json" --logs "$out/logs-$name" \
+    --markdown '' "$@" 2>&1 | grep -v '^{' | tail -30
+}
+for part in $parts; do
+  echo "=== $part ($(date -u +%H:%M:%S))"
+  case $part in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+         $py -c "import torch, transformers, peft; from tailorlm.kernels.attention import _VARLEN_ARGS as a; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'varlen window_size:', 'window_size' in a)" ;;
+    tests) TORCH_LOGS= timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "$TESTS" \
+             --junitxml="$out/gpu-tests.xml" 2>&1 | tail -25 ;;
+    speed-1b) speed gpu 360 speed-1b --only llama-3.2-1b ;;
+    accum) speed gpu-accum 200 accum ;;
+    families) speed gpu-families 300 families ;;
+    speed-135m) speed gpu 300 speed-135m --only smollm2-135m ;;
+    distributed) TORCH_LOGS= timeout 150 $py bench/distributed_overhead.py --shape llama-3.2-1b --compile off \
+                   --steps 10 --warmup 3 --out "$out/distributed.json" --markdown '' 2>&1 | tail -12 ;;
+    *) echo "unknown part: $part" ;;
+  esac
+done
+(cd "$out" && tar czf logs.tgz logs-* 2>/dev/null && rm -rf logs-*)
+echo "=== done ($(date -u +%H:%M:%S))"
