@@ -25,13 +25,13 @@ for part in $parts; do
   case $part in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
          $py -c "import torch, transformers, peft; from tailorlm.kernels.attention import _VARLEN_ARGS as a; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'varlen window_size:', 'window_size' in a)" ;;
-    tests) TORCH_LOGS= timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "$TESTS" \
+    tests) env -u TORCH_LOGS timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "$TESTS" \
              --junitxml="$out/gpu-tests.xml" 2>&1 | tail -25 ;;
     speed-1b) speed gpu 360 speed-1b --only llama-3.2-1b ;;
     accum) speed gpu-accum 200 accum ;;
     families) speed gpu-families 300 families ;;
     speed-135m) speed gpu 300 speed-135m --only smollm2-135m ;;
-    distributed) TORCH_LOGS= timeout 150 $py bench/distributed_overhead.py --shape llama-3.2-1b --compile off \
+    distributed) env -u TORCH_LOGS timeout 150 $py bench/distributed_overhead.py --shape llama-3.2-1b --compile off \
                    --steps 10 --warmup 3 --out "$out/distributed.json" --markdown '' 2>&1 | tail -12 ;;
     *) echo "unknown part: $part" ;;
   esac

@@ -313,6 +313,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))), flush=True)
+        KEEP_OPEN.close()  # undo the training setup now, not in the interpreter's teardown
         return
     if args.render:
         saved = json.loads(Path(args.render).read_text())
