@@ -11,7 +11,7 @@ out=${1:?usage: bench/gpu_checks.sh OUTDIR [PART ...]}; shift
 parts=${*:-env tests speed-1b accum families speed-135m distributed}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# recompilations and the reasons CUDA graphs are skipped, in each case's log
+# recompilations and the kernels the compiler could not generate, in each case's log
 export TORCH_LOGS=${TORCH_LOGS:-recompiles,perf_hints}
 py=${PYTHON:-python3}
 TESTS=${TESTS:-}  # a pytest -k expression to run part of the GPU tests

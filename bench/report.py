@@ -28,8 +28,6 @@ def _label(r: dict) -> str:
     name = "tailorlm" + {"off": " (padded, shared prefix: the CPU default)", "on": " (packed)"}.get(r.get("packing"), "")
     if r.get("device") == "cuda":
         name += COMPILE_LABELS[r.get("compile", "auto")]
-    if r.get("graphs") == "on":
-        name += " + CUDA graphs"
     if r.get("budget"):
         name += f", packed micro-batches of up to {r['budget']:,} tokens"
     elif accum:

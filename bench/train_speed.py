@@ -157,7 +157,7 @@ def tailorlm_runner(model, case, pad_id: int, device):
 
     spec = TrainSpec(batch_size=BATCH, max_grad_norm=None, packing=case.get("packing", "auto"),
                      gradient_checkpointing=case.get("checkpointing", False), compile=case.get("compile", "auto"),
-                     cuda_graphs=case.get("graphs", "auto"), micro_batch_tokens=case.get("budget"))
+                     micro_batch_tokens=case.get("budget"))
     strategy = make_strategy(MethodSpec(name=case["method"]))
     model = strategy.prepare(model)
     model.train()
@@ -198,10 +198,7 @@ def run_case(case: dict) -> dict:
     if case.get("max_context"):
         return {**case, "max_context": max_context(step, SHAPES[case["shape"]]["vocab_size"], case)}
     t0 = time.perf_counter()
-    # CUDA graphs are recorded once per packed-length bucket, on a bucket's second sight: warm up over the timed
-    # batches too, so the timed steps measure replays (the recording cost is in the warm-up column)
-    warm = batches[: case["warmup"]] + (batches[case["warmup"]:] if case.get("graphs") == "on" else [])
-    for b in warm:
+    for b in batches[: case["warmup"]]:
         step(b)
     sync(device)
     warmup_s = time.perf_counter() - t0
@@ -257,10 +254,8 @@ def suite_cases(suite: str) -> list[dict]:
                      packing="on")]
     gpu = dict(device="cuda", warmup=5)
     if suite == "gpu-families":  # LoRA on the other families' shapes, next to the Llama rows of --suite gpu
-        first = [dict(gpu, shape=shape, method="lora", impl=impl, steps=15) for shape in FAMILY_SHAPES
-                 for impl in ("baseline", "tailorlm")]
-        return first + [dict(gpu, shape=shape, method="lora", impl="tailorlm", steps=15, graphs="on")
-                        for shape in FAMILY_SHAPES]
+        return [dict(gpu, shape=shape, method="lora", impl=impl, steps=15) for shape in FAMILY_SHAPES
+                for impl in ("baseline", "tailorlm")]
     if suite == "gpu-accum":  # equal samples per optimizer step (32): the recipe's 4 x 8, or fuller packed rows
         return [dict(gpu, shape="llama-3.2-1b", method=method, impl=impl, steps=10, accum=4, **extra)
                 for method in ("lora", "full") for impl, extra in
@@ -270,11 +265,9 @@ def suite_cases(suite: str) -> list[dict]:
         for method in ("lora", "full"):
             cases.append(dict(gpu, shape=shape, method=method, impl="baseline", steps=steps))
             cases.append(dict(gpu, shape=shape, method=method, impl="tailorlm", steps=steps))
-            cases.append(dict(gpu, shape=shape, method=method, impl="tailorlm", steps=steps, compile="on",
-                              graphs="on"))
-            if method == "full":  # compiled without graphs: its step time per step, to find the slowdown
+            if method == "full":  # compiled, with each step's time: the recompilations show as slow steps
                 cases.append(dict(gpu, shape=shape, method=method, impl="tailorlm", steps=steps, compile="on",
-                                  graphs="off", series=True))
+                                  series=True))
     return cases
 
 
@@ -293,7 +286,7 @@ def run_in_subprocess(case: dict, logs: Path | None = None) -> dict:
                               filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     if logs:  # the case's own output (compiler logs when TORCH_LOGS is set), one file per case
         logs.mkdir(parents=True, exist_ok=True)
-        name = "-".join(str(case.get(k)) for k in ("shape", "method", "impl", "compile", "graphs", "budget"))
+        name = "-".join(str(case.get(k)) for k in ("shape", "method", "impl", "compile", "budget"))
         (logs / f"{len(list(logs.iterdir())):02d}-{name}.log").write_text(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:

@@ -83,33 +83,3 @@ def test_context_manager_restores_the_attention_implementation():
 def _inputs(batch):
     from tailorlm.kernels.loss import packed_kwargs
     return {"input_ids": batch["input_ids"], **packed_kwargs(batch)}
-
-
-def test_static_pack_takes_a_ladder_length_and_a_power_of_two_segment_count():
-    """What a CUDA graph replays: two batches of the same bucket have the same shapes, only the data differs."""
-    from tailorlm.kernels.packing import static_length
-
-    assert [static_length(n) for n in (1, 256, 257, 320, 321, 513, 2500, 5000)] == [256, 256, 320, 320, 384, 640, 2560, 5120]
-    batch = pack(samples(), pad_id=3, static=True)  # 65 tokens in 5 samples
-    assert batch["input_ids"].shape == (1, 256) and batch["real_tokens"] == 65
-    assert batch["cu_seqlens"].tolist() == [0, 11, 20, 38, 47, 65, 256, 256]  # filler, then one empty segment
-    assert batch["max_len"] == 256  # an upper bound on every segment that does not change within the bucket
-    other = pack(samples(seed=4)[:4], pad_id=3, static=True)
-    assert {k: v.shape for k, v in other.items() if torch.is_tensor(v)} == \
-        {k: v.shape for k, v in batch.items() if torch.is_tensor(v)}
-    assert other["max_len"] == batch["max_len"]
-
-
-def test_static_pack_computes_what_the_padded_batch_computes():
-    model = tiny_llama(400, layers=2)
-    expected, n = completion_loss(model, collate(samples(), pad_id=3), shared_prefix=False)
-    expected.backward()
-    expected_grads = grads(model)
-    model.zero_grad()
-    with packed_attention(model):
-        got, m = completion_loss(model, pack(samples(), pad_id=3, static=True))  # empty segments are skipped
-        got.backward()
-    assert m == n
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for name, grad in grads(model).items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -107,20 +107,6 @@ def test_token_budget_regroups_a_step_into_fuller_micro_batches(tiny_tokenizer):
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
-def test_cuda_graphs_on_where_they_cannot_run_says_why_and_trains(tiny_tokenizer, caplog):
-    import logging
-
-    from tailorlm.kernels import fallback
-
-    reason = ("train.cuda_graphs=on: CUDA graphs need a CUDA device, packing, compiled layers (train.compile); "
-              "the layers run without them")
-    fallback._said.discard(reason)
-    with caplog.at_level(logging.INFO, logger="tailorlm.kernels"):
-        _, result = run(tiny_tokenizer, TrainSpec(max_steps=2, batch_size=4, eval_every=0, cuda_graphs="on"))
-    assert result.completed == 2
-    assert reason in caplog.messages
-
-
 def test_same_seed_same_weights(tiny_tokenizer):
     a, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))
     b, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))

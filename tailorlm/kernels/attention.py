@@ -56,8 +56,6 @@ def _per_sample_sdpa(query, key, value, cu_seqlens, scaling, window: int | None 
     gqa = key.shape[1] != query.shape[1]
     outs = []
     for a, b in zip(bounds, bounds[1:]):
-        if a == b:  # the empty segments of a static pack (packing.pack)
-            continue
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
         if window and b - a > window:  # transformers' sliding mask: key j is seen from query i when 0 <= i - j < window
             i = torch.arange(b - a, device=q.device)

@@ -21,18 +21,14 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
-def compile_layers(model: torch.nn.Module, graphs: bool = False) -> int:
+def compile_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer in place (dynamic shapes: packed rows change length every step).
-    Returns how many layers were compiled.
-
-    graphs=True also replays them as CUDA graphs (inductor's "reduce-overhead" mode: one graph per distinct
-    shape, forward and backward), which removes the per-kernel launch cost that dominates steps of a few
-    thousand tokens; the packed rows then come in a few static shapes (packing.pack(static=True))."""
+    Returns how many layers were compiled."""
     layers = decoder_layers(model)
     if layers is None:
         return 0
     for layer in layers:
-        layer.compile(dynamic=True, mode="reduce-overhead" if graphs else None)
+        layer.compile(dynamic=True)
     return len(layers)
 
 

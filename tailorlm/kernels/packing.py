@@ -14,18 +14,11 @@ import torch
 from tailorlm.data.samples import IGNORE, Sample
 
 
-def pack(samples: list[Sample], pad_to_multiple: int = 1, pad_id: int = 0, static: bool = False) -> dict:
+def pack(samples: list[Sample], pad_to_multiple: int = 1, pad_id: int = 0) -> dict:
     """One row holding all samples: input_ids, labels, position_ids (1 x T), cu_seqlens (n+1,), max_len.
 
     pad_to_multiple > 1 appends a filler segment (no loss, attends only to itself) so that T takes few
-    distinct values, which keeps compiled kernels from recompiling for every new length.
-
-    static=True gives every tensor a shape from a short list, so a CUDA graph captured for one batch can be
-    replayed for any other of the same bucket: T is rounded up the ladder of static_length, the boundaries
-    are padded with empty segments to a power-of-two count, and max_len is T itself (an upper bound, which
-    FlashAttention accepts), so the only thing that differs between two batches of a bucket is data."""
-    if static:
-        pad_to_multiple = static_length(sum(len(s) for s in samples))
+    distinct values, which keeps compiled kernels from recompiling for every new length."""
     ids, labels, positions, bounds = [], [], [], [0]
     for s in samples:
         ids += s.input_ids
@@ -39,12 +32,9 @@ def pack(samples: list[Sample], pad_to_multiple: int = 1, pad_id: int = 0, stati
         positions += range(filler)
         bounds.append(bounds[-1] + filler)
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
-    if static:
-        bounds += [bounds[-1]] * (bucket_count(len(bounds)) - len(bounds))  # empty segments: no queries, no keys
-        longest = len(ids)
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
-            "max_len": longest if static else bucket(longest), "real_tokens": len(ids) - filler}
+            "max_len": bucket(longest), "real_tokens": bounds[-1] - filler}
 
 
 def bucket(longest: int) -> int:
@@ -53,19 +43,6 @@ def bucket(longest: int) -> int:
     FlashAttention only sizes its grid with it, so any bound is correct; compiled code specialises on this
     integer, and a new value every step would recompile every step."""
     return max(128, 1 << (longest - 1).bit_length())
-
-
-def static_length(tokens: int) -> int:
-    """The smallest length of the ladder 256, 320, 384, 448, 512, 640, ... (four steps per doubling) that
-    holds `tokens`: at most 25% padding, and a handful of shapes, hence of captured graphs, per run."""
-    octave = 1 << max(8, (tokens - 1).bit_length() - 1)  # the power of two at or below tokens (at least 256)
-    step = octave // 4
-    return max(256, -(-tokens // step) * step)
-
-
-def bucket_count(n: int) -> int:
-    """n rounded up to a power of two: the segment counts a static pack can have."""
-    return 1 << (n - 1).bit_length()
 
 
 def to_device(batch: dict, device) -> dict:

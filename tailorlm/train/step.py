@@ -15,7 +15,6 @@ from tailorlm.config import TrainSpec
 from tailorlm.data.batching import collate, eval_batches
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.kernels.attention import packed_attention
-from tailorlm.kernels.fallback import say_once
 from tailorlm.kernels.fused import compile_layers, uncompile_layers
 from tailorlm.kernels.loss import completion_loss
 from tailorlm.kernels.packing import pack, to_device
@@ -28,16 +27,12 @@ class StepContext:
     device: torch.device
     packing: bool = True
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 compute over fp32 trainable weights (GPU)
-    graphs: bool = False  # compiled layers replayed as CUDA graphs: packed rows take a few static shapes
     token_budget: int | None = None  # regroup a step's samples into packed micro-batches of this many tokens
     undo: Callable[[], None] = lambda: None  # back to the plain model (set by fast_training)
-    own_gradients: Callable[[], None] = lambda: None  # graphs: copy .grad out of the graphs' memory (below)
     redo: Callable[[], None] = lambda: None  # and to the training setup
 
     def batch(self, samples: list[Sample]) -> dict:
-        if self.graphs:  # a new forward begins: the graphs may reuse the memory of earlier replays' outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        built = pack(samples, pad_id=self.pad_id, static=self.graphs) if self.packing else collate(samples, self.pad_id)
+        built = pack(samples, pad_id=self.pad_id) if self.packing else collate(samples, self.pad_id)
         return to_device(built, self.device)
 
     @contextlib.contextmanager
@@ -76,9 +71,6 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
     casting = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)] if half else []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     compiled = spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda" and _mostly_frozen(model))
-    ctx.graphs = _use_graphs(spec, device, compiled, packing)
-    if ctx.graphs:
-        ctx.own_gradients = lambda: _own_gradients(model)
     recompile_limit = torch._dynamo.config.recompile_limit
     if compiled:  # one graph per packed shape bucket; the caller's limit is put back on exit
         torch._dynamo.config.recompile_limit = max(recompile_limit, 32)
@@ -88,7 +80,7 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
         for module in casting:
             module.cast_input_dtype_enabled = False
         if compiled:
-            compile_layers(model, graphs=ctx.graphs)
+            compile_layers(model)
         if packing:
             attention.enter_context(packed_attention(model))
 
@@ -110,31 +102,6 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device):
         torch._dynamo.config.recompile_limit = recompile_limit
         if spec.gradient_checkpointing:
             base.gradient_checkpointing_disable()
-
-
-GRAPHS_BY_DEFAULT = False  # what cuda_graphs: auto does where graphs can run (BENCHMARKS.md)
-
-
-def _use_graphs(spec: TrainSpec, device: torch.device, compiled: bool, packing: bool) -> bool:
-    if spec.cuda_graphs == "off" or (spec.cuda_graphs == "auto" and not GRAPHS_BY_DEFAULT):
-        return False
-    missing = [why for why, lacking in [("a CUDA device", device.type != "cuda"), ("packing", not packing),
-                                        ("a single process", distributed.world().active),
-                                        ("compiled layers (train.compile)", not compiled),
-                                        ("no gradient checkpointing", spec.gradient_checkpointing)] if lacking]
-    if missing and spec.cuda_graphs == "on":
-        say_once(f"train.cuda_graphs=on: CUDA graphs need {', '.join(missing)}; the layers run without them")
-    return not missing
-
-
-def _own_gradients(model) -> None:
-    """A backward replayed from a CUDA graph leaves each .grad in the graphs' memory, which the next micro-batch's
-    replay overwrites (a known limit of torch's graph trees: accumulated gradients came out 1/N of the truth).
-    Between micro-batches of one step the gradients are therefore copied out; the next backward then adds
-    into the copies. After the last micro-batch they are used (clipping, optimizer) before any replay."""
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad = p.grad.clone()
 
 
 def _mostly_frozen(model) -> bool:
@@ -165,8 +132,6 @@ def accumulate_gradients(loss: Callable[[dict], tuple[torch.Tensor, int]], group
             with ctx.autocast():
                 loss_sum, _ = loss(batch)
             (loss_sum * (world.size if real else 0) / max(n_step_tokens, 1)).backward()
-        if i < len(group) - 1:
-            ctx.own_gradients()
         if real:
             losses.append(loss_sum.detach())
             tokens += real_tokens(batch)
