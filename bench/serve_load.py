@@ -2,6 +2,7 @@
 
     python bench/serve_load.py [--model default] [--clients 4] [--requests 4] [--max-tokens 32]
     python bench/serve_load.py --mode misbehaving [--misbehaving 1] [--max-tokens-limit 2048]
+    python bench/serve_load.py --mode engines [--model default] [--threads 2]
 
 Each client sends its requests one after another (greedy chat completions, as a fine-tuned model is used);
 all clients run at once.
@@ -17,6 +18,12 @@ after 0.5 to 2 s (non-streamed and streamed in turn); hogs, which ask for that m
 them; and slow readers, which stream 128 tokens through a 4 KiB receive buffer read 256 bytes at a time every
 0.25 s. Reports the well-behaved clients' p50/p95 in both runs (the target: mixed p95 within 2x of clean) and
 writes the `serve-misbehaving` section.
+
+--mode engines: the same load on the PyTorch engine (batched) and on the llama.cpp engine (`tailor serve
+--engine llamacpp`), each behind its own server, on the same file: for `default`, the embedded GGUF itself
+(llama.cpp runs its quantized weights as they are, PyTorch dequantizes them); for a run, its GGUF export.
+Reports both engines' latency and tokens/s and how many answers are identical; writes the `serve-engines`
+section.
 """
 from __future__ import annotations
 
@@ -198,9 +205,54 @@ def batching_section(args, results: dict, where: str, name: str, load_s: float) 
             + "\n".join(lines) + "\n<!-- /bench:serve -->")
 
 
+def compare_engines(args, torch_engine, name: str, torch_load_s: float) -> None:
+    """The same load on the PyTorch engine and on llama.cpp over the same model file (or the run's GGUF)."""
+    import torch
+    from openai import OpenAI
+
+    from tailorlm.models.loading import default_model_path
+    from tailorlm.serve.llamacpp import load_llamacpp_engine
+    from tailorlm.serve.server import BackgroundServer, create_app
+
+    t0 = time.perf_counter()
+    served = str(default_model_path()) if args.model == "default" else args.model
+    llamacpp, _ = load_llamacpp_engine(served, args.threads or torch.get_num_threads())
+    llamacpp_load_s = time.perf_counter() - t0
+    results = {}
+    for label, engine, load_s in ((f"PyTorch (batched, --max-batch {args.max_batch})", torch_engine, torch_load_s),
+                                  ("llama.cpp (--engine llamacpp)", llamacpp, llamacpp_load_s)):
+        with BackgroundServer(create_app(engine, name)) as server:
+            client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=600)
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           temperature=0)  # warm-up
+            results[label] = {**run_load(client, name, args.clients, args.requests, args.max_tokens),
+                              "load_s": load_s}
+        engine.close()
+    (pt, lc) = results.values()
+    same = sum(a == b for a, b in zip(pt["answers"], lc["answers"]))
+    lines = ["| engine | load s | requests | errors | p50 latency s | p95 latency s | generated tokens/s | "
+             "requests/s |", "|---|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        lines.append(f"| {label} | {r['load_s']:.0f} | {r['requests']} | {len(r['errors'])} | {r['p50_s']:.2f} | "
+                     f"{r['p95_s']:.2f} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} |")
+    body = (f"<!-- bench:serve-engines -->\n### Serving engines: `tailor serve {args.model}` in PyTorch and in "
+            f"llama.cpp\n\nMeasured {date.today().isoformat()} on {os.cpu_count()}-core CPU, "
+            f"{torch.get_num_threads()} thread(s) each, by `python bench/serve_load.py --mode engines --model "
+            f"{args.model} --clients {args.clients} --requests {args.requests} --max-tokens {args.max_tokens}"
+            f"{f' --threads {args.threads}' if args.threads else ''}`: greedy chat completions through the "
+            f"official openai client, {args.clients} clients at once, the engines one after the other (file "
+            f"{Path(served).name}). Identical answers: {same} of {len(pt['answers'])}.\n\n"
+            + "\n".join(lines) + "\n<!-- /bench:serve-engines -->")
+    print(body)
+    if args.markdown:
+        from bench.report import replace_section
+
+        replace_section(Path(args.markdown), "serve-engines", body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["batching", "misbehaving"], default="batching")
+    parser.add_argument("--mode", choices=["batching", "misbehaving", "engines"], default="batching")
     parser.add_argument("--model", default="default", help="a run directory or a model (default: SmolLM2-135M)")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
@@ -229,6 +281,8 @@ def main() -> None:
     engine, trained = load_engine(args.model, args.device, args.max_batch)
     load_s = time.perf_counter() - t0
     name = model_id(args.model, trained)
+    if args.mode == "engines":
+        return compare_engines(args, engine, name, load_s)
     results = {}
     with BackgroundServer(create_app(engine, name, Limits(max_tokens=args.max_tokens_limit))) as server:
         client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=600)

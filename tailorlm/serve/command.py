@@ -50,7 +50,12 @@ def register(verbs) -> None:
                             "(default 2048; a request without max_tokens gets min(its default, this))")
     serve.add_argument("--queue-timeout", type=_positive_seconds, default=60.0,
                        help="seconds a request may wait for the model before a 503 with Retry-After (default 60)")
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (the torch engine)")
+    serve.add_argument("--engine", choices=["torch", "llamacpp"], default="torch",
+                       help="torch (default): the model in PyTorch, batched; llamacpp: the run's exported GGUF "
+                            "(or a .gguf file) in llama.cpp on the CPU, one request at a time "
+                            "(needs llama-cpp-python; export first with `tailor export RUN --format gguf`)")
+    serve.add_argument("--threads", type=_positive, help="CPU threads for --engine llamacpp (default: all)")
     serve.set_defaults(handler=run_serve_verb)
 
 
@@ -141,8 +146,15 @@ def run_serve_verb(args) -> int:
     from tailorlm.serve.server import Limits, serve
     from tailorlm.ui import console
 
-    engine, trained = load_engine(args.model, args.device, args.max_batch, trust_remote_code=args.trust_remote_code)
-    name = model_id(args.model, trained)
+    if args.engine == "llamacpp":
+        from tailorlm.serve.llamacpp import load_llamacpp_engine
+
+        with console.status(f"Loading {args.model} in llama.cpp ..."):
+            engine, name = load_llamacpp_engine(args.model, args.threads)
+    else:
+        engine, trained = load_engine(args.model, args.device, args.max_batch,
+                                      trust_remote_code=args.trust_remote_code)
+        name = model_id(args.model, trained)
     console.print(f"Serving '{name}' at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)")
     serve(engine, name, args.host, args.port, Limits(args.max_tokens_limit, args.queue_timeout))
     return 0

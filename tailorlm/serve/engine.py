@@ -36,12 +36,19 @@ class PromptError(TailorError):
 
 
 class Engine:
+    """The PyTorch engine. Another runtime (serve/llamacpp.py) subclasses it, giving its own model facts
+    (vocabulary, context, end tokens) and its own runs; the queue, prompts and fairness stay here."""
+
     def __init__(self, model, tokenizer, fmt: ChatFormat, device, max_batch: int = 8, slice_tokens: int = 32):
         self.model, self.tokenizer, self.fmt, self.device = model, tokenizer, fmt, torch.device(device)
         self.max_batch = max_batch
         self.slice_tokens = slice_tokens  # a run generates at least this many tokens per turn before it pauses
         self.end_ids = stop_token_ids(tokenizer, model)
         self.context_length = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self._start()
+
+    def _start(self) -> None:
         self.batch_sizes: list[int] = []  # one entry per generate() call: how well batching works
         self.cancelled: list[int] = []  # tokens each cancelled request had generated when it stopped (0: never ran)
         self._queued: deque[Job] = deque()  # requests the model has not taken yet, in arrival order
@@ -51,6 +58,9 @@ class Engine:
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="tailor-model-worker", daemon=True)
         self._worker.start()
+
+    def _new_run(self, jobs: list[Job]) -> Run:
+        return Run(jobs, self.tokenizer, self.end_ids, self.device, self.cancelled.append)
 
     # ---- prompts ------------------------------------------------------------------------------------------
 
@@ -87,7 +97,7 @@ class Engine:
         """The sampling settings with max_new_tokens clamped to the context; a prompt that fills it is an error."""
         if not prompt_ids:
             raise PromptError("the prompt is empty")
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = self.vocab_size
         if not all(0 <= t < vocab for t in prompt_ids):
             raise PromptError(f"the prompt holds token ids outside the vocabulary (0 to {vocab - 1})")
         room = self.context_length - len(prompt_ids)
@@ -175,7 +185,7 @@ class Engine:
                             jobs.append(job)
                     if live := [job for job in jobs if self._take(job)]:
                         self._new_runs_in_a_row = self._new_runs_in_a_row + 1 if self._paused else 0
-                        return Run(live, self.tokenizer, self.end_ids, self.device, self.cancelled.append)
+                        return self._new_run(live)
                 elif self._paused:
                     self._new_runs_in_a_row = 0
                     return self._paused.popleft()
