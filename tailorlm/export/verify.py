@@ -88,7 +88,8 @@ def verify_export(trained: Trained, result: ExportResult, cases: list[PromptCase
     folder = str(result.folder)
     if result.format == "gguf":
         name = result.gguf_file.name
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = _gguf_config(folder, name, trained.model.config)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         what = f"GGUF {result.quant} logits vs merged model"
     elif result.format == "hf":
@@ -112,6 +113,26 @@ def verify_export(trained: Trained, result: ExportResult, cases: list[PromptCase
     if result.format == "gguf":
         report.checks.append(llama_cpp_check(report, trained.model, result.gguf_file, result.quant, cases))
     return report
+
+
+CONFIG_KEYS_KEPT = {"architectures", "model_type", "dtype", "torch_dtype", "quantization_config", "_name_or_path",
+                    "transformers_version"}
+
+
+def _gguf_config(folder: str, name: str, run_config):
+    """The config transformers reads from the GGUF, with the run's own values where they differ.
+
+    transformers' GGUF reader fills some hyperparameters from its defaults instead of the file (qwen3's
+    head_dim, gemma3's query_pre_attn_scalar): a correct file would then compute other logits (Gemma 3 27B's
+    scalar is not the default). This check is about the tensors; the metadata is llama.cpp's check below."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    read = config.to_dict()
+    for key, value in run_config.to_dict().items():
+        if key in read and key not in CONFIG_KEYS_KEPT and read[key] != value:
+            setattr(config, key, value)
+    return config
 
 
 def llama_cpp_check(report, model, gguf_file, quant: str, cases) -> Check:
