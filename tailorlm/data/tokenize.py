@@ -49,12 +49,18 @@ class ChatFormat:
         # Stop after the end-of-turn token: what follows (a newline) is never generated.
         return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
 
-    def _apply(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """A conversation as the model's chat template writes it (with the tool schemas, when given)."""
+        return self._apply(messages, add_generation_prompt, tools)
+
+    def _apply(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
         """The model's chat template (transformers renders it in a Jinja sandbox); its failures name the model."""
         from jinja2 import TemplateError
 
+        extra = {"tools": tools} if tools else {}
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **extra)
         except (TemplateError, TypeError, ValueError) as e:  # SecurityError is a TemplateError
             raise TailorError(f"the chat template of {getattr(self.tokenizer, 'name_or_path', 'the model') or 'the model'} "
                               f"(tokenizer_config.json / chat_template.jinja) failed: {type(e).__name__}: {e}; "

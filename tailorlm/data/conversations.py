@@ -1,0 +1,85 @@
+"""Multi-turn conversations -> token ids with an exact loss mask per assistant turn, under the model's own
+chat template.
+
+Which turns carry loss: every assistant turn (`all_assistant`, the default), only the last
+(`last_assistant`), and in either mode an assistant message with OpenAI's `"weight": 0` carries none. A turn
+that carries loss does so for its reply and the end-of-turn token that closes it; nothing from system, user
+or tool turns ever does.
+
+How the mask is made exact for any template. For each assistant turn the template renders the conversation
+up to that turn with the generation prompt (what a model is fed before it answers), and again with the turn
+itself; the reply is the difference, up to its end-of-turn token. The whole conversation must then be those
+pieces end to end: a template that renders a turn differently once later turns follow (one that strips
+reasoning from history, say) would make the training text differ from what the model sees at inference, and
+is refused by name rather than trained with a wrong mask. The pieces are tokenized one by one, as generation
+sees them (the prompt, then the tokens the model writes); they must also equal the tokens of the whole text,
+so the boundaries between turns fall between tokens.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from tailorlm.data.samples import IGNORE, Sample
+from tailorlm.data.tokenize import ChatFormat
+from tailorlm.errors import TailorError
+
+TrainOn = Literal["all_assistant", "last_assistant"]
+
+
+def loss_turns(messages: list[dict], train_on: TrainOn = "all_assistant") -> list[int]:
+    """Indexes of the assistant messages whose reply carries loss."""
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    if train_on == "last_assistant":
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return [last] if last in replies else []
+    return replies
+
+
+def conversation_pieces(fmt: ChatFormat, messages: list[dict], train_on: TrainOn = "all_assistant",
+                        tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+    """The conversation's text as (piece, carries loss) in order, ending with the last reply that carries loss."""
+    if not fmt.uses_chat:
+        raise TailorError("multi-turn conversations need the model's chat template; this model has none (or "
+                          "template.chat_template is 'never')")
+    name = getattr(fmt.tokenizer, "name_or_path", "") or "the model"
+    full = fmt.render(messages, tools=tools)
+    pieces, at = [], 0
+    for i in loss_turns(messages, train_on):
+        head = fmt.render(messages[:i], add_generation_prompt=True, tools=tools)
+        through = fmt.render(messages[:i + 1], tools=tools)
+        if not through.startswith(head):
+            raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} so that the text before "
+                              f"it is not what the model is prompted with; its loss mask cannot be exact")
+        reply = _through_end_of_turn(through[len(head):], fmt.tokenizer.eos_token)
+        if not full.startswith(head + reply) or len(head) < at:
+            raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} differently once later "
+                              f"turns follow (it rewrites history), so training on every turn would teach text the "
+                              f"model never sees at inference; use template.train_on=last_assistant")
+        pieces += [(head[at:], False), (reply, True)]
+        at = len(head) + len(reply)
+    return [(text, loss) for text, loss in pieces if text]
+
+
+def encode_conversation(fmt: ChatFormat, messages: list[dict], train_on: TrainOn = "all_assistant",
+                        tools: list[dict] | None = None) -> Sample:
+    """Token ids of the conversation (through its last reply that carries loss) with the exact mask."""
+    pieces = conversation_pieces(fmt, messages, train_on, tools)
+    if not any(loss for _, loss in pieces):
+        raise TailorError("no assistant turn carries loss in this conversation (every reply has weight 0, or "
+                          "train_on=last_assistant and the last reply has weight 0)")
+    ids, labels = [], []
+    for text, loss in pieces:
+        piece_ids = fmt.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        labels += piece_ids if loss else [IGNORE] * len(piece_ids)
+    whole = fmt.tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
+    if whole != ids:
+        name = getattr(fmt.tokenizer, "name_or_path", "") or "the model"
+        raise TailorError(f"the chat template of {name} joins turns inside a token (the turn pieces tokenize "
+                          f"differently alone than together), so no exact per-turn mask exists")
+    return Sample(ids, labels, {"messages": messages})
+
+
+def _through_end_of_turn(tail: str, eos: str | None) -> str:
+    """The reply text through its end-of-turn token; what follows (a newline) is never generated."""
+    return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail

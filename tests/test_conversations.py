@@ -1,0 +1,135 @@
+"""Multi-turn conversations: the loss mask, token by token, under several chat template styles.
+
+The masked tokens of each conversation must be exactly each trained reply rendered alone (its content and
+end-of-turn token), in order; everything else carries no loss; and the ids must be the whole text's own tokens.
+Templates that cannot give an exact mask are refused by name."""
+import copy
+
+import pytest
+
+from conftest import CHATML
+from tailorlm.config import TemplateSpec
+from tailorlm.data.conversations import encode_conversation, loss_turns
+from tailorlm.data.samples import IGNORE
+from tailorlm.data.tokenize import ChatFormat
+from tailorlm.errors import TailorError
+
+TALK = [{"role": "system", "content": "You are brief."},
+        {"role": "user", "content": "the market rose"}, {"role": "assistant", "content": "business"},
+        {"role": "user", "content": "and the film?"}, {"role": "assistant", "content": "entertainment"},
+        {"role": "user", "content": "the match"}, {"role": "assistant", "content": "sport"}]
+
+# Gemma's style: no system role (the system text opens the first user turn), the assistant is 'model'.
+GEMMA_LIKE = ("{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+              "{% set ns.system = m['content'] + '\n\n' %}{% else %}<start_of_turn>"
+              "{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{% if loop.index0 == 1 %}{{ ns.system }}{% endif %}"
+              "{{ m['content'] }}<end_of_turn>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# Reasoning models' style: earlier replies lose their <think> block once a later turn follows.
+STRIPS_HISTORY = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and not loop.last %}"
+                  "{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Tool use in the ChatML family's style: schemas in the system turn, calls and results as tagged JSON.
+TOOLS_CHATML = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('tool_calls') %}"
+                "{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
+                "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def fmt_with(tokenizer, template: str | None, eos: str = "<|im_end|>", extra: tuple[str, ...] = ()) -> ChatFormat:
+    tok = copy.deepcopy(tokenizer)
+    if extra:
+        tok.add_special_tokens({"additional_special_tokens": list(extra)})
+    tok.eos_token = eos
+    tok.chat_template = template
+    return ChatFormat(tok, TemplateSpec())
+
+
+def masked_runs(sample) -> list[list[int]]:
+    """The runs of consecutive loss-carrying tokens, in order."""
+    runs, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if label == IGNORE:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    return runs + [current] if current else runs
+
+
+def replies_alone(fmt, contents: list[str], eos: str) -> list[list[int]]:
+    return [fmt.tokenizer(c + eos, add_special_tokens=False)["input_ids"] for c in contents]
+
+
+def test_every_assistant_turn_and_its_end_token_carry_the_loss_and_nothing_else(tiny_tokenizer):
+    fmt = fmt_with(tiny_tokenizer, CHATML)
+    sample = encode_conversation(fmt, TALK)
+    assert masked_runs(sample) == replies_alone(fmt, ["business", "entertainment", "sport"], "<|im_end|>")
+    text = fmt.render(TALK)
+    assert sample.input_ids == fmt.tokenizer(text[:text.rindex("<|im_end|>") + 10], add_special_tokens=False)["input_ids"]
+
+
+def test_weights_and_last_assistant_choose_the_turns(tiny_tokenizer):
+    fmt = fmt_with(tiny_tokenizer, CHATML)
+    weighted = [dict(m, weight=0) if m["content"] == "entertainment" else m for m in TALK]
+    assert loss_turns(weighted) == [2, 6]
+    assert masked_runs(encode_conversation(fmt, weighted)) == replies_alone(fmt, ["business", "sport"], "<|im_end|>")
+    last = encode_conversation(fmt, TALK, train_on="last_assistant")
+    assert masked_runs(last) == replies_alone(fmt, ["sport"], "<|im_end|>")
+    assert last.input_ids == encode_conversation(fmt, TALK).input_ids  # same text, another mask
+    with pytest.raises(TailorError, match="no assistant turn carries loss"):
+        encode_conversation(fmt, [dict(m, weight=0) if m["role"] == "assistant" else m for m in TALK])
+
+
+def test_a_template_without_a_system_role_masks_exactly_too(tiny_tokenizer):
+    fmt = fmt_with(tiny_tokenizer, GEMMA_LIKE, eos="<end_of_turn>", extra=("<start_of_turn>", "<end_of_turn>"))
+    sample = encode_conversation(fmt, TALK)
+    assert masked_runs(sample) == replies_alone(fmt, ["business", "entertainment", "sport"], "<end_of_turn>")
+    assert "You are brief." in fmt.tokenizer.decode(sample.input_ids)
+
+
+def test_a_template_that_rewrites_history_is_refused_unless_only_the_last_turn_trains(tiny_tokenizer):
+    fmt = fmt_with(tiny_tokenizer, STRIPS_HISTORY)
+    thinking = [m if m["role"] != "assistant" else dict(m, content="<think>hmm</think>" + m["content"]) for m in TALK]
+    with pytest.raises(TailorError, match="renders assistant turn 3 differently once later turns follow"):
+        encode_conversation(fmt, thinking)
+    last = encode_conversation(fmt, thinking, train_on="last_assistant")
+    assert masked_runs(last) == replies_alone(fmt, ["<think>hmm</think>sport"], "<|im_end|>")
+
+
+def test_tool_calls_carry_loss_like_any_reply_and_tool_results_do_not(tiny_tokenizer):
+    fmt = fmt_with(tiny_tokenizer, TOOLS_CHATML)
+    tools = [{"type": "function", "function": {"name": "topic", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "function": {"name": "topic", "arguments": {"text": "the match"}}}
+    talk = [{"role": "user", "content": "the match"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "sport"}, {"role": "assistant", "content": "It is sport."}]
+    sample = encode_conversation(fmt, talk, tools=tools)
+    call_text = '<tool_call>{"name": "topic", "arguments": {"text": "the match"}}</tool_call>'
+    assert masked_runs(sample) == replies_alone(fmt, [call_text, "It is sport."], "<|im_end|>")
+    assert "Tools:" in fmt.tokenizer.decode(sample.input_ids)
+
+
+def test_turns_joined_inside_a_token_or_no_template_are_refused(tiny_tokenizer):
+    glued = ("{% for m in messages %}{% if m['role'] == 'user' %}Q:{{ m['content'] }}{% else %}{{ m['content'] }}"
+             "{% endif %}{% endfor %}")
+    fmt = fmt_with(tiny_tokenizer, glued)
+    talk = [{"role": "user", "content": "th"}, {"role": "assistant", "content": "e"},  # "th" + "e" vs "the"
+            {"role": "user", "content": "fil"}, {"role": "assistant", "content": "m"}]
+    with pytest.raises(TailorError, match="joins turns inside a token"):
+        encode_conversation(fmt, talk)
+    with pytest.raises(TailorError, match="multi-turn conversations need the model's chat template"):
+        encode_conversation(fmt_with(tiny_tokenizer, None), TALK)
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_template_with_its_default_system_prompt(smollm2):
+    """SmolLM2's own template adds a system prompt when the conversation has none."""
+    fmt = ChatFormat(smollm2.tokenizer, TemplateSpec())
+    talk = [m for m in TALK if m["role"] != "system"]
+    sample = encode_conversation(fmt, talk)
+    eos = smollm2.tokenizer.eos_token
+    assert masked_runs(sample) == replies_alone(fmt, ["business", "entertainment", "sport"], eos)
+    assert "SmolLM" in smollm2.tokenizer.decode(sample.input_ids[:40])
