@@ -237,7 +237,7 @@ def compare_engines(args, torch_engine, name: str, torch_load_s: float) -> None:
                      f"{r['p95_s']:.2f} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} |")
     body = (f"<!-- bench:serve-engines -->\n### Serving engines: `tailor serve {args.model}` in PyTorch and in "
             f"llama.cpp\n\nMeasured {date.today().isoformat()} on {os.cpu_count()}-core CPU, "
-            f"{torch.get_num_threads()} thread(s) each, by `python bench/serve_load.py --mode engines --model "
+            f"{args.threads or torch.get_num_threads()} thread(s) for each engine, by `python bench/serve_load.py --mode engines --model "
             f"{args.model} --clients {args.clients} --requests {args.requests} --max-tokens {args.max_tokens}"
             f"{f' --threads {args.threads}' if args.threads else ''}`: greedy chat completions through the "
             f"official openai client, {args.clients} clients at once, the engines one after the other (file "

@@ -147,7 +147,7 @@ class TrainSpec(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     packing: Literal["auto", "on", "off"] = Field("auto", description="Lay each batch's samples end to end in one row: no padding, attention kept within samples. auto: on CUDA; on CPU padded rows that share their prompt opening measure faster")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (fused kernels); auto: on CUDA for LoRA (see BENCHMARKS.md for full fine-tuning)")
-    micro_batch_tokens: Optional[PositiveInt] = Field(None, description="With packing (ignored without): regroup each optimizer step's samples (batch_size x grad_accum) into micro-batches of up to this many tokens; fewer, fuller micro-batches, the same update")
+    micro_batch_tokens: Optional[PositiveInt] = Field(None, description="With packing (ignored without): regroup each optimizer step's samples (batch_size x grad_accum) into micro-batches of up to this many tokens per process; fewer, fuller micro-batches, the same update")
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward: much less memory, ~30% more compute")
     checkpoint_every: Optional[PositiveInt] = Field(None, description="Save a resumable checkpoint every N optimizer steps; at every evaluation when absent")
     keep_checkpoints: PositiveInt = Field(2, description="Most recent checkpoints kept (the best one is always kept too)")

@@ -84,6 +84,20 @@ def test_weights_and_last_assistant_choose_the_turns(tiny_tokenizer):
         encode_conversation(fmt, [dict(m, weight=0) if m["role"] == "assistant" else m for m in TALK])
 
 
+def test_consecutive_replies_and_a_reply_before_any_question(tiny_tokenizer):
+    fmt = fmt_with(tiny_tokenizer, CHATML)
+    twice = [{"role": "user", "content": "the market rose"}, {"role": "assistant", "content": "business"},
+             {"role": "assistant", "content": "and money"}]
+    assert masked_runs(encode_conversation(fmt, twice)) == replies_alone(fmt, ["business", "and money"], "<|im_end|>")
+    opening = [{"role": "system", "content": "You are brief."}, {"role": "assistant", "content": "Hello"},
+               {"role": "user", "content": "the match"}, {"role": "assistant", "content": "sport"}]
+    with pytest.raises(TailorError, match="assistant turn 2 comes before any user turn: there is no prompt to answer"):
+        encode_conversation(fmt, opening)
+    opening[1]["weight"] = 0  # kept as context, not trained
+    assert masked_runs(encode_conversation(fmt, opening)) == replies_alone(fmt, ["sport"], "<|im_end|>")
+    assert loss_turns([{"role": "user", "content": "hi"}], "last_assistant") == []
+
+
 def test_a_template_without_a_system_role_masks_exactly_too(tiny_tokenizer):
     fmt = fmt_with(tiny_tokenizer, GEMMA_LIKE, eos="<end_of_turn>", extra=("<start_of_turn>", "<end_of_turn>"))
     sample = encode_conversation(fmt, TALK)

@@ -62,7 +62,7 @@ def test_streamed_text_and_stop_strings_match_too(engines):
     assert got.text == expected.text == full[:full.index(stop)] and got.finish_reason == "stop"
 
 
-def test_sampling_with_a_seed_repeats_and_stays_in_the_vocabulary(engines):
+def test_sampling_with_a_seed_repeats(engines):
     _, llamacpp = engines
     ids = _prompt(llamacpp, QUESTIONS[1])
     a, b = (llamacpp.complete(ids, Sampling(10, temperature=1.0, seed=7)) for _ in range(2))
@@ -73,11 +73,14 @@ def test_a_paused_greedy_run_resumes_to_the_same_answer(engines):
     _, llamacpp = engines
     ids = _prompt(llamacpp, QUESTIONS[2])
     alone = llamacpp.complete(ids, Sampling(12))
-    llamacpp.slice_tokens = 3
-    try:  # two requests at once: each pauses for the other every 3 tokens, and resumes from its prefix
-        first, second = llamacpp.submit(ids, Sampling(12)), llamacpp.submit(_prompt(llamacpp, QUESTIONS[0]), Sampling(12))
-        assert first.result(timeout=60) == alone
-        second.result(timeout=60)
+    other = _prompt(llamacpp, QUESTIONS[0])
+    other_alone = llamacpp.complete(other, Sampling(12))
+    llamacpp.slice_tokens, turns = 3, len(llamacpp.batch_sizes)
+    try:  # two requests queued together: each pauses for the other every 3 tokens, and resumes from its prefix
+        with llamacpp._wake:  # the worker takes neither before both are queued
+            first, second = llamacpp.submit(ids, Sampling(12)), llamacpp.submit(other, Sampling(12))
+        assert first.result(timeout=60) == alone and second.result(timeout=60) == other_alone
+        assert len(llamacpp.batch_sizes) - turns > 2  # they did take turns
     finally:
         llamacpp.slice_tokens = 32
 

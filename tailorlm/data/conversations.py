@@ -30,7 +30,7 @@ def loss_turns(messages: list[dict], train_on: TrainOn = "all_assistant") -> lis
     """Indexes of the assistant messages whose reply carries loss."""
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     if train_on == "last_assistant":
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         return [last] if last in replies else []
     return replies
 
@@ -45,6 +45,9 @@ def conversation_pieces(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
     full = fmt.render(messages, tools=tools)
     pieces, at = [], 0
     for i in loss_turns(messages, train_on):
+        if i == 0 or all(m["role"] == "system" for m in messages[:i]):
+            raise TailorError(f"assistant turn {i + 1} comes before any user turn: there is no prompt to answer; "
+                              f"give it weight 0 or start the conversation with the user")
         head = fmt.render(messages[:i], add_generation_prompt=True, tools=tools)
         through = fmt.render(messages[:i + 1], tools=tools)
         if not through.startswith(head):

@@ -5,9 +5,11 @@ Everything around generation is the PyTorch engine's (engine.py): the queue, pro
 tokenizer and chat format, limits, cancellation, streaming. Only the run differs. llama-cpp-python runs one
 sequence at a time in one context, so each request runs alone (no batching). A greedy run still gives the
 model to waiting requests after `slice_tokens`; resumed, it continues from its prompt and the tokens so far,
-and llama.cpp reuses whatever prefix of them its KV cache still holds, so its tokens are the ones an
-uninterrupted run writes. Sampled runs do not pause: llama.cpp's sampler keeps its random state only within
-one call.
+and llama.cpp reuses whatever prefix of them its KV cache still holds (what it recomputes can round apart on a
+near tie). Sampled runs do not pause: llama.cpp's sampler keeps its random state only within one call; it
+applies top_p before the temperature (transformers after), so sampled answers follow another distribution
+than the PyTorch engine's at the same settings. A run ends on any token llama.cpp counts as ending generation
+(end of text, end of turn) and on the tokenizer's end token, as the PyTorch engine ends on its own set.
 
 Prompts are token ids from the run's own tokenizer; the GGUF carries the same vocabulary (export/gguf_writer.py
 writes it from that tokenizer), so both engines see the same ids and greedy answers are the same text where the
@@ -35,9 +37,9 @@ MAX_CONTEXT = 8192  # the KV cache is sized for the whole context up front; a 12
 class LlamaCppRun:
     """One request's generation in llama.cpp, with the interface of jobs.Run that the engine's worker drives."""
 
-    def __init__(self, job: Job, tokenizer, end_ids: list[int], on_cancel: Callable[[int], None]):
+    def __init__(self, job: Job, tokenizer, ends: Callable[[int], bool], on_cancel: Callable[[int], None]):
         self.jobs, self.job, self.tokenizer = [job], job, tokenizer
-        self.end_ids, self.on_cancel = set(end_ids), on_cancel
+        self.ends, self.on_cancel = ends, on_cancel
         self.generated: list[int] = []
         self.paused = False
         if job.streamer is not None:
@@ -62,7 +64,7 @@ class LlamaCppRun:
             self.generated.append(token)
             if self.job.streamer is not None:
                 self.job.streamer.put(torch.tensor([token]))
-            if token in self.end_ids or self._stop_string():
+            if self.ends(token) or self._stop_string():
                 return self._end(hit_stop=True)
             if len(self.generated) >= sampling.max_new_tokens or self.job.cancelled.is_set():
                 return self._end(hit_stop=False)
@@ -112,15 +114,18 @@ class LlamaCppEngine(Engine):
         self.model, self.tokenizer, self.fmt, self.device = self.llm, tokenizer, fmt, torch.device("cpu")
         self.max_batch, self.slice_tokens = 1, slice_tokens
         self.end_ids = sorted({i for i in (tokenizer.eos_token_id, self.llm.token_eos()) if i is not None and i >= 0})
+        vocab = self.llm._model.vocab
+        self._ends = lambda token: token in self.end_ids or bool(llama_cpp.llama_vocab_is_eog(vocab, token))
         self.context_length, self.vocab_size = self.llm.n_ctx(), self.llm.n_vocab()
         self._start()
 
     def _new_run(self, jobs: list[Job]) -> LlamaCppRun:
-        return LlamaCppRun(jobs[0], self.tokenizer, self.end_ids, self.cancelled.append)
+        return LlamaCppRun(jobs[0], self.tokenizer, self._ends, self.cancelled.append)
 
     def close(self) -> None:
         super().close()
-        self.llm.close()
+        if not self._worker.is_alive():  # a worker still inside llama.cpp keeps its context (freed at exit)
+            self.llm.close()
 
 
 def _trained_context(gguf_path: str | Path) -> int:
@@ -134,13 +139,15 @@ def _trained_context(gguf_path: str | Path) -> int:
 
 
 def load_llamacpp_engine(path: str, threads: int | None = None) -> tuple[LlamaCppEngine, str]:
-    """(engine, model id) for a .gguf file, or a run directory holding a GGUF export (f16 preferred)."""
-    from tailorlm.models.loading import load_tokenizer
+    """(engine, model id) for a .gguf file ('default': the embedded model's), or a run directory holding a GGUF
+    export (f16 preferred)."""
+    from tailorlm.models.loading import default_model_path, load_tokenizer
 
+    path = str(default_model_path()) if path == "default" else path
     run = RunDir(path)
     if run.is_run():
         run.require_complete("tailor serve --engine llamacpp", "serving")
-        exports = sorted((run.path / "export").glob("gguf*/*.gguf"), key=lambda p: (p.parent.name != "gguf", p.name))
+        exports = sorted((run.path / "export").glob("gguf*/*.gguf"), key=lambda p: (not p.name.endswith("-f16.gguf"), str(p)))
         if not exports:
             raise TailorError(f"{path}: no GGUF export in this run; write one first: tailor export {path} --format gguf")
         cfg = run.config()

@@ -120,8 +120,8 @@ def accumulate_gradients(loss: Callable[[dict], tuple[torch.Tensor, int]], group
 
     Returns (mean loss per completion token, real tokens processed), over all processes."""
     world = distributed.world()
-    if ctx.token_budget:
-        group = regroup(group, ctx.token_budget)
+    if ctx.token_budget:  # a budget per process: each of them runs its share of every micro-batch
+        group = regroup(group, ctx.token_budget * world.size)
     n_step_tokens = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
     losses, tokens = [], 0
     for i, samples in enumerate(group):
