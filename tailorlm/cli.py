@@ -137,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        return _report(e)
+        code = _report(e)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # One failed process of a torchrun job leaves at once, so the launcher stops the others. Returning
+            # would free the traceback, hence the DDP reducer and its gloo process group, whose destructor joins
+            # a worker thread that can be waiting for the GIL this thread holds: a hang, seen in the tests.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
 
 def _report(e: Exception) -> int:
