@@ -88,7 +88,9 @@ def _owned(prepared: Prepared, run_dir: RunDir, resume: bool, device, observe, m
             run_dir.write_config(cfg)
             for name, task in prepared.tasks.items():
                 save_data_report(run_dir.task_folder(name, prepared.several), task)
-        status = {"status": "running", "started": datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}
+        # milliseconds: runs started within one second still list in the order they started
+        status = {"status": "running", "started": datetime.now().isoformat(timespec="milliseconds"),
+                  "pid": os.getpid()}
         run_dir.set_state(status)
         try:
             outcome = _train_and_evaluate(prepared, run_dir, resume, device, observe, model)

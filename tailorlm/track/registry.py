@@ -157,7 +157,7 @@ def listing_rows(records: list[RunRecord]) -> list[list[str]]:
         prefix = (lambda task: f"{task}: ") if len(heads) > 1 else (lambda task: "")
         metric = "\n".join(f"{prefix(t)}{h.metric} {format_metric(h.metric, h.fine_tuned)}" for t, h in heads.items())
         gain = "\n".join("" if h.gain_points is None else f"{h.gain_points:+.1f} pts" for h in heads.values())
-        rows.append([r.name, r.status, r.started.replace("T", " "), r.task, r.method, Path(r.model).name or r.model,
+        rows.append([r.name, r.status, r.started.replace("T", " ")[:19], r.task, r.method, Path(r.model).name or r.model,
                      _or_dash(r.steps), _or_dash(r.train_seconds, "{:.0f}"), metric or "-", gain])
     return rows
 
