@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 from tailorlm.data.samples import IGNORE, Sample
-from tailorlm.data.tokenize import ChatFormat
+from tailorlm.data.tokenize import ChatFormat, through_end_of_turn
 from tailorlm.errors import TailorError
 
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -41,7 +41,7 @@ def conversation_pieces(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
     if not fmt.uses_chat:
         raise TailorError("multi-turn conversations need the model's chat template; this model has none (or "
                           "template.chat_template is 'never')")
-    name = getattr(fmt.tokenizer, "name_or_path", "") or "the model"
+    name = fmt.model_name
     full = fmt.render(messages, tools=tools)
     pieces, at = [], 0
     for i in loss_turns(messages, train_on):
@@ -53,7 +53,7 @@ def conversation_pieces(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
         if not through.startswith(head):
             raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} so that the text before "
                               f"it is not what the model is prompted with; its loss mask cannot be exact")
-        reply = _through_end_of_turn(through[len(head):], fmt.tokenizer.eos_token)
+        reply = through_end_of_turn(through[len(head):], fmt.tokenizer.eos_token)
         if not full.startswith(head + reply) or len(head) < at:
             raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} differently once later "
                               f"turns follow (it rewrites history), so training on every turn would teach text the "
@@ -77,12 +77,6 @@ def encode_conversation(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
         labels += piece_ids if loss else [IGNORE] * len(piece_ids)
     whole = fmt.tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
     if whole != ids:
-        name = getattr(fmt.tokenizer, "name_or_path", "") or "the model"
-        raise TailorError(f"the chat template of {name} joins turns inside a token (the turn pieces tokenize "
+        raise TailorError(f"the chat template of {fmt.model_name} joins turns inside a token (the turn pieces tokenize "
                           f"differently alone than together), so no exact per-turn mask exists")
     return Sample(ids, labels, {"messages": messages})
-
-
-def _through_end_of_turn(tail: str, eos: str | None) -> str:
-    """The reply text through its end-of-turn token; what follows (a newline) is never generated."""
-    return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail

@@ -32,7 +32,7 @@ class ChatFormat:
 
     def prompt_text(self, prompt: str, demos: list[tuple[str, str]] = ()) -> str:
         if self.uses_chat:
-            return self._apply(self.messages(prompt, demos), add_generation_prompt=True)
+            return self.render(self.messages(prompt, demos), add_generation_prompt=True)
         shots = "".join(f"{p}\nAnswer: {c}\n\n" for p, c in demos)
         return f"{shots}{prompt}\nAnswer:"
 
@@ -42,19 +42,19 @@ class ChatFormat:
         if not self.uses_chat:
             return f" {completion}{eos}"
         head = self.prompt_text(prompt)
-        full = self._apply(self.messages(prompt, []) + [{"role": "assistant", "content": completion}])
+        full = self.render(self.messages(prompt, []) + [{"role": "assistant", "content": completion}])
         if not full.startswith(head):  # a template that rewrites earlier turns: fall back to the plain answer
             return f"{completion}{eos}"
         tail = full[len(head):]
-        # Stop after the end-of-turn token: what follows (a newline) is never generated.
-        return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
+        return through_end_of_turn(tail, eos)
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "") or "the model"
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
-        """A conversation as the model's chat template writes it (with the tool schemas, when given)."""
-        return self._apply(messages, add_generation_prompt, tools)
-
-    def _apply(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
-        """The model's chat template (transformers renders it in a Jinja sandbox); its failures name the model."""
+        """A conversation as the model's chat template writes it (with the tool schemas, when given); transformers
+        renders it in a Jinja sandbox, and its failures name the model."""
         from jinja2 import TemplateError
 
         extra = {"tools": tools} if tools else {}
@@ -62,7 +62,7 @@ class ChatFormat:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                       **extra)
         except (TemplateError, TypeError, ValueError) as e:  # SecurityError is a TemplateError
-            raise TailorError(f"the chat template of {getattr(self.tokenizer, 'name_or_path', 'the model') or 'the model'} "
+            raise TailorError(f"the chat template of {self.model_name} "
                               f"(tokenizer_config.json / chat_template.jinja) failed: {type(e).__name__}: {e}; "
                               f"fix the template, or set template.chat_template=never for the plain layout") from None
 
@@ -72,6 +72,11 @@ class ChatFormat:
 
     def encode_completion(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def through_end_of_turn(tail: str, eos: str | None) -> str:
+    """A reply's text through its end-of-turn token: what follows (a newline) is never generated."""
+    return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
 
 
 @dataclass

@@ -8,7 +8,6 @@ fifth of the model's FLOPs and most of its activation memory.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint

@@ -80,6 +80,15 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(found)], True) if found else (text, False)
 
 
+def stop_in_tail(tokenizer, generated, stops: tuple[str, ...]) -> bool:
+    """Whether the generated tokens have just written a stop string (one ends within the last few tokens, each
+    token being at least one character)."""
+    if not stops:
+        return False
+    text = tokenizer.decode(generated[-(max(map(len, stops)) + 4):], skip_special_tokens=True)
+    return any(s in text for s in stops)
+
+
 class _RowStops(StoppingCriteria):
     """Per-row stopping (the end token, the row's stop strings, its own max_new_tokens, a cancel) and pausing.
 
@@ -102,7 +111,7 @@ class _RowStops(StoppingCriteria):
         n_new = input_ids.shape[1] - self.width
         for row in self.alive:
             job, last = self.jobs[row], input_ids[row, -1]
-            if bool(torch.isin(last, self.end_ids.to(last.device))) or self._stop_string(input_ids[row], job, n_new):
+            if bool(torch.isin(last, self.end_ids.to(last.device))) or stop_in_tail(self.tokenizer, input_ids[row, self.width:], job.sampling.stop):
                 self.end(row, input_ids[row], hit_stop=True)
             elif n_new >= job.sampling.max_new_tokens or job.cancelled.is_set():
                 self.end(row, input_ids[row])
@@ -123,13 +132,6 @@ class _RowStops(StoppingCriteria):
     def keep(self, rows: list[int]) -> None:
         self.jobs, self.ended_at = [self.jobs[r] for r in rows], [self.ended_at[r] for r in rows]
 
-    def _stop_string(self, row_ids, job: Job, n_new: int) -> bool:
-        if not job.sampling.stop:
-            return False
-        # A stop string ends within the last few tokens (each token is at least one character).
-        tail = row_ids[-min(n_new, max(map(len, job.sampling.stop)) + 4):]
-        text = self.tokenizer.decode(tail, skip_special_tokens=True)
-        return any(s in text for s in job.sampling.stop)
 
 
 class Run:

@@ -29,7 +29,7 @@ from tailorlm.data.tokenize import ChatFormat
 from tailorlm.errors import TailorError
 from tailorlm.rundir import RunDir
 from tailorlm.serve.engine import Engine
-from tailorlm.serve.jobs import Completion, Job, cut_at_stop
+from tailorlm.serve.jobs import Completion, Job, cut_at_stop, stop_in_tail
 
 MAX_CONTEXT = 8192  # the KV cache is sized for the whole context up front; a 128k model would take gigabytes
 
@@ -64,7 +64,7 @@ class LlamaCppRun:
             self.generated.append(token)
             if self.job.streamer is not None:
                 self.job.streamer.put(torch.tensor([token]))
-            if self.ends(token) or self._stop_string():
+            if self.ends(token) or stop_in_tail(self.tokenizer, self.generated, self.job.sampling.stop):
                 return self._end(hit_stop=True)
             if len(self.generated) >= sampling.max_new_tokens or self.job.cancelled.is_set():
                 return self._end(hit_stop=False)
@@ -78,13 +78,6 @@ class LlamaCppRun:
         if not self.job.future.done():
             self.job.future.set_exception(error)
         self.job.end_stream()
-
-    def _stop_string(self) -> bool:
-        stops = self.job.sampling.stop
-        if not stops:
-            return False
-        tail = self.generated[-(max(map(len, stops)) + 4):]  # a stop string ends within the last few tokens
-        return any(s in self.tokenizer.decode(tail, skip_special_tokens=True) for s in stops)
 
     def _end(self, hit_stop: bool) -> None:
         job, n_new = self.job, len(self.generated)
