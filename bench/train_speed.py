@@ -112,7 +112,7 @@ def samples_per_step(case: dict) -> int:
     return BATCH * case.get("accum", 1)
 
 
-def micro_batches(samples: list, case: dict) -> list[list]:
+def micro_batches(samples: list) -> list[list]:
     """An optimizer step's samples as the recipe's micro-batches of BATCH (accumulated when accum > 1)."""
     return [samples[i:i + BATCH] for i in range(0, len(samples), BATCH)]
 
@@ -136,7 +136,7 @@ def baseline_runner(model, case, pad_id: int, device):
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
     def step(samples) -> int:  # accumulation as the library's examples do it: each micro-batch's mean loss / count
-        tokens, parts = 0, micro_batches(samples, case)
+        tokens, parts = 0, micro_batches(samples)
         for part in parts:
             batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
             (model(**batch).loss / len(parts)).backward()
@@ -165,7 +165,7 @@ def tailorlm_runner(model, case, pad_id: int, device):
     optimizer = make_optimizer(strategy.param_groups(model, 1e-5), spec)
 
     def step(samples) -> int:  # the loop's step (train/loop.py) without its bookkeeping
-        _, tokens = accumulate_gradients(lambda batch: completion_loss(model, batch), micro_batches(samples, case), ctx)
+        _, tokens = accumulate_gradients(lambda batch: completion_loss(model, batch), micro_batches(samples), ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return tokens
