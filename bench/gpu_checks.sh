@@ -4,6 +4,7 @@
 #
 #   bench/gpu_checks.sh OUTDIR [PART ...]
 #   parts: env tests speed-1b accum families speed-135m distributed   (default: all, in this order)
+#          full-1b (the full fine-tuning rows of speed-1b alone)
 #
 # Then: python bench/train_speed.py --render OUTDIR/<suite>.json   (writes that suite's BENCHMARKS.md section)
 set -u
@@ -28,6 +29,7 @@ for part in $parts; do
     tests) env -u TORCH_LOGS timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "$TESTS" \
              --junitxml="$out/gpu-tests.xml" 2>&1 | tail -25 ;;
     speed-1b) speed gpu 360 speed-1b --only llama-3.2-1b ;;
+    full-1b) speed gpu 240 full-1b --only llama-3.2-1b --method full ;;
     accum) speed gpu-accum 200 accum ;;
     families) speed gpu-families 300 families ;;
     speed-135m) speed gpu 300 speed-135m --only smollm2-135m ;;

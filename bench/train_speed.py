@@ -299,6 +299,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=["gpu", "gpu-families", "gpu-accum", "cpu-default", "cpu-smoke"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--only", help="run only cases whose shape contains this text")
+    parser.add_argument("--method", choices=["lora", "full"], help="run only this method's cases")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--logs", type=Path, help="keep each case's output in this folder")
     parser.add_argument("--render", help="re-render BENCHMARKS.md from a saved results JSON")
@@ -324,7 +325,7 @@ def main() -> None:
         return result
 
     for case in suite_cases(args.suite):
-        if not args.only or args.only in case["shape"]:
+        if (not args.only or args.only in case["shape"]) and args.method in (None, case["method"]):
             record(run_in_subprocess(case, args.logs))
     if args.suite == "gpu" and (not args.only or args.only == "context"):
         base = record(run_in_subprocess(context_cases(None)[0]))

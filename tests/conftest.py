@@ -2,6 +2,7 @@
 loaded once per session, and the shared datasets folder (tests that need it skip with a reason)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -113,3 +114,21 @@ def trained_weights(run_dir: Path) -> dict:
 
     folder = RunDir(run_dir).weights()
     return load_file(folder / ("adapter_model.safetensors" if folder.name == "adapter" else "model.safetensors"))
+
+
+@contextlib.contextmanager
+def recompilations():
+    """Collect the compiler's recompilation reports (each names the guard that failed) while the block runs."""
+    import logging
+
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
+    torch._logging.set_logs(recompiles=True)
+    logger.addHandler(handler)
+    try:
+        yield reports
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()

@@ -83,3 +83,25 @@ def test_context_manager_restores_the_attention_implementation():
 def _inputs(batch):
     from tailorlm.kernels.loss import packed_kwargs
     return {"input_ids": batch["input_ids"], **packed_kwargs(batch)}
+
+
+def test_compiled_layers_take_packed_rows_of_any_length_without_compiling_again():
+    """Inductor used to guard on the packed row's length range (2 <= T <= 4096 here, 2559 and 4095 on an H200),
+    so compiled full fine-tuning compiled every layer again when a longer row came; the length is now unbacked.
+    On CPU the per-sample attention splits the layer in two, and the part after the split is still recompiled:
+    only the layer's own input is checked here (the GPU test checks the whole layer)."""
+    from conftest import recompilations
+
+    from tailorlm.config import MethodSpec, TrainSpec
+    from tailorlm.models.methods import make_strategy
+    from tailorlm.train.step import fast_training
+
+    model = make_strategy(MethodSpec(name="full")).prepare(tiny_llama(400))
+    ids = [10 + i % 380 for i in range(400)]
+    rows = [[Sample(ids[:n], ids[:n], {}) for _ in range(k)] for n, k in ((100, 3), (400, 11))]  # 300, 4,400 tokens
+    with recompilations() as reports, fast_training(model, TrainSpec(packing="on", compile="on"), 3,
+                                                    torch.device("cpu")) as ctx:
+        for row in rows:
+            loss, _ = completion_loss(model, ctx.batch(row))
+            loss.backward()
+    assert not [r for r in reports if "hidden_states.size()[1]" in r], reports

@@ -10,6 +10,8 @@ completion-only head). On CPU compiling costs minutes on a 2-core machine for li
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -29,7 +31,30 @@ def compile_layers(model: torch.nn.Module) -> int:
         return 0
     for layer in layers:
         layer.compile(dynamic=True)
+        layer._compiled_call_impl = _row_length_unbacked(layer._compiled_call_impl)
     return len(layers)
+
+
+def _row_length_unbacked(compiled: Callable) -> Callable:
+    """Call `compiled` with a packed row's length marked unbacked: a size the compiler may not guard on.
+
+    With a plain dynamic length, inductor picks its reduction strategy from the length it first sees and
+    guards on that range (on an H200: `2 <= T <= 2559`, then `2560 <= T <= 4095`, for the norm weights'
+    gradients of full fine-tuning), so each new range compiled the layer again, 3-4 s apiece, and compiled
+    full fine-tuning ran slower than eager (BENCHMARKS.md). Unbacked, one compiled layer serves every length.
+    Every tensor input that spans the row (hidden states, rotary tables, positions) is marked, so that the
+    compiler never ties the length back to a guarded size. Padded batches keep plain dynamic shapes."""
+    def call(*args, **kwargs):
+        if kwargs.get("cu_seq_lens_q") is not None:  # a packed row (kernels/attention.py)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            length = hidden.shape[1]
+            for value in (*args, *kwargs.values()):
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == length > 1:
+                        torch._dynamo.decorators.mark_unbacked(t, 1)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def uncompile_layers(model: torch.nn.Module) -> None:
