@@ -187,3 +187,15 @@ def test_fast_training_leaves_the_model_as_it_found_it():
     assert model.config._attn_implementation == before
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
     assert not model.get_base_model().is_gradient_checkpointing
+
+
+def test_auto_compiles_lora_on_cuda_and_full_fine_tuning_only_when_the_run_is_long_enough():
+    from tailorlm.train.step import COMPILE_FULL_AFTER, compiles
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    lora = make_strategy(MethodSpec(name="lora")).prepare(tiny_llama(400))
+    full = make_strategy(MethodSpec(name="full")).prepare(tiny_llama(400))
+    auto = TrainSpec()
+    assert compiles(lora, auto, cuda, 1) and not compiles(lora, auto, cpu, 10**6)
+    assert not compiles(full, auto, cuda, COMPILE_FULL_AFTER - 1) and compiles(full, auto, cuda, COMPILE_FULL_AFTER)
+    assert compiles(full, TrainSpec(compile="on"), cpu, 1) and not compiles(lora, TrainSpec(compile="off"), cuda, 10**6)

@@ -91,7 +91,8 @@ def train(model, strategy: Strategy, train_samples: list[Sample], spec: TrainSpe
         strategy.on_step(saved[1]["step"], model)  # the unfreezing stage the run had reached
         load_weights(resume, strategy.checkpoint_params(model))
     wrapped = Wrapped(model, device)
-    with fast_training(wrapped.module, spec, pad_id, device) as ctx:
+    micro_batches = plan_steps(len(train_samples), spec)[1] * spec.grad_accum
+    with fast_training(wrapped.module, spec, pad_id, device, micro_batches) as ctx:
         run = _Run(wrapped, strategy, train_samples, spec, lr, ctx, hooks or Hooks())
         if saved:
             run.restore(resume, *saved)
