@@ -79,13 +79,14 @@ class DataSpec(Section):
 
 class TemplateSpec(Section):
     _source: str = PrivateAttr("the config")  # the file it came from, for render errors found later
-    preset: Literal["classification", "ner", "qa", "translation", "math", "instruction"] = Field(
+    preset: Literal["classification", "ner", "qa", "translation", "math", "instruction", "chat"] = Field(
         "classification", description="The task: its default template, answer parsing and metrics (tailorlm/tasks/)")
     instruction: Optional[str] = Field(None, description="Jinja2; sees the row's fields and `labels`; the preset's when absent")
     prompt: Optional[str] = Field(None, description="Jinja2 for the whole user prompt; the preset's when absent")
     completion: Optional[str] = Field(None, description="Jinja2 for the answer the model learns to give; the preset's when absent")
     system: Optional[str] = Field(None, description="System prompt; the chat template's default when absent")
     chat_template: Literal["auto", "never"] = Field("auto", description="auto: wrap in the model's chat template when it has one")
+    train_on: Literal["all_assistant", "last_assistant"] = Field("all_assistant", description="chat preset: which assistant turns carry loss (a message's \"weight\": 0 turns it off); held-out conversations are scored on their last")
     max_length: PositiveInt = Field(512, description="Tokens per sample, prompt and completion together")
     overlong: Literal["truncate_prompt", "drop"] = Field("truncate_prompt", description="What to do with samples over max_length")
     truncate_field: Optional[str] = Field(None, description="The input field shortened by truncate_prompt; by preset (text, context, source, question, input)")

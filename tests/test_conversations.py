@@ -147,3 +147,24 @@ def test_the_real_smollm2_template_with_its_default_system_prompt(smollm2):
     eos = smollm2.tokenizer.eos_token
     assert masked_runs(sample) == replies_alone(fmt, ["business", "entertainment", "sport"], eos)
     assert "SmolLM" in smollm2.tokenizer.decode(sample.input_ids[:40])
+
+
+def test_a_long_conversation_ends_at_its_last_reply_that_fits(tiny_tokenizer):
+    """Cut at max_length, a conversation is exactly its first turns encoded alone: every kept reply keeps all of
+    its context. Under last_assistant (held-out splits) the last reply that fits becomes the one scored."""
+    fmt = fmt_with(tiny_tokenizer, CHATML)
+    whole = encode_conversation(fmt, TALK)
+    through_second = encode_conversation(fmt, TALK[:5])  # system, user, business, user, entertainment
+    for limit in (len(through_second), len(whole) - 1):
+        cut = encode_conversation(fmt, TALK, max_length=limit)
+        assert (cut.input_ids, cut.labels) == (through_second.input_ids, through_second.labels)
+        assert cut.example["messages"] == TALK[:5]
+        last = encode_conversation(fmt, TALK, train_on="last_assistant", max_length=limit)
+        assert masked_runs(last) == replies_alone(fmt, ["entertainment"], "<|im_end|>")
+        assert last.input_ids == through_second.input_ids and last.example["messages"] == TALK[:5]
+    assert encode_conversation(fmt, TALK, max_length=len(whole)).example["messages"] == TALK
+    assert encode_conversation(fmt, TALK, max_length=5) is None  # not even the first reply fits
+    history = fmt_with(tiny_tokenizer, STRIPS_HISTORY)  # cannot be cut at an earlier reply: dropped, not wrong
+    thinking = [m if m["role"] != "assistant" else dict(m, content="<think>hmm</think>" + m["content"]) for m in TALK]
+    full = encode_conversation(history, thinking, train_on="last_assistant")
+    assert encode_conversation(history, thinking, train_on="last_assistant", max_length=len(full) - 1) is None

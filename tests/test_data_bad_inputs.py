@@ -109,7 +109,7 @@ CASES = [
     ("parallel-empty-line", {"t.en": "a\n\nc\n", "t.de": "x\ny\nz\n"}, "t.en|{d}/t.de", "parallel", None,
      "{d}/t.en, line 2: empty line; its pair in {d}/t.de is 'y'"),
     ("chat-unknown-role", {"c.jsonl": '{"messages": [{"role": "human", "content": "Hi"}]}\n'}, "c.jsonl", "auto", None,
-     "{d}/c.jsonl, line 1: messages turn 1: unknown role 'human'; expected one of system, user, assistant"),
+     "{d}/c.jsonl, line 1: messages turn 1: unknown role 'human'; expected one of system, user, assistant, tool"),
     ("bad-gzip", {"d.jsonl.gz": b"\x1f\x8b not really gzip"}, "d.jsonl.gz", "auto", None,
      "{d}/d.jsonl.gz: not a readable gzip file (Unknown compression method)"),
 ]

@@ -150,9 +150,9 @@ def _turns(*pairs):
 
 @pytest.mark.parametrize("record, message", [
     (_turns(("user", "Hi"), ("bot", "Hello")),
-     "messages turn 2: unknown role 'bot'; expected one of system, user, assistant"),
+     "messages turn 2: unknown role 'bot'; expected one of system, user, assistant, tool"),
     (_turns(("user", "Hi"), ("asistant", "Hello")),
-     "messages turn 2: unknown role 'asistant' (did you mean 'assistant'?); expected one of system, user, assistant"),
+     "messages turn 2: unknown role 'asistant' (did you mean 'assistant'?); expected one of system, user, assistant, tool"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}, "messages turn 2 (assistant): no 'content'"),
     (_turns(("user", ["Hi"]), ("assistant", "Hello")), "messages turn 1 (user): 'content' must be a string, found list"),
     ({"messages": [{"content": "Hi"}]}, "messages turn 1: no 'role'"),
@@ -162,10 +162,26 @@ def _turns(*pairs):
      "the last turn is 'user', not the assistant's: a conversation must end with the reply the model learns to give"),
     ({"messages": []}, "empty conversation ('messages' is an empty list)"),
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "assistant", "value": "Hello"}]},
-     "conversations turn 2: unknown from 'assistant'; expected one of system, human, gpt"),
+     "conversations turn 2: unknown from 'assistant'; expected one of system, human, gpt, function_call, observation"),
     ({"conversations": [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Hi"}]},
      "the last turn is 'human', not the assistant's: a conversation must end with the reply the model learns to give"),
     ({"instruction": "Say hi.", "output": 3}, "Alpaca 'output' must be a string, found int"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey", "weight": 2}]},
+     "messages turn 2 (assistant): 'weight' must be 0 or 1, on assistant turns only (found 2)"),
+    ({"messages": [{"role": "user", "content": "Hi", "weight": 0}, {"role": "assistant", "content": "Hey"}]},
+     "messages turn 1 (user): 'weight' must be 0 or 1, on assistant turns only (found 0)"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": "{'x': 1}"}}]}]},
+     "messages turn 2 (assistant): tool call 1 arguments is not valid JSON: Expecting property name enclosed in "
+     "double quotes at character 1"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"arguments": "{}"}}]}]}, "messages turn 2 (assistant): tool call 1 needs 'function' with a 'name'"),
+    ({"messages": [{"role": "user", "content": "Hi", "tool_calls": []}, {"role": "assistant", "content": "Hey"}]},
+     "messages turn 1 (user): only assistant turns make tool calls"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": []}]},
+     "messages turn 2 (assistant): 'tool_calls' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}], "tools": "[{"},
+     "'tools' is not valid JSON: Expecting property name enclosed in double quotes at character 2"),
 ])
 def test_chat_errors_name_the_line_or_record(tmp_path, record, message):
     path = write(tmp_path / "c.jsonl", json.dumps(OPENAI) + "\n" + json.dumps(record) + "\n")
@@ -196,3 +212,30 @@ def test_chat_reads_real_alpaca(shared_data):
     assert first["messages"][1] == {"role": "assistant", "content": first["output"]}
     # the file holds two records with an empty output: read as they are (an empty reply is not a format error)
     assert [r.where for r in records if not r.fields["output"]] == ["record 2336", "record 4659"]
+
+
+def test_tool_calls_weights_and_tool_results_are_kept_as_chat_templates_read_them(tmp_path):
+    """OpenAI's fine-tuning records (arguments as a JSON string, per-message weight) and LLaMA-Factory's ShareGPT
+    tool turns (function_call, observation, tools as a JSON string) both read to the same messages."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    openai = {"tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "weight": 1, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "content": "rain", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Rain.", "weight": 0}]}
+    sharegpt = {"tools": json.dumps(tools), "conversations": [
+        {"from": "human", "value": "Weather in Oslo?"},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+        {"from": "observation", "value": "rain"}, {"from": "gpt", "value": "Rain."}]}
+    path = write(tmp_path / "t.jsonl", json.dumps(openai) + "\n" + json.dumps(sharegpt) + "\n")
+    first, second = (r.fields for r in read_table(str(path)).records)
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    assert first == {"tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [call], "weight": 1},
+        {"role": "tool", "content": "rain", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Rain.", "weight": 0}]}
+    assert second == {"tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "Rain."}]}

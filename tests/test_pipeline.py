@@ -140,6 +140,47 @@ eval: {{few_shot_k: 1, max_new_tokens: 4}}
     assert (out / "tasks" / "german" / "preflight.json").is_file()
 
 
+
+def test_a_chat_task_trains_beside_a_classification_task(tmp_path, tiny_model_dir):
+    """Multi-turn conversations (one with a tool call and a reply of weight 0) next to a labeled table: the chat
+    task is scored on each held-out conversation's final reply, against zero-shot prompting only."""
+    reviews = labeled_csv(tmp_path / "reviews.csv")
+    call = {"type": "function", "function": {"name": "topic", "arguments": '{"text": "the match"}'}}
+    talks = []
+    for i in range(24):
+        talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 0},
+                {"role": "user", "content": f"the film won {i}"}, {"role": "assistant", "content": "good film"}]
+        if i % 4 == 0:
+            talk += [{"role": "user", "content": "topic?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "content": "sport"}, {"role": "assistant", "content": "sport"}]
+        talks.append({"messages": talk})
+    chats = write(tmp_path / "talks.jsonl", "\n".join(json.dumps(t) for t in talks))
+    config = write(tmp_path / "multi.yaml", f"""
+model: {{path: {tiny_model_dir}}}
+tasks:
+  - name: sentiment
+    data: {{train: {reviews}}}
+    template: {{max_length: 96}}
+  - name: talk
+    data: {{train: {chats}}}
+    template: {{preset: chat, max_length: 96}}
+train: {{max_steps: 2, batch_size: 4, eval_every: 0}}
+eval: {{few_shot_k: 1, max_new_tokens: 4}}
+""")
+    out = tmp_path / "out"
+    assert cli(config, "--output", out) == 0
+    talk = json.loads((out / "metrics.json").read_text())["tasks"]["talk"]
+    assert set(talk["variants"]) == {"zero_shot", "fine_tuned"} and talk["headline"] == "rouge_l"
+    assert all(v["k"] == 0 and v["call_match"] is None for v in talk["variants"].values())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    chat_rows = [p for p in predictions if p["task"] == "talk"]
+    assert chat_rows and {p["expected"] for p in chat_rows} <= {"good film", "sport"}
+    assert all(p["input"].startswith("user: hi\nassistant: hello\nuser: the film won") for p in chat_rows)
+    report = (out / "report.md").read_text()
+    assert "Prompting vs fine-tuning: talk" in report and "call_match" not in report
+    replies = json.loads((out / "tasks" / "talk" / "preflight.json").read_text())["replies"]
+    assert replies["trained"] > 0 and replies["keyboard_mash"] == 0
+
 def _bad_jsonl(p):
     lines = ['{"text": "a", "label": "x"}'] * 3 + ["{oops"]
     return [f"data.train={write(p / 'b.jsonl', chr(10).join(lines))}"]

@@ -17,13 +17,20 @@ so the boundaries between turns fall between tokens.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tailorlm.data.samples import IGNORE, Sample
-from tailorlm.data.tokenize import ChatFormat, through_end_of_turn
 from tailorlm.errors import TailorError
 
+if TYPE_CHECKING:  # tokenize.py builds on this module, not the other way round
+    from tailorlm.data.tokenize import ChatFormat
+
 TrainOn = Literal["all_assistant", "last_assistant"]
+
+
+def through_end_of_turn(tail: str, eos: str | None) -> str:
+    """A reply's text through its end-of-turn token: what follows (a newline) is never generated."""
+    return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
 
 
 def loss_turns(messages: list[dict], train_on: TrainOn = "all_assistant") -> list[int]:
@@ -64,19 +71,52 @@ def conversation_pieces(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
 
 
 def encode_conversation(fmt: ChatFormat, messages: list[dict], train_on: TrainOn = "all_assistant",
-                        tools: list[dict] | None = None) -> Sample:
-    """Token ids of the conversation (through its last reply that carries loss) with the exact mask."""
-    pieces = conversation_pieces(fmt, messages, train_on, tools)
-    if not any(loss for _, loss in pieces):
+                        tools: list[dict] | None = None, max_length: int | None = None) -> Sample | None:
+    """Token ids of the conversation (through its last reply that carries loss) with the exact mask; the
+    sample's example holds the messages it covers.
+
+    Longer than max_length, the conversation ends after the last reply that carries loss and fits, so every
+    kept reply keeps all of its context; under last_assistant that reply becomes the one trained (a held-out
+    conversation is then scored on a reply that fits). None when not even the first reply fits."""
+    pieces = _tokenized(fmt, conversation_pieces(fmt, messages, train_on, tools))
+    if not any(loss for _, _, loss in pieces):
         raise TailorError("no assistant turn carries loss in this conversation (every reply has weight 0, or "
                           "train_on=last_assistant and the last reply has weight 0)")
-    ids, labels = [], []
-    for text, loss in pieces:
-        piece_ids = fmt.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece_ids
-        labels += piece_ids if loss else [IGNORE] * len(piece_ids)
-    whole = fmt.tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
-    if whole != ids:
+    turns = loss_turns(messages, train_on)  # the message of each reply that carries loss, in order
+    n = _fitting(pieces, max_length)
+    if n < len(pieces) and train_on == "last_assistant":
+        try:  # the same text split at every reply, cut at the last that fits, and only that one trained
+            pieces = _tokenized(fmt, conversation_pieces(fmt, messages, "all_assistant", tools))
+        except TailorError:  # a template that rewrites history cannot be cut at an earlier reply
+            return None
+        turns, n = loss_turns(messages, "all_assistant"), _fitting(pieces, max_length)
+        replies = sum(loss for _, _, loss in pieces[:n])
+        pieces = [(text, ids, i == n - 1) for i, (text, ids, _) in enumerate(pieces)]
+        turns = turns[replies - 1:replies]
+    if not n:
+        return None
+    kept = pieces[:n]
+    ids = [t for _, piece_ids, _ in kept for t in piece_ids]
+    labels = [t if loss else IGNORE for _, piece_ids, loss in kept for t in piece_ids]
+    if fmt.tokenizer("".join(text for text, _, _ in kept), add_special_tokens=False)["input_ids"] != ids:
         raise TailorError(f"the chat template of {fmt.model_name} joins turns inside a token (the turn pieces tokenize "
                           f"differently alone than together), so no exact per-turn mask exists")
-    return Sample(ids, labels, {"messages": messages})
+    last_message = turns[sum(1 for _, _, loss in kept if loss) - 1]
+    return Sample(ids, labels, {"messages": messages[:last_message + 1]})
+
+
+def _tokenized(fmt: ChatFormat, pieces: list[tuple[str, bool]]) -> list[tuple[str, list[int], bool]]:
+    """Each piece tokenized alone, as generation sees it (the prompt, then the tokens the model writes)."""
+    return [(text, fmt.tokenizer(text, add_special_tokens=False)["input_ids"], loss) for text, loss in pieces]
+
+
+def _fitting(pieces: list[tuple[str, list[int], bool]], max_length: int | None) -> int:
+    """How many leading pieces to keep: all that fit in max_length, back to the last reply that carries loss."""
+    n, length = 0, 0
+    for _, ids, _ in pieces:
+        if max_length is not None and length + len(ids) > max_length:
+            break
+        n, length = n + 1, length + len(ids)
+    while n and not pieces[n - 1][2]:
+        n -= 1
+    return n

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from tailorlm.config import DataSpec
+from tailorlm.data.formats import chat_fields
 from tailorlm.data.records import Table
 from tailorlm.data.sources import read_splits
 from tailorlm.errors import DataError, did_you_mean
@@ -102,11 +103,11 @@ def to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str
     columns = table.columns
     needed = (needed - task.derived) | (task.structured if needed & task.derived else set())
     mapping = {f: spec.columns.get(f, f) for f in needed | set(spec.columns)}
-    from_messages = "messages" in columns and any(c not in columns for c in mapping.values())
+    from_messages = not task.conversational and "messages" in columns and any(c not in columns for c in mapping.values())
     if from_messages:  # OpenAI / ShareGPT records: instruction and output come from the conversation
         columns = [c for c in columns if c != "messages"] + ["instruction", "input", "output"]
     for field_name, column in mapping.items():
-        if column not in columns:
+        if column not in columns and not (field_name in task.optional and field_name in task.structured):
             hint = did_you_mean(column, columns)
             how = "" if field_name == column else f" (mapped from template field '{field_name}')"
             raise DataError(table.path, None, f"no column '{column}'{how}{hint}; the columns are: {', '.join(columns)}")
@@ -147,8 +148,17 @@ def _to_example(record, path: str, mapping: dict[str, str], label_field: str | N
                 label_names: tuple[dict[str, str], str], task: Task, from_messages: bool, needed: set[str]) -> Example:
     ex: Example = {"_where": f"{path}, {record.where}"}
     fields = {**record.fields, **_single_turn(record, path)} if from_messages else record.fields
+    if task.conversational:  # checked and normalised as the chat readers do, whatever format held them
+        key = "conversations" if mapping["messages"] == "conversations" else "messages"  # ShareGPT's name
+        chat = chat_fields({key: fields.get(mapping["messages"]), "tools": fields.get(mapping.get("tools", "tools"))},
+                           path, record.where, required=True)
+        fields = {**fields, "tools": None, **chat}
+        mapping = {**mapping, "messages": "messages", "tools": "tools"}
     for field_name, column in mapping.items():
         value = fields.get(column)
+        if field_name in task.optional and field_name in task.structured and value is None:
+            ex[field_name] = []
+            continue
         if field_name in task.structured:
             if not isinstance(value, list):
                 raise DataError(path, record.where, f"column '{column}' must hold a list, got {type(value).__name__}")

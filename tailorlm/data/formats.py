@@ -7,6 +7,7 @@ JSON readers, which recognise chat-shaped records.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,11 @@ from tailorlm.errors import DataError, did_you_mean
 
 DOCSTART = "-DOCSTART-"  # CoNLL-2003 document marker, not a token
 
-OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# LLaMA-Factory's ShareGPT spelling of tool use: a `function_call` turn holds the call as JSON, `observation`
+# its result.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "function_call": "assistant",
+                  "observation": "tool"}
 
 
 # --- CoNLL ----------------------------------------------------------------------------------------------------
@@ -124,10 +128,11 @@ def chat_fields(obj: dict[str, Any], path: Path, where: str, required: bool) -> 
     with 'output'; other keys are flat columns, which the plain JSON readers have always returned as they are.
     """
     if isinstance(obj.get("messages"), list) or (required and "messages" in obj):
-        return {"messages": _turns(obj["messages"], "messages", "role", "content", OPENAI_ROLES, path, where)}
+        return {"messages": _turns(obj["messages"], "messages", "role", "content", OPENAI_ROLES, path, where),
+                **_tools(obj, path, where)}
     if isinstance(obj.get("conversations"), list) or (required and "conversations" in obj):
         return {"messages": _turns(obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES,
-                                   path, where)}
+                                   path, where), **_tools(obj, path, where)}
     if "instruction" in obj and "output" in obj:
         return _alpaca(obj, path, where)
     if required:
@@ -155,12 +160,28 @@ def _turns(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, 
             raise DataError(path, where, f"{label}: unknown {role_key} {role!r}{did_you_mean(str(role), roles)}; "
                                          f"expected one of {', '.join(roles)}")
         content = turn.get(text_key)
-        if content is None:
+        calls = turn.get("tool_calls")
+        if role == "function_call":  # ShareGPT: the value is the call itself
+            calls, content = [{"function": _json_value(content, f"{label} ({role})", path, where)}], ""
+        if content is None and calls is None:
             raise DataError(path, where, f"{label} ({role}): no '{text_key}'")
-        if not isinstance(content, str):
+        if content is not None and not isinstance(content, str):
             raise DataError(path, where, f"{label} ({role}): '{text_key}' must be a string, "
                                          f"found {type(content).__name__}")
-        messages.append({"role": roles[role], "content": content})
+        message = {"role": roles[role], "content": content or ""}
+        if calls is not None:
+            if message["role"] != "assistant":
+                raise DataError(path, where, f"{label} ({role}): only assistant turns make tool calls")
+            message["tool_calls"] = _tool_calls(calls, f"{label} ({role})", path, where)
+        if "weight" in turn:  # OpenAI's per-message switch: 0 = this reply carries no loss
+            if message["role"] != "assistant" or turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
+                raise DataError(path, where, f"{label} ({role}): 'weight' must be 0 or 1, on assistant turns only "
+                                             f"(found {turn['weight']!r})")
+            message["weight"] = turn["weight"]
+        for extra in ("name", "tool_call_id"):
+            if isinstance(turn.get(extra), str) and message["role"] == "tool":
+                message[extra] = turn[extra]
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, where, "no assistant turn: the conversation holds nothing for the model to learn")
     if messages[-1]["role"] != "assistant":
@@ -168,6 +189,46 @@ def _turns(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, 
         raise DataError(path, where, f"the last turn is {last!r}, not the assistant's: a conversation must end "
                                      f"with the reply the model learns to give")
     return messages
+
+
+def _tool_calls(calls: Any, label: str, path: Path, where: str) -> list[dict]:
+    """OpenAI tool calls as chat templates read them: {'type': 'function', 'function': {'name', 'arguments'}},
+    the arguments as an object (OpenAI's files hold them as a JSON string; templates write them with tojson)."""
+    if not isinstance(calls, list) or not calls:
+        raise DataError(path, where, f"{label}: 'tool_calls' must be a non-empty list")
+    out = []
+    for n, call in enumerate(calls, start=1):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(path, where, f"{label}: tool call {n} needs 'function' with a 'name'")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = _json_value(arguments, f"{label}: tool call {n} arguments", path, where)
+        if not isinstance(arguments, dict):
+            raise DataError(path, where, f"{label}: tool call {n} arguments must be an object")
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _tools(obj: dict[str, Any], path: Path, where: str) -> dict[str, Any]:
+    """{'tools': [...]} when the record declares tool schemas (a list, or ShareGPT's JSON string of one)."""
+    tools = obj.get("tools")
+    if tools in (None, "", []):
+        return {}
+    if isinstance(tools, str):
+        tools = _json_value(tools, "'tools'", path, where)
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(path, where, "'tools' must be a list of tool schemas (objects)")
+    return {"tools": tools}
+
+
+def _json_value(text: Any, what: str, path: Path, where: str) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, where, f"{what} is not valid JSON: {e.msg} at character {e.pos}") from None
 
 
 def _alpaca(obj: dict[str, Any], path: Path, where: str) -> dict[str, Any]:

@@ -63,6 +63,9 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
     if (lv := _level(spec.empty, bool(empty))):
         pf.add("empty", lv, f"{len(empty)} examples with an empty prompt or answer", empty)
 
+    if template.task.conversational:
+        check_replies(pf, splits.train)
+
     for n in SPLITS:  # duplicates inside each split: the same prompt and answer twice is double weight
         whole = [p + "\n" + a for p, a in zip(inputs[n], answers[n])]
         groups = quality.exact_groups(whole)
@@ -114,6 +117,23 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
                          f"{device.type}: {_duration(seconds)}")
     pf.facts["loss_preview"] = [loss_preview(s, tokenizer).plain for s in encoded["train"][:2]]
     return pf
+
+
+def check_replies(pf: Preflight, conversations: list[dict]) -> None:
+    """What the trained replies of real chat logs hold: one-word answers and keyboard mash."""
+    where, replies = [], []
+    for ex in conversations:
+        for turn, m in enumerate(ex["messages"], start=1):
+            if m["role"] == "assistant" and m.get("weight", 1) and not m.get("tool_calls"):
+                where.append(f"{ex['_where']}, turn {turn}")
+                replies.append(m["content"])
+    one_word, mash = quality.weak_replies(replies)
+    share = len(one_word) / max(1, len(replies))
+    pf.facts["replies"] = {"trained": len(replies), "one_word": len(one_word), "keyboard_mash": len(mash)}
+    pf.add("replies", "warn" if mash or share >= 0.05 else "ok",
+           f"{len(replies):,} assistant replies in train: {len(one_word):,} of one word ({share:.1%}), {len(mash)} "
+           f"that look like keyboard mash" + (" (give such turns \"weight\": 0, or drop them)" if mash else ""),
+           [f"{where[i]}: {replies[i][:60]!r}" for i in mash])
 
 
 def check_label_sets(pf: Preflight, dist: dict[str, dict[str, int]], policy: str) -> list[str]:

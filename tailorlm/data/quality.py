@@ -86,3 +86,29 @@ def exact_overlap(texts: list[str], reference: list[str]) -> list[tuple[int, int
     for j, t in enumerate(reference):
         index.setdefault(normalise(t), j)
     return [(i, index[k]) for i, t in enumerate(texts) if (k := normalise(t)) in index]
+
+
+_KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+_LETTERS = re.compile(r"[a-z]+")
+
+
+def keyboard_mash(text: str) -> bool:
+    """A reply that looks typed at random: five keys in a row of the keyboard ("qwerty"), or four in a
+    word typed on one of the lower rows ("asdf", "hjkl"), or a word of
+    six letters or more, four of them different, with no vowel ("sdfghj"; "hmmmmm" is a word). Real chat logs
+    hold such turns; trained on, they teach the model to answer with noise."""
+    for word in _LETTERS.findall(text.lower()):
+        for row in _KEYBOARD_ROWS:  # "erty" is in "property", "pretty": four keys count on the lower rows only
+            run = 5 if row == _KEYBOARD_ROWS[0] or not set(word) <= set(row) else 4
+            if any(word[i:i + run] in row for i in range(len(word) - run + 1)):
+                return True
+        if len(word) >= 6 and len(set(word)) >= 4 and not set(word) & set("aeiouy"):
+            return True
+    return False
+
+
+def weak_replies(replies: list[str]) -> tuple[list[int], list[int]]:
+    """(indexes of one-word replies, indexes of keyboard-mash replies)."""
+    one_word = [i for i, r in enumerate(replies) if len(r.split()) <= 1]
+    mash = [i for i, r in enumerate(replies) if keyboard_mash(r)]
+    return one_word, mash

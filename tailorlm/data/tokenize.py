@@ -10,9 +10,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tailorlm.config import TemplateSpec
+from tailorlm.data.conversations import encode_conversation, through_end_of_turn
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.data.templates import PromptTemplate
-from tailorlm.errors import TailorError
+from tailorlm.errors import DataError, TailorError
 
 
 class ChatFormat:
@@ -74,11 +75,6 @@ class ChatFormat:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def through_end_of_turn(tail: str, eos: str | None) -> str:
-    """A reply's text through its end-of-turn token: what follows (a newline) is never generated."""
-    return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
-
-
 @dataclass
 class EncodeReport:
     total: int = 0
@@ -92,11 +88,16 @@ class EncodeReport:
 
 
 def encode_examples(examples, template: PromptTemplate, fmt: ChatFormat, labels: list[str],
-                    spec: TemplateSpec) -> tuple[list[Sample], EncodeReport]:
-    """Encode examples for training; over-long ones follow spec.overlong, and every action is counted."""
+                    spec: TemplateSpec, train_on: str | None = None) -> tuple[list[Sample], EncodeReport]:
+    """Encode examples for training; over-long ones follow spec.overlong, and every action is counted.
+    train_on: for conversations, which replies carry loss (spec.train_on when None; held-out splits pass
+    last_assistant, the reply they are scored on)."""
     report, samples = EncodeReport(total=len(examples)), []
     for ex in examples:
-        sample, truncated = _encode_one(ex, template, fmt, labels, spec)
+        if template.task.conversational:
+            sample, truncated = _encode_conversation(ex, template, fmt, spec, train_on or spec.train_on)
+        else:
+            sample, truncated = _encode_one(ex, template, fmt, labels, spec)
         if sample is None:
             report.dropped[f"longer than max_length={spec.max_length}"] += 1
             continue
@@ -124,3 +125,22 @@ def _encode_one(ex: dict, template: PromptTemplate, fmt: ChatFormat, labels, spe
             return None, False
         current = {**ex, template.truncate_field: fmt.tokenizer.decode(field_ids[:keep]).rstrip() + " ..."}
     return None, False
+
+
+def _encode_conversation(ex: dict, template: PromptTemplate, fmt: ChatFormat, spec: TemplateSpec, train_on: str):
+    """A conversation under the chat template (data/conversations.py); a long one ends at its last reply that
+    fits (truncated), or is dropped under overlong=drop. The example is re-derived for the messages kept."""
+    messages = ex["messages"]
+    if spec.system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": spec.system}] + messages
+    try:
+        sample = encode_conversation(fmt, messages, train_on, ex.get("tools") or None, spec.max_length)
+    except TailorError as e:
+        raise DataError(ex.get("_where", "data"), None, str(e)) from None
+    if sample is None:
+        return None, False
+    kept = sample.example["messages"]
+    if len(kept) < len(messages) and spec.overlong == "drop":
+        return None, False
+    example = {**ex, "messages": kept, **template.task.derive({"messages": kept})}
+    return Sample(sample.input_ids, sample.labels, example), len(kept) < len(messages)

@@ -55,7 +55,9 @@ def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, sp
     out = Baselines()
     kinds = [k for k in ("free", "constrained", "likelihood") if k in spec.prompting] if evaluator.closed else ["free"]
     kinds = kinds or ["free"]
-    ks = spec.few_shot_k
+    # A conversation is its own context: demonstrations would be other whole conversations, so chat is compared
+    # with zero-shot prompting alone.
+    ks = [0] if evaluator.task.conversational else spec.few_shot_k
     largest = max(ks)
     demos_for = _demo_picker(evaluator, train, test, spec.demos, seed)
     headline = evaluator.task.headline

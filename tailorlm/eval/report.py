@@ -90,9 +90,15 @@ def score_notes(trivial: list[str], contamination: dict | None) -> list[str]:
     return notes
 
 
+def measured_columns(variants: dict[str, dict], columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The headline, and each other metric that some variant has (chat's call_match needs tool-call turns)."""
+    return columns[:1] + tuple(c for c in columns[1:] if any(m.get(c) is not None for m in variants.values()))
+
+
 def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str | None = None,
                 trivial: list[str] = (), contamination: dict | None = None, curve: dict | None = None) -> None:
     table = Table(title=f"{task + ': test' if task else 'Test'} split, {n_test} examples, metrics on generated text")
+    columns = measured_columns(variants, columns)
     # The cost columns stay in report.md (each baseline's line printed them as it ran): without them the table
     # fits an 80-column terminal, with variant names wrapping at spaces.
     for column in header(columns, cost=False):
@@ -113,7 +119,8 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in facts.items()]
     for name, section in sections.items():
-        columns, variants, labels = tuple(section["columns"]), section["variants"], section["labels"]
+        variants, labels = section["variants"], section["labels"]
+        columns = measured_columns(variants, tuple(section["columns"]))
         heading = "Prompting vs fine-tuning" + (f": {name}" if len(sections) > 1 else "")
         lines += ["", f"## {heading} (test split, {section['n_test']} examples, metrics on generated text)", "",
                   "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1 + len(COST))]

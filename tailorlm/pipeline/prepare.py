@@ -113,7 +113,9 @@ def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Map
     fmt = ChatFormat(tokenizer, cfg.template)
     encoded, reports = {}, {}
     for split in ("train", "validation", "test"):
-        encoded[split], reports[split] = encode_examples(splits[split], template, fmt, splits.labels, cfg.template)
+        # Held-out conversations are scored on their last reply: its validation loss is that reply's.
+        encoded[split], reports[split] = encode_examples(splits[split], template, fmt, splits.labels, cfg.template,
+                                                         None if split == "train" else "last_assistant")
         console.print(f"{split:>10}: {reports[split].summary()}")
         if not encoded[split]:
             raise DataError(splits.sources[split], None,

@@ -13,11 +13,11 @@ scoring lives here rather than in eval/: the import-linter layers contract in py
 """
 from __future__ import annotations
 
-from tailorlm.tasks import classification, instruction, math_problems, ner, qa, translation
+from tailorlm.tasks import chat, classification, instruction, math_problems, ner, qa, translation
 from tailorlm.tasks.base import Scorer, Task
 
 TASKS: dict[str, Task] = {m.TASK.name: m.TASK for m in
-                          [classification, ner, qa, translation, math_problems, instruction]}
+                          [classification, ner, qa, translation, math_problems, instruction, chat]}
 
 
 def get_task(name: str) -> Task:

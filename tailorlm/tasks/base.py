@@ -26,6 +26,7 @@ class Task:
     structured: frozenset[str] = frozenset()  # fields that hold lists (CoNLL entities), not text
     derived: frozenset[str] = frozenset()  # template fields computed by derive(), not read from the data
     derive: Callable[[dict], dict] = field(default=lambda ex: {})
+    conversational: bool = False  # examples are whole conversations, rendered by the model's chat template
 
     @property
     def headline(self) -> str:
