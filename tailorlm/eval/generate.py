@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from tailorlm.data.conversations import end_of_turn_markers
 from tailorlm.kernels.loss import decoder_and_head
 from tailorlm.kernels.prefix import generation_prefix_blocker, prefix_cache, shared_prefix_len
 from tailorlm.ui import progress
@@ -47,6 +48,7 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id}
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
+    ids.update(tokenizer.convert_tokens_to_ids(end_of_turn_markers(tokenizer)))  # a turn ends, whatever eos is
     return sorted(i for i in ids if i is not None)
 
 
