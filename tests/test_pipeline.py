@@ -141,7 +141,7 @@ eval: {{few_shot_k: 1, max_new_tokens: 4}}
 
 
 
-def test_a_chat_task_trains_beside_a_classification_task(tmp_path, tiny_model_dir):
+def test_a_chat_task_trains_beside_a_classification_task(tmp_path, tiny_model_dir, capsys):
     """Multi-turn conversations (one with a tool call and a reply of weight 0) next to a labeled table: the chat
     task is scored on each held-out conversation's final reply, against zero-shot prompting only."""
     reviews = labeled_csv(tmp_path / "reviews.csv")
@@ -171,7 +171,7 @@ eval: {{few_shot_k: 1, max_new_tokens: 4}}
     assert cli(config, "--output", out) == 0
     talk = json.loads((out / "metrics.json").read_text())["tasks"]["talk"]
     assert set(talk["variants"]) == {"zero_shot", "fine_tuned"} and talk["headline"] == "rouge_l"
-    assert all(v["k"] == 0 and v["call_match"] is None for v in talk["variants"].values())
+    assert all(v["k"] == 0 and v["call_match"] is None for v in talk["variants"].values()) and not talk.get("curve")
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     chat_rows = [p for p in predictions if p["task"] == "talk"]
     assert chat_rows and {p["expected"] for p in chat_rows} <= {"good film", "sport"}
@@ -180,6 +180,9 @@ eval: {{few_shot_k: 1, max_new_tokens: 4}}
     assert "Prompting vs fine-tuning: talk" in report and "call_match" not in report
     replies = json.loads((out / "tasks" / "talk" / "preflight.json").read_text())["replies"]
     assert replies["trained"] > 0 and replies["keyboard_mash"] == 0
+    capsys.readouterr()
+    assert main(["predict", str(out), str(chats), "--task", "talk", "-o", str(tmp_path / "p.jsonl")]) == 2
+    assert "for a model trained on conversations use `tailor chat RUN` or `tailor serve RUN`" in capsys.readouterr().out
 
 def _bad_jsonl(p):
     lines = ['{"text": "a", "label": "x"}'] * 3 + ["{oops"]

@@ -86,7 +86,7 @@ def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, sp
         m = measured[(k, curve_kind)]
         points.append({"k": k, "value": m[headline], "rows": m["rows"], "dropped_demos": m["dropped_demos"],
                        "prompt_tokens": m["prompt_tokens"]})
-    if points:
+    if len(points) > 1:  # a curve of one point (zero-shot alone, as for chat) says nothing the table does not
         best = max(points, key=lambda p: (p["value"], -p["k"]))  # the smallest k that reaches the best value
         out.curve = {"kind": curve_kind, "metric": headline, "demos": spec.demos, "points": points, "best_k": best["k"]}
     if spec.classic and evaluator.closed and evaluator.label_field:

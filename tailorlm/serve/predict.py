@@ -17,6 +17,7 @@ from tailorlm.data.records import Table
 from tailorlm.data.sources import read_table
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
+from tailorlm.errors import TailorError
 from tailorlm.eval.evaluate import Evaluator, _input_text
 from tailorlm.eval.generate import generate
 from tailorlm.rundir import write_jsonl
@@ -36,6 +37,10 @@ def read_rows(data: str | Table, cfg: RunConfig, template: PromptTemplate,
     """The rows (a file, or a Table already read) as template examples, read and checked as training reads
     them; answers optional."""
     spec, task = cfg.data, template.task
+    if task.conversational:  # a conversation's next reply is what `tailor chat` and `tailor serve` give
+        raise TailorError("tailor predict reads tables of single prompts; for a model trained on conversations "
+                          "use `tailor chat RUN` or `tailor serve RUN` (OpenAI chat completions), and `tailor run` "
+                          "for scores on held-out conversations")
     table = data if isinstance(data, Table) else read_table(data, spec.format, spec.encoding)
     if limit:
         table.records = table.records[:limit]
