@@ -243,3 +243,23 @@ def test_the_mask_is_exact_under_each_familys_turn_format(tiny_tokenizer, family
     assert masked_runs(sample) == replies_alone(fmt, [replies[0], calls[0], final], close)
     assert "sport" in fmt.tokenizer.decode(sample.input_ids)  # the tool's result is context, never trained
 
+
+
+def test_held_out_conversations_are_scored_on_their_last_reply_that_may_carry_loss(tiny_tokenizer):
+    """A final reply of weight 0 is context, not a score: a held-out conversation ends at the last reply that may
+    carry loss, and a training conversation whose last reply has weight 0 is whole, not truncated."""
+    from tailorlm.data.templates import PromptTemplate
+    from tailorlm.data.tokenize import encode_examples
+
+    fmt = fmt_with(tiny_tokenizer, CHATML)
+    template = PromptTemplate(TemplateSpec(preset="chat"))
+    talk = [dict(m, weight=0) if m["content"] == "sport" else m for m in TALK]
+    example = {"messages": talk, "tools": [], "_where": "t.jsonl, line 1"}
+    held_out, report = encode_examples([example], template, fmt, [], TemplateSpec(preset="chat"), "last_assistant")
+    assert masked_runs(held_out[0]) == replies_alone(fmt, ["entertainment"], "<|im_end|>")
+    assert held_out[0].example["output"] == "entertainment" and report.truncated == 0
+    assert held_out[0].prompt_ids == fmt.tokenizer(fmt.render(TALK[:4], add_generation_prompt=True),
+                                                   add_special_tokens=False)["input_ids"]  # what generation is fed
+    trained, report = encode_examples([example], template, fmt, [], TemplateSpec(preset="chat", overlong="drop"))
+    assert len(trained) == 1 and report.truncated == 0
+    assert masked_runs(trained[0]) == replies_alone(fmt, ["business", "entertainment"], "<|im_end|>")

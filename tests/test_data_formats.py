@@ -239,3 +239,25 @@ def test_tool_calls_weights_and_tool_results_are_kept_as_chat_templates_read_the
     assert second == {"tools": tools, "messages": [
         {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "Rain."}]}
+
+
+def test_keys_a_column_of_turns_fills_with_none_parallel_calls_and_sharegpts_system(tmp_path):
+    """Parquet and Arrow fill every key a turn lacks with None; LLaMA-Factory writes parallel calls as a JSON
+    list and the system prompt as a top-level key."""
+    from tailorlm.data.formats import chat_fields
+
+    arrow = {"messages": [{"role": "user", "content": "Hi", "weight": None, "tool_calls": None, "name": None},
+                          {"role": "assistant", "content": None, "weight": 1, "name": None, "tool_calls": [
+                              {"type": "function", "function": {"name": "f", "arguments": None}}]}]}
+    assert chat_fields(arrow, tmp_path, "row 1", True)["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", "weight": 1,
+         "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}]
+    sharegpt = {"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "Oslo and Bergen?"},
+        {"from": "function_call", "value": '[{"name": "w", "arguments": {"city": "Oslo"}}, '
+                                           '{"name": "w", "arguments": {"city": "Bergen"}}]'},
+        {"from": "observation", "value": "rain, sun"}, {"from": "gpt", "value": "Rain, then sun."}]}
+    messages = chat_fields(sharegpt, tmp_path, "line 1", True)["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert [c["function"]["arguments"]["city"] for c in messages[2]["tool_calls"]] == ["Oslo", "Bergen"]

@@ -15,7 +15,7 @@ from tailorlm.cli import main
 from tailorlm.errors import TailorError
 from tailorlm.export import verify as verify_module
 from tailorlm.export.build import export_run
-from tailorlm.export.layout import PLAIN_CHAT_TEMPLATE, Layout, run_layout
+from tailorlm.export.layout import PLAIN_CHAT_TEMPLATE, Layout, run_layout, training_prompts
 from tailorlm.export.modelfile import (
     CHATML_TEMPLATE,
     modelfile_text,
@@ -25,7 +25,7 @@ from tailorlm.export.modelfile import (
 )
 from tailorlm.export.verify import F16_TOLERANCE, Q8_0_TOLERANCE, verify_export
 from tailorlm.models.trained import load_trained
-from conftest import CHATML, labeled_csv
+from conftest import CHATML, labeled_csv, write
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's tokenizer.json
@@ -424,3 +424,21 @@ def test_cli_exports_and_verifies(full_run, tmp_path, capsys, monkeypatch):
     assert main(["export", str(full_run), "--format", "gguf", "--quant", "q8_0", "--output", str(tmp_path / "again"),
                  "--verify"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_a_chat_run_exports_and_its_checks_replay_the_held_out_conversations(tiny_model_dir, tmp_path, capsys):
+    """The checks prompt with each held-out conversation before its final reply, as evaluation did (a Modelfile
+    renders one prompt, so it is not compared for conversations)."""
+    talks = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                           {"role": "user", "content": f"the film won {i}"}, {"role": "assistant", "content": "good"}]}
+             for i in range(24)]
+    data = write(tmp_path / "talks.jsonl", "\n".join(json.dumps(t) for t in talks))
+    run = tmp_path / "chat-run"
+    assert main(["run", f"model.path={tiny_model_dir}", f"data.train={data}", "template.preset=chat",
+                 "template.instruction=null", "template.prompt=null", "--output", str(run), *FAST, *QUIET_EVAL]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf"), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "3/3 prompts identical" in printed and "FAIL" not in printed and "Modelfile" not in printed
+    cases = training_prompts(load_trained(run))
+    assert [m["role"] for m in cases[0].messages] == ["user", "assistant", "user"] and cases[0].user is None

@@ -72,7 +72,7 @@ def conversation_pieces(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
         if not through.startswith(head):
             raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} so that the text before "
                               f"it is not what the model is prompted with; its loss mask cannot be exact")
-        reply = through_end_of_turn(through[len(head):], end_of_turn_markers(fmt.tokenizer))
+        reply = through_end_of_turn(through[len(head):], fmt.end_markers)
         if not full.startswith(head + reply) or len(head) < at:
             raise TailorError(f"the chat template of {name} renders assistant turn {i + 1} differently once later "
                               f"turns follow (it rewrites history), so training on every turn would teach text the "

@@ -131,8 +131,10 @@ def chat_fields(obj: dict[str, Any], path: Path, where: str, required: bool) -> 
         return {"messages": _turns(obj["messages"], "messages", "role", "content", OPENAI_ROLES, path, where),
                 **_tools(obj, path, where)}
     if isinstance(obj.get("conversations"), list) or (required and "conversations" in obj):
-        return {"messages": _turns(obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES,
-                                   path, where), **_tools(obj, path, where)}
+        messages = _turns(obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES, path, where)
+        if isinstance(obj.get("system"), str) and obj["system"] and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": obj["system"]}] + messages  # LLaMA-Factory's system key
+        return {"messages": messages, **_tools(obj, path, where)}
     if "instruction" in obj and "output" in obj:
         return _alpaca(obj, path, where)
     if required:
@@ -161,8 +163,9 @@ def _turns(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, 
                                          f"expected one of {', '.join(roles)}")
         content = turn.get(text_key)
         calls = turn.get("tool_calls")
-        if role == "function_call":  # ShareGPT: the value is the call itself
-            calls, content = [{"function": _json_value(content, f"{label} ({role})", path, where)}], ""
+        if role == "function_call":  # ShareGPT: the value is the call itself, or a list of parallel calls
+            value = _json_value(content, f"{label} ({role})", path, where)
+            calls, content = [{"function": v} for v in (value if isinstance(value, list) else [value])], ""
         if content is None and calls is None:
             raise DataError(path, where, f"{label} ({role}): no '{text_key}'")
         if content is not None and not isinstance(content, str):
@@ -173,7 +176,8 @@ def _turns(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, 
             if message["role"] != "assistant":
                 raise DataError(path, where, f"{label} ({role}): only assistant turns make tool calls")
             message["tool_calls"] = _tool_calls(calls, f"{label} ({role})", path, where)
-        if "weight" in turn:  # OpenAI's per-message switch: 0 = this reply carries no loss
+        if turn.get("weight") is not None:  # OpenAI's per-message switch: 0 = this reply carries no loss
+            # (None: a Parquet or Arrow column of turns fills the keys a turn lacks with None)
             if message["role"] != "assistant" or turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
                 raise DataError(path, where, f"{label} ({role}): 'weight' must be 0 or 1, on assistant turns only "
                                              f"(found {turn['weight']!r})")
@@ -201,7 +205,8 @@ def _tool_calls(calls: Any, label: str, path: Path, where: str) -> list[dict]:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise DataError(path, where, f"{label}: tool call {n} needs 'function' with a 'name'")
-        arguments = function.get("arguments", {})
+        arguments = function.get("arguments")
+        arguments = {} if arguments is None else arguments
         if isinstance(arguments, str):
             arguments = _json_value(arguments, f"{label}: tool call {n} arguments", path, where)
         if not isinstance(arguments, dict):

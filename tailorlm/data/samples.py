@@ -23,4 +23,6 @@ class Sample:
 
     @property
     def prompt_ids(self) -> list[int]:
-        return self.input_ids[: self.labels.count(IGNORE)]
+        """The tokens before the first one that carries loss (a conversation's later turns are not prompt)."""
+        first = next((i for i, label in enumerate(self.labels) if label != IGNORE), len(self.labels))
+        return self.input_ids[:first]

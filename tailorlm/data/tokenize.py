@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tailorlm.config import TemplateSpec
-from tailorlm.data.conversations import encode_conversation, end_of_turn_markers, through_end_of_turn
+from tailorlm.data.conversations import encode_conversation, end_of_turn_markers, loss_turns, through_end_of_turn
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.errors import DataError, TailorError
@@ -23,6 +23,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.system = spec.system
         self.uses_chat = spec.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.end_markers = end_of_turn_markers(tokenizer)  # once: reading the vocabulary costs its size
 
     def messages(self, prompt: str, demos) -> list[dict]:
         """The chat messages a prompt is rendered from: system, demonstrations as turns, then the prompt."""
@@ -47,7 +48,7 @@ class ChatFormat:
         if not full.startswith(head):  # a template that rewrites earlier turns: fall back to the plain answer
             return f"{completion}{eos}"
         tail = full[len(head):]
-        return through_end_of_turn(tail, end_of_turn_markers(self.tokenizer))
+        return through_end_of_turn(tail, self.end_markers)
 
     @property
     def model_name(self) -> str:
@@ -133,6 +134,9 @@ def _encode_conversation(ex: dict, template: PromptTemplate, fmt: ChatFormat, sp
     messages = ex["messages"]
     if spec.system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": spec.system}] + messages
+    weighted = loss_turns(messages)  # the replies that may carry loss (weight 0 never does)
+    if train_on == "last_assistant" and weighted:  # held out: scored on the last reply that may carry loss
+        messages = messages[:weighted[-1] + 1]
     try:
         sample = encode_conversation(fmt, messages, train_on, ex.get("tools") or None, spec.max_length)
     except TailorError as e:
@@ -140,7 +144,8 @@ def _encode_conversation(ex: dict, template: PromptTemplate, fmt: ChatFormat, sp
     if sample is None:
         return None, False
     kept = sample.example["messages"]
-    if len(kept) < len(messages) and spec.overlong == "drop":
+    truncated = len(kept) < loss_turns(messages, train_on)[-1] + 1  # a reply that would carry loss was cut
+    if truncated and spec.overlong == "drop":
         return None, False
     example = {**ex, "messages": kept, **template.task.derive({"messages": kept})}
-    return Sample(sample.input_ids, sample.labels, example), len(kept) < len(messages)
+    return Sample(sample.input_ids, sample.labels, example), truncated

@@ -37,10 +37,11 @@ class Layout:
 @dataclass
 class PromptCase:
     """One of the run's own test examples, as training rendered it."""
-    user: str  # the rendered user prompt (template.prompt)
+    user: str | None  # the rendered user prompt (template.prompt); None for a conversation (several turns)
     messages: list[dict]  # what ChatFormat handed the chat template
     text: str  # the full prompt text (chat template or plain layout applied)
     ids: list[int]  # the prompt's token ids, exactly as training and evaluation fed them
+    tools: list[dict] | None = None  # a conversation's tool schemas
 
 
 def run_template_spec(cfg: RunConfig) -> TemplateSpec:
@@ -95,9 +96,15 @@ def training_prompts(trained, count: int = 3) -> list[PromptCase]:
         examples, labels = splits.test[:50], splits.labels
     fmt = ChatFormat(trained.tokenizer, spec)
     # a few dozen candidates, so that `count` remain when template.overlong=drop dropped some
-    samples, _ = encode_examples(examples, template, fmt, labels, spec)
+    conversational = template.task.conversational
+    samples, _ = encode_examples(examples, template, fmt, labels, spec, "last_assistant" if conversational else None)
     cases = []
     for sample in samples[:count]:
+        if conversational:  # the conversation before its final reply, as evaluation prompted it
+            before, tools = sample.example["messages"][:-1], sample.example.get("tools") or None
+            text = fmt.render(before, add_generation_prompt=True, tools=tools)
+            cases.append(PromptCase(None, before, text, sample.prompt_ids, tools))
+            continue
         user = template.prompt(sample.example, labels)
         messages = fmt.messages(user, [])  # the message list training rendered
         cases.append(PromptCase(user, messages, fmt.prompt_text(user), sample.prompt_ids))

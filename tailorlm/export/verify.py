@@ -108,7 +108,7 @@ def verify_export(trained: Trained, result: ExportResult, cases: list[PromptCase
     model.to(device).eval()
     report.checks.append(_logits_check(report, what, trained.model, model, cases, TOLERANCES[result.quant]))
     report.checks.append(_template_check(report, tokenizer, result.layout.uses_chat, cases))
-    if result.modelfile is not None:
+    if result.modelfile is not None and all(case.user is not None for case in cases):  # one prompt per case
         report.checks.append(_modelfile_check(report, result.modelfile.read_text(), cases))
     if result.format == "gguf":
         report.checks.append(llama_cpp_check(report, trained.model, result.gguf_file, result.quant, cases))
@@ -178,7 +178,8 @@ def _template_check(report, tokenizer, uses_chat: bool, cases) -> Check:
     """The exported chat template, rendered by transformers, tokenized by the exported tokenizer."""
     same = 0
     for case in cases:
-        text = tokenizer.apply_chat_template(case.messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(case.messages, tokenize=False, add_generation_prompt=True,
+                                             **({"tools": case.tools} if case.tools else {}))
         # as ChatFormat.encode_prompt: a chat template writes its own special tokens
         same += tokenizer(text, add_special_tokens=not uses_chat)["input_ids"] == case.ids
     report.figures["template_identical"] = same

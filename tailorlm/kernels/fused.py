@@ -46,9 +46,9 @@ def _row_length_unbacked(compiled: Callable) -> Callable:
     compiler never ties the length back to a guarded size. Padded batches keep plain dynamic shapes."""
     def call(*args, **kwargs):
         if kwargs.get("cu_seq_lens_q") is not None:  # a packed row (kernels/attention.py)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            length = hidden.shape[1]
-            for value in (*args, *kwargs.values()):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            length = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 else None
+            for value in (*args, *kwargs.values()) if length else ():
                 for t in value if isinstance(value, (tuple, list)) else (value,):
                     if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == length > 1:
                         torch._dynamo.decorators.mark_unbacked(t, 1)

@@ -54,6 +54,11 @@ def calls_in(text: str) -> list[dict]:
         for obj in value if isinstance(value, list) else [value]:
             if isinstance(obj, dict) and isinstance(obj.get("name"), str):
                 arguments = obj.get("arguments", obj.get("parameters", {}))
+                if isinstance(arguments, str):  # OpenAI's wire format writes them as a JSON string
+                    try:
+                        arguments = json.loads(arguments)
+                    except json.JSONDecodeError:
+                        pass
                 found.append({"name": obj["name"], "arguments": arguments})
     return found
 
