@@ -436,6 +436,7 @@ def test_a_chat_run_exports_and_its_checks_replay_the_held_out_conversations(tin
     run = tmp_path / "chat-run"
     assert main(["run", f"model.path={tiny_model_dir}", f"data.train={data}", "template.preset=chat",
                  "template.instruction=null", "template.prompt=null", "--output", str(run), *FAST, *QUIET_EVAL]) == 0
+    assert "greedy, zero-shot: each held-out conversation before its final reply" in (run / "report.md").read_text()
     capsys.readouterr()
     assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf"), "--verify"]) == 0
     printed = capsys.readouterr().out

@@ -157,8 +157,10 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
                                    + ("" if prepared.several else f" / test {len(next(iter(tasks.values())).encoded['test'])}"),
              "training": f"{history.completed} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}" + (
                  f", {world.size} processes ({world.mode})" if world.active else ""),
-             "prompting": f"greedy; {', '.join(cfg.eval.prompting)}; k-shot curve k={cfg.eval.few_shot_k}, "
-                          f"{cfg.eval.demos} demonstrations from the training split"}
+             "prompting": "greedy, zero-shot: each held-out conversation before its final reply" if all(
+                 t.template.task.conversational for t in tasks.values()) else
+                 f"greedy; {', '.join(cfg.eval.prompting)}; k-shot curve k={cfg.eval.few_shot_k}, "
+                 f"{cfg.eval.demos} demonstrations from the training split"}
     for name, section in sections.items():
         plot_curve(run_dir / curve_file(name, prepared.several), section["curve"],
                    section["variants"]["fine_tuned"].get(section["headline"]))
