@@ -80,5 +80,5 @@ def test_openai_messages_train_the_instruction_preset(tmp_path):
     long = tmp_path / "multi.jsonl"
     long.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
                     '{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}\n')
-    with pytest.raises(DataError, match="line 1: a conversation of 4 user/assistant turns"):
+    with pytest.raises(DataError, match=r"line 1: a conversation of 4 turns besides the system's; .*template.preset=chat trains on whole conversations"):
         load_splits(DataSpec(train=str(long)), template.fields, template.label_field, template.task)

@@ -190,9 +190,11 @@ def _single_turn(record, path) -> dict:
     turns = record.fields["messages"]
     system = [m["content"] for m in turns if m["role"] == "system"]
     rest = [m for m in turns if m["role"] != "system"]
-    if len(rest) != 2 or rest[0]["role"] != "user" or rest[1]["role"] != "assistant":
-        raise DataError(path, record.where, f"a conversation of {len(rest)} user/assistant turns; the instruction "
-                                            f"preset trains on one user turn and one assistant answer")
+    if len(rest) != 2 or rest[0]["role"] != "user" or rest[1]["role"] != "assistant" or rest[1].get("tool_calls"):
+        raise DataError(path, record.where, f"a conversation of {len(rest)} turns besides the system's; the "
+                                            f"instruction preset trains on one user turn and one plain assistant "
+                                            f"answer (template.preset=chat trains on whole conversations, tool "
+                                            f"calls included)")
     return {"instruction": rest[0]["content"], "input": "\n".join(system), "output": rest[1]["content"]}
 
 
