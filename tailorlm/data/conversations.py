@@ -96,24 +96,24 @@ def encode_conversation(fmt: ChatFormat, messages: list[dict], train_on: TrainOn
                           "train_on=last_assistant and the last reply has weight 0)")
     turns = loss_turns(messages, train_on)  # the message of each reply that carries loss, in order
     n = _fitting(pieces, max_length)
-    if n < len(pieces) and train_on == "last_assistant":
-        try:  # the same text split at every reply, cut at the last that fits, and only that one trained
+    only_last = n < len(pieces) and train_on == "last_assistant"
+    if only_last:  # the same text split at every reply, cut at the last that fits, and only that one trained
+        try:
             pieces = _tokenized(fmt, conversation_pieces(fmt, messages, "all_assistant", tools))
         except TailorError:  # a template that rewrites history cannot be cut at an earlier reply
             return None
         turns, n = loss_turns(messages, "all_assistant"), _fitting(pieces, max_length)
-        replies = sum(loss for _, _, loss in pieces[:n])
-        pieces = [(text, ids, i == n - 1) for i, (text, ids, _) in enumerate(pieces)]
-        turns = turns[replies - 1:replies]
     if not n:
         return None
     kept = pieces[:n]
+    last_message = turns[sum(1 for _, _, loss in kept if loss) - 1]
+    if only_last:
+        kept = [(text, piece_ids, i == n - 1) for i, (text, piece_ids, _) in enumerate(kept)]
     ids = [t for _, piece_ids, _ in kept for t in piece_ids]
     labels = [t if loss else IGNORE for _, piece_ids, loss in kept for t in piece_ids]
     if fmt.tokenizer("".join(text for text, _, _ in kept), add_special_tokens=False)["input_ids"] != ids:
         raise TailorError(f"the chat template of {fmt.model_name} joins turns inside a token (the turn pieces tokenize "
                           f"differently alone than together), so no exact per-turn mask exists")
-    last_message = turns[sum(1 for _, _, loss in kept if loss) - 1]
     return Sample(ids, labels, {"messages": messages[:last_message + 1]})
 
 

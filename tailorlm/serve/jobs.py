@@ -133,7 +133,6 @@ class _RowStops(StoppingCriteria):
         self.jobs, self.ended_at = [self.jobs[r] for r in rows], [self.ended_at[r] for r in rows]
 
 
-
 class Run:
     """The rows of one generate() call (left-padded: each row's next token sits in the same column), kept
     between turns with their KV cache while paused."""
