@@ -8,9 +8,9 @@
 The package reads along the user's path: data -> models -> train -> eval -> (export, serve, track) ->
 pipeline -> api -> cli. Importing it changes no global setting.
 """
-from tailorlm.api import Run, load, run
+from tailorlm.api import Run, load, pairs, run
 from tailorlm.config import RunConfig, load_config
 from tailorlm.errors import TailorError
 
 __version__ = "0.1.0"
-__all__ = ["Run", "RunConfig", "TailorError", "load", "load_config", "run", "__version__"]
+__all__ = ["Run", "RunConfig", "TailorError", "load", "load_config", "pairs", "run", "__version__"]

@@ -66,6 +66,14 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
     return Run(outcome.run_dir.path, _outcome=outcome)
 
 
+def pairs(source: str | Path, output: str | Path | None = None, limit: int | None = None) -> Path:
+    """`tailor pairs`: preference pairs from the training split of a finished run (or a config), the model's
+    wrong answers as rejected; returns the dpo.yaml that continues the run (tailorlm.run(it))."""
+    from tailorlm.pipeline.pairs import make_pairs
+
+    return make_pairs(str(source), Path(output) if output else None, limit).config
+
+
 def load(run_dir: str | Path) -> Run:
     """A finished run directory, as a `Run` (its model is loaded when first used)."""
     RunDir(run_dir).require_complete("tailorlm.load", "loading it")

@@ -15,6 +15,8 @@ EPILOG = """examples:
   tailor run --print-config                    show the resolved config and exit
   tailor run --resume runs/bbc-news-20260101-120000   continue an interrupted run exactly
   tailor preflight examples/wnut17.yaml        check the data (duplicates, leakage, lengths, time) only
+  tailor pairs runs/sst2-20260101-120000       preference pairs from the run's wrong answers, and a
+                                               dpo.yaml to continue that run with DPO
   tailor run examples/sst2.yaml --nproc 4      the same run on 4 processes (torchrun, DDP; FSDP2 with
                                                train.distributed.strategy=fsdp)
 """
@@ -47,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="train on N processes of this machine (GPUs, or CPU processes without one): shorthand "
                           "for torchrun --standalone --nproc-per-node N -m tailorlm run ...")
     check.add_argument("--output", "-o", help="also save preflight.json and token_lengths.png in this directory")
+    pairs = verbs.add_parser("pairs", help="preference pairs from your labeled data: the model's wrong answers as "
+                                           "rejected, the gold answers as chosen (SFT, then DPO on the same table)",
+                             description="The run's model (or a config's base model) answers the training and "
+                                         "validation rows; each wrong answer becomes a pair. Writes pairs.jsonl, "
+                                         "validation.jsonl, test.jsonl and dpo.yaml (tailor run it next).")
+    pairs.add_argument("source", metavar="RUN_OR_CONFIG", help="a run directory written by `tailor run`, or a config")
+    pairs.add_argument("--output", "-o", help="the folder to write (default: RUN/pairs, or CONFIG-pairs)")
+    pairs.add_argument("--limit", type=int, metavar="N", help="answer only the first N training rows")
+    pairs.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    pairs.set_defaults(handler=_pairs)
     import importlib
 
     for name in VERB_MODULES:
@@ -60,7 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_VERBS = ("run", "preflight", "export", "chat", "predict", "serve", "sweep")
+MODEL_VERBS = ("run", "preflight", "pairs", "export", "chat", "predict", "serve", "sweep")
+
+
+def _pairs(args) -> int:
+    from tailorlm.pipeline.pairs import make_pairs
+
+    if args.limit is not None and args.limit < 1:
+        raise TailorError("--limit must be a positive number of rows")
+    make_pairs(args.source, args.output, args.limit, args.device, args.trust_remote_code)
+    return 0
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:

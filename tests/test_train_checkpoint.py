@@ -161,9 +161,9 @@ def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_toke
 
     real, calls = loop.accumulate_gradients, []
 
-    def poisoned(loss_fn, group, ctx, no_sync=None):
+    def poisoned(loss_fn, group, ctx, no_sync=None, objective=None):
         calls.append(1)
-        loss, tokens = real(loss_fn, group, ctx, no_sync)
+        loss, tokens = real(loss_fn, group, ctx, no_sync, objective)
         return (float("nan") if len(calls) == 4 else loss), tokens
 
     monkeypatch.setattr(loop, "accumulate_gradients", poisoned)

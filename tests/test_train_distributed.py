@@ -112,6 +112,22 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, tiny_model
     assert state["processes"] == 2
 
 
+@pytest.mark.parametrize("strategy,objective", [("ddp", "dpo"), ("fsdp", "dpo"), ("ddp", "kto"), ("fsdp", "kto")])
+def test_preference_objectives_follow_the_single_process_trajectory(tmp_path, tiny_model_dir, strategy, objective):
+    from test_train_resume import preference_rows
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(objective)))
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(tailor(*run_args(tiny_model_dir, data, one, "lora", f"objective.name={objective}")))
+    ok(tailor(*run_args(tiny_model_dir, data, two, "lora", f"objective.name={objective}",
+                        f"train.distributed.strategy={strategy}"), "--nproc", "2"))
+    assert_same_training(one, two)  # references, kto's per-step z0 and the per-pair normaliser across processes
+    for ea, eb in zip(history(one)["evaluations"], history(two)["evaluations"]):
+        assert ea["reward_accuracy"] == eb["reward_accuracy"]
+        assert ea["pref_loss"] == pytest.approx(eb["pref_loss"], rel=1e-4)
+
+
 def test_gradual_unfreezing_under_ddp_rebuilds_the_wrapper_per_stage(tmp_path, tiny_model_dir, data, single):
     extra = ("method.unfreeze.groups=3",)
     reference, out = tmp_path / "one", tmp_path / "two"

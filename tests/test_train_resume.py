@@ -35,10 +35,42 @@ def tailor(*args, **kwargs):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_killed_and_resumed_run_ends_bitwise_identical(tmp_path, tiny_model_dir, method):
-    data = labeled_csv(tmp_path / "reviews.csv")
+    kill_and_resume(tmp_path, run_args(tiny_model_dir, labeled_csv(tmp_path / "reviews.csv"), "{out}", method))
+
+
+def preference_rows(objective: str) -> list[dict]:
+    """Pairs (or kto's unpaired answers) over the classification fields of labeled_csv's reviews."""
+    texts = {"positive": "a great movie with an award winning actor", "negative": "an awful film the director failed"}
+    rows = []
+    for i in range(12):
+        for label, text in texts.items():
+            wrong = "negative" if label == "positive" else "positive"
+            answer = {"completion": label if i % 2 else wrong, "kto_tag": bool(i % 2)} if objective == "kto" \
+                else {"chosen": label, "rejected": wrong}
+            rows.append({"text": f"{text} {i}", "label": label, **answer})
+    return rows
+
+
+@pytest.mark.parametrize("method, objective", [("lora", "dpo"), ("full", "dpo"), ("lora", "orpo"), ("lora", "simpo"),
+                                               ("lora", "kto")])
+def test_a_killed_preference_run_resumes_bitwise_identical(tmp_path, tiny_model_dir, method, objective):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(objective)))
+    args = run_args(tiny_model_dir, data, "{out}", method) + [f"objective.name={objective}"]
+    killed = kill_and_resume(tmp_path, args)
+    if objective in ("dpo", "kto"):  # the reference log-probs travel with every checkpoint
+        from tailorlm.train.checkpoint import load_trainer
+
+        trainer, _ = load_trainer(CheckpointStore(killed / "checkpoints").latest())
+        assert trainer["references"].shape[1] == 2 and trainer["references"].dtype == torch.float64
+
+
+def kill_and_resume(tmp_path, args: list[str]) -> Path:
+    """Run `args` twice at once ('{out}' is the output folder), SIGKILL one after its fifth checkpoint, resume it,
+    and check both end with the same weights, bit for bit, and the same history. Returns the killed run."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    reference = tailor(*run_args(tiny_model_dir, data, straight, method))
-    victim = tailor(*run_args(tiny_model_dir, data, killed, method))
+    reference = tailor(*[str(straight) if a == "{out}" else a for a in args])
+    victim = tailor(*[str(killed) if a == "{out}" else a for a in args])
     ready = killed / "checkpoints" / "step-00000005" / "COMPLETE"
     deadline = time.time() + 120
     while not ready.exists() and victim.poll() is None and time.time() < deadline:
@@ -60,6 +92,7 @@ def test_killed_and_resumed_run_ends_bitwise_identical(tmp_path, tiny_model_dir,
     log = json.loads((killed / "train_log.json").read_text())
     assert [r["step"] for r in log["train_loss"]] == list(range(1, STEPS + 1))  # history carried over, no gaps
     assert json.loads((straight / "train_log.json").read_text())["train_loss"] == log["train_loss"]
+    return killed
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, tiny_model_dir, capsys):

@@ -13,7 +13,8 @@ from typing import Mapping
 
 from tailorlm.config import DataSpec
 from tailorlm.data.formats import chat_fields
-from tailorlm.data.records import Table
+from tailorlm.data.preferences import EXTRA_KEYS, is_preference, preference_fields
+from tailorlm.data.records import Record, Table
 from tailorlm.data.sources import read_splits
 from tailorlm.errors import DataError, did_you_mean
 from tailorlm.tasks import TASKS, Task
@@ -36,14 +37,18 @@ class Splits:
 
 
 def load_splits(spec: DataSpec, needed_fields: set[str], label_field: str | None = "label",
-                task: Task = TASKS["classification"], given: Mapping[str, object] | None = None) -> Splits:
+                task: Task = TASKS["classification"], given: Mapping[str, object] | None = None,
+                preference: str | None = None) -> Splits:
     """Read the configured sources, map columns to template fields, split and subsample, all seeded.
 
     label_field is the closed answer set to stratify by (classification), or None. `given` maps NAME to the
-    object (DataFrame, list of dicts, Dataset, DatasetDict) that a memory:NAME source names."""
+    object (DataFrame, list of dicts, Dataset, DatasetDict) that a memory:NAME source names. preference: 'pairs'
+    or 'unpaired' (kto) under a preference objective: every training record must be one (data/preferences.py),
+    held-out records may be one or a plain task row."""
     tables = read_splits({name: getattr(spec, name) for name in SPLITS}, spec.format, spec.encoding, given)
     skipped = {name: Counter() for name in tables}
-    examples = {name: to_examples(table, spec, needed_fields, label_field, task, skipped[name])
+    examples = {name: to_examples(table, spec, needed_fields, label_field, task, skipped[name],
+                                  preference, required=name == "train")
                 for name, table in tables.items()}
     sources = {name: table.path for name, table in tables.items()}
 
@@ -96,10 +101,12 @@ def cap_empty(examples: list[Example], share: float, seed: int) -> tuple[list[Ex
 
 
 def to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str | None, task: Task,
-                 skipped: Counter) -> list[Example]:
+                skipped: Counter, preference: str | None = None, required: bool = False) -> list[Example]:
     """A table's rows as template examples: columns mapped to fields, chat records to single turns, values
     checked, with the file and line in every error. Training, retention and `tailor predict` all read rows
     through this one function. Rows skipped under data.skip_bad_rows are counted in `skipped` by reason."""
+    if preference:
+        table = _preference_table(table, preference == "unpaired", task.conversational, required)
     columns = table.columns
     needed = (needed - task.derived) | (task.structured if needed & task.derived else set())
     mapping = {f: spec.columns.get(f, f) for f in needed | set(spec.columns)}
@@ -129,6 +136,22 @@ def to_examples(table: Table, spec: DataSpec, needed: set[str], label_field: str
         raise DataError(table.path, second[1], f"mixed label types: {first[0]} (first at {first[1]}) and {second[0]}; "
                                                f"use one type for every label")
     return examples
+
+
+def _preference_table(table: Table, unpaired: bool, conversational: bool, required: bool) -> Table:
+    """The table with its preference records' answers as task fields (data/preferences.py)."""
+    records = []
+    for record in table.records:
+        if is_preference(record.fields, unpaired):
+            fields = preference_fields(record.fields, table.path, record.where, conversational, unpaired)
+            records.append(Record(fields, record.where))
+        elif required:
+            wanted = "'completion' and a true/false 'label' (or 'kto_tag')" if unpaired else "'chosen' and 'rejected'"
+            raise DataError(table.path, record.where, f"not a preference record: a preference objective trains on "
+                                                      f"records with {wanted}; found keys: {', '.join(record.fields)}")
+        else:
+            records.append(record)
+    return Table(table.path, records, table.class_names)
 
 
 def label_words(spec: DataSpec, table: Table, column: str) -> tuple[dict[str, str], str]:
@@ -176,6 +199,7 @@ def _to_example(record, path: str, mapping: dict[str, str], label_field: str | N
             raise DataError(path, record.where, f"column '{column}' holds a {type(value).__name__}, expected text or a number")
         ex[field_name] = value if isinstance(value, str) else _scalar_text(value)
     ex.update(task.derive(ex) if needed & task.structured else {})
+    ex.update({key: fields[key] for key in EXTRA_KEYS if key in fields})  # a preference record's answers
     if label_field and label_field in ex:
         raw = ex[label_field].strip()
         words, origin = label_names

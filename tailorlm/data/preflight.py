@@ -74,8 +74,10 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
         where = [" = ".join(splits[n][i]["_where"] for i in g[:2]) for g in groups] + \
                 [f"{splits[n][i]['_where']} ~ {splits[n][j]['_where']} ({s:.2f})" for i, j, s in near]
         if (lv := _level(spec.duplicates, bool(groups or near))):
+            why = ("; `tailor pairs` repeats the pairs of rarer labels on purpose, to balance them"
+                   if n == "train" and cfg.objective.preference and groups else "")
             pf.add("duplicates", lv, f"{n}: {extra} exact and {len(near)} near duplicates "
-                                     f"(Jaccard >= {spec.near_duplicate_jaccard})", where)
+                                     f"(Jaccard >= {spec.near_duplicate_jaccard}){why}", where)
 
     for n in ("validation", "test"):  # leakage: an evaluation prompt the model has trained on
         exact = quality.exact_overlap(inputs[n], inputs["train"])

@@ -26,3 +26,24 @@ class Sample:
         """The tokens before the first one that carries loss (a conversation's later turns are not prompt)."""
         first = next((i for i, label in enumerate(self.labels) if label != IGNORE), len(self.labels))
         return self.input_ids[:first]
+
+
+@dataclass
+class Preference:
+    """One item of preference training (train/objectives.py), two tokenized sequences of the same prompt.
+
+    A pair (dpo, orpo, simpo): the chosen answer and the rejected one. An unpaired answer (kto): the answer,
+    good or bad as `desirable` says, and the same prompt with another example's answer, which estimates how
+    far the model has drifted from the reference (KTO's KL term)."""
+    chosen: Sample  # kto: the answer
+    rejected: Sample  # kto: the mismatched answer
+    desirable: bool | None = None  # kto only
+    reference: list[float] | None = None  # the reference model's summed log-probs of both (set before training)
+
+    def __len__(self) -> int:
+        """The tokens a training step packs for this item (kto trains on its answer alone)."""
+        return len(self.chosen) + (len(self.rejected) if self.desirable is None else 0)
+
+    @property
+    def example(self) -> dict:
+        return self.chosen.example

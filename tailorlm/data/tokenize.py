@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from tailorlm.config import TemplateSpec
 from tailorlm.data.conversations import encode_conversation, end_of_turn_markers, loss_turns, through_end_of_turn
-from tailorlm.data.samples import IGNORE, Sample
+from tailorlm.data.preferences import encode_preferences
+from tailorlm.data.samples import IGNORE, Preference, Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.errors import DataError, TailorError
 
@@ -93,6 +94,7 @@ def encode_examples(examples, template: PromptTemplate, fmt: ChatFormat, labels:
     """Encode examples for training; over-long ones follow spec.overlong, and every action is counted.
     train_on: for conversations, which replies carry loss (spec.train_on when None; held-out splits pass
     last_assistant, the reply they are scored on)."""
+    examples = [ex for ex in examples if ex.get("_desirable") is not False]  # a bad kto answer is no reference
     report, samples = EncodeReport(total=len(examples)), []
     for ex in examples:
         if template.task.conversational:
@@ -108,8 +110,11 @@ def encode_examples(examples, template: PromptTemplate, fmt: ChatFormat, labels:
     return samples, report
 
 
-def _encode_one(ex: dict, template: PromptTemplate, fmt: ChatFormat, labels, spec: TemplateSpec):
-    completion_ids = fmt.encode_completion(fmt.completion_text(template.prompt(ex, labels), template.completion(ex)))
+def _encode_one(ex: dict, template: PromptTemplate, fmt: ChatFormat, labels, spec: TemplateSpec,
+                completion: str | None = None):
+    """completion: the answer to train on instead of the template's (a preference pair's chosen or rejected)."""
+    answer = template.completion(ex) if completion is None else completion
+    completion_ids = fmt.encode_completion(fmt.completion_text(template.prompt(ex, labels), answer))
     field_text = ex.get(template.truncate_field) if template.truncate_field else None
     field_ids = fmt.tokenizer(field_text, add_special_tokens=False)["input_ids"] if isinstance(field_text, str) else []
     keep, current = len(field_ids), ex
@@ -149,3 +154,22 @@ def _encode_conversation(ex: dict, template: PromptTemplate, fmt: ChatFormat, sp
         return None, False
     example = {**ex, "messages": kept, **template.task.derive({"messages": kept})}
     return Sample(sample.input_ids, sample.labels, example), truncated
+
+
+def encode_preference_examples(examples, template: PromptTemplate, fmt: ChatFormat, labels: list[str],
+                               spec: TemplateSpec, seed: int) -> tuple[list[Preference], EncodeReport]:
+    """The examples that carry answers to compare, as Preference items (data/preferences.py). Each answer is
+    encoded as the completion of the same prompt, with SFT's mask; a conversation is scored on its last reply,
+    so one whose last reply does not fit is dropped, never trained on an earlier one."""
+    def encode(ex: dict, completion: str) -> Sample | None:
+        return _encode_one(ex, template, fmt, labels, spec, completion)[0]
+
+    def encode_messages(ex: dict, messages: list[dict]) -> Sample | None:
+        sample, truncated = _encode_conversation({**ex, "messages": messages}, template, fmt, spec, "last_assistant")
+        return None if truncated else sample
+
+    items, dropped = encode_preferences(examples, encode, encode_messages, seed, spec.max_length)
+    report = EncodeReport(total=len(items) + dropped, kept=len(items))
+    if dropped:
+        report.dropped[f"longer than max_length={spec.max_length}"] = dropped
+    return items, report

@@ -25,9 +25,11 @@ def metric_key(task: str, metric: str, several: bool) -> str:
 
 
 def metric_names(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> list[str]:
-    """What eval.select.metric may name: val_loss, retention_ppl, and each task's metrics on generated text
-    (prefixed 'task/' in multi-task runs)."""
+    """What eval.select.metric may name: val_loss, retention_ppl, the preference metrics under a preference
+    objective, and each task's metrics on generated text (prefixed 'task/' in multi-task runs)."""
     names = ["val_loss"] + (["retention_ppl"] if cfg.eval.retention.data else [])
+    if cfg.objective.preference:  # measured on the held-out preference items (train/objectives.py)
+        names += ["pref_loss", "reward_accuracy", "reward_margin"]
     if cfg.eval.during_training:
         for name, template in templates.items():
             names += [metric_key(name, c, len(templates) > 1) for c in template.task.columns]

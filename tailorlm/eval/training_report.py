@@ -76,6 +76,7 @@ def training_lines(history: TrainResult, overfit: int | None, retention: dict, l
     lines.append(f"- overfitting: validation loss rose after step {overfit}" if overfit is not None
                  else "- overfitting: none seen (validation loss at or near its best at the end)")
     lines += [f"- step {e['step']}: {e['event']}" for e in history.events]
+    lines += preference_lines(history.evaluations)
     if retention:
         lines += ["", "## Retention (what the model forgot of general skills)", "",
                   f"General data: {retention['source']}. Perplexity of its reference answers, lower is better.", "",
@@ -92,3 +93,15 @@ def training_lines(history: TrainResult, overfit: int | None, retention: dict, l
             text = text.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {row['loss']:.2f} | {row['where']} | {text[:160]} |")
     return lines + [""]
+
+
+def preference_lines(evaluations: list[dict]) -> list[str]:
+    """How the held-out preference pairs moved (a preference objective's run), first evaluation to last."""
+    scored = [e for e in evaluations if "reward_accuracy" in e]
+    if not scored:
+        return []
+    first, last = scored[0], scored[-1]
+    return ["", "## Held-out preference pairs", "", "| | step " + f"{first['step']} | step {last['step']} |",
+            "|---|---:|---:|"] + [f"| {name} | {first[key]:.3f} | {last[key]:.3f} |" for key, name in (
+                ("reward_accuracy", "reward accuracy"), ("reward_margin", "reward margin"),
+                ("pref_loss", "preference loss"))]

@@ -94,6 +94,42 @@ def _head_loss(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn
     return total
 
 
+def sequence_logps(model: torch.nn.Module, batch: dict, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each sample's completion tokens, how many there are), one entry per sample in
+    batch order (a packed row's filler segment last), with gradients: what preference objectives compare. The
+    same completion-only head as completion_loss, so no full logits exist here either."""
+    input_ids_BxT, targets_BxT = batch["input_ids"], batch["labels"][:, 1:]
+    keep_BxT = targets_BxT != IGNORE
+    packed = "cu_seqlens" in batch
+    if packed:  # one row: a kept position's sample is the segment its predicted token falls in
+        bounds = batch["cu_seqlens"].long()
+        sample_N = torch.searchsorted(bounds, keep_BxT[0].nonzero()[:, 0] + 1, right=True) - 1
+        n_samples = bounds.numel() - 1
+    else:
+        sample_N, n_samples = keep_BxT.nonzero()[:, 0], input_ids_BxT.shape[0]
+    inputs = packed_kwargs(batch) if packed else {"attention_mask": batch["attention_mask"]}
+    parts = decoder_and_head(model)
+    if parts is None:
+        logits_BxTxV = model(input_ids=input_ids_BxT, use_cache=False, **inputs).logits[:, :-1]
+        token_logps_N = -F.cross_entropy(logits_BxTxV[keep_BxT].float(), targets_BxT[keep_BxT], reduction="none")
+    else:
+        hidden_NxH, targets_N = _completion_states(parts[0], batch, inputs, keep_BxT, shared_prefix and not packed)
+        token_logps_N = -_head_token_losses(hidden_NxH, targets_N, parts[1])
+    sums_S = token_logps_N.new_zeros(n_samples).index_add(0, sample_N, token_logps_N)
+    counts_S = torch.zeros(n_samples, device=sums_S.device).index_add_(0, sample_N, torch.ones_like(token_logps_N))
+    return sums_S, counts_S
+
+
+def _head_token_losses(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """Each completion token's loss, the head run in chunks (recomputed in backward when training)."""
+    chunks = []
+    for start in range(0, hidden_NxH.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        args = (hidden_NxH[rows], targets_N[rows], head.weight, head.bias, "none")
+        chunks.append(checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args))
+    return torch.cat(chunks) if chunks else hidden_NxH.new_zeros(0, dtype=torch.float32)
+
+
 @torch.no_grad()
 def per_sample_loss(model: torch.nn.Module, batch: dict, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion-token loss per row, completion tokens per row) for padded rows, for reports of the

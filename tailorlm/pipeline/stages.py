@@ -63,7 +63,8 @@ def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Basel
     cfg, result = prepared.cfg, Baselines({name: {} for name in prepared.tasks})
     if not cfg.eval.baselines:  # no baselines at all: the classic classifier is one of them
         return result
-    stage("Prompting baselines (base model)")
+    started = RunDir(cfg.model.path).is_run()  # a finished run's model is what training starts from
+    stage(f"Prompting baselines ({'the starting model, ' + cfg.model.path if started else 'base model'})")
     for name, t in prepared.tasks.items():
         def report(variant: str, metrics: dict, task=name, t=t) -> None:
             console.print(f"{task + ' ' if prepared.several else ''}{variant_title(variant, metrics)}: " + ", ".join(
@@ -82,9 +83,11 @@ def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str,
     """Fine-tune `model` with the config's method; evaluations during training use `scorers`. Returns the
     trained model with its history (None on the other processes under torchrun)."""
     cfg = prepared.cfg
-    stage(f"Fine-tuning ({cfg.method.name})")
+    objective = f", {cfg.objective.name}" if cfg.objective.preference else ""
+    stage(f"Fine-tuning ({cfg.method.name}{objective})")
     during = TrainingEvaluation(cfg, prepared.tokenizer, prepared.validation(), scorers, device)
-    result = fit(cfg, model, prepared.tokenizer, prepared.training_set, run_dir.path, device, resume, log, during)
+    result = fit(cfg, model, prepared.tokenizer, prepared.training_set, run_dir.path, device, resume, log, during,
+                 prepared.held_out_pairs())
     if result is None:
         return None
     history = result.history
@@ -122,7 +125,10 @@ def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Ba
 def metrics_json(prepared: Prepared, sections: dict, result: Fit) -> dict:
     """metrics.json: a multi-task run keeps a section per task; a single-task run's section is the top level."""
     history, cfg = result.history, prepared.cfg
-    train_facts = {"method": cfg.method.name, "steps": history.completed, "planned_steps": history.steps,
+    scored = [e for e in history.evaluations if "reward_accuracy" in e]
+    preference = {k: scored[-1][k] for k in ("reward_accuracy", "reward_margin", "pref_loss")} if scored else None
+    train_facts = {"method": cfg.method.name, "objective": cfg.objective.name, "preference": preference,
+                   "steps": history.completed, "planned_steps": history.steps,
                    "trainable_share": round(history.trainable / max(history.parameters, 1), 5),
                    "seconds": round(history.seconds, 1), "step_seconds": round(history.step_seconds, 3),
                    "tokens": history.tokens, "best_step": history.best_step,
@@ -151,7 +157,8 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
     world = distributed.world()
     facts = {"task": ", ".join(f"{n} ({t.cfg.template.preset})" for n, t in tasks.items()) if prepared.several
              else cfg.template.preset,
-             "model": source, "method": cfg.method.name,
+             "model": source, "method": cfg.method.name + (
+                 f", objective {cfg.objective.name}" if cfg.objective.preference else ""),
              "data": ", ".join(t.splits.sources["train"] for t in tasks.values()),
              "train / validation": f"{len(prepared.training_set)} / {sum(map(len, prepared.validation().values()))}"
                                    + ("" if prepared.several else f" / test {len(next(iter(tasks.values())).encoded['test'])}"),
@@ -161,6 +168,9 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
                  t.template.task.conversational for t in tasks.values()) else
                  f"greedy; {', '.join(cfg.eval.prompting)}; k-shot curve k={cfg.eval.few_shot_k}, "
                  f"{cfg.eval.demos} demonstrations from the training split"}
+    started = RunDir(cfg.model.path).is_run()
+    if started:  # training continued a finished run: its model is what was prompted
+        facts["prompting"] = f"the starting model (the finished run {cfg.model.path}); " + facts["prompting"]
     for name, section in sections.items():
         plot_curve(run_dir / curve_file(name, prepared.several), section["curve"],
                    section["variants"]["fine_tuned"].get(section["headline"]))
@@ -170,4 +180,6 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
     for name, section in sections.items():
         print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if prepared.several else None,
                     section["trivial"], section["contamination"], section["curve"])
+    if started and any(section["variants"].keys() - {"fine_tuned"} for section in sections.values()):
+        console.print(f"prompting rows: the starting model, the finished run {cfg.model.path}", soft_wrap=True)
     return overfit

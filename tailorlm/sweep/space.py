@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from tailorlm.config import RunConfig, _line_of, load_config
+from tailorlm.config import RunConfig, line_of, load_config
 from tailorlm.errors import ConfigError, did_you_mean
 
 # 'alpha: 2r' ties LoRA's alpha to the trial's rank, so the update's scale (alpha / r) stays put while r varies.
@@ -230,7 +230,7 @@ def _problem(err: dict, root) -> str:
                    if err["type"] == "union_tag_invalid" else "; a list is a choice, a plain value is fixed"))
     else:
         message = err["msg"].removeprefix("Value error, ")
-    return f"{'.'.join(loc)}{_line_of(root, loc)}: {message}"
+    return f"{'.'.join(loc)}{line_of(root, loc)}: {message}"
 
 
 def default_space(cfg: RunConfig) -> SweepSpec:
@@ -277,7 +277,7 @@ def check_against_config(space: SweepSpec, space_path: str, config_path: str | N
             try:
                 load_config(config_path, overrides({key: value}), trust_remote_code=base.model.trust_remote_code)
             except ConfigError as e:
-                where = _line_of(root, ("params", key)) if root else ""
+                where = line_of(root, ("params", key)) if root else ""
                 for problem in e.problems:
                     problem = problem.removeprefix(f"{key}: ")
                     problems.append(f"params.{key}{where}: {'' if 'unknown key' in problem else f'{shown}: '}{problem}")

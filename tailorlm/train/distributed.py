@@ -150,12 +150,17 @@ class Wrapped:
 
     def loss(self, batch: dict):
         """(summed completion-token loss, tokens) of one batch, with the gradient hooks of DDP/FSDP."""
+        return self.forward(lambda model, shared_prefix: completion_loss(model, batch, shared_prefix=shared_prefix))
+
+    def forward(self, fn: Callable[[torch.nn.Module, bool], object]):
+        """fn(model, shared_prefix) as a training forward, with the gradient hooks of DDP/FSDP: how objectives
+        other than the token loss (train/objectives.py) run theirs."""
         if self.driver is None:
-            return completion_loss(self.module, batch)
+            return fn(self.module, True)
         # FSDP frees a block's gathered weights after each call and reduces its gradient after one backward,
         # so a block must run once per step: no separate shared-prefix pass (kernels/prefix.py) under FSDP.
         once = _world.mode == "fsdp"
-        return self.driver(lambda model: completion_loss(model, batch, shared_prefix=not once))
+        return self.driver(lambda model: fn(model, not once))
 
     def run(self, fn: Callable[[torch.nn.Module], object]):
         """Evaluation code: on the plain model, except under FSDP (inside the root forward, on every rank)."""

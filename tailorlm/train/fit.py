@@ -13,11 +13,12 @@ import torch
 
 from tailorlm.config import RunConfig
 from tailorlm.data.batching import collate, eval_batches
-from tailorlm.data.samples import Sample
+from tailorlm.data.samples import Preference, Sample
 from tailorlm.kernels.loss import per_sample_loss
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.checkpoint import CheckpointStore
 from tailorlm.train.loop import Hooks, TrainResult, restore_best, train
+from tailorlm.train.objectives import make_objective
 from tailorlm.train.step import StepContext
 from tailorlm.ui import console
 
@@ -44,9 +45,11 @@ class Evaluation(Protocol):
     def after(self, model) -> dict: ...
 
 
-def fit(cfg: RunConfig, model, tokenizer, train_set: list[Sample], out_dir: Path, device: torch.device,
-        resume: bool = False, log=None, evaluation: Evaluation | None = None) -> Fit | None:
-    """Train `model` on `train_set` with the method's strategy; `evaluation` runs at each evaluation step.
+def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device: torch.device,
+        resume: bool = False, log=None, evaluation: Evaluation | None = None,
+        held_out: list[Preference] = ()) -> Fit | None:
+    """Train `model` on `train_set` with the method's strategy and the config's objective (Samples, or
+    Preference items with their held-out ones); `evaluation` runs at each evaluation step.
     Under torchrun every process calls this; only rank 0 gets a Fit back."""
     strategy = make_strategy(cfg.method)
     model = strategy.prepare(model)
@@ -60,7 +63,8 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list[Sample], out_dir: Path
     active = evaluation is not None and evaluation.active
     hooks = Hooks(evaluate=evaluation.evaluate if active else None, checkpoints=store, select=cfg.eval.select,
                   log=log, guard=evaluation.guard if active else None)
-    history = train(model, strategy, train_set, cfg.train, cfg.lr, pad_id, device, hooks, start)
+    history = train(model, strategy, train_set, cfg.train, cfg.lr, pad_id, device, hooks, start,
+                    make_objective(cfg.objective), held_out)
     if history.model is None:  # another process under torchrun: rank 0 finishes the run alone
         return None
     model = history.model
@@ -69,7 +73,8 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list[Sample], out_dir: Path
         console.print(f"Restored the best checkpoint ({cfg.eval.select.metric}) from step {history.best_step}: {restored}")
     saved = strategy.save(model, tokenizer, out_dir)
     retention = evaluation.after(model) if evaluation else {}
-    losses = example_losses(model, train_set, cfg.train.batch_size, pad_id, device)
+    answers = [item.chosen if isinstance(item, Preference) else item for item in train_set]
+    losses = example_losses(model, answers, cfg.train.batch_size, pad_id, device)
     return Fit(model, history, saved, restored, retention, losses)
 
 

@@ -26,11 +26,12 @@ import torch
 
 from tailorlm.config import SelectSpec, TrainSpec
 from tailorlm.data.batching import epoch_batches
-from tailorlm.data.samples import Sample
+from tailorlm.data.samples import Preference
 from tailorlm.errors import TailorError
 from tailorlm.models.methods import Strategy
 from tailorlm.train import distributed
 from tailorlm.train.distributed import Wrapped
+from tailorlm.train.objectives import PreferenceObjective
 from tailorlm.train.checkpoint import CheckpointStore, load_trainer, load_weights, rng_state, set_rng_state
 from tailorlm.train.optim import make_optimizer, make_schedule
 from tailorlm.train.selection import Selector
@@ -82,8 +83,11 @@ def plan_steps(n_samples: int, spec: TrainSpec) -> tuple[int, int]:
     return per_epoch, spec.max_steps or per_epoch * spec.epochs
 
 
-def train(model, strategy: Strategy, train_samples: list[Sample], spec: TrainSpec, lr: float, pad_id: int,
-          device: torch.device, hooks: Hooks | None = None, resume: Path | None = None) -> TrainResult:
+def train(model, strategy: Strategy, train_samples: list, spec: TrainSpec, lr: float, pad_id: int,
+          device: torch.device, hooks: Hooks | None = None, resume: Path | None = None,
+          objective: PreferenceObjective | None = None, held_out: list[Preference] = ()) -> TrainResult:
+    """Train on `train_samples` (Samples; Preference items under a preference `objective`, whose held-out
+    items are scored at every evaluation)."""
     seed_everything(spec.seed)
     saved = None
     if resume is not None:  # weights go in before FSDP shards them
@@ -93,9 +97,11 @@ def train(model, strategy: Strategy, train_samples: list[Sample], spec: TrainSpe
     wrapped = Wrapped(model, device)
     micro_batches = plan_steps(len(train_samples), spec)[1] * spec.grad_accum
     with fast_training(wrapped.module, spec, pad_id, device, micro_batches) as ctx:
-        run = _Run(wrapped, strategy, train_samples, spec, lr, ctx, hooks or Hooks())
+        run = _Run(wrapped, strategy, train_samples, spec, lr, ctx, hooks or Hooks(), objective, list(held_out))
         if saved:
             run.restore(resume, *saved)
+        else:
+            run.attach_references()
         result = run.go()
         result.model = wrapped.finished(strategy.checkpoint_params(wrapped.module))
     return result
@@ -104,9 +110,13 @@ def train(model, strategy: Strategy, train_samples: list[Sample], spec: TrainSpe
 class _Run:
     """One training run's mutable state; `go` is the loop."""
 
-    def __init__(self, wrapped: Wrapped, strategy: Strategy, samples: list[Sample], spec: TrainSpec, lr: float,
-                 ctx: StepContext, hooks: Hooks):
+    def __init__(self, wrapped: Wrapped, strategy: Strategy, samples: list, spec: TrainSpec, lr: float,
+                 ctx: StepContext, hooks: Hooks, objective: PreferenceObjective | None = None,
+                 held_out: list[Preference] = ()):
         self.wrapped, self.model = wrapped, wrapped.module
+        self.objective, self.held_out = objective, held_out
+        # evaluations run when something is measured: the run's hooks, or a preference objective's held-out pairs
+        self.evaluating = bool(hooks.evaluate) or bool(objective and held_out)
         self.strategy, self.samples, self.spec, self.ctx, self.hooks = strategy, samples, spec, ctx, hooks
         self.world = distributed.world()
         model = self.model
@@ -127,10 +137,10 @@ class _Run:
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         procs = f" over {self.world.size} processes ({self.world.mode})" if self.world.active else ""
         console.print(f"Training {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%}) for {result.steps} "
-                      f"steps: {len(self.samples)} samples, batch {spec.batch_size} x {spec.grad_accum} accumulation"
+                      f"steps: {len(self.samples)} {self._unit()}, batch {spec.batch_size} x {spec.grad_accum} accumulation"
                       f"{procs}")
         start, seconds_before = time.perf_counter(), result.seconds
-        if not self.resumed and self.hooks.evaluate and spec.eval_every:
+        if not self.resumed and self.evaluating and spec.eval_every:
             self._evaluate()  # the starting point: how the base model does
         self.model.train()
         with progress("train", result.steps) as advance:
@@ -155,6 +165,11 @@ class _Run:
         self.model.eval()
         return result
 
+    def _unit(self) -> str:
+        if self.objective is None:
+            return "samples"
+        return f"{'answers' if self.objective.name == 'kto' else 'pairs'} ({self.objective.name})"
+
     def _one_step(self, batches: list[list[int]]) -> str:
         spec, step = self.spec, self.step
         change = self.strategy.on_step(step, self.model)
@@ -163,7 +178,10 @@ class _Run:
             console.print(change)
             self.wrapped.refresh()
         group = [[self.samples[i] for i in idx] for idx in batches[self.position:self.position + spec.grad_accum]]
-        loss, tokens = accumulate_gradients(self.wrapped.loss, group, self.ctx, self.wrapped.no_sync)
+        if self.objective:
+            self.objective.begin_step(group, self.wrapped.run, self.ctx)
+        loss, tokens = accumulate_gradients(self.wrapped.forward if self.objective else self.wrapped.loss, group,
+                                            self.ctx, self.wrapped.no_sync, objective=self.objective)
         params = self.strategy.trainable(self.model)
         # clip_grad_norm_ with an infinite bound only measures (its scale factor is exactly 1)
         norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
@@ -192,7 +210,7 @@ class _Run:
     def _maybe_evaluate_and_save(self, n_batches: int) -> str:
         spec, step, total = self.spec, self.step, self.result.steps
         last = step >= total
-        eval_now = bool(self.hooks.evaluate) and ((spec.eval_every and step % spec.eval_every == 0) or last)
+        eval_now = self.evaluating and ((spec.eval_every and step % spec.eval_every == 0) or last)
         info = ""
         if eval_now:
             metrics = self._evaluate()
@@ -209,7 +227,7 @@ class _Run:
         # all ranks act on rank 0's figures, so they take the same early-stop and guardrail decisions.
         metrics = None
         if self.world.main or self.world.mode == "fsdp":
-            metrics = self.wrapped.run(lambda model: self.hooks.evaluate(model, self.ctx, self.step))
+            metrics = self.wrapped.run(self._measure)
         metrics = distributed.from_main(metrics)
         self.model.train()
         self.result.evaluations.append({"step": self.step, **metrics})
@@ -227,6 +245,33 @@ class _Run:
                 console.print(f"[yellow]{event}[/]")
         return metrics
 
+    def _measure(self, model) -> dict:
+        metrics = self.hooks.evaluate(model, self.ctx, self.step) if self.hooks.evaluate else {}
+        if self.objective and self.held_out:
+            metrics.update(self.objective.evaluate(model, self.held_out, self.ctx, self.spec.batch_size))
+        return metrics
+
+    def _referenced(self) -> list[Preference]:
+        """The items whose reference log-probs a checkpoint stores: training items, then held-out ones."""
+        needs = self.objective is not None and self.objective.needs_reference
+        return list(self.samples) + list(self.held_out) if needs else []
+
+    def attach_references(self) -> None:
+        """The reference log-probs of every preference item, from the model before its first step."""
+        items = self._referenced()
+        if not items:
+            return
+        began = time.perf_counter()
+
+        def attach(model) -> None:
+            model.eval()
+            self.objective.attach_references(model, items, self.ctx, self.spec.batch_size)
+            model.train()
+
+        self.wrapped.run(attach)
+        console.print(f"Reference log-probs of {len(items)} items (the starting model) in "
+                      f"{time.perf_counter() - began:.0f} s")
+
     def _save(self, n_batches: int) -> None:
         epoch, position = (self.epoch + 1, 0) if self.position >= n_batches else (self.epoch, self.position)
         # Full tensors keyed by name (collectives under FSDP: every rank takes part), so any process count
@@ -237,6 +282,8 @@ class _Run:
         if not self.world.main:
             return
         trainer = {"optimizer": optimizer, "schedule": self.schedule.state_dict(), "rng": rngs[0]}
+        if referenced := self._referenced():  # so a resumed run compares against the same reference
+            trainer["references"] = torch.tensor([item.reference for item in referenced], dtype=torch.float64)
         if self.world.active:
             trainer["rng_ranks"] = rngs
         state = {"step": self.step, "epoch": epoch, "position": position, "selector": self.selector.state(),
@@ -248,6 +295,14 @@ class _Run:
         self.resumed = True
         distributed.load_optimizer_state(self.model, self.optimizer, trainer["optimizer"])
         self.schedule.load_state_dict(trainer["schedule"])
+        if referenced := self._referenced():
+            stored = trainer.get("references")
+            if stored is None or stored.shape[0] != len(referenced):
+                held = "none" if stored is None else f"{stored.shape[0]}"
+                raise TailorError(f"{path}: the checkpoint holds reference log-probs for {held} items and this run "
+                                  f"has {len(referenced)}; resume with the data the run started with")
+            for item, values in zip(referenced, stored.tolist()):
+                item.reference = values
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.selector = Selector.from_state(state["selector"])
         self.result = TrainResult(**state["result"])

@@ -125,36 +125,44 @@ def _mostly_frozen(model) -> bool:
     return trainable < 0.5 * sum(p.numel() for p in model.parameters())
 
 
-def accumulate_gradients(loss: Callable[[dict], tuple[torch.Tensor, int]], group: list[list[Sample]], ctx: StepContext,
-                         no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> tuple[float, int]:
+def accumulate_gradients(loss: Callable, group: list[list], ctx: StepContext,
+                         no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+                         objective=None) -> tuple[float, int]:
     """Backward over the global micro-batches of one step so the summed gradient equals that of one batch of all
     their samples. Under torchrun each process runs its share of every micro-batch and scales by the process
     count, which the gradient averaging of DDP/FSDP undoes; no_sync(last) skips that averaging until the last
-    micro-batch. loss(batch) -> (summed completion-token loss, tokens), e.g. Wrapped.loss.
+    micro-batch.
 
-    Returns (mean loss per completion token, real tokens processed), over all processes."""
+    Without an objective (SFT): loss(batch) -> (summed completion-token loss, tokens), e.g. Wrapped.loss, and
+    the step's loss is normalised by its completion tokens. With a preference objective (objectives.py) the
+    items are Preference pairs, loss is Wrapped.forward, and the normaliser is the step's items.
+
+    Returns (mean loss per normalising unit, real tokens processed), over all processes."""
     world = distributed.world()
     if ctx.token_budget:  # a budget per process: each of them runs its share of every micro-batch
         group = regroup(group, ctx.token_budget * world.size)
-    n_step_tokens = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
+    if objective is None:
+        n_units = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
+    else:
+        n_units = objective.units([item for batch in group for item in batch])
     losses, tokens = [], 0
     for i, samples in enumerate(group):
         mine, real = distributed.share(samples, world)
-        batch = ctx.batch(mine)
+        batch = ctx.batch(mine if objective is None else objective.sequences(mine))
         sync = no_sync(i == len(group) - 1) if no_sync else contextlib.nullcontext()
         with sync:
             with ctx.autocast():
-                loss_sum, _ = loss(batch)
-            (loss_sum * (world.size if real else 0) / max(n_step_tokens, 1)).backward()
+                loss_sum = loss(batch)[0] if objective is None else objective.loss(loss, batch, mine)
+            (loss_sum * (world.size if real else 0) / max(n_units, 1)).backward()
         if real:
             losses.append(loss_sum.detach())
             tokens += real_tokens(batch)
     # read once every micro-batch is queued: reading each as it comes would make the CPU wait for the GPU
     total, tokens = distributed.sum_floats(sum(float(x) for x in losses), tokens)
-    return total / max(n_step_tokens, 1), int(tokens)
+    return total / max(n_units, 1), int(tokens)
 
 
-def regroup(group: list[list[Sample]], budget: int) -> list[list[Sample]]:
+def regroup(group: list[list], budget: int) -> list[list]:
     """A step's samples, in order, in micro-batches of at most `budget` tokens (a longer sample goes alone).
 
     Packed rows cost what their tokens cost, so a step of 4 micro-batches of 8 samples can run as one of 32:

@@ -1,19 +1,13 @@
-"""The run spec: one typed, validated config for a whole run (model, data, template, method, train, eval, output).
-
-YAML in, typed objects out. Unknown keys and bad values are all collected and reported at once, each with
-its dotted path and, when it came from a YAML file, the line it sits on.
+"""The run spec's sections: one typed, validated pydantic model per part of a run (model, data, template,
+method, objective, train, eval, output). Loading YAML into them is loading.py's job.
 """
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, PrivateAttr,
-                      ValidationError, field_validator)
-
-from tailorlm.errors import ConfigError, did_you_mean
+                      field_validator)
 
 DEFAULT_CONFIG = "bbc_news.yaml"  # the embedded default job, in tailorlm/defaults/
 
@@ -126,6 +120,39 @@ class MethodSpec(Section):
 
 # Small learning rates by method: LoRA's low-rank update tolerates a larger step than moving every base weight.
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 2e-5, "gradual_unfreeze": 2e-5}
+
+
+# Preference objectives start from a model that already answers well (often an SFT run) and only shift which
+# of two answers it prefers; the usual rates are an order of magnitude below SFT's (TRL's DPO examples, the
+# Zephyr recipe), so they train at a tenth of the method's rate unless train.lr says otherwise.
+PREFERENCE_LR_SCALE = 0.1
+# Each objective's usual strength: DPO/KTO's beta (how far from the reference), ORPO's lambda (weight of the
+# odds-ratio term), SimPO's beta (the scale of its length-normalised reward).
+DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+class ObjectiveSpec(Section):
+    name: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="What the loss is: sft (next-token loss on the answer), dpo (chosen over rejected, against "
+                           "the starting model as reference), orpo and simpo (no reference), kto (unpaired good/bad "
+                           "answers). Every method (lora, full, freeze, ...) trains any of them")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (the DPO paper) or ipo (a squared "
+                                                                   "loss on per-token mean log-probs; beta is IPO's tau)")
+    beta: Optional[float] = Field(None, gt=0, description="Strength; by objective when absent: dpo 0.1, kto 0.1, "
+                                                          "orpo 0.1 (lambda), simpo 2.0")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin asked of chosen over rejected")
+    sft_weight: float = Field(0.0, ge=0, description="dpo, simpo: add this times the chosen answer's per-token "
+                                                     "loss (RPO), which keeps the chosen answer from losing likelihood")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of good answers")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of bad answers (raise it when they are rarer)")
+
+    @property
+    def preference(self) -> bool:
+        return self.name != "sft"
+
+    @property
+    def strength(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.name, 0.0)
 
 
 class DistSpec(Section):
@@ -251,6 +278,7 @@ class RunConfig(Section):
     data: DataSpec = DataSpec()
     template: TemplateSpec = TemplateSpec()
     method: MethodSpec = MethodSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     preflight: PreflightSpec = PreflightSpec()
@@ -261,7 +289,9 @@ class RunConfig(Section):
 
     @property
     def lr(self) -> float:
-        return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
+        if self.train.lr is not None:
+            return self.train.lr
+        return DEFAULT_LR[self.method.name] * (PREFERENCE_LR_SCALE if self.objective.preference else 1.0)
 
     @property
     def multi_task(self) -> bool:
@@ -279,116 +309,3 @@ class RunConfig(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-
-def load_config(path: str | Path | None = None, overrides: list[str] = (), trust_remote_code: bool = False,
-                text: str | None = None, source: str | None = None) -> RunConfig:
-    """Read a YAML run spec (the embedded default when path and text are None), apply key=value overrides,
-    validate. `text` is a spec given as YAML text (the Python API's dicts); `source` names it in errors.
-
-    trust_remote_code=True is the caller saying, on this command, that the model's own Python may run; a config
-    (a file anyone may have written, such as a downloaded run folder's config.yaml) that asks for it without
-    that is refused."""
-    if text is not None:
-        source = source or "<config text>"
-    elif path is None:
-        source = f"<default: {DEFAULT_CONFIG}>"
-        text = resources.files("tailorlm.defaults").joinpath(DEFAULT_CONFIG).read_text()
-    else:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(source, ["file not found"]) from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(source, [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
-    try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(source, [f"invalid YAML: {e}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(source, ["the top level must be a mapping of sections (model, data, ...)"])
-    overridden = set()
-    for item in overrides:
-        dotted, value = parse_override(item)
-        _set_dotted(raw, dotted, value)
-        overridden.add(tuple(dotted.split(".")))
-    try:
-        cfg = RunConfig.model_validate(raw)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = tuple(str(p) for p in err["loc"])
-            where = "" if any(loc[: i + 1] in overridden for i in range(len(loc))) else _line_of(root, loc)
-            problems.append(f"{'.'.join(loc)}{where}: {_describe(err, loc)}")
-        raise ConfigError(source, problems) from None
-    if cfg.model.trust_remote_code and not trust_remote_code:
-        key = ("model", "trust_remote_code")
-        where = "" if key in overridden else _line_of(root, key)
-        who = "a key=value override" if key in overridden else "a config file"
-        raise ConfigError(source, [f"model.trust_remote_code{where}: asks to run Python code shipped with the model "
-                                   f"({cfg.model.path}), which {who} cannot allow by itself. If you trust that "
-                                   f"code, add --trust-remote-code to the command (trust_remote_code=True in "
-                                   f"Python)"])
-    cfg.model.trust_remote_code = trust_remote_code
-    for spec in [cfg.template] + [t.template for t in cfg.tasks]:
-        spec._source = source
-    if path is not None and cfg.output.name == "run":
-        cfg.output.name = Path(path).stem
-    return cfg
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """'train.lr=1e-4' -> ('train.lr', 0.0001); values are read as YAML scalars or lists."""
-    if "=" not in item:
-        raise ConfigError("command line", [f"'{item}' is not a key=value override"])
-    key, _, value = item.partition("=")
-    try:
-        parsed = yaml.safe_load(value) if value else ""
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def _describe(err: dict, loc: tuple[str, ...]) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown key" + did_you_mean(loc[-1], _fields_at(loc[:-1]))
-    value = err.get("input")
-    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
-    return f"{err['msg']}{shown}"
-
-
-def _fields_at(loc: tuple[str, ...]) -> list[str]:
-    """The allowed keys of the section at loc, for 'did you mean' hints."""
-    model: Any = RunConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
-
-
-def _line_of(root: yaml.Node | None, loc: tuple[str, ...]) -> str:
-    """' (line N)' of the deepest YAML node on loc's path, so users can jump to the problem."""
-    node, line = root, None
-    for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key, value in node.value:
-            if key.value == part:
-                line, node = key.start_mark.line + 1, value
-                break
-        else:
-            break
-    return f" (line {line})" if line else ""
