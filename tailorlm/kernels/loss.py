@@ -133,24 +133,7 @@ def _head_token_losses(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: 
 @torch.no_grad()
 def per_sample_loss(model: torch.nn.Module, batch: dict, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion-token loss per row, completion tokens per row) for padded rows, for reports of the
-    hardest examples. The head runs in chunks as above, so logits for one chunk exist at a time."""
-    input_ids_BxT, labels_BxT = batch["input_ids"], batch["labels"]
-    targets_BxT = labels_BxT[:, 1:]
-    keep_BxT = targets_BxT != IGNORE
-    rows_N = keep_BxT.nonzero()[:, 0]
-    parts = decoder_and_head(model)
-    if parts is None:
-        logits_BxTxV = model(input_ids=input_ids_BxT, attention_mask=batch["attention_mask"], use_cache=False).logits
-        token_losses_N = F.cross_entropy(logits_BxTxV[:, :-1][keep_BxT].float(), targets_BxT[keep_BxT], reduction="none")
-    else:
-        decoder, head = parts
-        # the shared prefix as in training: this pass runs over the whole training set, so it is worth it
-        hidden_NxH, targets_N = _completion_states(decoder, batch, {"attention_mask": batch["attention_mask"]},
-                                                   keep_BxT, shared_prefix)
-        token_losses_N = torch.cat([
-            _chunk_loss(hidden_NxH[i:i + CHUNK_ROWS], targets_N[i:i + CHUNK_ROWS], head.weight, head.bias, "none")
-            for i in range(0, hidden_NxH.shape[0], CHUNK_ROWS)]) if hidden_NxH.shape[0] else hidden_NxH.new_zeros(0)
-    n_rows = input_ids_BxT.shape[0]
-    sums_B = torch.zeros(n_rows, dtype=torch.float32, device=input_ids_BxT.device).index_add_(0, rows_N, token_losses_N.float())
-    counts_B = keep_BxT.sum(1)
-    return sums_B, counts_B
+    hardest examples: sequence_logps without gradient, negated (the shared prefix as in training: this pass
+    runs over the whole training set, so it is worth it)."""
+    logps_B, counts_B = sequence_logps(model, batch, shared_prefix)
+    return -logps_B, counts_B.long()

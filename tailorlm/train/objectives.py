@@ -73,11 +73,10 @@ class PreferenceObjective:
         """The reference log-probs of every item's two sequences under `model` as it is now."""
         if not self.needs_reference or not items:
             return
-        for idx in eval_batches(items, batch_size):
-            chosen, _ = _logps(model, [items[i].chosen for i in idx], ctx)
-            rejected, _ = _logps(model, [items[i].rejected for i in idx], ctx)
-            for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
-                items[i].reference = [c, r]
+        chosen = _all_logps(model, [it.chosen for it in items], ctx, batch_size)
+        rejected = _all_logps(model, [it.rejected for it in items], ctx, batch_size)
+        for item, c, r in zip(items, chosen, rejected):
+            item.reference = [c, r]
 
     @torch.no_grad()
     def evaluate(self, model, items: list[Preference], ctx, batch_size: int) -> dict:
