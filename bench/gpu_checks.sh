@@ -4,7 +4,8 @@
 #
 #   bench/gpu_checks.sh OUTDIR [PART ...]
 #   parts: env tests speed-1b accum families speed-135m distributed   (default: all, in this order)
-#          full-1b (the full fine-tuning rows of speed-1b alone)
+#          full-1b (the full fine-tuning rows of speed-1b alone), accum-full (the full rows of accum alone),
+#          dora (the DoRA row of task_results --suite methods; MODEL=model.path, DATA=the datasets' folder)
 #
 # Then: python bench/train_speed.py --render OUTDIR/<suite>.json   (writes that suite's BENCHMARKS.md section)
 set -u
@@ -31,6 +32,10 @@ for part in $parts; do
     speed-1b) speed gpu 360 speed-1b --only llama-3.2-1b ;;
     full-1b) speed gpu 240 full-1b --only llama-3.2-1b --method full ;;
     accum) speed gpu-accum 200 accum ;;
+    accum-full) speed gpu-accum 170 accum-full --method full ;;
+    dora) timeout 250 $py bench/task_results.py --suite methods --only dora --out "$out/methods" \
+            --model "${MODEL:-default}" --data-root "${DATA:-../shared/data}" ${SET:+--set $SET} 2>&1 | tail -15
+          grep -h '"error"' "$out/methods/results.json" ;;
     families) speed gpu-families 300 families ;;
     speed-135m) speed gpu 300 speed-135m --only smollm2-135m ;;
     distributed) env -u TORCH_LOGS timeout 150 $py bench/distributed_overhead.py --shape llama-3.2-1b --compile off \

@@ -257,9 +257,11 @@ def suite_cases(suite: str) -> list[dict]:
         return [dict(gpu, shape=shape, method="lora", impl=impl, steps=15) for shape in FAMILY_SHAPES
                 for impl in ("baseline", "tailorlm")]
     if suite == "gpu-accum":  # equal samples per optimizer step (32): the recipe's 4 x 8, or fuller packed rows
+        # full fine-tuning also compiled, alone and with the fuller rows: the two gains measured together
+        compiled = {"full": (("tailorlm", {"compile": "on"}), ("tailorlm", {"budget": 16384, "compile": "on"}))}
         return [dict(gpu, shape="llama-3.2-1b", method=method, impl=impl, steps=10, accum=4, **extra)
                 for method in ("lora", "full") for impl, extra in
-                (("baseline", {}), ("tailorlm", {}), ("tailorlm", {"budget": 16384}))]
+                (("baseline", {}), ("tailorlm", {}), ("tailorlm", {"budget": 16384}), *compiled.get(method, ()))]
     cases = []
     for shape, steps in (("smollm2-135m", 30), ("llama-3.2-1b", 20)):
         for method in ("lora", "full"):

@@ -190,12 +190,17 @@ def test_fast_training_leaves_the_model_as_it_found_it():
 
 
 def test_auto_compiles_lora_on_cuda_and_full_fine_tuning_only_when_the_run_is_long_enough():
-    from tailorlm.train.step import COMPILE_FULL_AFTER, compiles
+    from tailorlm.train.loop import planned_tokens
+    from tailorlm.train.step import COMPILE_FULL_AFTER_TOKENS as AFTER, compiles
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     lora = make_strategy(MethodSpec(name="lora")).prepare(tiny_llama(400))
     full = make_strategy(MethodSpec(name="full")).prepare(tiny_llama(400))
     auto = TrainSpec()
     assert compiles(lora, auto, cuda, 1) and not compiles(lora, auto, cpu, 10**6)
-    assert not compiles(full, auto, cuda, COMPILE_FULL_AFTER - 1) and compiles(full, auto, cuda, COMPILE_FULL_AFTER)
+    assert not compiles(full, auto, cuda, AFTER - 1) and compiles(full, auto, cuda, AFTER)
+    # tokens, whatever the micro-batches: 10 samples of 300 tokens, batches of 4 -> 3 steps an epoch; 2.5 epochs
+    samples = [Sample(list(range(300)), list(range(300)), {}) for _ in range(10)]
+    assert planned_tokens(samples, TrainSpec(batch_size=4, epochs=2)) == 6000
+    assert planned_tokens(samples, TrainSpec(batch_size=4, max_steps=7)) == 7000
     assert compiles(full, TrainSpec(compile="on"), cpu, 1) and not compiles(lora, TrainSpec(compile="off"), cuda, 10**6)

@@ -174,7 +174,7 @@ class TrainSpec(Section):
     eval_every: int = Field(25, ge=0, description="Validation loss every N optimizer steps (0: only at the end)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     packing: Literal["auto", "on", "off"] = Field("auto", description="Lay each batch's samples end to end in one row: no padding, attention kept within samples. auto: on CUDA; on CPU padded rows that share their prompt opening measure faster")
-    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (fused kernels); auto: on CUDA, for LoRA-like methods always, for full fine-tuning from 500 micro-batches on, where the compile time pays back (BENCHMARKS.md)")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (fused kernels); auto: on CUDA, for LoRA-like methods always, for full fine-tuning from 2M training tokens on, where the compile time pays back (BENCHMARKS.md)")
     micro_batch_tokens: Optional[PositiveInt] = Field(None, description="With packing (ignored without): regroup each optimizer step's samples (batch_size x grad_accum) into micro-batches of up to this many tokens per process; fewer, fuller micro-batches, the same update")
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward: much less memory, ~30% more compute")
     checkpoint_every: Optional[PositiveInt] = Field(None, description="Save a resumable checkpoint every N optimizer steps; at every evaluation when absent")

@@ -83,6 +83,12 @@ def plan_steps(n_samples: int, spec: TrainSpec) -> tuple[int, int]:
     return per_epoch, spec.max_steps or per_epoch * spec.epochs
 
 
+def planned_tokens(train_samples: list, spec: TrainSpec) -> int:
+    """The tokens the run will train on, every epoch (a step's share of the last one counted)."""
+    per_epoch, total = plan_steps(len(train_samples), spec)
+    return round(sum(map(len, train_samples)) * total / max(per_epoch, 1))
+
+
 def train(model, strategy: Strategy, train_samples: list, spec: TrainSpec, lr: float, pad_id: int,
           device: torch.device, hooks: Hooks | None = None, resume: Path | None = None,
           objective: PreferenceObjective | None = None, held_out: list[Preference] = ()) -> TrainResult:
@@ -95,8 +101,7 @@ def train(model, strategy: Strategy, train_samples: list, spec: TrainSpec, lr: f
         strategy.on_step(saved[1]["step"], model)  # the unfreezing stage the run had reached
         load_weights(resume, strategy.checkpoint_params(model))
     wrapped = Wrapped(model, device)
-    micro_batches = plan_steps(len(train_samples), spec)[1] * spec.grad_accum
-    with fast_training(wrapped.module, spec, pad_id, device, micro_batches) as ctx:
+    with fast_training(wrapped.module, spec, pad_id, device, planned_tokens(train_samples, spec)) as ctx:
         run = _Run(wrapped, strategy, train_samples, spec, lr, ctx, hooks or Hooks(), objective, list(held_out))
         if saved:
             run.restore(resume, *saved)

@@ -56,10 +56,10 @@ def real_tokens(batch: dict) -> int:
 
 
 @contextlib.contextmanager
-def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device, micro_batches: int = 0):
+def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device, planned_tokens: int = 0):
     """Set the model up for fast training on `device`, yield how its steps should run, and undo it after.
-    micro_batches: how many the run will take (forward and backward passes), which decides whether compiling
-    full fine-tuning pays back.
+    planned_tokens: how many the run will train on (all epochs), which decides whether compiling full
+    fine-tuning pays back.
 
     Packed attention stays on for the whole block, not per forward: activation checkpointing recomputes
     layers during backward, and the recomputation must take the same attention path. Everything is undone
@@ -72,7 +72,7 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device, mic
     # PEFT would upcast every adapter input to the adapters' fp32; under autocast they run in bf16 instead.
     casting = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)] if half else []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    compiled = compiles(model, spec, device, micro_batches)
+    compiled = compiles(model, spec, device, planned_tokens)
     recompile_limit = torch._dynamo.config.recompile_limit
     if compiled:  # one graph per packed shape bucket; the caller's limit is put back on exit
         torch._dynamo.config.recompile_limit = max(recompile_limit, 32)
@@ -106,21 +106,24 @@ def fast_training(model, spec: TrainSpec, pad_id: int, device: torch.device, mic
             base.gradient_checkpointing_disable()
 
 
-# Compiled full fine-tuning of the Llama-3.2-1B shape on an H200 (BENCHMARKS.md, 2026-11-26): 72 ms a
-# micro-batch against eager's 95 ms, after about 11 s more warm-up, so it pays back after some 480 of them.
-COMPILE_FULL_AFTER = 500
+# Compiling full fine-tuning costs a fixed warm-up and saves time per token, so whether it pays back depends
+# on the tokens a run trains on, not on how they are grouped into micro-batches. Measured on the Llama-3.2-1B
+# shape (BENCHMARKS.md, 2026-11-26): 8-sample micro-batches on an H200, 11 s more warm-up, paid back after
+# about 1.2M tokens; 16,384-token micro-batches on an H100, 5.7 s more, after about 1.3M; 4 x 8 accumulation on
+# a slower H100 host, 16 s more, after about 5M. Two million is where the loss, if any, stays a few seconds.
+COMPILE_FULL_AFTER_TOKENS = 2_000_000
 
 
-def compiles(model, spec: TrainSpec, device: torch.device, micro_batches: int) -> bool:
+def compiles(model, spec: TrainSpec, device: torch.device, planned_tokens: int) -> bool:
     """Whether training compiles the decoder layers (train.compile)."""
     if spec.compile != "auto":
         return spec.compile == "on"
-    return device.type == "cuda" and (_mostly_frozen(model) or micro_batches >= COMPILE_FULL_AFTER)
+    return device.type == "cuda" and (_mostly_frozen(model) or planned_tokens >= COMPILE_FULL_AFTER_TOKENS)
 
 
 def _mostly_frozen(model) -> bool:
     """True for parameter-efficient methods. auto always compiles these: on an H100, compiled layers made LoRA
-    1.9-2.5x faster; full fine-tuning only from COMPILE_FULL_AFTER micro-batches on."""
+    1.9-2.5x faster; full fine-tuning only from COMPILE_FULL_AFTER_TOKENS on."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable < 0.5 * sum(p.numel() for p in model.parameters())
 
