@@ -34,7 +34,8 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
     overrides: "key=value" strings or a {dotted.key: value} mapping; settings: the same as keywords, with
         "__" for the dots (train__lr=1e-4).
     output: the run directory (default runs/<output.name>-<timestamp>); resume=True continues the interrupted
-        run there from its latest complete checkpoint, with the config it was started with.
+        run there from its latest complete checkpoint, with the config it was started with (its config.yaml
+        when config is None).
     quiet: lower transformers/PEFT logging to errors for this process (what the CLI does).
     """
     from tailorlm.models.loading import LoadedModel, quiet_library_logs
@@ -59,6 +60,10 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
 
             fields, given = in_memory_sources(data)
             extra += [f"data.{split}={source}" for split, source in fields.items()]
+    if resume and config is None and output is not None:  # the run's own config, as `tailor run --resume` reads it
+        if not RunDir(output).is_run():
+            raise TailorError(f"tailorlm.run(resume=True): {output} is not a run directory (no config.yaml)")
+        config = RunDir(output) / "config.yaml"
     cfg = _config(config, extra, trust_remote_code)
     if quiet:
         quiet_library_logs()

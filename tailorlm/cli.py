@@ -17,13 +17,15 @@ EPILOG = """examples:
   tailor preflight examples/wnut17.yaml        check the data (duplicates, leakage, lengths, time) only
   tailor pairs runs/sst2-20260101-120000       preference pairs from the run's wrong answers, and a
                                                dpo.yaml to continue that run with DPO
+  tailor studio                                the local web app: a table to a fine-tuned model, no YAML
   tailor run examples/sst2.yaml --nproc 4      the same run on 4 processes (torchrun, DDP; FSDP2 with
                                                train.distributed.strategy=fsdp)
 """
 
 # Verbs beyond run/preflight live beside the code they drive; each module has register(verbs), which adds
 # its subparser with set_defaults(handler=fn), and fn(args) -> exit code. Heavy imports stay inside fn.
-VERB_MODULES = ["tailorlm.export.command", "tailorlm.serve.command", "tailorlm.track.command", "tailorlm.sweep.command"]
+VERB_MODULES = ["tailorlm.export.command", "tailorlm.serve.command", "tailorlm.track.command", "tailorlm.sweep.command",
+                "tailorlm.studio.command"]
 
 
 def _parser() -> argparse.ArgumentParser:

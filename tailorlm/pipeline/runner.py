@@ -94,6 +94,9 @@ def _owned(prepared: Prepared, run_dir: RunDir, resume: bool, device, observe, m
         run_dir.set_state(status)
         try:
             outcome = _train_and_evaluate(prepared, run_dir, resume, device, observe, model)
+        except KeyboardInterrupt:  # Ctrl-C, or the studio's Stop: resumable, not failed
+            run_dir.set_state({**status, "status": "interrupted"})
+            raise
         except BaseException as e:
             run_dir.set_state({**status, "status": "failed", "error": str(e) or type(e).__name__})
             raise

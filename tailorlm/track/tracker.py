@@ -10,11 +10,13 @@ The training loop holds one Tracker per run and calls it at the same points what
 
 The run's config is logged when the tracker opens (TensorBoard text, MLflow params), so every run carries it
 even if log_params is never called. <run>/tracking.json records where the run was tracked (the MLflow run id),
-for `tailor runs`, `tailor compare` and anyone opening the MLflow UI. A disabled tracker (distributed ranks
+for `tailor runs`, `tailor compare` and anyone opening the MLflow UI. <run>/live.jsonl gets one JSON line per
+logged step as it happens (the studio's live curves read it). A disabled tracker (distributed ranks
 other than 0) writes nothing at all.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -84,6 +86,9 @@ class Tracker:
             return
         values = {k: float(v) for k, v in metrics.items() if v is not None}
         self.last_metrics.update(values)
+        if values:  # live.jsonl: what a watcher (the studio, `tail -f`) reads while the run goes on
+            with open(self.out_dir / "live.jsonl", "a", encoding="utf-8") as live:
+                live.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, global_step=step)
@@ -123,7 +128,8 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self.close("failed" if exc_type is not None else "complete")
+        self.close("complete" if exc_type is None else "interrupted" if issubclass(exc_type, KeyboardInterrupt)
+                   else "failed")
         return False
 
     def _open_mlflow(self) -> None:

@@ -1,0 +1,87 @@
+"""What the studio shows of a run: its live curves, its results and its comparison with others, read from the run
+directory's own files (live.jsonl, metrics.json, predictions.jsonl, example_losses.jsonl, train_log.json), the
+files `tailor runs` and `tailor compare` read, so a run started from the CLI shows the same way."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tailorlm.track.compare import compare_runs
+from tailorlm.track.registry import find_runs, load_run
+
+SHOWN_LOSSES = 20  # highest-loss training examples listed
+SHOWN_PREDICTIONS = 500
+
+
+def live_series(run_dir: Path) -> dict[str, list[list[float]]]:
+    """live.jsonl as curves: metric -> [[step, value], ...]; a resumed run's repeated steps keep the later value."""
+    series: dict[str, dict[int, float]] = {}
+    for row in _jsonl(run_dir / "live.jsonl"):
+        step = row.get("step")
+        for key, value in row.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and isinstance(step, int):
+                series.setdefault(key, {})[step] = value
+    return {key: sorted([s, v] for s, v in points.items()) for key, points in series.items()}
+
+
+def run_listing(runs: Path) -> list[dict]:
+    rows = []
+    for record in find_runs(runs):
+        heads = [f"{h.metric} {h.fine_tuned:.3f}" + (f" vs {h.best_prompting:.3f} prompting" if h.best_prompting
+                                                       is not None else "")
+                 for h in record.headlines().values() if h.fine_tuned is not None]
+        rows.append({"name": record.name, "status": record.status, "started": record.started,
+                     "method": record.method, "headline": "; ".join(heads)})
+    return rows
+
+
+def run_results(run_dir: Path) -> dict:
+    """The results page: status, the variants table, confusion matrix, predictions, highest-loss examples."""
+    record = load_run(run_dir)
+    metrics = record.metrics
+    sections = metrics.get("tasks") or ({"": metrics} if "variants" in metrics else {})
+    tables = []
+    for task, section in sections.items():
+        columns = [c for c in section.get("columns", []) if c != "valid"] + ["valid"]
+        rows = [{"variant": name, **{c: values.get(c) for c in columns}, "kind": values.get("kind"),
+                 "k": values.get("k")} for name, values in section.get("variants", {}).items()]
+        tuned = section.get("variants", {}).get("fine_tuned", {})
+        tables.append({"task": task, "headline": section.get("headline"), "columns": columns, "rows": rows,
+                       "best_prompting": section.get("best_prompting"), "labels": section.get("labels") or [],
+                       "confusion": tuned.get("confusion")})
+    predictions = [p for p in _jsonl(run_dir / "predictions.jsonl") if p.get("variant") == "fine_tuned"]
+    for p in predictions:
+        p["correct"] = p.get("predicted") == p.get("expected") if p.get("expected") is not None else None
+    losses = sorted(_jsonl(run_dir / "example_losses.jsonl"), key=lambda r: -float(r.get("loss", 0)))
+    log = record.log
+    return {"name": record.name, "status": record.status, "tables": tables,
+            "predictions": predictions[:SHOWN_PREDICTIONS], "losses": losses[:SHOWN_LOSSES],
+            "retention": log.get("retention"), "best_step": log.get("best_step"),
+            "stopped_early": log.get("stopped_early"), "train_seconds": log.get("seconds"),
+            "config": (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""}
+
+
+def comparison(paths: list[Path]) -> dict:
+    """What `tailor compare` computes, as data: the settings that differ, the metrics side by side, the curves."""
+    found = compare_runs(paths)
+    return {"labels": found.labels, "config_diff": {k: [_plain(v) for v in vs] for k, vs in found.config_diff.items()},
+            "metrics": found.metrics, "curves": found.curves}
+
+
+def _plain(value):
+    return value if isinstance(value, (str, int, float, bool, list, dict)) or value is None else str(value)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    """A JSONL file's rows; a line still being written (the last one of a live file) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
