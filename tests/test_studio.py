@@ -225,8 +225,20 @@ def test_a_studio_run_equals_tailor_run_on_the_yaml_it_shows_and_survives_the_st
     from tailorlm.track.registry import load_run
 
     assert load_run(run_dir).status == "interrupted"
-    resumed = tailorlm.run(output=run_dir, resume=True, quiet=True)
-    assert resumed.metrics["train"]["steps"] == 100
+    again, server = start(tmp_path)  # a new studio on the same folders resumes it (so would tailor run --resume)
+    try:
+        first = next(p.name for p in (tmp_path / "runs").iterdir() if p.name != job["name"])
+        status, body = again.call("POST", f"/api/runs/{first}/resume", {})
+        assert (status, body["error"]) == (400, f"{first} is complete: only an interrupted run can be resumed")
+        status, body = again.call("POST", f"/api/runs/{job['name']}/resume", {})
+        assert status == 200 and again.wait(job["name"]) == "complete"
+    finally:
+        again.studio.close()
+        server.__exit__()
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["steps"] == 100
+    assert "interrupted" in (tmp_path / "home" / "logs" / f"{job['name']}.log").read_text()  # one log, appended
+    with pytest.raises(tailorlm.TailorError, match=r"is not a run directory \(no config.yaml\)"):
+        tailorlm.run(output=tmp_path / "nothing-here", resume=True)
 
 
 def test_folders_refuse_names_that_are_paths(tmp_path):

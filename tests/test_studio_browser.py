@@ -71,8 +71,10 @@ def test_a_table_to_a_fine_tuned_compared_and_exported_model_in_the_browser(tmp_
 
         # 4 (settings first, so the previews tokenize with this model): the model and a short run
         visit("/train")
-        for key, value in {"model.path": model, "train.max_steps": "30", "train.batch_size": "4",
-                           "train.eval_every": "10", "output.name": "reviews"}.items():
+        # enough steps that the page, polling each second, sees the curve grow while the run goes on
+        steps, every = ("150", "25") if model == "tiny-llama" else ("30", "10")
+        for key, value in {"model.path": model, "train.max_steps": steps, "train.batch_size": "4",
+                           "train.eval_every": every, "output.name": "reviews"}.items():
             page.fill(f'[data-key="{key}"]', value)
             page.dispatch_event(f'[data-key="{key}"]', "change")
             page.wait_for_function(f"document.querySelector('#yaml').textContent.includes({value!r})", timeout=60_000)

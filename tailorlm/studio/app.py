@@ -155,6 +155,10 @@ def create_app(studio: Studio) -> FastAPI:
         studio.folders.run_dir(name)
         return {"stopped": studio.queue.stop(name)}
 
+    @app.post("/api/runs/{name}/resume")
+    def resume_run(name: str):
+        return studio.resume_run(studio.folders.run_dir(name))
+
     @app.get("/api/runs/{name}/live")
     def live(name: str):
         path = studio.folders.run_dir(name)

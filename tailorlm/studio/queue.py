@@ -4,7 +4,8 @@ Each run is the CLI itself, `python -m tailorlm run CONFIG --output RUN_DIR`, in
 is an ordinary run directory in every respect (resumable with `tailor run --resume`, listed by `tailor runs`),
 the metrics are the ones `tailor run CONFIG` gives, and stopping or killing the studio cannot corrupt a run:
 the run directory's own rules (atomic checkpoints, the run lock) apply to a process stopped at any moment.
-Stop sends the process an interrupt, as Ctrl-C does in a terminal.
+Stop sends the process an interrupt, as Ctrl-C does in a terminal; Resume queues `tailor run --resume RUN_DIR`,
+for a run stopped here or interrupted anywhere else.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Job:
     config: Path
     run_dir: Path
     log: Path
+    resume: bool = False  # continue the interrupted run in run_dir (its own config.yaml) instead of starting one
     state: str = "queued"  # queued, running, complete, failed, stopped
     queued_at: float = field(default_factory=time.time)
     returncode: int | None = None
@@ -46,9 +48,9 @@ class RunQueue:
         self._worker = threading.Thread(target=self._work, name="studio-runs", daemon=True)
         self._worker.start()
 
-    def submit(self, name: str, config: Path, run_dir: Path, log: Path) -> Job:
+    def submit(self, name: str, config: Path, run_dir: Path, log: Path, resume: bool = False) -> Job:
         with self._lock:
-            job = Job(name, config, run_dir, log)
+            job = Job(name, config, run_dir, log, resume)
             self.jobs.append(job)
             self._wake.notify()
             return job
@@ -99,9 +101,10 @@ class RunQueue:
     def _work(self) -> None:
         while (job := self._next()) is not None:
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "100"}
-            with open(job.log, "w", encoding="utf-8") as out:
-                process = subprocess.Popen([self.python, "-m", "tailorlm", "run", str(job.config), "--output",
-                                            str(job.run_dir)], stdout=out, stderr=subprocess.STDOUT, env=env)
+            args = ["--resume", str(job.run_dir)] if job.resume else [str(job.config), "--output", str(job.run_dir)]
+            with open(job.log, "a" if job.resume else "w", encoding="utf-8") as out:
+                process = subprocess.Popen([self.python, "-m", "tailorlm", "run", *args], stdout=out,
+                                           stderr=subprocess.STDOUT, env=env)
                 with self._lock:
                     job.process = process
                 code = process.wait()

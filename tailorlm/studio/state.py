@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tailorlm.config import RunConfig, load_config
+from tailorlm.errors import TailorError
 from tailorlm.rundir import write_json, write_text
 from tailorlm.studio.paths import Folders
 from tailorlm.studio.queue import RunQueue
@@ -81,6 +82,16 @@ class Studio:
         write_text(config, self.draft.yaml())
         job = self.queue.submit(name, config, self.folders.runs / name, self.folders.home / "logs" / f"{name}.log")
         return job.public()
+
+    def resume_run(self, run_dir: Path) -> dict:
+        """Queue an interrupted run (from the studio or the CLI) to continue from its latest checkpoint."""
+        from tailorlm.track.registry import load_run
+
+        status = load_run(run_dir).status
+        if status != "interrupted":
+            raise TailorError(f"{run_dir.name} is {status}: only an interrupted run can be resumed")
+        log = self.folders.home / "logs" / f"{run_dir.name}.log"
+        return self.queue.submit(run_dir.name, run_dir / "config.yaml", run_dir, log, resume=True).public()
 
     def close(self) -> None:
         self.queue.close()

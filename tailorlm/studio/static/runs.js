@@ -83,6 +83,9 @@ function showPredictions() {
 
 async function runPage() {
   const name = document.body.dataset.run;
+  $("#resume").addEventListener("click", async () => {
+    try { showError(null); await api(`/api/runs/${name}/resume`, { json: {} }); watch.reloaded = false; watch(name); } catch (e) { showError(e); }
+  });
   $("#wrong-only").addEventListener("change", showPredictions);
   $("#label-filter").addEventListener("change", showPredictions);
   $("#stop").addEventListener("click", () => api(`/api/runs/${name}/stop`, { json: {} }));

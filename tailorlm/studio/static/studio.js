@@ -181,6 +181,7 @@ async function watch(name) {
   if ($("#live")) { $("#live").hidden = false; $("#live-name").textContent = name; $("#live-results").href = `/runs/${name}`; }
   $("#live-status").textContent = live.status;
   $("#live-status").className = `status ${live.status}`;
+  if ($("#resume")) $("#resume").hidden = live.status !== "interrupted";
   if ($("#stop")) $("#stop").hidden = !["queued", "running"].includes(live.status);
   if ($("#log")) { $("#log").textContent = live.log; $("#log").scrollTop = $("#log").scrollHeight; }
   showCurves(live.series);
