@@ -49,11 +49,6 @@ class Draft:
                     node[parts[-1]] = value
             write_json(self.path, self.settings)
 
-    def replace(self, settings: dict) -> None:
-        with self._lock:
-            self.settings = copy.deepcopy(settings)
-            write_json(self.path, self.settings)
-
     def yaml(self) -> str:
         return yaml.safe_dump(self.settings, sort_keys=False, allow_unicode=True)
 
