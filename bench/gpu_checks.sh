@@ -6,6 +6,9 @@
 #   parts: env tests speed-1b accum families speed-135m distributed   (default: all, in this order)
 #          full-1b (the full fine-tuning rows of speed-1b alone), accum-full (the full rows of accum alone),
 #          dora (the DoRA row of task_results --suite methods; MODEL=model.path, DATA=the datasets' folder)
+#          datasets (task_results --suite datasets, one run per dataset under its own limit; MODEL, DATA, SET,
+#          NAMES="wnut17 gsm8k alpaca multi30k"; each full-size run takes more than 200 s on an H100, most of it
+#          generation: plan a device session of 20 minutes or more for the four)
 #
 # Then: python bench/train_speed.py --render OUTDIR/<suite>.json   (writes that suite's BENCHMARKS.md section)
 set -u
@@ -27,7 +30,7 @@ for part in $parts; do
   case $part in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
          $py -c "import torch, transformers, peft; from tailorlm.kernels.attention import _VARLEN_ARGS as a; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'varlen window_size:', 'window_size' in a)" ;;
-    tests) env -u TORCH_LOGS timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "$TESTS" \
+    tests) env -u TORCH_LOGS timeout 260 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "$TESTS" \
              --junitxml="$out/gpu-tests.xml" 2>&1 | tail -25 ;;
     speed-1b) speed gpu 360 speed-1b --only llama-3.2-1b ;;
     full-1b) speed gpu 240 full-1b --only llama-3.2-1b --method full ;;
@@ -36,6 +39,14 @@ for part in $parts; do
     dora) timeout 250 $py bench/task_results.py --suite methods --only dora --out "$out/methods" \
             --model "${MODEL:-default}" --data-root "${DATA:-../shared/data}" ${SET:+--set $SET} 2>&1 | tail -15
           grep -h '"error"' "$out/methods/results.json" ;;
+    datasets) for name in ${NAMES:-wnut17 gsm8k alpaca multi30k}; do
+                echo "--- $name ($(date -u +%H:%M:%S))"
+                timeout "${LIMIT:-420}" $py bench/task_results.py --suite datasets --only "$name" --out "$out/datasets-$name" \
+                  --model "${MODEL:-default}" --data-root "${DATA:-../shared/data}" --set eval.batch_size=64 \
+                  ${SET:+--set $SET} 2>&1 | grep -v 'ETA\|━' | tail -12
+                # keep the figures, reports and predictions; drop checkpoints and event files (too many to bring back)
+                rm -rf "$out/datasets-$name/$name/checkpoints" "$out/datasets-$name/$name/tensorboard"
+              done ;;
     families) speed gpu-families 300 families ;;
     speed-135m) speed gpu 300 speed-135m --only smollm2-135m ;;
     distributed) env -u TORCH_LOGS timeout 150 $py bench/distributed_overhead.py --shape llama-3.2-1b --compile off \

@@ -72,10 +72,12 @@ def main() -> None:
     parser.add_argument("--model", help="model.path for every run (default: the configs' own, the embedded SmolLM2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run, after the suite's own (e.g. smaller limits on a CPU)")
-    parser.add_argument("--render", type=Path, help="results.json to write into BENCHMARKS.md")
+    parser.add_argument("--render", type=Path, nargs="+",
+                        help="results.json files of one suite (one per dataset is fine) to write into BENCHMARKS.md")
     args = parser.parse_args()
     if args.render:
-        render(json.loads(args.render.read_text()))
+        saved = [json.loads(path.read_text()) for path in args.render]
+        render({**saved[0], "runs": [run for result in saved for run in result["runs"]]})
         return
     import torch
 
