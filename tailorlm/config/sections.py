@@ -205,7 +205,8 @@ class EvalSpec(Section):
     prompting: list[Literal["free", "constrained", "likelihood"]] = Field(
         ["free", "constrained", "likelihood"], description="How prompting baselines answer a closed label set: free "
         "generation, decoding constrained to the labels, and label log-likelihood (the most likely label's completion). "
-        "The fine-tuned model is compared with the best of them; open-answer tasks always generate freely")
+        "NER lists are free or constrained (to the text's own spans under each type). The fine-tuned model is compared with "
+        "the best of them; open-answer tasks always generate freely")
     demos: Literal["random", "similar"] = Field("random", description="Few-shot demonstrations: random (balanced over "
                                                 "labels, the same for every row) or similar (each row's k nearest training "
                                                 "examples by TF-IDF cosine)")
@@ -228,7 +229,7 @@ class EvalSpec(Section):
         return values
     batch_size: PositiveInt = 16
     max_new_tokens: Optional[PositiveInt] = Field(None, description="By default the longest label plus 16 tokens, room for a sentence")
-    decoding: Literal["free", "constrained"] = Field("free", description="free: greedy text, normalised to a label; constrained: greedy within the label set")
+    decoding: Literal["free", "constrained"] = Field("free", description="free: greedy text, normalised to a label; constrained: greedy within the label set, or for NER within lists of the text's own spans under each type")
     during_training: int = Field(32, ge=0, description="Validation examples generated and scored at each evaluation during training (0: loss only)")
     select: SelectSpec = SelectSpec()
     retention: RetentionSpec = RetentionSpec()

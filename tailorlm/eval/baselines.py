@@ -53,8 +53,7 @@ def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, sp
                   report=print) -> Baselines:
     """Every prompting baseline of one task on its test samples, the k-shot curve, and the classic classifier."""
     out = Baselines()
-    kinds = [k for k in ("free", "constrained", "likelihood") if k in spec.prompting] if evaluator.closed else ["free"]
-    kinds = kinds or ["free"]
+    kinds = [k for k in evaluator.kinds if k in spec.prompting] or ["free"]
     # A conversation is its own context: demonstrations would be other whole conversations, so chat is compared
     # with zero-shot prompting alone.
     ks = [0] if evaluator.task.conversational else spec.few_shot_k

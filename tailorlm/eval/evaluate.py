@@ -16,6 +16,7 @@ from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
 from tailorlm.eval.generate import LabelTrie, generate
+from tailorlm.eval.item_lists import item_list_trie
 from tailorlm.eval.likelihood import answer_logprobs
 from tailorlm.tasks.classification import answer_complete
 
@@ -52,6 +53,7 @@ class Evaluator:
         self.spec, self.device, self.label_field, self.task = spec, device, label_field, template.task
         self.max_new_tokens, self.trie, self.answers = spec.max_new_tokens or self.task.max_new_tokens, None, []
         self.forms: list[tuple[int, list[int]]] = []  # (label index, token ids) of every surface form
+        self._opening: str | None = None
         if label_field:
             encode = lambda text: fmt.encode_completion(fmt.completion_text("", template.completion(  # noqa: E731
                 {label_field: text})))
@@ -70,6 +72,27 @@ class Evaluator:
     def closed(self) -> bool:
         """A closed label set: constrained decoding and label likelihood apply."""
         return bool(self.label_field and self.labels)
+
+    @property
+    def kinds(self) -> list[str]:
+        """How this task's answers can be scored. A list of items from a closed set (NER) can be constrained, but
+        has no likelihood kind: its answers are every subset of the example's spans, too many to score each."""
+        if self.closed:
+            return ["free", "constrained", "likelihood"]
+        return ["free", "constrained"] if self.task.list_answer and self.labels else ["free"]
+
+    def constraint(self, examples: list[dict]):
+        """What generate() decodes within under constrained decoding: the label trie of a closed label set, or
+        each example's own item-list trie (built when its batch comes up)."""
+        return self.trie if self.closed else lambda i: self.item_trie(examples[i])
+
+    def item_trie(self, example: dict):
+        """The constrained-decoding trie of one example's list answer (NER: its own spans under each type)."""
+        answer = self.task.list_answer
+        if self._opening is None:  # the training completion's text before the answer (a space in the plain layout)
+            self._opening = self.fmt.completion_text("", "\x00").split("\x00")[0]
+        return item_list_trie(self.tokenizer, answer.items(example, self.labels), answer.separator, answer.empty,
+                              self._opening)
 
     def prompts(self, samples: list[Sample], demos: list[dict] | list[list[dict]] = ()) -> tuple[list[list[int]], int]:
         """(prompt ids, demonstrations dropped). demos is one list for every row, or one list per row; a row
@@ -93,8 +116,8 @@ class Evaluator:
             kind: str | None = None) -> VariantResult:
         """kind: free, constrained or likelihood (eval.decoding when None)."""
         kind = kind or self.spec.decoding
-        if kind != "free" and not self.closed:
-            raise ValueError(f"internal: {kind} scoring needs a closed label set")
+        if kind not in self.kinds:
+            raise ValueError(f"internal: {kind} scoring does not apply to the {self.task.name} task")
         started = time.perf_counter()
         prompts, dropped = self.prompts(samples, demos)
         if kind == "likelihood":
@@ -104,9 +127,9 @@ class Evaluator:
                          for by_label in map(self.label_scores, scores)]
         else:
             done = answer_complete(self.labels) if self.closed and kind == "free" else None
+            constraint = self.constraint([s.example for s in samples]) if kind == "constrained" else None
             generated = generate(model, self.tokenizer, prompts, self.max_new_tokens, self.spec.batch_size,
-                                 self.device, self.trie if kind == "constrained" else None,
-                                 description=f"eval {variant}", done=done)
+                                 self.device, constraint, description=f"eval {variant}", done=done)
         seconds = time.perf_counter() - started
         examples = [s.example for s in samples]
         metrics, predicted = self.task.score(generated, examples, self.labels)

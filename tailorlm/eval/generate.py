@@ -4,7 +4,8 @@ The opening that a batch's prompts share (system prompt, instruction, few-shot d
 once and its cache reused by every row (kernels/prefix.py); each row's own tokens are left-padded after it.
 
 With decoding="constrained" every step may only continue one of the label strings (a token trie), so the
-answer is always a valid label; with "free" the model writes what it likes and the text is normalised.
+answer is always a valid label, or (a list answer such as NER's) stay inside its item grammar, one per row
+(item_lists.py); with "free" the model writes what it likes and the text is normalised.
 """
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
-             trie: LabelTrie | None = None, description: str = "generate", shared_prefix: bool = True,
-             done: Callable[[str], bool] | None = None) -> list[str]:
-    """Greedy completions for token-id prompts, returned in input order. done(text), when given, ends a row's
-    answer early (a classification answer that has named its label, or ended its line)."""
+             trie: LabelTrie | Callable[[int], object] | None = None, description: str = "generate",
+             shared_prefix: bool = True, done: Callable[[str], bool] | None = None) -> list[str]:
+    """Greedy completions for token-id prompts, returned in input order. trie: one constraint for every row, or
+    trie(i) -> prompt i's own (built a batch at a time, so a split's constraints are never all in memory).
+    done(text), when given, ends a row's answer early (a classification answer that has named its label, or
+    ended its line)."""
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -84,7 +87,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             cache = prefix_cache(parts[0], input_ids[0, :n_prefix], len(idx)) if n_prefix else None
             constrain = None
             if trie is not None:
-                constrain = lambda _, ids: trie.allowed(ids[width:].tolist(), stops)  # noqa: E731
+                per_row = [trie(i) for i in idx] if callable(trie) else [trie] * len(idx)
+                constrain = lambda row, ids: per_row[row].allowed(ids[width:].tolist(), stops)  # noqa: E731
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=stops, pad_token_id=pad_id, prefix_allowed_tokens_fn=constrain,
@@ -92,6 +96,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
                                  stopping_criteria=StoppingCriteriaList([_AnswerFinished(tokenizer, width, done)])
                                  if done else None)
             for row, i in enumerate(idx):
-                outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                ids = out[row, width:].tolist()
+                cut = getattr(per_row[row], "cut_unfinished", None) if constrain else None
+                if cut and not set(ids) & set(stops):  # a list answer cut short keeps its finished items only
+                    ids = cut(ids)
+                outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             advance(len(idx))
     return outputs

@@ -107,7 +107,8 @@ def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Ba
     sections, predictions = {}, []
     for name, t in prepared.tasks.items():
         variants = dict(found.variants.get(name, {}))
-        kinds = ["free"] + (["constrained"] if cfg.eval.decoding == "constrained" and scorers[name].closed else [])
+        kinds = ["free"] + (["constrained"] if cfg.eval.decoding == "constrained" and "constrained" in scorers[name].kinds
+                            else [])
         for kind in kinds:
             evaluated = scorers[name].run(model, t.encoded["test"], variant_name("fine_tuned", kind), kind=kind)
             variants[variant_name("fine_tuned", kind)] = evaluated.metrics

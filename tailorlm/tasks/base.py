@@ -13,6 +13,16 @@ Scorer = Callable[[list[str], list[dict], list[str]], tuple[dict, list]]  # (gen
 
 
 @dataclass(frozen=True)
+class ListAnswer:
+    """An answer that lists items of a closed set, which depends on the example (NER: a type and a span of the
+    example's words), joined by a separator, or one fixed word when the list is empty. Constrained decoding
+    keeps a prompted model's answer inside this language."""
+    items: Callable[[dict, list[str]], list[str]]  # (example, labels) -> every item the answer may name
+    separator: str
+    empty: str
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     instruction: str
@@ -27,6 +37,7 @@ class Task:
     derived: frozenset[str] = frozenset()  # template fields computed by derive(), not read from the data
     derive: Callable[[dict], dict] = field(default=lambda ex: {})
     conversational: bool = False  # examples are whole conversations, rendered by the model's chat template
+    list_answer: ListAnswer | None = None  # a list of items from a closed set (NER): constrained decoding applies
 
     @property
     def headline(self) -> str:

@@ -10,17 +10,32 @@ import re
 import string
 from collections import Counter
 
-from tailorlm.tasks.base import Task, check_lengths, ratio
+from tailorlm.tasks.base import ListAnswer, Task, check_lengths, ratio
 
 NO_ENTITIES = "none"
+SEPARATOR = "; "
 _STRIP = string.whitespace + string.punctuation
+# Spans longer than this are not offered to constrained decoding: 99.6% of WNUT-17's training entities have at
+# most 8 words (the rest are titles), and each extra word adds a span per word of a long sentence.
+MAX_SPAN_WORDS = 8
 
 
 def format_entities(entities: list[dict]) -> str:
     """Render entities in sentence order as 'type: text; type: text', or 'none' for no entities."""
     # Whitespace is collapsed so a newline inside a span cannot split it when parsed back.
     parts = [f"{e['type']}: {' '.join(e['text'].split())}" for e in entities]
-    return "; ".join(parts) if parts else NO_ENTITIES
+    return SEPARATOR.join(parts) if parts else NO_ENTITIES
+
+
+def candidate_entities(example: dict, types: list[str]) -> list[str]:
+    """Every 'type: span' an answer may name for this example: each type with each run of up to MAX_SPAN_WORDS
+    of its words. A span with ';' could not be read back (the parser splits there) and one of punctuation
+    alone scores nothing, so neither is offered."""
+    words = example["text"].split()
+    spans = sorted({" ".join(words[i:j]) for i in range(len(words))
+                    for j in range(i + 1, min(len(words), i + MAX_SPAN_WORDS) + 1)})
+    spans = [s for s in spans if ";" not in s and _clean_span(s)]
+    return [f"{kind}: {span}" for kind in types for span in spans]
 
 
 def parse_entities(text: str, types: list[str]) -> list[tuple[str, str]]:
@@ -92,4 +107,4 @@ TASK = Task("ner", "List the named entities in the text as 'type: entity', separ
                    "'none'. Types: {{ labels | join(', ') }}.",
             "{{ instruction }}\n\nText: {{ text }}", "{{ entities_text }}", ("f1", "precision", "recall"), score,
             max_new_tokens=64, structured=frozenset({"entities"}), derived=frozenset({"entities_text"}),
-            derive=_entities_text)
+            derive=_entities_text, list_answer=ListAnswer(candidate_entities, SEPARATOR, NO_ENTITIES))
