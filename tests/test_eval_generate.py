@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tailorlm.eval.generate import LabelTrie, generate
@@ -19,11 +20,12 @@ def writer(tokenizer, seed):
     return model
 
 
-def test_shared_prefix_generation_equals_plain_generation(tiny_tokenizer):
+@pytest.mark.parametrize("batch_size", [3, 2])  # 2: two batches share the opening, whose cache is reused
+def test_shared_prefix_generation_equals_plain_generation(tiny_tokenizer, batch_size):
     model = writer(tiny_tokenizer, seed=3)
     ids = prompts(tiny_tokenizer)
-    plain = generate(model, tiny_tokenizer, ids, 6, 3, torch.device("cpu"), shared_prefix=False)
-    shared = generate(model, tiny_tokenizer, ids, 6, 3, torch.device("cpu"), shared_prefix=True)
+    plain = generate(model, tiny_tokenizer, ids, 6, batch_size, torch.device("cpu"), shared_prefix=False)
+    shared = generate(model, tiny_tokenizer, ids, 6, batch_size, torch.device("cpu"), shared_prefix=True)
     assert shared == plain
     assert all(plain)  # non-empty text, so the comparison means something
 

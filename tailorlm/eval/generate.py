@@ -9,6 +9,7 @@ answer is always a valid label, or (a list answer such as NER's) stay inside its
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -69,6 +70,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     longest = max((len(p) for p in prompts), default=0) + max_new_tokens
     shared_prefix = shared_prefix and generation_prefix_blocker(model, longest) is None
     model.eval()
+    last_prefix: tuple = ((), None)  # (prefix ids, its one-row cache)
     with progress(description, len(prompts)) as advance:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -84,7 +86,15 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
                 input_ids[row, width - len(ids) + n_prefix:] = torch.tensor(ids[n_prefix:])
                 attention_mask[row, width - len(ids) + n_prefix:] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            cache = prefix_cache(parts[0], input_ids[0, :n_prefix], len(idx)) if n_prefix else None
+            cache = None
+            if n_prefix:
+                # Batches usually share the same opening (demonstrations are the same for every row): its cache
+                # is computed once per call and copied, not recomputed per batch (a 6-shot opening is ~480 tokens).
+                key = tuple(rows[0][:n_prefix])
+                if key != last_prefix[0]:
+                    last_prefix = (key, prefix_cache(parts[0], input_ids[0, :n_prefix], 1))
+                cache = copy.deepcopy(last_prefix[1])
+                cache.batch_repeat_interleave(len(idx))
             constrain = None
             if trie is not None:
                 per_row = [trie(i) for i in idx] if callable(trie) else [trie] * len(idx)
