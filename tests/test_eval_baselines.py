@@ -12,6 +12,7 @@ from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.eval.baselines import best_prompting, run_baselines, variant_name
 from tailorlm.eval.classic import nearest, tfidf_logistic_regression
 from tailorlm.eval.evaluate import Evaluator, pick_demos
+from tailorlm.eval import likelihood
 from tailorlm.eval.likelihood import answer_logprobs
 from tailorlm.tasks.classification import answer_complete
 from conftest import tiny_llama
@@ -43,11 +44,13 @@ def direct_logprob(model, prompt: list[int], answer: list[int]) -> float:
     return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(answer))
 
 
-def test_answer_logprobs_equal_a_direct_computation(tiny_tokenizer):
+@pytest.mark.parametrize("side_by_side", [True, False])  # the answers' later tokens in one pass, or one by one
+def test_answer_logprobs_equal_a_direct_computation(tiny_tokenizer, monkeypatch, side_by_side):
+    monkeypatch.setattr(likelihood, "_side_by_side_ok", lambda model, longest: side_by_side)
     model = tiny_llama(len(tiny_tokenizer), seed=1)
     shared = list(range(30, 45))  # a shared opening: the prefix cache path
     prompts = [shared + [50, 51, 52], shared + [60, 61], shared + [70]]
-    answers = [[5], [7, 8, 9], [10, 11]]  # one token, and longer ones of different lengths (padding)
+    answers = [[5], [7, 8, 9], [10, 11], [7, 8, 12]]  # one token, longer ones of different lengths, a shared start
     got = answer_logprobs(model, prompts, answers, CPU)
     for prompt, row in zip(prompts, got):
         assert row == pytest.approx([direct_logprob(model, prompt, a) for a in answers], abs=1e-4)
@@ -168,3 +171,18 @@ def test_the_gain_is_over_the_best_prompting_result_of_any_kind():
 def test_a_single_k_is_the_curve_from_zero():
     assert EvalSpec(few_shot_k=4).few_shot_k == [0, 4]
     assert EvalSpec(few_shot_k=[6, 0, 3, 3]).few_shot_k == [0, 3, 6]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_answer_logprobs_are_exact_under_a_sliding_window_shorter_than_the_rows(family):
+    """Gemma-3's tiny config slides an 8-token window over 18-token rows: padding or a shared opening would
+    change what a row sees, so such rows are scored one at a time (a window-cropped cache cannot be cropped
+    back either); Qwen2 has no window and takes the batched path."""
+    from family_models import tiny_family_model
+
+    model = tiny_family_model(family, 400, seed=1)
+    shared = list(range(30, 45))
+    prompts, answers = [shared + [50, 51, 52], shared + [60, 61], shared + [70]], [[5], [7, 8, 9], [10, 11]]
+    got = answer_logprobs(model, prompts, answers, CPU)
+    for prompt, row in zip(prompts, got):
+        assert row == pytest.approx([direct_logprob(model, prompt, a) for a in answers], abs=1e-4)

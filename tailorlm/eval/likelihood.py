@@ -26,8 +26,15 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], d
     if not answers or any(not a for a in answers):
         raise ValueError("internal: every answer needs at least one token")
     model.eval()
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window and window < max(map(len, prompts)) + max(map(len, answers)):
+        # A sliding window counts cache slots, padding and a separately computed opening included, so a padded
+        # or prefix-shared row would see less than the same prompt alone: such rows are scored one at a time.
+        batch_size, shared = 1, False
+    else:
+        shared = len(prompts) > 1
     # Keep one own token per prompt: its logits predict each answer's first token.
-    n_prefix = shared_prefix_len(prompts, min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
+    n_prefix = shared_prefix_len(prompts, min(len(p) for p in prompts) - 1) if shared else 0
     prefix = _forward(model, torch.tensor([prompts[0][:n_prefix]], device=device), None, None, None)[1] \
         if n_prefix else None
     scores: list[list[float]] = [[] for _ in prompts]
@@ -61,21 +68,70 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[int]], n_pr
     logits, cache = _forward(model, ids, mask, positions, cache)
     answer_ids = torch.tensor([a[0] for a in answers], device=device)
     total = torch.log_softmax(logits[:, -1].float(), -1)[:, answer_ids]  # (batch, answers): first tokens
-    # Each longer answer runs on the batch's cache, which is cropped back after it: the cache is never copied
-    # per answer (a repeated 500-token cache for every row and label costs more than the arithmetic).
     lengths = torch.tensor([len(p) for p in prompts], device=device)
+    if _side_by_side_ok(model, mask.shape[1] + sum(len(a) - 1 for a in answers)):
+        _follow_side_by_side(model, answers, mask, lengths, cache, total)
+    else:
+        _follow_one_by_one(model, answers, mask, lengths, cache, total)
+    return total.tolist()
+
+
+def _side_by_side_ok(model, longest: int) -> bool:
+    """Whether every answer's later tokens can share one pass under a hand-made 4D mask: the attention must take
+    a 4D mask as given (eager, SDPA; not flash-attention), and a sliding window (applied by the model's own
+    mask, which a 4D mask replaces) must be longer than everything the pass sees."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None) or 0
+    return getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa") and (not window or window >= longest)
+
+
+def _follow_side_by_side(model, answers: list[list[int]], mask, lengths, cache, total) -> None:
+    """Every longer answer's later tokens in one pass: the answers sit side by side after the batch's cache, and
+    each token sees the cache and its own answer's earlier tokens only (a block-diagonal causal mask), at the
+    positions it would have alone. One pass instead of one per answer: on the default job each pass copied the
+    whole cache twice (append, then crop), 60% of label likelihood's time with ten answers of two tokens."""
+    longer = [(index, answer) for index, answer in enumerate(answers) if len(answer) > 1]
+    if not longer:
+        return
+    device, batch = mask.device, mask.shape[0]
+    owner = torch.tensor([k for k, (_, a) in enumerate(longer) for _ in a[:-1]], device=device)
+    offset = torch.tensor([j for _, a in longer for j in range(len(a) - 1)], device=device)
+    ids = torch.tensor([t for _, a in longer for t in a[:-1]], device=device).expand(batch, -1)
+    n = ids.shape[1]
+    own_answer = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # n x n
+    sees = torch.cat([mask.bool()[:, None, :].expand(batch, n, -1), own_answer.expand(batch, n, n)], -1)
+    dtype = next(model.parameters()).dtype
+    mask_4d = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)[:, None]
+    logits, cache = _forward(model, ids, mask_4d, lengths[:, None] + offset, cache, last_only=False)
+    cache.crop(-n)
+    logps = torch.log_softmax(logits.float(), -1)
+    start = 0
+    for index, answer in longer:
+        targets = torch.tensor(answer[1:], device=device).expand(batch, -1)
+        span = logps[:, start:start + len(answer) - 1]
+        total[:, index] += span.gather(-1, targets[..., None])[..., 0].sum(-1)
+        start += len(answer) - 1
+
+
+def _follow_one_by_one(model, answers: list[list[int]], mask, lengths, cache, total) -> None:
+    """Each longer answer runs on the batch's cache, which is cropped back after it: the cache is never copied
+    per answer (a repeated 500-token cache for every row and label costs more than the arithmetic), except
+    under a sliding window, whose layers keep only the window and cannot be cropped back past it."""
+    device, batch = mask.device, mask.shape[0]
+    windowed = bool(getattr(getattr(model, "config", None), "sliding_window", None))
     for index, answer in enumerate(answers):
         if len(answer) == 1:
             continue
         follow = torch.tensor(answer[:-1], device=device).expand(batch, -1)
         steps = torch.arange(len(answer) - 1, device=device)
         follow_mask = torch.cat([mask, torch.ones((batch, len(answer) - 1), dtype=torch.long, device=device)], 1)
-        follow_logits, cache = _forward(model, follow, follow_mask, lengths[:, None] + steps, cache, last_only=False)
-        cache.crop(-(len(answer) - 1))  # drop this answer's tokens again (this transformers takes a count)
+        run_on = copy.deepcopy(cache) if windowed else cache
+        follow_logits, run_on = _forward(model, follow, follow_mask, lengths[:, None] + steps, run_on, last_only=False)
+        if not windowed:
+            run_on.crop(-(len(answer) - 1))  # drop this answer's tokens again (this transformers takes a count)
         targets = torch.tensor(answer[1:], device=device).expand(batch, -1)
         rest = torch.log_softmax(follow_logits.float(), -1).gather(-1, targets[..., None])[..., 0]
         total[:, index] += rest.sum(-1)
-    return total.tolist()
 
 
 def _forward(model, ids: torch.Tensor, mask, positions, cache, last_only: bool = True):
