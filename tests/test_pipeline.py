@@ -106,6 +106,10 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
     for variant in metrics["variants"].values():
         assert keys <= set(variant)
     assert "| fine-tuned |" in (out / "report.md").read_text()
+    # the kinds the tables hold: NER's answers can be constrained to its spans; open answers generate freely
+    kinds = "free, constrained" if preset == "ner" else "free"
+    assert f"- **prompting:** greedy; {kinds}; k-shot curve" in (out / "report.md").read_text()
+    assert ("zero_shot_constrained" in metrics["variants"]) == (preset == "ner")
 
 
 def test_multi_task_run_reports_every_task(tmp_path, tiny_model_dir):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tailorlm.eval.baselines import best_prompting, run_baselines, variant_name
+from tailorlm.eval.baselines import best_prompting, is_prompting, run_baselines, variant_name
 from tailorlm.eval.curve_report import curve_file, plot_curve
 from tailorlm.eval.during_training import TrainingEvaluation
 from tailorlm.eval.evaluate import Evaluator
@@ -167,7 +167,7 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
                  f", {world.size} processes ({world.mode})" if world.active else ""),
              "prompting": "greedy, zero-shot: each held-out conversation before its final reply" if all(
                  t.template.task.conversational for t in tasks.values()) else
-                 f"greedy; {', '.join(cfg.eval.prompting)}; k-shot curve k={cfg.eval.few_shot_k}, "
+                 f"greedy; {', '.join(_kinds_measured(sections) or cfg.eval.prompting)}; k-shot curve k={cfg.eval.few_shot_k}, "
                  f"{cfg.eval.demos} demonstrations from the training split"}
     started = RunDir(cfg.model.path).is_run()
     if started:  # training continued a finished run: its model is what was prompted
@@ -184,3 +184,9 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
     if started and any(section["variants"].keys() - {"fine_tuned"} for section in sections.values()):
         console.print(f"prompting rows: the starting model, the finished run {cfg.model.path}", soft_wrap=True)
     return overfit
+
+
+def _kinds_measured(sections: dict) -> list[str]:
+    """The prompting kinds the tables hold (NER has no likelihood kind, open answers only free generation)."""
+    kinds = {m.get("kind") for section in sections.values() for v, m in section["variants"].items() if is_prompting(v)}
+    return [k for k in ("free", "constrained", "likelihood") if k in kinds]
