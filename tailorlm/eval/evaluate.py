@@ -90,7 +90,8 @@ class Evaluator:
         """The constrained-decoding trie of one example's list answer (NER: its own spans under each type)."""
         answer = self.task.list_answer
         if self._opening is None:  # the training completion's text before the answer (a space in the plain layout)
-            self._opening = self.fmt.completion_text("", "\x00").split("\x00")[0]
+            marked = self.fmt.completion_text("", "\x00")
+            self._opening = marked.split("\x00")[0] if "\x00" in marked else ""  # a template that drops it: none
         return item_list_trie(self.tokenizer, answer.items(example, self.labels), answer.separator, answer.empty,
                               self._opening)
 
