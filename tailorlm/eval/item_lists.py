@@ -49,17 +49,24 @@ class ItemListTrie:
         self.first = _trie([*enumerate(first), *([(EMPTY, empty)] if empty else [])])
         self.following = _trie(list(enumerate(following)))
 
-    def allowed(self, prefix: list[int], fallback: list[int]) -> list[int]:
-        node, emitted = self.first, set()
-        for token in prefix:
+    def _walk(self, tokens: list[int]) -> tuple[_Node | None, set[int], int]:
+        """(the node the tokens lead to, or None once they pass the answer's end (a stop token); the items
+        already finished; how many tokens those finished items take)."""
+        node, emitted, finished = self.first, set(), 0
+        for i, token in enumerate(tokens):
             child = node.next.get(token)
             if child is None and node.end not in (None, EMPTY):  # an item ended: the next one opens here
                 emitted.add(node.end)
+                finished = i
                 child = self.following.next.get(token)
-            if child is None:  # past the answer (a stop token was written): nothing more is scored
-                return list(fallback)
+            if child is None:
+                return None, emitted, finished
             node = child
-        if node.end == EMPTY:
+        return node, emitted, finished
+
+    def allowed(self, prefix: list[int], fallback: list[int]) -> list[int]:
+        node, emitted, _ = self._walk(prefix)
+        if node is None or node.end == EMPTY:  # past the answer, or 'none': nothing more is scored
             return list(fallback)
         allowed = [t for t, child in node.next.items() if _unspent(child, emitted)]
         if node.end is not None and node.end not in emitted:  # a complete, new item: stop, or list another
@@ -71,17 +78,8 @@ class ItemListTrie:
     def cut_unfinished(self, tokens: list[int]) -> list[int]:
         """An answer that ran out of new tokens, up to the end of its last finished item: the one being written
         may be a word short of the span the model meant ('person: John' of 'person: John Smith')."""
-        node, keep = self.first, 0
-        for i, token in enumerate(tokens):
-            child = node.next.get(token)
-            if child is None and node.end not in (None, EMPTY):
-                keep = i  # a separator follows: the item before it is finished
-                child = self.following.next.get(token)
-            if child is None:  # it did end (a stop token): nothing is cut
-                return list(tokens)
-            node = child
-        return tokens[:keep]
-
+        node, _, finished = self._walk(tokens)
+        return list(tokens) if node is None else tokens[:finished]  # None: it did end (a stop token)
 
 def _unspent(node: _Node, emitted: set[int]) -> bool:
     """Whether an item not yet listed is still reachable below node (emitted is small: count its members)."""
