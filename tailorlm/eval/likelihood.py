@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from tailorlm.kernels.prefix import shared_prefix_len
+from tailorlm.kernels.prefix import shared_prefix_len, window_shorter_than
 from tailorlm.ui import progress
 
 
@@ -26,13 +26,20 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], d
     if not answers or any(not a for a in answers):
         raise ValueError("internal: every answer needs at least one token")
     model.eval()
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
-    if window and window < max(map(len, prompts)) + max(map(len, answers)):
+    longest_prompt = max(map(len, prompts))
+    if window_shorter_than(model, longest_prompt + max(map(len, answers))):
         # A sliding window counts cache slots, padding and a separately computed opening included, so a padded
-        # or prefix-shared row would see less than the same prompt alone: such rows are scored one at a time.
-        batch_size, shared = 1, False
+        # or prefix-shared row would see less than the same prompt alone: such rows are scored one at a time,
+        # and each answer on a copy of the cache (a window-cropped cache cannot be cropped back).
+        batch_size, shared, follow = 1, False, "copy"
     else:
         shared = len(prompts) > 1
+        config = getattr(model, "config", None)
+        # side by side: a hand-made 4D mask, which the attention must take as given (eager, SDPA; not flash
+        # attention), and which replaces the model's own window (so the window must cover the whole pass)
+        side_by_side = getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa") and not \
+            window_shorter_than(model, longest_prompt + sum(len(a) - 1 for a in answers) + 1)
+        follow = "side_by_side" if side_by_side else "crop"
     # Keep one own token per prompt: its logits predict each answer's first token.
     n_prefix = shared_prefix_len(prompts, min(len(p) for p in prompts) - 1) if shared else 0
     prefix = _forward(model, torch.tensor([prompts[0][:n_prefix]], device=device), None, None, None)[1] \
@@ -41,13 +48,15 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], d
     with progress(description, len(prompts)) as advance:
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))
-            for i, row in zip(rows, _score_batch(model, [prompts[i] for i in rows], answers, n_prefix, prefix, device)):
+            for i, row in zip(rows, _score_batch(model, [prompts[i] for i in rows], answers, n_prefix, prefix, device,
+                                                 follow)):
                 scores[i] = row
             advance(len(rows))
     return scores
 
 
-def _score_batch(model, prompts: list[list[int]], answers: list[list[int]], n_prefix: int, prefix, device):
+def _score_batch(model, prompts: list[list[int]], answers: list[list[int]], n_prefix: int, prefix, device,
+                 follow: str = "side_by_side"):
     """One batch: [shared prefix | left padding | own tokens], then each answer's later tokens on that cache."""
     batch = len(prompts)
     own = [p[n_prefix:] for p in prompts]
@@ -69,20 +78,11 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[int]], n_pr
     answer_ids = torch.tensor([a[0] for a in answers], device=device)
     total = torch.log_softmax(logits[:, -1].float(), -1)[:, answer_ids]  # (batch, answers): first tokens
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    if _side_by_side_ok(model, mask.shape[1] + sum(len(a) - 1 for a in answers)):
+    if follow == "side_by_side":
         _follow_side_by_side(model, answers, mask, lengths, cache, total)
     else:
-        _follow_one_by_one(model, answers, mask, lengths, cache, total)
+        _follow_one_by_one(model, answers, mask, lengths, cache, total, copy_cache=follow == "copy")
     return total.tolist()
-
-
-def _side_by_side_ok(model, longest: int) -> bool:
-    """Whether every answer's later tokens can share one pass under a hand-made 4D mask: the attention must take
-    a 4D mask as given (eager, SDPA; not flash-attention), and a sliding window (applied by the model's own
-    mask, which a 4D mask replaces) must be longer than everything the pass sees."""
-    config = getattr(model, "config", None)
-    window = getattr(config, "sliding_window", None) or 0
-    return getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa") and (not window or window >= longest)
 
 
 def _follow_side_by_side(model, answers: list[list[int]], mask, lengths, cache, total) -> None:
@@ -113,21 +113,20 @@ def _follow_side_by_side(model, answers: list[list[int]], mask, lengths, cache, 
         start += len(answer) - 1
 
 
-def _follow_one_by_one(model, answers: list[list[int]], mask, lengths, cache, total) -> None:
+def _follow_one_by_one(model, answers: list[list[int]], mask, lengths, cache, total, copy_cache: bool) -> None:
     """Each longer answer runs on the batch's cache, which is cropped back after it: the cache is never copied
     per answer (a repeated 500-token cache for every row and label costs more than the arithmetic), except
-    under a sliding window, whose layers keep only the window and cannot be cropped back past it."""
+    (copy_cache) under a sliding window shorter than the rows, whose layers cannot be cropped back past it."""
     device, batch = mask.device, mask.shape[0]
-    windowed = bool(getattr(getattr(model, "config", None), "sliding_window", None))
     for index, answer in enumerate(answers):
         if len(answer) == 1:
             continue
         follow = torch.tensor(answer[:-1], device=device).expand(batch, -1)
         steps = torch.arange(len(answer) - 1, device=device)
         follow_mask = torch.cat([mask, torch.ones((batch, len(answer) - 1), dtype=torch.long, device=device)], 1)
-        run_on = copy.deepcopy(cache) if windowed else cache
+        run_on = copy.deepcopy(cache) if copy_cache else cache
         follow_logits, run_on = _forward(model, follow, follow_mask, lengths[:, None] + steps, run_on, last_only=False)
-        if not windowed:
+        if not copy_cache:
             run_on.crop(-(len(answer) - 1))  # drop this answer's tokens again (this transformers takes a count)
         targets = torch.tensor(answer[1:], device=device).expand(batch, -1)
         rest = torch.log_softmax(follow_logits.float(), -1).gather(-1, targets[..., None])[..., 0]

@@ -55,6 +55,15 @@ def suffix_hidden(decoder, input_ids_BxT: torch.Tensor, attention_mask_BxT: torc
     return out.last_hidden_state
 
 
+def window_shorter_than(model, longest: int) -> int | None:
+    """The model's sliding window when it applies and is shorter than `longest` tokens, else None (Qwen2
+    configs carry a window that only use_sliding_window turns on)."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    uses_window = window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False))
+    return window if uses_window and longest > window else None
+
+
 def generation_prefix_blocker(model, longest: int) -> str | None:
     """Why generation cannot share a prefix with this model for rows up to `longest` tokens (prompt and
     generated), or None.
@@ -62,11 +71,10 @@ def generation_prefix_blocker(model, longest: int) -> str | None:
     Generation lays rows out as [shared prefix | left padding | own tokens]. A sliding window counts cache
     slots, padding included, so a padded row would see less of its prefix than the same prompt alone does;
     a window longer than every row makes that harmless."""
-    config = getattr(model, "config", None)
-    window = getattr(config, "sliding_window", None)
-    uses_window = window and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False))
-    if not uses_window or longest <= window:
+    window = window_shorter_than(model, longest)
+    if window is None:
         return None
+    config = model.config
     reason = (f"{config.model_type}: sliding-window attention (window {window}) shorter than the rows; "
               f"generation runs each prompt whole, without a shared prefix")
     say_once(reason)
