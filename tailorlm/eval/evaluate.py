@@ -81,6 +81,11 @@ class Evaluator:
             return ["free", "constrained", "likelihood"]
         return ["free", "constrained"] if self.task.list_answer and self.labels else ["free"]
 
+    @property
+    def decodes_constrained(self) -> bool:
+        """Whether the trained model's answers are decoded constrained (eval.decoding, where the task allows)."""
+        return self.spec.decoding == "constrained" and "constrained" in self.kinds
+
     def constraint(self, examples: list[dict]):
         """What generate() decodes within under constrained decoding: the label trie of a closed label set, or
         each example's own item-list trie (built when its batch comes up)."""

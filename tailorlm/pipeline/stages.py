@@ -103,12 +103,10 @@ def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Ba
     """The fine-tuned model on every task's test split: free decoding always, constrained too where it is the
     production setting (eval.decoding). Returns (sections: task -> metrics section, predictions)."""
     stage("Evaluation (fine-tuned)")
-    cfg = prepared.cfg
     sections, predictions = {}, []
     for name, t in prepared.tasks.items():
         variants = dict(found.variants.get(name, {}))
-        kinds = ["free"] + (["constrained"] if cfg.eval.decoding == "constrained" and "constrained" in scorers[name].kinds
-                            else [])
+        kinds = ["free"] + (["constrained"] if scorers[name].decodes_constrained else [])
         for kind in kinds:
             evaluated = scorers[name].run(model, t.encoded["test"], variant_name("fine_tuned", kind), kind=kind)
             variants[variant_name("fine_tuned", kind)] = evaluated.metrics

@@ -108,8 +108,8 @@ def predict_rows(trained, data_path: str | Table, batch_size: int | None = None,
     ready = [i for i, p in enumerate(rows.prompts) if p is not None]
     generated = generate(trained.model, trained.tokenizer, [rows.prompts[i] for i in ready],
                          evaluator.max_new_tokens, batch_size or cfg.eval.batch_size, device,
-                         evaluator.constraint([rows.examples[i] for i in ready])
-                         if cfg.eval.decoding == "constrained" and "constrained" in evaluator.kinds else None,
+                         evaluator.constraint([rows.examples[i] for i in ready]) if evaluator.decodes_constrained
+                         else None,
                          description="predict")
     scored = [rows.examples[i] if rows.has_answers else _with_placeholder_answer(rows.examples[i], template)
               for i in ready]
