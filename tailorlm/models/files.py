@@ -33,8 +33,21 @@ def read_json(path: Path, what: str) -> dict:
     return value
 
 
+def file_identity(path: Path) -> tuple:
+    """(resolved path, size, modification time): the same file, unchanged, within one process."""
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+# Parsing a GGUF's metadata takes seconds (the gguf reader builds a 49k-token vocabulary string by string), and a
+# run touches its model file three times (data checks, the parameter count, the load): it is checked once.
+_checked_gguf: set[tuple] = set()
+
+
 def check_gguf(path: Path) -> None:
     """The file starts like a GGUF and its header parses."""
+    if file_identity(path) in _checked_gguf:
+        return
     with open(path, "rb") as f:
         head = f.read(4)
     if head != GGUF_MAGIC:
@@ -49,6 +62,7 @@ def check_gguf(path: Path) -> None:
                           f"download or export it again") from None
     if not reader.tensors:
         raise TailorError(f"model.path: {path} is a GGUF file with no tensors (a vocabulary-only file?)")
+    _checked_gguf.add(file_identity(path))
 
 
 def safetensors_files(folder: Path, stem: str = "model") -> list[Path]:

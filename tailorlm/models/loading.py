@@ -4,6 +4,7 @@ Weights come only from safetensors or GGUF (never pickles), and remote code is o
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -143,20 +144,37 @@ def inspect_model(spec: ModelSpec) -> int:
     return _inspect(spec)[0]
 
 
-def _inspect(spec: ModelSpec) -> tuple[int, str, str | None, dict]:
-    """(parameter count, and check_files' answer) after the checks of inspect_model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+# A GGUF's config is read by parsing the whole file's metadata (seconds): once per file and process, not once
+# for the parameter count and again for the load.
+_gguf_configs: dict[tuple, object] = {}
+
+
+def _config(spec: ModelSpec, folder: str, gguf_file: str | None, kwargs: dict):
+    from transformers import AutoConfig
+
+    key = files.file_identity(Path(folder) / gguf_file) if gguf_file else None
+    if key in _gguf_configs:
+        return copy.deepcopy(_gguf_configs[key])
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+    if key:
+        _gguf_configs[key] = copy.deepcopy(config)
+    return config
+
+
+def _inspect(spec: ModelSpec) -> tuple[int, str, str | None, dict, object]:
+    """(parameter count, check_files' answer, the model config) after the checks of inspect_model."""
+    from transformers import AutoModelForCausalLM
 
     folder, gguf_file, kwargs = check_files(spec)
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+        config = _config(spec, folder, gguf_file, kwargs)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     except Exception as e:  # an unknown model_type, a config field of the wrong type, an unsupported GGUF arch
         raise _load_failed(spec, e) from None
     if not gguf_file and Path(folder).is_dir():
         files.check_tensor_names(files.safetensors_files(Path(folder)), [n for n, _ in model.named_parameters()])
-    return sum(p.numel() for p in model.parameters()), folder, gguf_file, kwargs
+    return sum(p.numel() for p in model.parameters()), folder, gguf_file, kwargs, config
 
 
 def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: bool = False) -> LoadedModel:
@@ -167,7 +185,7 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
     from transformers.utils import logging as hf_logging
 
     # A damaged, pickled or incomplete model is refused before seconds of loading.
-    _, folder, gguf_file, kwargs = _inspect(spec)
+    _, folder, gguf_file, kwargs, config = _inspect(spec)
     if not gguf_file and Path(folder).is_dir():
         kwargs["use_safetensors"] = True  # never fall back to a pickle beside the safetensors
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
@@ -182,8 +200,9 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output; restored after
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=spec.trust_remote_code,
-                                                     **kwargs)
+        # the config already read (a GGUF's would be parsed from the file once more)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
+                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged or mismatched weights, unknown layouts
         raise _load_failed(spec, e) from None
     finally:
