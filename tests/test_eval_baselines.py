@@ -85,6 +85,52 @@ def test_constrained_decoding_always_answers_a_label(tiny_tokenizer):
     assert {p["predicted"] for p in result.predictions} <= set(LABELS) and result.metrics["valid"] == 1.0
 
 
+def test_constrained_answers_read_off_the_label_pass_follow_greedy_decoding_step_by_step():
+    answers = [[1, 2, 9], [1, 3, 9], [4, 9], [4, 9, 5]]  # a shared start; an answer that starts a longer one
+    logps = [[-0.5, -2.0, -0.1], [-0.5, -1.0, -0.1], [-0.9, -0.2], [-0.9, -0.2, -3.0]]
+    assert likelihood.constrained_answer(answers, logps, 8) == [1, 3, 9]  # 1 beats 4, then 3 beats 2
+    assert likelihood.constrained_answer(answers, logps, 2) == [1, 3]  # cut at the token budget, as decoding is
+    logps[0][0] = logps[1][0] = -1.0
+    # [4, 9] is complete but also starts [4, 9, 5]: decoding constrained to the trie continues it, however unlikely
+    assert likelihood.constrained_answer(answers, logps, 8) == [4, 9, 5]
+    assert likelihood.constrained_answer([[7], [6]], [[-1.0], [-1.0]], 8) == [6]  # a tie: the lower id, as argmax
+
+
+@pytest.mark.parametrize("chat_template", ["auto", "never"])  # the chat layout, and the plain one of base models
+def test_constrained_decoding_read_off_the_label_pass_equals_constrained_generation(tiny_tokenizer, chat_template):
+    from tailorlm.eval.generate import LabelTrie, generate
+
+    spec = TemplateSpec(max_length=256, chat_template=chat_template)
+    template, fmt = PromptTemplate(spec), ChatFormat(tiny_tokenizer, spec)
+    labels = ["negative", "positive", "neutral", "very negative"]  # forms sharing their first tokens
+    rows = [{**ex, "label": labels[i % 4]} for i, ex in enumerate(examples(2))]
+    samples, _ = encode_examples(rows, template, fmt, labels, spec)
+    evaluator = Evaluator(tiny_tokenizer, template, fmt, labels, EvalSpec(batch_size=4), CPU)
+    trie = LabelTrie([ids for _, ids in evaluator.forms])
+    prompts = [s.prompt_ids for s in samples]
+    chosen = set()
+    for seed in range(6):
+        model = tiny_llama(len(tiny_tokenizer), seed=seed)
+        read_off = evaluator.run(model, samples, "zero_shot_constrained", kind="constrained")
+        decoded = generate(model, tiny_tokenizer, prompts, evaluator.max_new_tokens, 4, CPU, trie)
+        assert [p["generated"] for p in read_off.predictions] == decoded
+        chosen.update(decoded)
+    assert len(chosen) > 2, chosen  # the models' choices vary, so the comparison means something
+
+
+def test_constrained_and_likelihood_kinds_share_one_scoring_pass(tiny_tokenizer, monkeypatch):
+    model = tiny_llama(len(tiny_tokenizer), seed=5)
+    evaluator, samples = setup(tiny_tokenizer)
+    passes = []
+    scored = likelihood.answer_token_logprobs
+    monkeypatch.setattr("tailorlm.eval.evaluate.answer_token_logprobs", lambda *a, **k: passes.append(1) or scored(*a, **k))
+    together = evaluator.run_kinds(model, samples, {"constrained": "c", "likelihood": "l"})
+    assert len(passes) == 1
+    assert together["constrained"].predictions == evaluator.run(model, samples, "c", kind="constrained").predictions
+    assert together["likelihood"].predictions == evaluator.run(model, samples, "l", kind="likelihood").predictions
+    assert together["constrained"].metrics["seconds_per_100"] == together["likelihood"].metrics["seconds_per_100"]
+
+
 def test_free_generation_stops_once_a_label_is_named_or_the_line_ends():
     done = answer_complete(["sport", "tech", "very positive"])
     assert not done("The topic is tech")  # 'tech' may still become 'technology'

@@ -64,9 +64,9 @@ def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, sp
     for base, k in (("zero_shot", 0), ("few_shot", largest)):
         if base not in spec.baselines or (base == "few_shot" and largest == 0):
             continue
-        for kind in kinds:
+        results = evaluator.run_kinds(model, test, {kind: variant_name(base, kind) for kind in kinds}, demos_for(k))
+        for kind, result in results.items():
             name = variant_name(base, kind)
-            result = evaluator.run(model, test, name, demos_for(k), kind)
             out.variants[name] = result.metrics
             out.predictions += result.predictions
             measured[(k, kind)] = {"rows": len(test), **result.metrics}

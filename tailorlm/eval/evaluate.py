@@ -15,9 +15,9 @@ from tailorlm.config import EvalSpec
 from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
-from tailorlm.eval.generate import LabelTrie, generate
+from tailorlm.eval.generate import generate
 from tailorlm.eval.item_lists import item_list_trie
-from tailorlm.eval.likelihood import answer_logprobs
+from tailorlm.eval.likelihood import answer_token_logprobs, constrained_answer
 from tailorlm.tasks.classification import answer_complete
 
 
@@ -51,7 +51,7 @@ class Evaluator:
                  device, label_field: str | None = "label"):
         self.tokenizer, self.template, self.fmt, self.labels = tokenizer, template, fmt, labels
         self.spec, self.device, self.label_field, self.task = spec, device, label_field, template.task
-        self.max_new_tokens, self.trie, self.answers = spec.max_new_tokens or self.task.max_new_tokens, None, []
+        self.max_new_tokens, self.answers = spec.max_new_tokens or self.task.max_new_tokens, []
         self.forms: list[tuple[int, list[int]]] = []  # (label index, token ids) of every surface form
         self._opening: str | None = None
         if label_field:
@@ -66,7 +66,6 @@ class Evaluator:
             # Room for a short sentence around the label ("The topic is business."): a base model that answers in
             # a sentence must not be cut off before it names the label, or the baseline would be unfairly low.
             self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in self.answers) + 16
-            self.trie = LabelTrie([ids for _, ids in self.forms])
 
     @property
     def closed(self) -> bool:
@@ -85,11 +84,6 @@ class Evaluator:
     def decodes_constrained(self) -> bool:
         """Whether the trained model's answers are decoded constrained (eval.decoding, where the task allows)."""
         return self.spec.decoding == "constrained" and "constrained" in self.kinds
-
-    def constraint(self, examples: list[dict]):
-        """What generate() decodes within under constrained decoding: the label trie of a closed label set, or
-        each example's own item-list trie (built when its batch comes up)."""
-        return self.trie if self.closed else lambda i: self.item_trie(examples[i])
 
     def item_trie(self, example: dict):
         """The constrained-decoding trie of one example's list answer (NER: its own spans under each type)."""
@@ -122,32 +116,71 @@ class Evaluator:
             kind: str | None = None) -> VariantResult:
         """kind: free, constrained or likelihood (eval.decoding when None)."""
         kind = kind or self.spec.decoding
-        if kind not in self.kinds:
-            raise ValueError(f"internal: {kind} scoring does not apply to the {self.task.name} task")
-        started = time.perf_counter()
+        return self.run_kinds(model, samples, {kind: variant}, demos)[kind]
+
+    def run_kinds(self, model, samples: list[Sample], variants: dict[str, str],
+                  demos: list[dict] | list[list[dict]] = ()) -> dict[str, VariantResult]:
+        """Several kinds on the same prompts (variants: kind -> variant name). For a closed label set, constrained
+        decoding and label likelihood are read off one scoring pass, and each reports that pass's cost: it is
+        what either would cost alone."""
+        for kind in variants:
+            if kind not in self.kinds:
+                raise ValueError(f"internal: {kind} scoring does not apply to the {self.task.name} task")
         prompts, dropped = self.prompts(samples, demos)
-        if kind == "likelihood":
-            scores = answer_logprobs(model, prompts, [ids for _, ids in self.forms], self.device,
-                                     self.spec.batch_size, description=f"eval {variant}")
-            generated = [self.labels[max(range(len(self.labels)), key=by_label.__getitem__)]
-                         for by_label in map(self.label_scores, scores)]
-        else:
-            done = answer_complete(self.labels) if self.closed and kind == "free" else None
-            constraint = self.constraint([s.example for s in samples]) if kind == "constrained" else None
-            generated = generate(model, self.tokenizer, prompts, self.max_new_tokens, self.spec.batch_size,
-                                 self.device, constraint, description=f"eval {variant}", done=done)
-        seconds = time.perf_counter() - started
         examples = [s.example for s in samples]
+        together = [k for k in variants if self.closed and k in ("constrained", "likelihood")]
+        answered: dict[str, tuple[list[str], float]] = {}
+        if together:
+            started = time.perf_counter()
+            texts = self._label_pass(model, prompts, together, "eval " + " + ".join(variants[k] for k in together))
+            answered.update({k: (texts[k], time.perf_counter() - started) for k in together})
+        for kind in variants:
+            if kind not in answered:
+                started = time.perf_counter()
+                texts = self.decode(model, prompts, examples, kind, f"eval {variants[kind]}")
+                answered[kind] = (texts, time.perf_counter() - started)
+        k = max((len(d) for d in demos), default=0) if demos and isinstance(demos[0], list) else len(demos)
+        return {kind: self._result(examples, prompts, variant, kind, *answered[kind], k, dropped)
+                for kind, variant in variants.items()}
+
+    def decode(self, model, prompts: list[list[int]], examples: list[dict], kind: str, description: str = "generate",
+               batch_size: int | None = None) -> list[str]:
+        """The answer to each prompt under free or constrained decoding (what tailor predict writes too)."""
+        batch_size = batch_size or self.spec.batch_size
+        if kind == "constrained" and self.closed:
+            return self._label_pass(model, prompts, ["constrained"], description, batch_size)["constrained"]
+        done = answer_complete(self.labels) if self.closed and kind == "free" else None
+        # a list answer (NER): each example's own item-list trie, built when its batch comes up
+        constraint = (lambda i: self.item_trie(examples[i])) if kind == "constrained" else None
+        return generate(model, self.tokenizer, prompts, self.max_new_tokens, batch_size, self.device, constraint,
+                        description=description, done=done)
+
+    def _label_pass(self, model, prompts: list[list[int]], kinds: list[str], description: str,
+                    batch_size: int | None = None) -> dict[str, list[str]]:
+        """One scoring pass over every surface form of every label: the most likely label (likelihood) and the
+        answer constrained greedy decoding writes (constrained), for each prompt."""
+        forms = [ids for _, ids in self.forms]
+        token_logps = answer_token_logprobs(model, prompts, forms, self.device, batch_size or self.spec.batch_size,
+                                            description=description)
+        texts: dict[str, list[str]] = {}
+        if "likelihood" in kinds:
+            texts["likelihood"] = [self.labels[max(range(len(self.labels)), key=by_label.__getitem__)]
+                                   for by_label in (self.label_scores([sum(t) for t in row]) for row in token_logps)]
+        if "constrained" in kinds:
+            texts["constrained"] = [self.tokenizer.decode(constrained_answer(forms, row, self.max_new_tokens),
+                                                          skip_special_tokens=True).strip() for row in token_logps]
+        return texts
+
+    def _result(self, examples: list[dict], prompts: list[list[int]], variant: str, kind: str, generated: list[str],
+                seconds: float, k: int, dropped: int) -> VariantResult:
         metrics, predicted = self.task.score(generated, examples, self.labels)
-        metrics.update({"kind": kind, "k": max((len(d) for d in demos), default=0) if demos and isinstance(demos[0], list)
-                        else len(demos), "prompt_tokens": round(sum(map(len, prompts)) / max(len(prompts), 1), 1),
+        metrics.update({"kind": kind, "k": k, "prompt_tokens": round(sum(map(len, prompts)) / max(len(prompts), 1), 1),
                         "seconds_per_100": round(seconds / max(len(prompts), 1) * 100, 2), "dropped_demos": dropped})
         expected = [self.template.completion(ex) for ex in examples]
         predictions = [{"variant": variant, "input": _input_text(ex, self.template, self.labels), "expected": e,
                         "generated": g, "predicted": p, "where": ex.get("_where")}
                        for ex, e, g, p in zip(examples, expected, generated, predicted)]
         return VariantResult(metrics, predictions)
-
 
     def label_scores(self, form_scores: list[float]) -> list[float]:
         """Each label's log-probability: its surface forms' probabilities summed (log-sum-exp)."""

@@ -19,10 +19,19 @@ from tailorlm.kernels.prefix import shared_prefix_len, window_shorter_than
 from tailorlm.ui import progress
 
 
-@torch.no_grad()
 def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], device, batch_size: int = 16,
                     description: str = "label likelihood") -> list[list[float]]:
     """For each prompt, the summed log-probability of each answer's tokens following it (prompts x answers)."""
+    return [[sum(tokens) for tokens in row]
+            for row in answer_token_logprobs(model, prompts, answers, device, batch_size, description)]
+
+
+@torch.no_grad()
+def answer_token_logprobs(model, prompts: list[list[int]], answers: list[list[int]], device, batch_size: int = 16,
+                          description: str = "label likelihood") -> list[list[list[float]]]:
+    """For each prompt and answer, the log-probability of each of the answer's tokens given the prompt and the
+    answer's earlier tokens (prompts x answers x answer tokens): their sum is the answer's score, and together
+    they hold every step of greedy decoding constrained to the answers (constrained_answer)."""
     if not answers or any(not a for a in answers):
         raise ValueError("internal: every answer needs at least one token")
     model.eval()
@@ -44,7 +53,7 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], d
     n_prefix = shared_prefix_len(prompts, min(len(p) for p in prompts) - 1) if shared else 0
     prefix = _forward(model, torch.tensor([prompts[0][:n_prefix]], device=device), None, None, None)[1] \
         if n_prefix else None
-    scores: list[list[float]] = [[] for _ in prompts]
+    scores: list[list[list[float]]] = [[] for _ in prompts]
     with progress(description, len(prompts)) as advance:
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))
@@ -76,16 +85,17 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[int]], n_pr
         cache.batch_repeat_interleave(batch)
     logits, cache = _forward(model, ids, mask, positions, cache)
     answer_ids = torch.tensor([a[0] for a in answers], device=device)
-    total = torch.log_softmax(logits[:, -1].float(), -1)[:, answer_ids]  # (batch, answers): first tokens
+    tokens = torch.zeros((batch, len(answers), max(map(len, answers))), device=device)  # batch x answer x token
+    tokens[:, :, 0] = torch.log_softmax(logits[:, -1].float(), -1)[:, answer_ids]  # first tokens: prompt's logits
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     if follow == "side_by_side":
-        _follow_side_by_side(model, answers, mask, lengths, cache, total)
+        _follow_side_by_side(model, answers, mask, lengths, cache, tokens)
     else:
-        _follow_one_by_one(model, answers, mask, lengths, cache, total, copy_cache=follow == "copy")
-    return total.tolist()
+        _follow_one_by_one(model, answers, mask, lengths, cache, tokens, copy_cache=follow == "copy")
+    return [[row[a][:len(answer)] for a, answer in enumerate(answers)] for row in tokens.tolist()]
 
 
-def _follow_side_by_side(model, answers: list[list[int]], mask, lengths, cache, total) -> None:
+def _follow_side_by_side(model, answers: list[list[int]], mask, lengths, cache, tokens) -> None:
     """Every longer answer's later tokens in one pass: the answers sit side by side after the batch's cache, and
     each token sees the cache and its own answer's earlier tokens only (a block-diagonal causal mask), at the
     positions it would have alone. One pass instead of one per answer: on the default job each pass copied the
@@ -109,11 +119,11 @@ def _follow_side_by_side(model, answers: list[list[int]], mask, lengths, cache, 
     for index, answer in longer:
         targets = torch.tensor(answer[1:], device=device).expand(batch, -1)
         span = logps[:, start:start + len(answer) - 1]
-        total[:, index] += span.gather(-1, targets[..., None])[..., 0].sum(-1)
+        tokens[:, index, 1:len(answer)] = span.gather(-1, targets[..., None])[..., 0]
         start += len(answer) - 1
 
 
-def _follow_one_by_one(model, answers: list[list[int]], mask, lengths, cache, total, copy_cache: bool) -> None:
+def _follow_one_by_one(model, answers: list[list[int]], mask, lengths, cache, tokens, copy_cache: bool) -> None:
     """Each longer answer runs on the batch's cache, which is cropped back after it: the cache is never copied
     per answer (a repeated 500-token cache for every row and label costs more than the arithmetic), except
     (copy_cache) under a sliding window shorter than the rows, whose layers cannot be cropped back past it."""
@@ -129,8 +139,7 @@ def _follow_one_by_one(model, answers: list[list[int]], mask, lengths, cache, to
         if not copy_cache:
             run_on.crop(-(len(answer) - 1))  # drop this answer's tokens again (this transformers takes a count)
         targets = torch.tensor(answer[1:], device=device).expand(batch, -1)
-        rest = torch.log_softmax(follow_logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-        total[:, index] += rest.sum(-1)
+        tokens[:, index, 1:len(answer)] = torch.log_softmax(follow_logits.float(), -1).gather(-1, targets[..., None])[..., 0]
 
 
 def _forward(model, ids: torch.Tensor, mask, positions, cache, last_only: bool = True):
@@ -141,3 +150,24 @@ def _forward(model, ids: torch.Tensor, mask, positions, cache, last_only: bool =
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                 logits_to_keep=1 if last_only else 0)
     return out.logits, out.past_key_values
+
+
+def constrained_answer(answers: list[list[int]], token_logprobs: list[list[float]], max_tokens: int) -> list[int]:
+    """The tokens that greedy decoding constrained to `answers` (generate.LabelTrie) writes, read off one prompt's
+    answer_token_logprobs instead of decoding again.
+
+    Each step of that decoding picks, among the tokens that continue some answer from the tokens written so
+    far, the most probable one in that very context; an answer through those tokens scored exactly that token
+    in exactly that context. So the pass that scores the label set decodes it too: a closed-set baseline gets
+    constrained decoding and label likelihood for the price of one (on the default job two generation runs,
+    about 7% of the job). As in decoding, an answer that is also the start of a longer one is continued, a
+    finished one stops, and no more than max_tokens are written; ties go to the lower token id (argmax)."""
+    path: list[int] = []
+    while len(path) < max_tokens:
+        step = len(path)
+        options = [(logps[step], answer[step]) for answer, logps in zip(answers, token_logprobs)
+                   if len(answer) > step and answer[:step] == path]
+        if not options:
+            break
+        path.append(max(options, key=lambda o: (o[0], -o[1]))[1])
+    return path

@@ -19,7 +19,6 @@ from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, encode_examples
 from tailorlm.errors import TailorError
 from tailorlm.eval.evaluate import Evaluator, _input_text
-from tailorlm.eval.generate import generate
 from tailorlm.rundir import write_jsonl
 
 
@@ -106,11 +105,9 @@ def predict_rows(trained, data_path: str | Table, batch_size: int | None = None,
     # The evaluator decides the token budget and constrained decoding exactly as in the run's evaluation.
     evaluator = Evaluator(trained.tokenizer, template, fmt, labels, cfg.eval, device, template.label_field)
     ready = [i for i, p in enumerate(rows.prompts) if p is not None]
-    generated = generate(trained.model, trained.tokenizer, [rows.prompts[i] for i in ready],
-                         evaluator.max_new_tokens, batch_size or cfg.eval.batch_size, device,
-                         evaluator.constraint([rows.examples[i] for i in ready]) if evaluator.decodes_constrained
-                         else None,
-                         description="predict")
+    generated = evaluator.decode(trained.model, [rows.prompts[i] for i in ready], [rows.examples[i] for i in ready],
+                                 "constrained" if evaluator.decodes_constrained else "free", "predict",
+                                 batch_size or cfg.eval.batch_size)
     scored = [rows.examples[i] if rows.has_answers else _with_placeholder_answer(rows.examples[i], template)
               for i in ready]
     metrics, predicted = template.task.score(generated, scored, labels) if ready else ({}, [])
