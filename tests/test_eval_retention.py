@@ -76,3 +76,29 @@ def test_a_run_stops_on_the_guardrail_and_keeps_its_checkpoint(tmp_path, tiny_mo
     assert step in (2, 4, 6)  # the first evaluation past the limit
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
+
+
+def test_retention_is_measured_once_for_each_set_of_weights(tmp_path, tiny_model_dir, monkeypatch):
+    import json
+
+    from tailorlm.cli import main
+    from conftest import labeled_csv
+
+    passes = []
+    measure = RetentionProbe.perplexity
+    monkeypatch.setattr(RetentionProbe, "perplexity", lambda self, *a: passes.append(1) or measure(self, *a))
+    out = tmp_path / "out"
+    assert main(["run", f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'd.csv')}", "--output",
+                 str(out), "method.name=full", "train.lr=0.02", "train.max_steps=6", "train.eval_every=2",
+                 "train.batch_size=4", "eval.baselines=[]", "eval.during_training=0", "eval.retention.limit=8",
+                 "template.max_length=96"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    at = {e["step"]: e for e in log["evaluations"]}
+    assert sorted(at) == [0, 2, 4, 6]
+    # the base model before training, then steps 2, 4 and 6: step 0 holds the base weights, and the final model
+    # holds those of an evaluated step (the last, or the best one restored)
+    assert len(passes) == 4
+    retention = log["retention"]
+    assert at[0]["retention_ppl"] == retention["base_ppl"] and at[0]["retention_change"] == 0.0
+    assert retention["final_ppl"] == at[log["best_step"] or 6]["retention_ppl"]
+    assert len({e["retention_ppl"] for e in at.values()}) > 1  # the weights did change

@@ -88,20 +88,26 @@ class TrainingEvaluation:
                     scores = self.evaluators[name].run(model, subset, f"validation @{step}").metrics
                     metrics.update({metric_key(name, k, self.several): v for k, v in scores.items()
                                     if isinstance(v, float)})
-        if self.probe:
+        if self.probe and step == 0 and self.probe.base_ppl is not None:  # the weights before() just measured
+            metrics.update({"retention_ppl": self.probe.base_ppl, "retention_change": 0.0})
+        elif self.probe:
             metrics.update(self.probe.measure(model, lambda m, s: validation_loss(m, s, bs, ctx)))
         return metrics
 
-    def after(self, model) -> dict:
-        """{source, base_ppl, final_ppl, change[, base_rouge_l, final_rouge_l]}, or {} without retention."""
+    def after(self, model, measured: dict | None = None) -> dict:
+        """{source, base_ppl, final_ppl, change[, base_rouge_l, final_rouge_l]}, or {} without retention.
+        measured: the evaluation of the step whose weights the model holds now (the last step, or the best one
+        restored); its retention perplexity is the final one, not measured a second time."""
         if self.probe:
-            self.retention.update(self._retention_point(model, "final"))
+            self.retention.update(self._retention_point(model, "final", (measured or {}).get("retention_ppl")))
             self.retention["change"] = self.retention["final_ppl"] / self.retention["base_ppl"] - 1.0
         return self.retention
 
-    def _retention_point(self, model, when: str) -> dict:
+    def _retention_point(self, model, when: str, ppl: float | None = None) -> dict:
         bs, ctx = self.batch_size, self.plain
-        point = {f"{when}_ppl": self.probe.perplexity(model, lambda m, s: validation_loss(m, s, bs, ctx))}
+        if ppl is None:
+            ppl = self.probe.perplexity(model, lambda m, s: validation_loss(m, s, bs, ctx))
+        point = {f"{when}_ppl": ppl}
         if self.probe.spec.generate:
             first = next(iter(self.evaluators.values()))
             general = Evaluator(first.tokenizer, PromptTemplate(TemplateSpec(preset="instruction")), first.fmt, [],

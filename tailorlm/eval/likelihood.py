@@ -8,6 +8,10 @@ The prompt is run once, and each label's continuation runs on its key/value cach
 label): one prompt pass per batch of examples, and one short pass per label of more than one token. The
 opening every prompt shares (system prompt, instruction, demonstrations) is run once for the whole set, and
 rows are batched with left padding, as in generation (a row at a time costs more than the arithmetic on a CPU).
+
+The same pass also decodes: greedy decoding constrained to the labels only ever compares tokens that some
+label's continuation scored in exactly that context, so its answer is read off these scores
+(constrained_answer) instead of being generated again.
 """
 from __future__ import annotations
 

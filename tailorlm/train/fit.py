@@ -42,7 +42,7 @@ class Evaluation(Protocol):
 
     def before(self, model) -> None: ...
     def evaluate(self, model, ctx: StepContext, step: int) -> dict: ...
-    def after(self, model) -> dict: ...
+    def after(self, model, measured: dict | None) -> dict: ...
 
 
 def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device: torch.device,
@@ -72,7 +72,9 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device
     if restored:
         console.print(f"Restored the best checkpoint ({cfg.eval.select.metric}) from step {history.best_step}: {restored}")
     saved = strategy.save(model, tokenizer, out_dir)
-    retention = evaluation.after(model) if evaluation else {}
+    held = history.best_step if restored else history.completed  # the step whose weights the model holds now
+    retention = evaluation.after(model, next((e for e in history.evaluations if e["step"] == held), None)) \
+        if evaluation else {}
     answers = [item.chosen if isinstance(item, Preference) else item for item in train_set]
     losses = example_losses(model, answers, cfg.train.batch_size, pad_id, device)
     return Fit(model, history, saved, restored, retention, losses)
