@@ -38,6 +38,8 @@ def corpus(tmp_path_factory):
 
     real = default_model_path()  # a real GGUF, cut after its header began: a failed download
     write(root / "cut.gguf", real.read_bytes()[:4096])
+    write(root / "header-cut.gguf", real.read_bytes()[:12])
+    write(root / "vocab-only.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 1))  # a header that counts no tensors
     write(model_copy("pickled", drop=("model.safetensors",)) / "pytorch_model.bin", PICKLE)
     model_copy("no-weights", drop=("model.safetensors",))
     write(model_copy("garbage-weights") / "model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
@@ -81,6 +83,10 @@ CASES = {
                           "{r}/text.gguf is not a GGUF file"),
     "gguf-cut-short": (["run", "model.path={r}/cut.gguf", "data.train={r}/reviews.csv"],
                        "{r}/cut.gguf is a damaged GGUF file"),
+    "gguf-header-cut-short": (["run", "model.path={r}/header-cut.gguf", "data.train={r}/reviews.csv"],
+                              "{r}/header-cut.gguf is a damaged GGUF file (its header is cut short)"),
+    "gguf-without-tensors": (["chat", "{r}/vocab-only.gguf"],
+                             "{r}/vocab-only.gguf is a GGUF file with no tensors (a vocabulary-only file?)"),
     "pickle-only-folder": (["run", "model.path={r}/pickled", "data.train={r}/reviews.csv"],
                            "{r}/pickled holds its weights only as a pickle (pytorch_model.bin)"),
     "pickle-file": (["chat", "{r}/weights.bin"], "{r}/weights.bin is a pickle"),
@@ -141,7 +147,7 @@ def test_hostile_input_ends_in_one_clear_line(corpus, capsys, name):
 
 def test_bad_weights_are_found_before_the_run_directory_exists(corpus, tmp_path):
     out = tmp_path / "out"
-    for model in ("garbage-weights", "missing-tensors", "pickled", "text.gguf"):
+    for model in ("garbage-weights", "missing-tensors", "pickled", "text.gguf", "cut.gguf", "vocab-only.gguf"):
         assert main(["run", f"model.path={corpus / model}", f"data.train={corpus / 'reviews.csv'}",
                      "--output", str(out), *FAST]) == 2
         assert not out.exists()

@@ -9,6 +9,7 @@ that cannot carry code at all is the guarantee we give, so pickles are refused, 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from tailorlm.errors import TailorError
@@ -39,30 +40,32 @@ def file_identity(path: Path) -> tuple:
     return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
 
 
-# Parsing a GGUF's metadata takes seconds (the gguf reader builds a 49k-token vocabulary string by string), and a
-# run touches its model file three times (data checks, the parameter count, the load): it is checked once.
-_checked_gguf: set[tuple] = set()
-
-
 def check_gguf(path: Path) -> None:
-    """The file starts like a GGUF and its header parses."""
-    if file_identity(path) in _checked_gguf:
-        return
+    """The file starts like a GGUF and its header counts some tensors: 24 bytes read. Its metadata is parsed
+    whole only to explain a loader's failure (explain_gguf_failure): that takes seconds (the gguf reader builds
+    a 49k-token vocabulary string by string), and the loaders parse it anyway."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head != GGUF_MAGIC:
-        raise TailorError(f"model.path: {path} is not a GGUF file (it starts with {head!r}, a GGUF with b'GGUF'); "
+        head = f.read(24)  # magic, version (uint32), tensor count and metadata count (uint64 each)
+    if head[:4] != GGUF_MAGIC:
+        raise TailorError(f"model.path: {path} is not a GGUF file (it starts with {head[:4]!r}, a GGUF with b'GGUF'); "
                           f"was it renamed, or truncated by a failed download?")
+    if len(head) < 24:
+        raise TailorError(f"model.path: {path} is a damaged GGUF file (its header is cut short); "
+                          f"download or export it again")
+    order = "<" if struct.unpack("<I", head[4:8])[0] < 0x10000 else ">"  # a big-endian file's version reads huge
+    if struct.unpack(order + "Q", head[8:16])[0] == 0:
+        raise TailorError(f"model.path: {path} is a GGUF file with no tensors (a vocabulary-only file?)")
+
+
+def explain_gguf_failure(path: Path) -> None:
+    """Raise what is wrong with a GGUF file that a loader could not read, when its metadata does not parse."""
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on a cut or damaged header
+        GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on a cut or damaged file
         raise TailorError(f"model.path: {path} is a damaged GGUF file ({type(e).__name__}: {e}); "
                           f"download or export it again") from None
-    if not reader.tensors:
-        raise TailorError(f"model.path: {path} is a GGUF file with no tensors (a vocabulary-only file?)")
-    _checked_gguf.add(file_identity(path))
 
 
 def safetensors_files(folder: Path, stem: str = "model") -> list[Path]:

@@ -106,6 +106,9 @@ def _source(spec: ModelSpec) -> tuple[str, str | None, dict]:
 
 
 def _load_failed(spec: ModelSpec, e: Exception, what: str = "") -> TailorError:
+    folder, gguf_file = locate(spec.path)
+    if gguf_file:  # a damaged file is named as such, not by the loader's exception
+        files.explain_gguf_failure(Path(folder) / gguf_file)
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     offline = " (no network here: use a local folder or .gguf file)" if "offline" in text.lower() or "connect" in text.lower() else ""
     return TailorError(f"model.path: cannot load {what}'{spec.path}'{offline}: {text}")
