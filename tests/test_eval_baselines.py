@@ -111,7 +111,8 @@ def test_constrained_decoding_read_off_the_label_pass_equals_constrained_generat
     chosen = set()
     for seed in range(6):
         model = tiny_llama(len(tiny_tokenizer), seed=seed)
-        read_off = evaluator.run(model, samples, "zero_shot_constrained", kind="constrained")
+        read_off = evaluator.run_kinds(model, samples, {"constrained": "c", "likelihood": "l"})["constrained"]
+        assert read_off.metrics["shared_pass"]
         decoded = generate(model, tiny_tokenizer, prompts, evaluator.max_new_tokens, 4, CPU, trie)
         assert [p["generated"] for p in read_off.predictions] == decoded
         chosen.update(decoded)
@@ -126,9 +127,13 @@ def test_constrained_and_likelihood_kinds_share_one_scoring_pass(tiny_tokenizer,
     monkeypatch.setattr("tailorlm.eval.evaluate.answer_token_logprobs", lambda *a, **k: passes.append(1) or scored(*a, **k))
     together = evaluator.run_kinds(model, samples, {"constrained": "c", "likelihood": "l"})
     assert len(passes) == 1
-    assert together["constrained"].predictions == evaluator.run(model, samples, "c", kind="constrained").predictions
-    assert together["likelihood"].predictions == evaluator.run(model, samples, "l", kind="likelihood").predictions
     assert together["constrained"].metrics["seconds_per_100"] == together["likelihood"].metrics["seconds_per_100"]
+    # alone, constrained decoding is generated (cheaper than scoring every label) and likelihood is the pass
+    alone = evaluator.run(model, samples, "c", kind="constrained")
+    assert len(passes) == 1 and "shared_pass" not in alone.metrics
+    assert together["constrained"].predictions == alone.predictions
+    assert together["likelihood"].predictions == evaluator.run(model, samples, "l", kind="likelihood").predictions
+    assert len(passes) == 2
 
 
 def test_free_generation_stops_once_a_label_is_named_or_the_line_ends():

@@ -39,6 +39,9 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir):
     report = (out / "report.md").read_text()
     assert "| fine-tuned |" in report and "loss_curve.png" in report and "k_shot_curve.png" in report
     assert "vs prompting: against the best prompting result" in report
+    assert "- constrained and likelihood rows: both read off one scoring pass of every label" in report
+    assert all(metrics["variants"][f"{base}_{kind}"]["shared_pass"] for base in ("zero_shot", "few_shot")
+               for kind in ("constrained", "likelihood"))
     assert (out / "k_shot_curve.png").is_file()
     log = json.loads((out / "train_log.json").read_text())
     assert [r["step"] for r in log["val_loss"]] == [0, 2, 3]

@@ -15,7 +15,7 @@ from tailorlm.config import EvalSpec
 from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
-from tailorlm.eval.generate import generate
+from tailorlm.eval.generate import LabelTrie, generate
 from tailorlm.eval.item_lists import item_list_trie
 from tailorlm.eval.likelihood import answer_token_logprobs, constrained_answer
 from tailorlm.tasks.classification import answer_complete
@@ -51,7 +51,7 @@ class Evaluator:
                  device, label_field: str | None = "label"):
         self.tokenizer, self.template, self.fmt, self.labels = tokenizer, template, fmt, labels
         self.spec, self.device, self.label_field, self.task = spec, device, label_field, template.task
-        self.max_new_tokens, self.answers = spec.max_new_tokens or self.task.max_new_tokens, []
+        self.max_new_tokens, self.trie, self.answers = spec.max_new_tokens or self.task.max_new_tokens, None, []
         self.forms: list[tuple[int, list[int]]] = []  # (label index, token ids) of every surface form
         self._opening: str | None = None
         if label_field:
@@ -66,6 +66,7 @@ class Evaluator:
             # Room for a short sentence around the label ("The topic is business."): a base model that answers in
             # a sentence must not be cut off before it names the label, or the baseline would be unfairly low.
             self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in self.answers) + 16
+            self.trie = LabelTrie([ids for _, ids in self.forms])
 
     @property
     def closed(self) -> bool:
@@ -120,48 +121,49 @@ class Evaluator:
 
     def run_kinds(self, model, samples: list[Sample], variants: dict[str, str],
                   demos: list[dict] | list[list[dict]] = ()) -> dict[str, VariantResult]:
-        """Several kinds on the same prompts (variants: kind -> variant name). For a closed label set, constrained
-        decoding and label likelihood are read off one scoring pass, and each reports that pass's cost: it is
-        what either would cost alone."""
+        """Several kinds on the same prompts (variants: kind -> variant name). Constrained decoding and label
+        likelihood of a closed label set, asked for together, are read off one scoring pass, whose time both
+        report (marked shared_pass); constrained decoding alone is generated (a few steps on the greedy path
+        cost less than scoring every label)."""
         for kind in variants:
             if kind not in self.kinds:
                 raise ValueError(f"internal: {kind} scoring does not apply to the {self.task.name} task")
         prompts, dropped = self.prompts(samples, demos)
         examples = [s.example for s in samples]
-        together = [k for k in variants if self.closed and k in ("constrained", "likelihood")]
+        shared = self.closed and {"constrained", "likelihood"} <= set(variants)
+        scored = ["constrained", "likelihood"] if shared else ["likelihood"] if "likelihood" in variants else []
         answered: dict[str, tuple[list[str], float]] = {}
-        if together:
+        if scored:
             started = time.perf_counter()
-            texts = self._label_pass(model, prompts, together, "eval " + " + ".join(variants[k] for k in together))
-            answered.update({k: (texts[k], time.perf_counter() - started) for k in together})
+            texts = self._label_pass(model, prompts, scored, "eval " + " + ".join(variants[k] for k in scored))
+            answered.update({k: (texts[k], time.perf_counter() - started) for k in scored})
         for kind in variants:
             if kind not in answered:
                 started = time.perf_counter()
                 texts = self.decode(model, prompts, examples, kind, f"eval {variants[kind]}")
                 answered[kind] = (texts, time.perf_counter() - started)
         k = max((len(d) for d in demos), default=0) if demos and isinstance(demos[0], list) else len(demos)
-        return {kind: self._result(examples, prompts, variant, kind, *answered[kind], k, dropped)
-                for kind, variant in variants.items()}
+        results = {kind: self._result(examples, prompts, variant, kind, *answered[kind], k, dropped)
+                   for kind, variant in variants.items()}
+        for kind in scored if shared else ():
+            results[kind].metrics["shared_pass"] = True
+        return results
 
     def decode(self, model, prompts: list[list[int]], examples: list[dict], kind: str, description: str = "generate",
                batch_size: int | None = None) -> list[str]:
         """The answer to each prompt under free or constrained decoding (what tailor predict writes too)."""
-        batch_size = batch_size or self.spec.batch_size
-        if kind == "constrained" and self.closed:
-            return self._label_pass(model, prompts, ["constrained"], description, batch_size)["constrained"]
         done = answer_complete(self.labels) if self.closed and kind == "free" else None
-        # a list answer (NER): each example's own item-list trie, built when its batch comes up
-        constraint = (lambda i: self.item_trie(examples[i])) if kind == "constrained" else None
-        return generate(model, self.tokenizer, prompts, self.max_new_tokens, batch_size, self.device, constraint,
-                        description=description, done=done)
+        constraint = None
+        if kind == "constrained":  # the label trie, or (a list answer: NER) each example's own item-list trie
+            constraint = self.trie if self.closed else lambda i: self.item_trie(examples[i])
+        return generate(model, self.tokenizer, prompts, self.max_new_tokens, batch_size or self.spec.batch_size,
+                        self.device, constraint, description=description, done=done)
 
-    def _label_pass(self, model, prompts: list[list[int]], kinds: list[str], description: str,
-                    batch_size: int | None = None) -> dict[str, list[str]]:
+    def _label_pass(self, model, prompts: list[list[int]], kinds: list[str], description: str) -> dict[str, list[str]]:
         """One scoring pass over every surface form of every label: the most likely label (likelihood) and the
         answer constrained greedy decoding writes (constrained), for each prompt."""
         forms = [ids for _, ids in self.forms]
-        token_logps = answer_token_logprobs(model, prompts, forms, self.device, batch_size or self.spec.batch_size,
-                                            description=description)
+        token_logps = answer_token_logprobs(model, prompts, forms, self.device, self.spec.batch_size, description)
         texts: dict[str, list[str]] = {}
         if "likelihood" in kinds:
             texts["likelihood"] = [self.labels[max(range(len(self.labels)), key=by_label.__getitem__)]

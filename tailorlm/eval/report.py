@@ -129,6 +129,10 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
         notes = score_notes(trivial, section.get("contamination"))
         best = best_line(variants, columns[0])
         lines += ["", f"- {best}"] if best else []
+        if any(m.get("shared_pass") for m in variants.values()):
+            lines.append("- constrained and likelihood rows: both read off one scoring pass of every label, whose time "
+                         "each shows (constrained decoding on its own, as `eval.decoding: constrained` runs it, is "
+                         "generated)")
         if notes:
             lines += ["", *(f"- **{note}**" for note in notes)]
         lines += curve_lines(section.get("curve"), variants.get("fine_tuned", {}).get(columns[0]), name, len(sections) > 1)
