@@ -13,7 +13,7 @@ from tailorlm.eval.baselines import best_prompting, run_baselines, variant_name
 from tailorlm.eval.classic import nearest, tfidf_logistic_regression
 from tailorlm.eval.evaluate import Evaluator, pick_demos
 from tailorlm.eval import likelihood
-from tailorlm.eval.likelihood import answer_logprobs
+from tailorlm.eval.likelihood import answer_token_logprobs
 from tailorlm.tasks.classification import answer_complete
 from conftest import tiny_llama
 
@@ -36,6 +36,11 @@ def setup(tokenizer, **eval_overrides):
     return evaluator, samples
 
 
+def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]]) -> list[list[float]]:
+    """Each answer's summed token log-probabilities after each prompt, as label likelihood scores it."""
+    return [[sum(tokens) for tokens in row] for row in answer_token_logprobs(model, prompts, answers, CPU)]
+
+
 def direct_logprob(model, prompt: list[int], answer: list[int]) -> float:
     """log p(answer | prompt), summed over the answer's tokens, from one plain forward pass of the whole text."""
     with torch.no_grad():
@@ -53,10 +58,10 @@ def test_answer_logprobs_equal_a_direct_computation(tiny_tokenizer, monkeypatch,
     shared = list(range(30, 45))  # a shared opening: the prefix cache path
     prompts = [shared + [50, 51, 52], shared + [60, 61], shared + [70]]
     answers = [[5], [7, 8, 9], [10, 11], [7, 8, 12]]  # one token, longer ones of different lengths, a shared start
-    got = answer_logprobs(model, prompts, answers, CPU)
+    got = answer_logprobs(model, prompts, answers)
     for prompt, row in zip(prompts, got):
         assert row == pytest.approx([direct_logprob(model, prompt, a) for a in answers], abs=1e-4)
-    alone = answer_logprobs(model, [prompts[1]], answers, CPU)  # no shared prefix: one prompt
+    alone = answer_logprobs(model, [prompts[1]], answers)  # no shared prefix: one prompt
     assert alone[0] == pytest.approx(got[1], abs=1e-4)
 
 
@@ -236,6 +241,6 @@ def test_answer_logprobs_are_exact_under_a_sliding_window_shorter_than_the_rows(
     model = tiny_family_model(family, 400, seed=1)
     shared = list(range(30, 45))
     prompts, answers = [shared + [50, 51, 52], shared + [60, 61], shared + [70]], [[5], [7, 8, 9], [10, 11]]
-    got = answer_logprobs(model, prompts, answers, CPU)
+    got = answer_logprobs(model, prompts, answers)
     for prompt, row in zip(prompts, got):
         assert row == pytest.approx([direct_logprob(model, prompt, a) for a in answers], abs=1e-4)

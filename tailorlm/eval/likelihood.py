@@ -23,13 +23,6 @@ from tailorlm.kernels.prefix import shared_prefix_len, window_shorter_than
 from tailorlm.ui import progress
 
 
-def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], device, batch_size: int = 16,
-                    description: str = "label likelihood") -> list[list[float]]:
-    """For each prompt, the summed log-probability of each answer's tokens following it (prompts x answers)."""
-    return [[sum(tokens) for tokens in row]
-            for row in answer_token_logprobs(model, prompts, answers, device, batch_size, description)]
-
-
 @torch.no_grad()
 def answer_token_logprobs(model, prompts: list[list[int]], answers: list[list[int]], device, batch_size: int = 16,
                           description: str = "label likelihood") -> list[list[list[float]]]:
