@@ -145,8 +145,9 @@ class Evaluator:
         k = max((len(d) for d in demos), default=0) if demos and isinstance(demos[0], list) else len(demos)
         results = {kind: self._result(examples, prompts, variant, kind, *answered[kind], k, dropped)
                    for kind, variant in variants.items()}
-        for kind in scored if shared else ():
-            results[kind].metrics["shared_pass"] = True
+        if shared:
+            for kind in scored:
+                results[kind].metrics["shared_pass"] = True
         return results
 
     def decode(self, model, prompts: list[list[int]], examples: list[dict], kind: str, description: str = "generate",
