@@ -141,6 +141,27 @@ def test_constrained_and_likelihood_kinds_share_one_scoring_pass(tiny_tokenizer,
     assert len(passes) == 2
 
 
+def test_free_generation_beside_the_scored_kinds_starts_from_the_same_prompt_pass(tiny_tokenizer, monkeypatch):
+    from tailorlm.eval import evaluate, generate as generation
+
+    model = tiny_llama(len(tiny_tokenizer), seed=4)
+    evaluator, samples = setup(tiny_tokenizer)
+    kinds = {"free": "f", "constrained": "c", "likelihood": "l"}
+    apart = {kind: evaluator.run(model, samples, name, kind=kind) for kind, name in kinds.items()}
+    calls = []
+    for module, name in ((evaluate, "answer_token_logprobs"), (evaluate, "generate"), (generation, "_score_on_prompts")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
+    together = evaluator.run_kinds(model, samples, kinds)
+    # one pass: the scoring runs on each batch's prompt cache inside generation, nothing is run a second time
+    assert calls == ["_score_on_prompts"] * 2  # 8 samples in batches of 4
+    for kind in kinds:
+        assert together[kind].predictions == apart[kind].predictions
+    seconds = {kind: together[kind].metrics["seconds_per_100"] for kind in kinds}
+    assert seconds["constrained"] == seconds["likelihood"] != seconds["free"] and min(seconds.values()) > 0
+    assert "shared_pass" not in together["free"].metrics and together["likelihood"].metrics["shared_pass"]
+
+
 def test_free_generation_stops_once_a_label_is_named_or_the_line_ends():
     done = answer_complete(["sport", "tech", "very positive"])
     assert not done("The topic is tech")  # 'tech' may still become 'technology'

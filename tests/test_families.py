@@ -178,6 +178,28 @@ def test_shared_prefix_generation_equals_plain_generation(family, tiny_tokenizer
     assert shared == plain == one_at_a_time
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answers_scored_on_the_generation_prompt_pass_equal_the_separate_passes(family, tiny_tokenizer):
+    from tailorlm.eval.generate import generate_and_score, scores_together
+    from tailorlm.eval.likelihood import answer_token_logprobs
+
+    model = tiny_family_model(family, len(tiny_tokenizer))
+    head = "<|im_start|>user\nClassify the text. Answer with one of: negative, positive.\n\nText: "
+    texts = ["the film won an award", "awful", "the team won the match with a late goal from the striker", "great"]
+    ids = [tiny_tokenizer(f"{head}{t}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+           for t in texts]
+    answers = [tiny_tokenizer(a, add_special_tokens=False)["input_ids"] for a in ("negative", "positive<|im_end|>")]
+    if not scores_together(model, ids, answers, 6):
+        assert family == "gemma3"  # its window (8) is shorter than the rows: the passes stay apart
+        return
+    texts_, scores = generate_and_score(model, tiny_tokenizer, ids, answers, 6, 3, torch.device("cpu"))
+    assert texts_ == generate(model, tiny_tokenizer, ids, 6, 3, torch.device("cpu"))
+    apart = answer_token_logprobs(model, ids, answers, torch.device("cpu"), 3)
+    for row, row_apart in zip(scores, apart):
+        for tokens, tokens_apart in zip(row, row_apart):
+            assert tokens == pytest.approx(tokens_apart, abs=1e-4)
+
+
 def test_a_sliding_window_shorter_than_the_rows_turns_the_generation_prefix_off_and_says_so(caplog, monkeypatch):
     from tailorlm.kernels import fallback
     from tailorlm.kernels.prefix import generation_prefix_blocker

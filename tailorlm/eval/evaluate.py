@@ -15,7 +15,7 @@ from tailorlm.config import EvalSpec
 from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
-from tailorlm.eval.generate import LabelTrie, generate
+from tailorlm.eval.generate import LabelTrie, generate, generate_and_score, scores_together
 from tailorlm.eval.item_lists import item_list_trie
 from tailorlm.eval.likelihood import answer_token_logprobs, constrained_answer
 from tailorlm.tasks.classification import answer_complete
@@ -121,10 +121,13 @@ class Evaluator:
 
     def run_kinds(self, model, samples: list[Sample], variants: dict[str, str],
                   demos: list[dict] | list[list[dict]] = ()) -> dict[str, VariantResult]:
-        """Several kinds on the same prompts (variants: kind -> variant name). Constrained decoding and label
-        likelihood of a closed label set, asked for together, are read off one scoring pass, whose time both
-        report (marked shared_pass); constrained decoding alone is generated (a few steps on the greedy path
-        cost less than scoring every label)."""
+        """Several kinds on the same prompts (variants: kind -> variant name), each prompt run once.
+
+        Constrained decoding and label likelihood of a closed label set, asked for together, are read off one
+        scoring pass (marked shared_pass); constrained decoding alone is generated (a few steps on the greedy
+        path cost less than scoring every label). Free generation asked for beside them starts from that same
+        prompt pass. Each kind's seconds are what it would cost alone: the prompt pass, plus its own scoring
+        or decoding."""
         for kind in variants:
             if kind not in self.kinds:
                 raise ValueError(f"internal: {kind} scoring does not apply to the {self.task.name} task")
@@ -133,10 +136,21 @@ class Evaluator:
         shared = self.closed and {"constrained", "likelihood"} <= set(variants)
         scored = ["constrained", "likelihood"] if shared else ["likelihood"] if "likelihood" in variants else []
         answered: dict[str, tuple[list[str], float]] = {}
-        if scored:
+        forms = [ids for _, ids in self.forms]
+        if scored and "free" in variants and scores_together(model, prompts, forms, self.max_new_tokens):
+            timings: dict[str, float] = {}
+            texts, token_logps = generate_and_score(
+                model, self.tokenizer, prompts, forms, self.max_new_tokens, self.spec.batch_size, self.device,
+                "eval " + " + ".join(variants.values()), self._free_done(), timings)
+            answered["free"] = (texts, timings["prompt"] + timings["decode"])
+            answered.update({k: (v, timings["prompt"] + timings["score"])
+                             for k, v in self._read_scores(token_logps, scored).items()})
+        elif scored:
             started = time.perf_counter()
-            texts = self._label_pass(model, prompts, scored, "eval " + " + ".join(variants[k] for k in scored))
-            answered.update({k: (texts[k], time.perf_counter() - started) for k in scored})
+            description = "eval " + " + ".join(variants[k] for k in scored)
+            token_logps = answer_token_logprobs(model, prompts, forms, self.device, self.spec.batch_size, description)
+            answered.update({k: (v, time.perf_counter() - started)
+                             for k, v in self._read_scores(token_logps, scored).items()})
         for kind in variants:
             if kind not in answered:
                 started = time.perf_counter()
@@ -150,21 +164,24 @@ class Evaluator:
                 results[kind].metrics["shared_pass"] = True
         return results
 
+    def _free_done(self):
+        """When a free answer is complete: a closed-set answer that has named its label or ended its line."""
+        return answer_complete(self.labels) if self.closed else None
+
     def decode(self, model, prompts: list[list[int]], examples: list[dict], kind: str, description: str = "generate",
                batch_size: int | None = None) -> list[str]:
         """The answer to each prompt under free or constrained decoding (what tailor predict writes too)."""
-        done = answer_complete(self.labels) if self.closed and kind == "free" else None
+        done = self._free_done() if kind == "free" else None
         constraint = None
         if kind == "constrained":  # the label trie, or (a list answer: NER) each example's own item-list trie
             constraint = self.trie if self.closed else lambda i: self.item_trie(examples[i])
         return generate(model, self.tokenizer, prompts, self.max_new_tokens, batch_size or self.spec.batch_size,
                         self.device, constraint, description=description, done=done)
 
-    def _label_pass(self, model, prompts: list[list[int]], kinds: list[str], description: str) -> dict[str, list[str]]:
-        """One scoring pass over every surface form of every label: the most likely label (likelihood) and the
-        answer constrained greedy decoding writes (constrained), for each prompt."""
+    def _read_scores(self, token_logps: list[list[list[float]]], kinds: list[str]) -> dict[str, list[str]]:
+        """The answers of one scoring pass over every surface form of every label: the most likely label
+        (likelihood) and the answer constrained greedy decoding writes (constrained), for each prompt."""
         forms = [ids for _, ids in self.forms]
-        token_logps = answer_token_logprobs(model, prompts, forms, self.device, self.spec.batch_size, description)
         texts: dict[str, list[str]] = {}
         if "likelihood" in kinds:
             texts["likelihood"] = [self.labels[max(range(len(self.labels)), key=by_label.__getitem__)]

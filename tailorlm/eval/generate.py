@@ -10,6 +10,7 @@ answer is always a valid label, or (a list answer such as NER's) stay inside its
 from __future__ import annotations
 
 import copy
+import time
 from typing import Callable
 
 import torch
@@ -17,7 +18,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tailorlm.data.conversations import end_of_turn_markers
 from tailorlm.kernels.loss import decoder_and_head
-from tailorlm.kernels.prefix import generation_prefix_blocker, prefix_cache, shared_prefix_len
+from tailorlm.eval.likelihood import score_after_prompts, scores_side_by_side
+from tailorlm.kernels.prefix import generation_prefix_blocker, prefix_cache, shared_prefix_len, window_shorter_than
 from tailorlm.ui import progress
 
 
@@ -54,7 +56,6 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
              trie: LabelTrie | Callable[[int], object] | None = None, description: str = "generate",
              shared_prefix: bool = True, done: Callable[[str], bool] | None = None) -> list[str]:
@@ -62,10 +63,40 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     trie(i) -> prompt i's own (built a batch at a time, so a split's constraints are never all in memory).
     done(text), when given, ends a row's answer early (a classification answer that has named its label, or
     ended its line)."""
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, trie, description, shared_prefix,
+                     done)[0]
+
+
+def generate_and_score(model, tokenizer, prompts: list[list[int]], answers: list[list[int]], max_new_tokens: int,
+                       batch_size: int, device, description: str = "generate", done: Callable[[str], bool] | None = None,
+                       timings: dict | None = None) -> tuple[list[str], list[list[list[float]]]]:
+    """Free greedy completions and, on the same prompt pass, each answer's token log-probabilities
+    (likelihood.answer_token_logprobs): a prompt is run once for both. timings, when given, receives the
+    seconds of the prompt pass ("prompt"), of scoring the answers ("score") and of decoding ("decode").
+    Only for models that scores_together() accepts."""
+    timings = {"prompt": 0.0, "score": 0.0, "decode": 0.0} if timings is None else timings
+    timings.update({"prompt": 0.0, "score": 0.0, "decode": 0.0})
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, None, description, True, done,
+                     answers, timings)
+
+
+def scores_together(model, prompts: list[list[int]], answers: list[list[int]], max_new_tokens: int) -> bool:
+    """Whether generate_and_score applies: the answers follow side by side, and generation shares the opening
+    (neither is the case under a sliding window shorter than the rows)."""
+    longest = max(map(len, prompts), default=0)
+    return decoder_and_head(model) is not None and scores_side_by_side(model, longest, answers) and \
+        window_shorter_than(model, longest + max_new_tokens) is None
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device, trie,
+              description: str, shared_prefix: bool, done, answers: list[list[int]] | None = None,
+              timings: dict | None = None) -> tuple[list[str], list[list[list[float]]]]:
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     outputs: list[str] = [""] * len(prompts)
+    scores: list[list[list[float]]] = [[] for _ in prompts] if answers else []
     parts = decoder_and_head(model)
     longest = max((len(p) for p in prompts), default=0) + max_new_tokens
     shared_prefix = shared_prefix and generation_prefix_blocker(model, longest) is None
@@ -95,16 +126,22 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
                     last_prefix = (key, prefix_cache(parts[0], input_ids[0, :n_prefix], 1))
                 cache = copy.deepcopy(last_prefix[1])
                 cache.batch_repeat_interleave(len(idx))
+            if answers:
+                cache = _score_on_prompts(model, input_ids, attention_mask, n_prefix, cache, answers, idx, scores,
+                                          timings)
             constrain = None
             if trie is not None:
                 per_row = [trie(i) for i in idx] if callable(trie) else [trie] * len(idx)
                 constrain = lambda row, ids: per_row[row].allowed(ids[width:].tolist(), stops)  # noqa: E731
+            started = time.perf_counter()
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=stops, pad_token_id=pad_id, prefix_allowed_tokens_fn=constrain,
                                  temperature=None, top_p=None, top_k=None,
                                  stopping_criteria=StoppingCriteriaList([_AnswerFinished(tokenizer, width, done)])
                                  if done else None)
+            if timings is not None:
+                timings["decode"] += time.perf_counter() - started
             for row, i in enumerate(idx):
                 ids = out[row, width:].tolist()
                 cut = getattr(per_row[row], "cut_unfinished", None) if constrain else None
@@ -112,4 +149,22 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
                     ids = cut(ids)
                 outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             advance(len(idx))
-    return outputs
+    return outputs, scores
+
+
+def _score_on_prompts(model, input_ids, attention_mask, n_prefix: int, cache, answers: list[list[int]],
+                      idx: list[int], scores: list, timings: dict):
+    """Run a batch's own prompt tokens, score every answer on that cache, and hand generation the cache without
+    the last prompt column (generation starts by running it: the library takes no logits from outside)."""
+    started = time.perf_counter()
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, n_prefix:]  # as generation numbers them
+    out = model(input_ids=input_ids[:, n_prefix:], attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    scored = time.perf_counter()
+    for i, row in zip(idx, score_after_prompts(model, out.logits[:, -1], out.past_key_values, attention_mask, answers)):
+        scores[i] = row
+    cache = out.past_key_values
+    cache.crop(-1)
+    timings["prompt"] += scored - started
+    timings["score"] += time.perf_counter() - scored
+    return cache

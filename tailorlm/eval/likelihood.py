@@ -40,20 +40,18 @@ def answer_token_logprobs(model, prompts: list[list[int]], answers: list[list[in
         batch_size, shared, follow = 1, False, "copy"
     else:
         shared = len(prompts) > 1
-        config = getattr(model, "config", None)
-        # side by side: a hand-made 4D mask, which the attention must take as given (eager, SDPA; not flash
-        # attention), and which replaces the model's own window (so the window must cover the whole pass)
-        side_by_side = getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa") and not \
-            window_shorter_than(model, longest_prompt + sum(len(a) - 1 for a in answers) + 1)
-        follow = "side_by_side" if side_by_side else "crop"
+        follow = "side_by_side" if scores_side_by_side(model, longest_prompt, answers) else "crop"
     # Keep one own token per prompt: its logits predict each answer's first token.
     n_prefix = shared_prefix_len(prompts, min(len(p) for p in prompts) - 1) if shared else 0
     prefix = _forward(model, torch.tensor([prompts[0][:n_prefix]], device=device), None, None, None)[1] \
         if n_prefix else None
     scores: list[list[list[float]]] = [[] for _ in prompts]
+    # Batches of similar length, as in generation: a batch runs as wide as its longest row, and on the default
+    # job's articles batches in input order were half padding.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     with progress(description, len(prompts)) as advance:
         for start in range(0, len(prompts), batch_size):
-            rows = list(range(start, min(start + batch_size, len(prompts))))
+            rows = order[start:start + batch_size]
             for i, row in zip(rows, _score_batch(model, [prompts[i] for i in rows], answers, n_prefix, prefix, device,
                                                  follow)):
                 scores[i] = row
@@ -81,15 +79,31 @@ def _score_batch(model, prompts: list[list[int]], answers: list[list[int]], n_pr
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(batch)
     logits, cache = _forward(model, ids, mask, positions, cache)
-    answer_ids = torch.tensor([a[0] for a in answers], device=device)
-    tokens = torch.zeros((batch, len(answers), max(map(len, answers))), device=device)  # batch x answer x token
-    tokens[:, :, 0] = torch.log_softmax(logits[:, -1].float(), -1)[:, answer_ids]  # first tokens: prompt's logits
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    return score_after_prompts(model, logits[:, -1], cache, mask, answers, follow)
+
+
+def score_after_prompts(model, last_logits, cache, mask, answers: list[list[int]], follow: str = "side_by_side"):
+    """Each answer's token log-probabilities after a batch of left-padded prompts that `cache` holds (mask: their
+    real tokens; last_logits: each prompt's last position). The cache holds the prompts alone again after."""
+    batch = mask.shape[0]
+    answer_ids = torch.tensor([a[0] for a in answers], device=mask.device)
+    tokens = torch.zeros((batch, len(answers), max(map(len, answers))), device=mask.device)  # batch x answer x token
+    tokens[:, :, 0] = torch.log_softmax(last_logits.float(), -1)[:, answer_ids]  # first tokens: prompt's logits
+    lengths = mask.sum(1)
     if follow == "side_by_side":
         _follow_side_by_side(model, answers, mask, lengths, cache, tokens)
     else:
         _follow_one_by_one(model, answers, mask, lengths, cache, tokens, copy_cache=follow == "copy")
     return [[row[a][:len(answer)] for a, answer in enumerate(answers)] for row in tokens.tolist()]
+
+
+def scores_side_by_side(model, longest_prompt: int, answers: list[list[int]]) -> bool:
+    """Whether every longer answer can follow a batch's prompts in one pass (_follow_side_by_side): a hand-made
+    4D mask, which the attention must take as given (eager, SDPA; not flash attention), and which replaces the
+    model's own window (so the window must cover the whole pass)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa") and not \
+        window_shorter_than(model, longest_prompt + sum(len(a) - 1 for a in answers) + 1)
 
 
 def _follow_side_by_side(model, answers: list[list[int]], mask, lengths, cache, tokens) -> None:
