@@ -132,7 +132,8 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
         if any(m.get("shared_pass") for m in variants.values()):
             lines.append("- constrained and likelihood rows: both read off one scoring pass of every label, whose time "
                          "each shows (constrained decoding on its own, as `eval.decoding: constrained` runs it, is "
-                         "generated)")
+                         "generated); free generation goes on from the same prompt pass, and each row's time counts "
+                         "that pass once, with its own scoring or decoding")
         if notes:
             lines += ["", *(f"- **{note}**" for note in notes)]
         lines += curve_lines(section.get("curve"), variants.get("fine_tuned", {}).get(columns[0]), name, len(sections) > 1)
