@@ -165,13 +165,18 @@ def test_a_soft_capped_head_falls_back_to_full_logits_and_says_so(caplog, monkey
 
 # ---- evaluation: batched generation with and without the shared prefix ------------------------------------
 
+def _classify_prompts(tokenizer) -> list[list[int]]:
+    """Chat prompts of different lengths that share an opening (the shared-prefix path)."""
+    head = "<|im_start|>user\nClassify the text. Answer with one of: negative, positive.\n\nText: "
+    texts = ["the film won an award", "awful", "the team won the match with a late goal from the striker", "great"]
+    return [tokenizer(f"{head}{t}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+            for t in texts]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prefix_generation_equals_plain_generation(family, tiny_tokenizer):
     model = tiny_family_model(family, len(tiny_tokenizer))
-    head = "<|im_start|>user\nClassify the text. Answer with one of: negative, positive.\n\nText: "
-    texts = ["the film won an award", "awful", "the team won the match with a late goal from the striker", "great"]
-    ids = [tiny_tokenizer(f"{head}{t}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-           for t in texts]
+    ids = _classify_prompts(tiny_tokenizer)
     plain = generate(model, tiny_tokenizer, ids, 6, 4, torch.device("cpu"), shared_prefix=False)
     shared = generate(model, tiny_tokenizer, ids, 6, 4, torch.device("cpu"), shared_prefix=True)
     one_at_a_time = [generate(model, tiny_tokenizer, [p], 6, 1, torch.device("cpu"))[0] for p in ids]
@@ -184,10 +189,7 @@ def test_answers_scored_on_the_generation_prompt_pass_equal_the_separate_passes(
     from tailorlm.eval.likelihood import answer_token_logprobs
 
     model = tiny_family_model(family, len(tiny_tokenizer))
-    head = "<|im_start|>user\nClassify the text. Answer with one of: negative, positive.\n\nText: "
-    texts = ["the film won an award", "awful", "the team won the match with a late goal from the striker", "great"]
-    ids = [tiny_tokenizer(f"{head}{t}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-           for t in texts]
+    ids = _classify_prompts(tiny_tokenizer)
     answers = [tiny_tokenizer(a, add_special_tokens=False)["input_ids"] for a in ("negative", "positive<|im_end|>")]
     if not scores_together(model, ids, answers, 6):
         assert family == "gemma3"  # its window (8) is shorter than the rows: the passes stay apart
