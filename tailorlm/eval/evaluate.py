@@ -66,7 +66,12 @@ class Evaluator:
             # Room for a short sentence around the label ("The topic is business."): a base model that answers in
             # a sentence must not be cut off before it names the label, or the baseline would be unfairly low.
             self.max_new_tokens = spec.max_new_tokens or max(len(a) for a in self.answers) + 16
-            self.trie = LabelTrie([ids for _, ids in self.forms])
+            self.trie = LabelTrie(self.form_ids)
+
+    @property
+    def form_ids(self) -> list[list[int]]:
+        """The token ids of every surface form of every label, in the order of self.forms."""
+        return [ids for _, ids in self.forms]
 
     @property
     def closed(self) -> bool:
@@ -136,7 +141,7 @@ class Evaluator:
         shared = self.closed and {"constrained", "likelihood"} <= set(variants)
         scored = ["constrained", "likelihood"] if shared else ["likelihood"] if "likelihood" in variants else []
         answered: dict[str, tuple[list[str], float]] = {}
-        forms = [ids for _, ids in self.forms]
+        forms = self.form_ids
         if scored and "free" in variants and scores_together(model, prompts, forms, self.max_new_tokens):
             timings: dict[str, float] = {}
             texts, token_logps = generate_and_score(
@@ -181,7 +186,7 @@ class Evaluator:
     def _read_scores(self, token_logps: list[list[list[float]]], kinds: list[str]) -> dict[str, list[str]]:
         """The answers of one scoring pass over every surface form of every label: the most likely label
         (likelihood) and the answer constrained greedy decoding writes (constrained), for each prompt."""
-        forms = [ids for _, ids in self.forms]
+        forms = self.form_ids
         texts: dict[str, list[str]] = {}
         if "likelihood" in kinds:
             texts["likelihood"] = [self.labels[max(range(len(self.labels)), key=by_label.__getitem__)]

@@ -17,8 +17,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tailorlm.data.conversations import end_of_turn_markers
-from tailorlm.kernels.loss import decoder_and_head
 from tailorlm.eval.likelihood import score_after_prompts, scores_side_by_side
+from tailorlm.kernels.loss import decoder_and_head
 from tailorlm.kernels.prefix import generation_prefix_blocker, prefix_cache, shared_prefix_len, window_shorter_than
 from tailorlm.ui import progress
 
@@ -74,7 +74,7 @@ def generate_and_score(model, tokenizer, prompts: list[list[int]], answers: list
     (likelihood.answer_token_logprobs): a prompt is run once for both. timings, when given, receives the
     seconds of the prompt pass ("prompt"), of scoring the answers ("score") and of decoding ("decode").
     Only for models that scores_together() accepts."""
-    timings = {"prompt": 0.0, "score": 0.0, "decode": 0.0} if timings is None else timings
+    timings = {} if timings is None else timings
     timings.update({"prompt": 0.0, "score": 0.0, "decode": 0.0})
     return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, None, description, True, done,
                      answers, timings)
