@@ -4,7 +4,9 @@
 #
 #   bench/gpu_checks.sh OUTDIR [PART ...]
 #   parts: env tests speed-1b accum families speed-135m distributed   (default: all, in this order)
-#          full-1b (the full fine-tuning rows of speed-1b alone), accum-full (the full rows of accum alone),
+#          full-1b, full-135m (the full fine-tuning rows of speed-1b or speed-135m alone), accum-full (the full
+#          rows of accum alone), decode (bench/decode_speed.py: dynamic cache against the compiled static cache;
+#          MODEL, DATA, CONFIG=examples/gsm8k.yaml, LIMIT=128),
 #          dora (the DoRA row of task_results --suite methods; MODEL=model.path, DATA=the datasets' folder)
 #          datasets (task_results --suite datasets, one run per dataset under its own limit; MODEL, DATA, SET,
 #          NAMES="wnut17 gsm8k alpaca multi30k"; each full-size run takes more than 200 s on an H100, most of it
@@ -34,6 +36,10 @@ for part in $parts; do
              --junitxml="$out/gpu-tests.xml" 2>&1 | tail -25 ;;
     speed-1b) speed gpu 360 speed-1b --only llama-3.2-1b ;;
     full-1b) speed gpu 240 full-1b --only llama-3.2-1b --method full ;;
+    full-135m) speed gpu 200 full-135m --only smollm2-135m --method full ;;
+    decode) env -u TORCH_LOGS timeout 300 $py bench/decode_speed.py --config "${CONFIG:-examples/gsm8k.yaml}" \
+              --model "${MODEL:-default}" --data-root "${DATA:-../shared/data}" --limit "${LIMIT:-128}" \
+              --json "$out/decode.json" --markdown '' 2>&1 | grep -v 'ETA\|━' | tail -15 ;;
     accum) speed gpu-accum 200 accum ;;
     accum-full) speed gpu-accum 170 accum-full --method full ;;
     dora) timeout 250 $py bench/task_results.py --suite methods --only dora --out "$out/methods" \

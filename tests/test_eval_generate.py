@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tailorlm.eval.generate import LabelTrie, generate
+from tailorlm.eval.generate import LabelTrie, generate, scores_together, static_cache_applies
 from conftest import tiny_llama
 
 
@@ -43,6 +43,55 @@ def test_constrained_decoding_only_writes_labels(tiny_tokenizer):
     answers = [tiny_tokenizer(f"{label}<|im_end|>", add_special_tokens=False)["input_ids"] for label in ("negative", "positive")]
     out = generate(model, tiny_tokenizer, prompts(tiny_tokenizer), 8, 4, torch.device("cpu"), trie=LabelTrie(answers))
     assert set(out) <= {"negative", "positive"} and len(out) == 4
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])  # 3: the second batch is one prompt and two filler rows
+def test_static_cache_generation_equals_the_dynamic_cache(tiny_tokenizer, batch_size):
+    """The static cache (compiled on a GPU) pads every batch to one width and one row count: the texts, free,
+    stopped early by `done`, or constrained to the labels, are those of the dynamic cache's exact-width batches."""
+    model = writer(tiny_tokenizer, seed=6)
+    ids = prompts(tiny_tokenizer)
+    cpu = torch.device("cpu")
+    answers = [tiny_tokenizer(f"{label}<|im_end|>", add_special_tokens=False)["input_ids"] for label in ("negative", "positive")]
+    for options in ({}, {"done": lambda text: len(text) > 6}, {"trie": LabelTrie(answers)}):
+        dynamic = generate(model, tiny_tokenizer, ids, 6, batch_size, cpu, static=False, **options)
+        static = generate(model, tiny_tokenizer, ids, 6, batch_size, cpu, static=True, **options)
+        assert static == dynamic and all(dynamic), options
+    calls = []
+    model.generate = lambda **kwargs: calls.append(kwargs) or torch.zeros((len(kwargs["input_ids"]), 70), dtype=torch.long)
+    generate(model, tiny_tokenizer, ids, 6, batch_size, cpu, static=True)
+    assert [c["cache_implementation"] for c in calls] == ["static"] * -(-len(ids) // batch_size)
+    width = -(-max(map(len, ids)) // 128) * 128  # the widest prompt, rounded up to 128
+    assert max(map(len, ids)) < width - 8 and {tuple(c["input_ids"].shape) for c in calls} == {(batch_size, width)}
+
+
+def test_static_cache_applies_on_cuda_only_and_steps_aside_for_scoring(tiny_tokenizer):
+    model = tiny_llama(len(tiny_tokenizer))
+    assert not static_cache_applies(model, 100)  # a CPU model: the dynamic cache, with the shared opening
+    assert static_cache_applies(model, 100, static=True) and not static_cache_applies(model, 100, static=False)
+    ids, answers = prompts(tiny_tokenizer), [[5], [6]]
+    assert scores_together(model, ids, answers, 4) and not scores_together(model, ids, answers, 4, static=True)
+
+
+def test_a_failing_static_cache_falls_back_to_the_dynamic_cache_for_good(tiny_tokenizer, caplog):
+    model = writer(tiny_tokenizer, seed=7)
+    ids = prompts(tiny_tokenizer)
+    expected = generate(model, tiny_tokenizer, ids, 5, 2, torch.device("cpu"), static=False)
+    library_generate, static_calls = model.generate, []
+
+    def compiler_fails(**kwargs):
+        if "cache_implementation" in kwargs:
+            static_calls.append(1)
+            raise RuntimeError("backend compiler failed\nlong traceback")
+        return library_generate(**kwargs)
+
+    model.generate = compiler_fails
+    with caplog.at_level("INFO", logger="tailorlm.kernels"):
+        assert generate(model, tiny_tokenizer, ids, 5, 2, torch.device("cpu"), static=True) == expected
+    assert static_calls == [1]  # the second batch went straight to the dynamic cache
+    assert "compiled decoding on the static cache failed (RuntimeError: backend compiler failed); generating on " \
+           "the dynamic cache instead" in caplog.text
+    assert not static_cache_applies(model, 100)
 
 
 def test_label_trie():

@@ -160,3 +160,42 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir, tiny_tokenizer):
     losses = [r["loss"] for r in result.train_loss]
     assert losses[-1] < 0.95 * losses[0]
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_compiled_static_cache_decoding_equals_the_dynamic_cache(tiny_tokenizer, method):
+    """On CUDA, generation decodes on the static cache, compiled by transformers (CUDA graphs): the same texts as
+    the dynamic cache, with no fallback, for a plain model and for a LoRA model between compiled training steps
+    (the evaluations during training), whose training goes on afterwards."""
+    from test_eval_generate import prompts, writer
+
+    from tailorlm.eval.generate import _STATIC_FAILED, generate, static_cache_applies
+    from tailorlm.kernels.fused import uncompile_layers
+
+    model = writer(tiny_tokenizer, seed=8).to(CUDA)  # fp32, so both paths pick the same greedy tokens
+    ids = torch.randint(10, 390, (2, 57), device=CUDA)
+
+    def train_step() -> float:  # a compiled training forward and backward, as the training step runs them
+        assert compile_layers(model) == 2
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        uncompile_layers(model)  # what the training step does before an evaluation
+        return float(loss)
+
+    if method == "lora":
+        model = make_strategy(MethodSpec(name="lora")).prepare(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        train_step()
+    rows = prompts(tiny_tokenizer) * 2  # 8 prompts in batches of 3: the last one has a filler row
+    assert static_cache_applies(model, 100, steps=3 * 12) is False  # too short a call to pay for compiling
+    dynamic = generate(model, tiny_tokenizer, rows, 12, 3, CUDA, static=False)
+    first = generate(model, tiny_tokenizer, rows, 12, 3, CUDA, static=True)
+    again = generate(model, tiny_tokenizer, rows, 12, 3, CUDA, static=True)
+    assert not getattr(model, _STATIC_FAILED, False)
+    assert first == dynamic and again == dynamic and all(dynamic)
+    if method == "lora":
+        model.train()
+        assert torch.isfinite(torch.tensor(train_step()))

@@ -142,7 +142,8 @@ class Evaluator:
         scored = ["constrained", "likelihood"] if shared else ["likelihood"] if "likelihood" in variants else []
         answered: dict[str, tuple[list[str], float]] = {}
         forms = self.form_ids
-        if scored and "free" in variants and scores_together(model, prompts, forms, self.max_new_tokens):
+        if scored and "free" in variants and scores_together(model, prompts, forms, self.max_new_tokens,
+                                                                self.spec.static_cache, self.spec.batch_size):
             timings: dict[str, float] = {}
             texts, token_logps = generate_and_score(
                 model, self.tokenizer, prompts, forms, self.max_new_tokens, self.spec.batch_size, self.device,
@@ -181,7 +182,8 @@ class Evaluator:
         if kind == "constrained":  # the label trie, or (a list answer: NER) each example's own item-list trie
             constraint = self.trie if self.closed else lambda i: self.item_trie(examples[i])
         return generate(model, self.tokenizer, prompts, self.max_new_tokens, batch_size or self.spec.batch_size,
-                        self.device, constraint, description=description, done=done)
+                        self.device, constraint, description=description, done=done,
+                        static=self.spec.static_cache)
 
     def _read_scores(self, token_logps: list[list[list[float]]], kinds: list[str]) -> dict[str, list[str]]:
         """The answers of one scoring pass over every surface form of every label: the most likely label

@@ -6,6 +6,12 @@ once and its cache reused by every row (kernels/prefix.py); each row's own token
 With decoding="constrained" every step may only continue one of the label strings (a token trie), so the
 answer is always a valid label, or (a list answer such as NER's) stay inside its item grammar, one per row
 (item_lists.py); with "free" the model writes what it likes and the text is normalised.
+
+On a GPU, decoding is launch-bound: a step of a small model is a few hundred kernels of microseconds each,
+driven from Python. There the library's static cache is used, so that transformers compiles the decoding step
+(CUDA graphs) once; every batch of a call is then given the same shape (one width, one row count), since a
+new shape would compile again. The shared opening is not split off there: its prompt pass is cheap on a GPU,
+and the library's static cache does not take a cache computed outside it.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tailorlm.data.conversations import end_of_turn_markers
 from tailorlm.eval.likelihood import score_after_prompts, scores_side_by_side
+from tailorlm.kernels.fallback import say_once
 from tailorlm.kernels.loss import decoder_and_head
 from tailorlm.kernels.prefix import generation_prefix_blocker, prefix_cache, shared_prefix_len, window_shorter_than
 from tailorlm.ui import progress
@@ -58,13 +65,15 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
              trie: LabelTrie | Callable[[int], object] | None = None, description: str = "generate",
-             shared_prefix: bool = True, done: Callable[[str], bool] | None = None) -> list[str]:
+             shared_prefix: bool = True, done: Callable[[str], bool] | None = None,
+             static: bool | None = None) -> list[str]:
     """Greedy completions for token-id prompts, returned in input order. trie: one constraint for every row, or
     trie(i) -> prompt i's own (built a batch at a time, so a split's constraints are never all in memory).
     done(text), when given, ends a row's answer early (a classification answer that has named its label, or
-    ended its line)."""
+    ended its line). static: decode on the library's static cache (compiled on a GPU); None: where
+    static_cache_applies."""
     return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, trie, description, shared_prefix,
-                     done)[0]
+                     done, static=static)[0]
 
 
 def generate_and_score(model, tokenizer, prompts: list[list[int]], answers: list[list[int]], max_new_tokens: int,
@@ -77,21 +86,67 @@ def generate_and_score(model, tokenizer, prompts: list[list[int]], answers: list
     timings = {} if timings is None else timings
     timings.update({"prompt": 0.0, "score": 0.0, "decode": 0.0})
     return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, None, description, True, done,
-                     answers, timings)
+                     answers, timings, static=False)
 
 
-def scores_together(model, prompts: list[list[int]], answers: list[list[int]], max_new_tokens: int) -> bool:
+def scores_together(model, prompts: list[list[int]], answers: list[list[int]], max_new_tokens: int,
+                    static: bool | None = None, batch_size: int = 16) -> bool:
     """Whether generate_and_score applies: the answers follow side by side, and generation shares the opening
-    (neither is the case under a sliding window shorter than the rows)."""
+    (neither is the case under a sliding window shorter than the rows), on a dynamic cache (static and
+    batch_size: as for generate; where the static cache applies, free generation decodes on its own, which
+    costs less on a GPU than sharing a prompt pass)."""
     longest = max(map(len, prompts), default=0)
     return decoder_and_head(model) is not None and scores_side_by_side(model, longest, answers) and \
-        window_shorter_than(model, longest + max_new_tokens) is None
+        window_shorter_than(model, longest + max_new_tokens) is None and \
+        not static_cache_applies(model, longest + max_new_tokens, static,
+                                 decoding_steps(len(prompts), batch_size, max_new_tokens))
+
+
+def decoding_steps(n_prompts: int, batch_size: int, max_new_tokens: int) -> int:
+    """The most decoding steps a generate call takes: batches x new tokens."""
+    return -(-n_prompts // max(batch_size, 1)) * max_new_tokens
+
+
+# Compiling the decoding step costs seconds once per shape (and model); it saves tens of milliseconds per step.
+# A classification call (20 new tokens) is cheaper eager; a math or translation call (256 tokens) is not.
+STATIC_AFTER_STEPS = 256
+_STATIC_FAILED = "_tailorlm_static_cache_failed"  # set on a model whose compiled decoding failed once
+
+
+def static_cache_applies(model, longest: int, static: bool | None = None, steps: int = STATIC_AFTER_STEPS) -> bool:
+    """Whether generation decodes on the library's static cache: as asked (static), else on a CUDA device, for
+    a model the compiler can take (not quantized), rows that fit its attention window, and a call of at least
+    STATIC_AFTER_STEPS decoding steps (batches x new tokens), where compiling pays back."""
+    if static is not None:
+        return static
+    weight = next(model.parameters(), None)
+    quantized = any(getattr(m, "hf_quantizer", None) is not None for m in model.modules() if hasattr(m, "config"))
+    return weight is not None and weight.device.type == "cuda" and not quantized and steps >= STATIC_AFTER_STEPS \
+        and window_shorter_than(model, longest) is None and not getattr(model, _STATIC_FAILED, False)
+
+
+def _greedy(model, static: bool, **kwargs) -> torch.Tensor:
+    """model.generate, on the static cache when asked. Should compiling the decoding step fail (an architecture
+    the compiler cannot take), the batch is decoded again on the dynamic cache, and so is every later one: the
+    texts are the same, only slower."""
+    if not static or getattr(model, _STATIC_FAILED, False):
+        return model.generate(**kwargs)
+    try:
+        return model.generate(cache_implementation="static", **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - compiler errors come in many types, and the eager path is exact
+        setattr(model, _STATIC_FAILED, True)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        say_once(f"compiled decoding on the static cache failed ({type(error).__name__}: {first_line}); "
+                 f"generating on the dynamic cache instead")
+        return model.generate(**kwargs)
 
 
 @torch.no_grad()
 def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device, trie,
               description: str, shared_prefix: bool, done, answers: list[list[int]] | None = None,
-              timings: dict | None = None) -> tuple[list[str], list[list[list[float]]]]:
+              timings: dict | None = None, static: bool | None = None) -> tuple[list[str], list[list[list[float]]]]:
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -99,18 +154,26 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
     scores: list[list[list[float]]] = [[] for _ in prompts] if answers else []
     parts = decoder_and_head(model)
     longest = max((len(p) for p in prompts), default=0) + max_new_tokens
-    shared_prefix = shared_prefix and generation_prefix_blocker(model, longest) is None
+    steps = decoding_steps(len(prompts), batch_size, max_new_tokens)
+    static = static_cache_applies(model, longest, static, steps) and not answers
+    shared_prefix = shared_prefix and not static and generation_prefix_blocker(model, longest) is None
+    # The static cache compiles one decoding step per shape: every batch gets the call's widest prompt, rounded
+    # up to 128 so that calls of about the same length share it too, and as many rows as the first (filler rows
+    # repeat the last prompt and are dropped). Left padding costs only prompt tokens, cheap on a GPU.
+    fixed_width = -(-max((len(p) for p in prompts), default=1) // 128) * 128 if static else 0
+    fixed_rows = min(batch_size, len(prompts)) if static else 0
     model.eval()
     last_prefix: tuple = ((), None)  # (prefix ids, its one-row cache)
     with progress(description, len(prompts)) as advance:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             rows = [prompts[i] for i in idx]
+            rows += rows[-1:] * (fixed_rows - len(rows))
             # Keep at least one own token per row: generation starts from each row's last prompt token.
             n_prefix = shared_prefix_len(rows, min(len(r) for r in rows) - 1) if shared_prefix and parts else 0
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+            width = fixed_width or max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
             for row, ids in enumerate(rows):  # [shared prefix | left padding | own tokens]
                 input_ids[row, :n_prefix] = torch.tensor(ids[:n_prefix], dtype=torch.long)
                 attention_mask[row, :n_prefix] = 1
@@ -125,21 +188,23 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
                 if key != last_prefix[0]:
                     last_prefix = (key, prefix_cache(parts[0], input_ids[0, :n_prefix], 1))
                 cache = copy.deepcopy(last_prefix[1])
-                cache.batch_repeat_interleave(len(idx))
+                cache.batch_repeat_interleave(len(rows))
             if answers:
                 cache = _score_on_prompts(model, input_ids, attention_mask, n_prefix, cache, answers, idx, scores,
                                           timings)
             constrain = None
             if trie is not None:
                 per_row = [trie(i) for i in idx] if callable(trie) else [trie] * len(idx)
+                per_row += per_row[-1:] * (len(rows) - len(idx))
                 constrain = lambda row, ids: per_row[row].allowed(ids[width:].tolist(), stops)  # noqa: E731
             started = time.perf_counter()
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 eos_token_id=stops, pad_token_id=pad_id, prefix_allowed_tokens_fn=constrain,
-                                 temperature=None, top_p=None, top_k=None,
-                                 stopping_criteria=StoppingCriteriaList([_AnswerFinished(tokenizer, width, done)])
-                                 if done else None)
+            given = {"past_key_values": cache} if cache is not None else {}  # a static cache is the library's own
+            out = _greedy(model, static, input_ids=input_ids, attention_mask=attention_mask, **given,
+                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                          eos_token_id=stops, pad_token_id=pad_id, prefix_allowed_tokens_fn=constrain,
+                          temperature=None, top_p=None, top_k=None,
+                          stopping_criteria=StoppingCriteriaList([_AnswerFinished(tokenizer, width, done)])
+                          if done else None)
             if timings is not None:
                 timings["decode"] += time.perf_counter() - started
             for row, i in enumerate(idx):
