@@ -61,8 +61,10 @@ def test_static_cache_generation_equals_the_dynamic_cache(tiny_tokenizer, batch_
     model.generate = lambda **kwargs: calls.append(kwargs) or torch.zeros((len(kwargs["input_ids"]), 70), dtype=torch.long)
     generate(model, tiny_tokenizer, ids, 6, batch_size, cpu, static=True)
     assert [c["cache_implementation"] for c in calls] == ["static"] * -(-len(ids) // batch_size)
-    width = -(-max(map(len, ids)) // 128) * 128  # the widest prompt, rounded up to 128
-    assert max(map(len, ids)) < width - 8 and {tuple(c["input_ids"].shape) for c in calls} == {(batch_size, width)}
+    assert max(map(len, ids)) < 128 and {tuple(c["input_ids"].shape) for c in calls} == {(batch_size, 128)}
+    calls.clear()  # one prompt, batch 4: still four rows, and a power of two wide
+    generate(model, tiny_tokenizer, [ids[0] * 3], 6, 4, cpu, static=True)
+    assert 128 < len(ids[0] * 3) < 256 and [tuple(c["input_ids"].shape) for c in calls] == [(4, 256)]
 
 
 def test_static_cache_applies_on_cuda_only_and_steps_aside_for_scoring(tiny_tokenizer):

@@ -11,7 +11,9 @@ On a GPU, decoding is launch-bound: a step of a small model is a few hundred ker
 driven from Python. There the library's static cache is used, so that transformers compiles the decoding step
 (CUDA graphs) once; every batch of a call is then given the same shape (one width, one row count), since a
 new shape would compile again. The shared opening is not split off there: its prompt pass is cheap on a GPU,
-and the library's static cache does not take a cache computed outside it.
+and the library's static cache does not take a cache computed outside it. In fp32 the texts are those of the
+dynamic cache; in bf16 they differ by rounding, as much as the dynamic cache's own differ between two batch
+sizes (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -128,14 +130,21 @@ def static_cache_applies(model, longest: int, static: bool | None = None, steps:
 def _greedy(model, static: bool, **kwargs) -> torch.Tensor:
     """model.generate, on the static cache when asked. Should compiling the decoding step fail (an architecture
     the compiler cannot take), the batch is decoded again on the dynamic cache, and so is every later one: the
-    texts are the same, only slower."""
+    same decoding, only slower."""
     if not static or getattr(model, _STATIC_FAILED, False):
         return model.generate(**kwargs)
+    compiled = {}
     try:
-        return model.generate(cache_implementation="static", **kwargs)
+        if kwargs["input_ids"].device.type == "cuda":
+            from transformers import CompileConfig
+
+            # Static shapes: a shape not seen before compiles again, in ~35 s on an H200 for SmolLM2-135M; the
+            # compiler's automatic dynamic shapes instead made the second shape one 82 s compile.
+            compiled["compile_config"] = CompileConfig(dynamic=False)
+        return model.generate(cache_implementation="static", **kwargs, **compiled)
     except torch.OutOfMemoryError:
         raise
-    except Exception as error:  # noqa: BLE001 - compiler errors come in many types, and the eager path is exact
+    except Exception as error:  # noqa: BLE001 - compiler errors come in many types; eager decoding is the same
         setattr(model, _STATIC_FAILED, True)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         say_once(f"compiled decoding on the static cache failed ({type(error).__name__}: {first_line}); "
@@ -157,11 +166,12 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
     steps = decoding_steps(len(prompts), batch_size, max_new_tokens)
     static = static_cache_applies(model, longest, static, steps) and not answers
     shared_prefix = shared_prefix and not static and generation_prefix_blocker(model, longest) is None
-    # The static cache compiles one decoding step per shape: every batch gets the call's widest prompt, rounded
-    # up to 128 so that calls of about the same length share it too, and as many rows as the first (filler rows
-    # repeat the last prompt and are dropped). Left padding costs only prompt tokens, cheap on a GPU.
-    fixed_width = -(-max((len(p) for p in prompts), default=1) // 128) * 128 if static else 0
-    fixed_rows = min(batch_size, len(prompts)) if static else 0
+    # The static cache compiles one decoding step per shape (and model): every batch of every call gets
+    # batch_size rows (filler rows repeat the last prompt and are dropped) and a width of a power of two, so
+    # that the validation passes during training, the test pass and the zero-shot baseline share a shape.
+    # Padding costs only prompt tokens, cheap on a GPU.
+    fixed_width = max(128, 1 << (max((len(p) for p in prompts), default=1) - 1).bit_length()) if static else 0
+    fixed_rows = batch_size if static else 0
     model.eval()
     last_prefix: tuple = ((), None)  # (prefix ids, its one-row cache)
     with progress(description, len(prompts)) as advance:
