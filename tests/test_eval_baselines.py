@@ -265,3 +265,17 @@ def test_answer_logprobs_are_exact_under_a_sliding_window_shorter_than_the_rows(
     got = answer_logprobs(model, prompts, answers)
     for prompt, row in zip(prompts, got):
         assert row == pytest.approx([direct_logprob(model, prompt, a) for a in answers], abs=1e-4)
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_eval_static_cache_reaches_generation(tiny_tokenizer, monkeypatch, setting):
+    """eval.static_cache is what generation is asked for, and what decides whether free generation shares the
+    scored kinds' prompt pass."""
+    from tailorlm.eval import evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **kw: seen.append(kw["static"]) or [""] * len(a[2]))
+    monkeypatch.setattr(evaluate, "scores_together", lambda *a: seen.append(a[4]) or False)
+    evaluator, samples = setup(tiny_tokenizer, static_cache=setting)
+    evaluator.run_kinds(tiny_llama(len(tiny_tokenizer)), samples, {"free": "zero_shot", "likelihood": "zero_shot"})
+    assert seen == [setting, setting]

@@ -1,7 +1,10 @@
+import types
+
 import pytest
 import torch
 
-from tailorlm.eval.generate import LabelTrie, generate, scores_together, static_cache_applies
+from tailorlm.eval.generate import _STATIC_FAILED, STATIC_AFTER_STEPS, LabelTrie, generate, scores_together, \
+    static_cache_applies
 from conftest import tiny_llama
 
 
@@ -93,7 +96,45 @@ def test_a_failing_static_cache_falls_back_to_the_dynamic_cache_for_good(tiny_to
     assert static_calls == [1]  # the second batch went straight to the dynamic cache
     assert "compiled decoding on the static cache failed (RuntimeError: backend compiler failed); generating on " \
            "the dynamic cache instead" in caplog.text
-    assert not static_cache_applies(model, 100)
+    assert getattr(model, _STATIC_FAILED) is True
+    assert not static_cache_applies(model, 100, static=True)  # even when asked: it failed on this model
+    assert scores_together(model, ids, [[5], [6]], 4, static=True)  # so the shared prompt pass is back
+
+
+def test_an_error_of_the_dynamic_cache_too_is_raised_and_blames_nothing(tiny_tokenizer):
+    """A failing `done` callback fails on both caches: it is the caller's error, raised as it is, and the
+    static cache stays on."""
+    model = writer(tiny_tokenizer, seed=7)
+
+    def broken(text):
+        raise ValueError("done() is broken")
+
+    with pytest.raises(ValueError, match=r"done\(\) is broken"):
+        generate(model, tiny_tokenizer, prompts(tiny_tokenizer), 5, 2, torch.device("cpu"), static=True, done=broken)
+    assert not getattr(model, _STATIC_FAILED, False)
+
+
+class OnCuda(torch.nn.Module):
+    """Stands for a model on a CUDA device (static_cache_applies reads the device of its first parameter)."""
+
+    def __init__(self, config=None, quantized=False):
+        super().__init__()
+        self.config = config or types.SimpleNamespace(model_type="llama", sliding_window=None)
+        self.hf_quantizer = object() if quantized else None
+
+    def parameters(self, recurse=True):
+        yield types.SimpleNamespace(device=torch.device("cuda"))
+
+
+def test_static_cache_applies_by_default_to_long_enough_calls_on_cuda():
+    assert static_cache_applies(OnCuda(), 300, steps=STATIC_AFTER_STEPS)
+    assert not static_cache_applies(OnCuda(), 300, steps=STATIC_AFTER_STEPS - 1)  # 20-token labels: eager
+    assert not static_cache_applies(OnCuda(quantized=True), 300)  # the compiler cannot take a 4-bit base
+    windowed = types.SimpleNamespace(model_type="gemma3_text", sliding_window=512)
+    assert static_cache_applies(OnCuda(windowed), 500) and not static_cache_applies(OnCuda(windowed), 600)
+    failed = OnCuda()
+    setattr(failed, _STATIC_FAILED, True)
+    assert not static_cache_applies(failed, 300)
 
 
 def test_label_trie():

@@ -233,7 +233,9 @@ class EvalSpec(Section):
     static_cache: Optional[bool] = Field(None, description="Generate on transformers' static key/value cache, whose "
                                          "decoding step the library compiles into CUDA graphs, one per shape: several "
                                          "times faster on a GPU, where a small model's step is launch-bound. None: on a "
-                                         "CUDA device, for models that are not quantized")
+                                         "CUDA device, for generation calls of at least 256 decoding steps "
+                                         "(batches x new tokens), models that are not quantized and rows within "
+                                         "the attention window")
     during_training: int = Field(32, ge=0, description="Validation examples generated and scored at each evaluation during training (0: loss only)")
     select: SelectSpec = SelectSpec()
     retention: RetentionSpec = RetentionSpec()

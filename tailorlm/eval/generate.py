@@ -8,9 +8,9 @@ answer is always a valid label, or (a list answer such as NER's) stay inside its
 (item_lists.py); with "free" the model writes what it likes and the text is normalised.
 
 On a GPU, decoding is launch-bound: a step of a small model is a few hundred kernels of microseconds each,
-driven from Python. There the library's static cache is used, so that transformers compiles the decoding step
-(CUDA graphs) once; every batch of a call is then given the same shape (one width, one row count), since a
-new shape would compile again. The shared opening is not split off there: its prompt pass is cheap on a GPU,
+driven from Python. There, for calls long enough to pay for compiling (static_cache_applies), the library's
+static cache is used, so that transformers compiles the decoding step (CUDA graphs) once per shape and model;
+every batch is given the same row count and a power-of-two width, since a new shape would compile again. The shared opening is not split off there: its prompt pass is cheap on a GPU,
 and the library's static cache does not take a cache computed outside it. In fp32 the texts are those of the
 dynamic cache; in bf16 they differ by rounding, as much as the dynamic cache's own differ between two batch
 sizes (BENCHMARKS.md).
@@ -109,28 +109,32 @@ def decoding_steps(n_prompts: int, batch_size: int, max_new_tokens: int) -> int:
     return -(-n_prompts // max(batch_size, 1)) * max_new_tokens
 
 
-# Compiling the decoding step costs seconds once per shape (and model); it saves tens of milliseconds per step.
-# A classification call (20 new tokens) is cheaper eager; a math or translation call (256 tokens) is not.
+# Compiling the decoding step costs ~35 s once per shape and model (H200, SmolLM2-135M); it saves ~100 ms per
+# step of 64 rows, so one call pays it back after ~350 steps, and the calls that reuse its shape (the validation
+# passes during training) pay nothing. A classification call (20 new tokens) stays eager; math or translation
+# answers (256 tokens) do not.
 STATIC_AFTER_STEPS = 256
 _STATIC_FAILED = "_tailorlm_static_cache_failed"  # set on a model whose compiled decoding failed once
 
 
 def static_cache_applies(model, longest: int, static: bool | None = None, steps: int = STATIC_AFTER_STEPS) -> bool:
-    """Whether generation decodes on the library's static cache: as asked (static), else on a CUDA device, for
-    a model the compiler can take (not quantized), rows that fit its attention window, and a call of at least
-    STATIC_AFTER_STEPS decoding steps (batches x new tokens), where compiling pays back."""
+    """Whether generation decodes on the library's static cache: never once it failed on this model; else as
+    asked (static); else on a CUDA device, for a model the compiler can take (not quantized), rows that fit its
+    attention window, and a call of at least STATIC_AFTER_STEPS decoding steps (batches x new tokens)."""
+    if getattr(model, _STATIC_FAILED, False):
+        return False
     if static is not None:
         return static
     weight = next(model.parameters(), None)
     quantized = any(getattr(m, "hf_quantizer", None) is not None for m in model.modules() if hasattr(m, "config"))
     return weight is not None and weight.device.type == "cuda" and not quantized and steps >= STATIC_AFTER_STEPS \
-        and window_shorter_than(model, longest) is None and not getattr(model, _STATIC_FAILED, False)
+        and window_shorter_than(model, longest) is None
 
 
 def _greedy(model, static: bool, **kwargs) -> torch.Tensor:
-    """model.generate, on the static cache when asked. Should compiling the decoding step fail (an architecture
-    the compiler cannot take), the batch is decoded again on the dynamic cache, and so is every later one: the
-    same decoding, only slower."""
+    """model.generate, on the static cache when asked. Should that fail where the dynamic cache does not (an
+    architecture the compiler cannot take, the padded batch out of memory), the batch is decoded again on the
+    dynamic cache, and so is every later one on this model: the same decoding, only slower."""
     if not static or getattr(model, _STATIC_FAILED, False):
         return model.generate(**kwargs)
     compiled = {}
@@ -142,14 +146,15 @@ def _greedy(model, static: bool, **kwargs) -> torch.Tensor:
             # compiler's automatic dynamic shapes instead made the second shape one 82 s compile.
             compiled["compile_config"] = CompileConfig(dynamic=False)
         return model.generate(cache_implementation="static", **kwargs, **compiled)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as error:  # noqa: BLE001 - compiler errors come in many types; eager decoding is the same
+    except Exception as error:  # noqa: BLE001 - compiler errors come in many types; the retry below tells
+        if kwargs["input_ids"].device.type == "cuda":
+            torch.cuda.empty_cache()
+        out = model.generate(**kwargs)  # an error of the dynamic cache too is not the static cache's: it is raised
         setattr(model, _STATIC_FAILED, True)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         say_once(f"compiled decoding on the static cache failed ({type(error).__name__}: {first_line}); "
                  f"generating on the dynamic cache instead")
-        return model.generate(**kwargs)
+        return out
 
 
 @torch.no_grad()
@@ -166,10 +171,10 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
     steps = decoding_steps(len(prompts), batch_size, max_new_tokens)
     static = static_cache_applies(model, longest, static, steps) and not answers
     shared_prefix = shared_prefix and not static and generation_prefix_blocker(model, longest) is None
-    # The static cache compiles one decoding step per shape (and model): every batch of every call gets
+    # The static cache compiles one decoding step per shape and model: every batch of every call gets
     # batch_size rows (filler rows repeat the last prompt and are dropped) and a width of a power of two, so
-    # that the validation passes during training, the test pass and the zero-shot baseline share a shape.
-    # Padding costs only prompt tokens, cheap on a GPU.
+    # that calls of about the same length share a shape (the validation passes during training with the
+    # fine-tuned model's test pass, say). Padding costs only prompt tokens, cheap on a GPU.
     fixed_width = max(128, 1 << (max((len(p) for p in prompts), default=1) - 1).bit_length()) if static else 0
     fixed_rows = batch_size if static else 0
     model.eval()
