@@ -10,10 +10,10 @@ answer is always a valid label, or (a list answer such as NER's) stay inside its
 On a GPU, decoding is launch-bound: a step of a small model is a few hundred kernels of microseconds each,
 driven from Python. There, for calls long enough to pay for compiling (static_cache_applies), the library's
 static cache is used, so that transformers compiles the decoding step (CUDA graphs) once per shape and model;
-every batch is given the same row count and a power-of-two width, since a new shape would compile again. The shared opening is not split off there: its prompt pass is cheap on a GPU,
-and the library's static cache does not take a cache computed outside it. In fp32 the texts are those of the
-dynamic cache; in bf16 they differ by rounding, as much as the dynamic cache's own differ between two batch
-sizes (BENCHMARKS.md).
+every batch is given the same row count and a power-of-two width, since a new shape would compile again.
+The shared opening is not split off there: its prompt pass is cheap on a GPU, and the library's static cache
+does not take a cache computed outside it. In fp32 the texts are those of the dynamic cache; in bf16 they
+differ by rounding, as much as the dynamic cache's own differ between two batch sizes (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -100,13 +100,16 @@ def scores_together(model, prompts: list[list[int]], answers: list[list[int]], m
     longest = max(map(len, prompts), default=0)
     return decoder_and_head(model) is not None and scores_side_by_side(model, longest, answers) and \
         window_shorter_than(model, longest + max_new_tokens) is None and \
-        not static_cache_applies(model, longest + max_new_tokens, static,
-                                 decoding_steps(len(prompts), batch_size, max_new_tokens))
+        not _decodes_static(model, prompts, max_new_tokens, batch_size, static)
 
 
-def decoding_steps(n_prompts: int, batch_size: int, max_new_tokens: int) -> int:
-    """The most decoding steps a generate call takes: batches x new tokens."""
-    return -(-n_prompts // max(batch_size, 1)) * max_new_tokens
+def _decodes_static(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                    static: bool | None) -> bool:
+    """static_cache_applies for one generate call: its longest row (prompt and new tokens) and its decoding
+    steps (batches x new tokens), derived here alone so that scores_together and generation agree."""
+    longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+    steps = -(-len(prompts) // max(batch_size, 1)) * max_new_tokens
+    return static_cache_applies(model, longest, static, steps)
 
 
 # Compiling the decoding step costs ~35 s once per shape and model (H200, SmolLM2-135M); it saves ~100 ms per
@@ -126,9 +129,10 @@ def static_cache_applies(model, longest: int, static: bool | None = None, steps:
     if static is not None:
         return static
     weight = next(model.parameters(), None)
+    if weight is None or weight.device.type != "cuda" or steps < STATIC_AFTER_STEPS:
+        return False  # decided without walking the modules: the CPU path asks this on every call
     quantized = any(getattr(m, "hf_quantizer", None) is not None for m in model.modules() if hasattr(m, "config"))
-    return weight is not None and weight.device.type == "cuda" and not quantized and steps >= STATIC_AFTER_STEPS \
-        and window_shorter_than(model, longest) is None
+    return not quantized and window_shorter_than(model, longest) is None
 
 
 def _greedy(model, static: bool, **kwargs) -> torch.Tensor:
@@ -137,9 +141,10 @@ def _greedy(model, static: bool, **kwargs) -> torch.Tensor:
     dynamic cache, and so is every later one on this model: the same decoding, only slower."""
     if not static or getattr(model, _STATIC_FAILED, False):
         return model.generate(**kwargs)
+    on_cuda = kwargs["input_ids"].device.type == "cuda"
     compiled = {}
     try:
-        if kwargs["input_ids"].device.type == "cuda":
+        if on_cuda:
             from transformers import CompileConfig
 
             # Static shapes: a shape not seen before compiles again, in ~35 s on an H200 for SmolLM2-135M; the
@@ -147,7 +152,7 @@ def _greedy(model, static: bool, **kwargs) -> torch.Tensor:
             compiled["compile_config"] = CompileConfig(dynamic=False)
         return model.generate(cache_implementation="static", **kwargs, **compiled)
     except Exception as error:  # noqa: BLE001 - compiler errors come in many types; the retry below tells
-        if kwargs["input_ids"].device.type == "cuda":
+        if on_cuda:
             torch.cuda.empty_cache()
         out = model.generate(**kwargs)  # an error of the dynamic cache too is not the static cache's: it is raised
         setattr(model, _STATIC_FAILED, True)
@@ -168,8 +173,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
     scores: list[list[list[float]]] = [[] for _ in prompts] if answers else []
     parts = decoder_and_head(model)
     longest = max((len(p) for p in prompts), default=0) + max_new_tokens
-    steps = decoding_steps(len(prompts), batch_size, max_new_tokens)
-    static = static_cache_applies(model, longest, static, steps) and not answers
+    static = _decodes_static(model, prompts, max_new_tokens, batch_size, static)
     shared_prefix = shared_prefix and not static and generation_prefix_blocker(model, longest) is None
     # The static cache compiles one decoding step per shape and model: every batch of every call gets
     # batch_size rows (filler rows repeat the last prompt and are dropped) and a width of a power of two, so
