@@ -45,7 +45,7 @@ def main() -> None:
     test, _ = encode_examples(splits.test, template, fmt, splits.labels, cfg.template)
     test = test[: args.limit] if args.limit else test
     evaluator = Evaluator(tokenizer, template, fmt, splits.labels, cfg.eval, device)
-    prompts = evaluator.prompts(test)
+    prompts = evaluator.prompts(test)[0]  # (prompt ids, demonstrations dropped): zero-shot drops none
 
     t0 = time.perf_counter()
     batched = generate(model, tokenizer, prompts, evaluator.max_new_tokens, cfg.eval.batch_size, device)
