@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if overridable:
         args.args += extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # the libraries' tqdm bars (GGUF conversion, shard writing) would fill a log
+        os.environ.setdefault("TQDM_DISABLE", "1")  # file with carriage returns; read when tqdm is first imported
     warnings.filterwarnings("ignore")  # library deprecation chatter would bury the run's own output
     from tailorlm.ui import console
 

@@ -13,7 +13,7 @@ def cli(*args) -> int:
     return main(["run", *map(str, args)])
 
 
-def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir):
+def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir, capsys):
     data = labeled_csv(tmp_path / "reviews.csv")
     out = tmp_path / "out"
     assert cli(f"model.path={tiny_model_dir}", f"data.train={data}", "--output", out, *FAST) == 0
@@ -45,6 +45,20 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir):
     assert (out / "k_shot_curve.png").is_file()
     log = json.loads((out / "train_log.json").read_text())
     assert [r["step"] for r in log["val_loss"]] == [0, 2, 3]
+    # the validation curve holds the task's figures; what an answer cost (prompt tokens, seconds) is not one
+    assert all({"accuracy", "macro_f1", "valid"} <= set(e) and not {"prompt_tokens", "seconds_per_100"} & set(e)
+               for e in log["evaluations"])
+    lines = capsys.readouterr().out.splitlines()
+    # into a file or pipe: one line per finished progress, named short enough for an 80-column log
+    assert [line.split(":")[0] for line in lines if line.startswith("eval zero_shot")] == \
+        ["eval zero_shot (free, constrained, likelihood)"]
+    assert any(line.startswith("train: 3/3 in 0:") for line in lines)
+    printed = [line for line in lines if line.startswith("step ")]
+    assert [line.split(":")[0] for line in printed] == ["step 0/3", "step 2/3", "step 3/3"]
+    first = log["evaluations"][0]
+    assert printed[0] == (f"step 0/3: val_loss {first['val_loss']:.3f}, accuracy {first['accuracy']:.3f}, macro_f1 "
+                          f"{first['macro_f1']:.3f}, valid {first['valid']:.3f}, retention ppl "
+                          f"{first['retention_ppl']:.2f} (+0%)  (base model)")
 
 
 def test_a_contaminated_and_trivial_test_score_is_marked_everywhere(tmp_path, tiny_model_dir, capsys):

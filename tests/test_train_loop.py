@@ -58,6 +58,24 @@ def test_time_counts_evaluations_in_the_phase_but_not_in_the_steps(tiny_tokenize
     assert 0 < result.step_seconds < result.seconds
 
 
+def test_every_evaluation_prints_one_line_and_marks_the_best_step(tiny_tokenizer, capsys):
+    values = iter([3.0, 2.0, 2.5, 1.0])
+    hooks = Hooks(evaluate=lambda model, ctx, step: {"val_loss": next(values)},
+                  describe=lambda metrics: f"val_loss {metrics['val_loss']:.1f}")
+    run(tiny_tokenizer, TrainSpec(max_steps=6, batch_size=4, eval_every=2), hooks=hooks)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 0/6: val_loss 3.0  (base model)", "step 2/6: val_loss 2.0  (best so far by val_loss)",
+                       "step 4/6: val_loss 2.5", "step 6/6: val_loss 1.0  (best so far by val_loss)"]
+
+
+def test_an_evaluation_without_a_describer_prints_its_numbers(tiny_tokenizer, capsys):
+    hooks = Hooks(evaluate=lambda model, ctx, step: {"val_loss": 0.5, "accuracy": 0.25, "note": "x"})
+    run(tiny_tokenizer, TrainSpec(max_steps=2, batch_size=4, eval_every=2), hooks=hooks)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 0/2: val_loss 0.5, accuracy 0.25  (base model)",
+                       "step 2/2: val_loss 0.5, accuracy 0.25  (best so far by val_loss)"]
+
+
 def cpu(tokenizer, packing: bool = True) -> StepContext:
     return StepContext(tokenizer.pad_token_id, torch.device("cpu"), packing=packing)
 

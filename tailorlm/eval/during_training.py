@@ -85,14 +85,25 @@ class TrainingEvaluation:
         with ctx.eager():
             for name, subset in self.subsets.items():
                 if subset:
-                    scores = self.evaluators[name].run(model, subset, f"validation @{step}").metrics
-                    metrics.update({metric_key(name, k, self.several): v for k, v in scores.items()
-                                    if isinstance(v, float)})
+                    evaluator = self.evaluators[name]
+                    scores = evaluator.run(model, subset, f"validation @{step}").metrics
+                    # the task's own figures; its costs (prompt tokens, seconds) are not a validation curve
+                    metrics.update({metric_key(name, k, self.several): scores[k] for k in evaluator.task.columns
+                                    if isinstance(scores.get(k), float)})
         if self.probe and step == 0 and self.probe.base_ppl is not None:  # the weights before() just measured
             metrics.update({"retention_ppl": self.probe.base_ppl, "retention_change": 0.0})
         elif self.probe:
             metrics.update(self.probe.measure(model, lambda m, s: validation_loss(m, s, bs, ctx)))
         return metrics
+
+    @staticmethod
+    def describe(metrics: dict) -> str:
+        """An evaluation in one line: 'val_loss 0.231, accuracy 0.875, ..., retention ppl 6.53 (+18%)'."""
+        parts = [f"{k} {v:.3f}" for k, v in metrics.items()
+                 if isinstance(v, float) and k not in ("retention_ppl", "retention_change")]
+        if "retention_ppl" in metrics:
+            parts.append(f"retention ppl {metrics['retention_ppl']:.2f} ({metrics['retention_change']:+.0%})")
+        return ", ".join(parts)
 
     def after(self, model, measured: dict | None = None) -> dict:
         """{source, base_ppl, final_ppl, change[, base_rouge_l, final_rouge_l]}, or {} without retention.

@@ -5,6 +5,7 @@ was trained on. Few-shot demonstrations come from the training split only, so no
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -147,14 +148,14 @@ class Evaluator:
             timings: dict[str, float] = {}
             texts, token_logps = generate_and_score(
                 model, self.tokenizer, prompts, forms, self.max_new_tokens, self.spec.batch_size, self.device,
-                "eval " + " + ".join(variants.values()), self._free_done(), timings)
+                _describe(variants), self._free_done(), timings)
             answered["free"] = (texts, timings["prompt"] + timings["decode"])
             answered.update({k: (v, timings["prompt"] + timings["score"])
                              for k, v in self._read_scores(token_logps, scored).items()})
         elif scored:
             started = time.perf_counter()
-            description = "eval " + " + ".join(variants[k] for k in scored)
-            token_logps = answer_token_logprobs(model, prompts, forms, self.device, self.spec.batch_size, description)
+            token_logps = answer_token_logprobs(model, prompts, forms, self.device, self.spec.batch_size,
+                                                _describe({k: variants[k] for k in scored}))
             answered.update({k: (v, time.perf_counter() - started)
                              for k, v in self._read_scores(token_logps, scored).items()})
         for kind in variants:
@@ -236,3 +237,12 @@ def _input_text(example: dict, template: PromptTemplate, labels: list[str]) -> s
         if isinstance(example.get(name), str):
             return example[name]
     return template.prompt(example, labels)
+
+
+def _describe(variants: dict[str, str]) -> str:
+    """A progress bar's name for kinds run together: 'eval few_shot (free, constrained, likelihood)', short
+    enough for an 80-column terminal or log, rather than every variant's full name."""
+    if len(variants) == 1:
+        return f"eval {next(iter(variants.values()))}"
+    base = os.path.commonprefix(list(variants.values())).rstrip("_")
+    return f"eval {base} ({', '.join(variants)})" if base else "eval " + " + ".join(variants.values())

@@ -42,6 +42,7 @@ class Evaluation(Protocol):
 
     def before(self, model) -> None: ...
     def evaluate(self, model, ctx: StepContext, step: int) -> dict: ...
+    def describe(self, metrics: dict) -> str: ...
     def after(self, model, measured: dict | None) -> dict: ...
 
 
@@ -62,7 +63,8 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device
         console.print("No complete checkpoint yet: training starts from the beginning")
     active = evaluation is not None and evaluation.active
     hooks = Hooks(evaluate=evaluation.evaluate if active else None, checkpoints=store, select=cfg.eval.select,
-                  log=log, guard=evaluation.guard if active else None)
+                  log=log, guard=evaluation.guard if active else None,
+                  describe=evaluation.describe if active else None)
     history = train(model, strategy, train_set, cfg.train, cfg.lr, pad_id, device, hooks, start,
                     make_objective(cfg.objective), held_out)
     if history.model is None:  # another process under torchrun: rank 0 finishes the run alone

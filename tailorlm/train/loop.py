@@ -69,6 +69,7 @@ class Hooks:
     select: SelectSpec = field(default_factory=SelectSpec)
     log: Callable[[dict, int], None] | None = None  # e.g. the tracker's log_metrics
     guard: Callable[[dict, int], None] | None = None  # raises TailorError to stop (retention guardrail)
+    describe: Callable[[dict], str] | None = None  # an evaluation's figures as one line for the terminal
 
 
 def seed_everything(seed: int) -> None:
@@ -154,11 +155,11 @@ class _Run:
                 batches = epoch_batches(self.samples, spec.batch_size, spec.seed, self.epoch)
                 while self.position < len(batches) and self.step < result.steps:
                     began = time.perf_counter()
-                    info = self._one_step(batches)
+                    loss = self._one_step(batches)
                     result.step_seconds += time.perf_counter() - began
                     result.seconds = seconds_before + time.perf_counter() - start  # as of this step's checkpoint
-                    info += self._maybe_evaluate_and_save(len(batches))
-                    advance(1, info)
+                    self._maybe_evaluate_and_save(len(batches))
+                    advance(1, loss)
                     if result.stopped_early:
                         break
                 if self.position >= len(batches):
@@ -176,6 +177,7 @@ class _Run:
         return f"{'answers' if self.objective.name == 'kto' else 'pairs'} ({self.objective.name})"
 
     def _one_step(self, batches: list[list[int]]) -> str:
+        """One optimizer step; the progress bar's text (the step's loss)."""
         spec, step = self.spec, self.step
         change = self.strategy.on_step(step, self.model)
         if change:
@@ -212,20 +214,17 @@ class _Run:
         raise TailorError(f"the training {what} became {value} at step {self.step + 1}; lower train.lr or check "
                           f"the data{kept}")
 
-    def _maybe_evaluate_and_save(self, n_batches: int) -> str:
+    def _maybe_evaluate_and_save(self, n_batches: int) -> None:
         spec, step, total = self.spec, self.step, self.result.steps
         last = step >= total
         eval_now = self.evaluating and ((spec.eval_every and step % spec.eval_every == 0) or last)
-        info = ""
         if eval_now:
-            metrics = self._evaluate()
-            info = " " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+            self._evaluate()
         every = spec.checkpoint_every
         if self.hooks.checkpoints and (eval_now or last or (every and step % every == 0)):
             self._save(n_batches)
         if eval_now and self.hooks.guard:
             self.hooks.guard(self.result.evaluations[-1], step)  # after the save: the checkpoint is kept
-        return info
 
     def _evaluate(self) -> dict:
         # Under DDP rank 0 evaluates alone on its replica; FSDP needs every rank in each forward. Either way
@@ -238,17 +237,28 @@ class _Run:
         self.result.evaluations.append({"step": self.step, **metrics})
         if self.hooks.log and self.world.main:
             self.hooks.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, self.step)
-        if self.step > 0:  # the base model is the reference, not a candidate
-            if self.selector.update(self.step, metrics):
-                self.result.best_step = self.step
-            elif self.selector.should_stop:
-                self.result.stopped_early = True
-                event = (f"early stop at step {self.step}: {self.selector.metric} has not improved for "
-                         f"{self.selector.bad_evals} evaluations (best {self.selector.best_value:.4f} at step "
-                         f"{self.selector.best_step})")
-                self.result.events.append({"step": self.step, "event": event})
-                console.print(f"[yellow]{event}[/]")
+        # the base model (step 0) is the reference, not a candidate
+        best = self.step > 0 and self.selector.update(self.step, metrics)
+        if best:
+            self.result.best_step = self.step
+        if self.world.main:
+            self._print_evaluation(metrics, best)
+        if self.step > 0 and not best and self.selector.should_stop:
+            self.result.stopped_early = True
+            event = (f"early stop at step {self.step}: {self.selector.metric} has not improved for "
+                     f"{self.selector.bad_evals} evaluations (best {self.selector.best_value:.4f} at step "
+                     f"{self.selector.best_step})")
+            self.result.events.append({"step": self.step, "event": event})
+            console.print(f"[yellow]{event}[/]")
         return metrics
+
+    def _print_evaluation(self, metrics: dict, best: bool) -> None:
+        """One line per evaluation, so the curve stays readable in the terminal and in a log file; the progress
+        bar shows only the latest step's loss."""
+        figures = self.hooks.describe(metrics) if self.hooks.describe else \
+            ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        where = "  (base model)" if self.step == 0 else f"  (best so far by {self.selector.metric})" if best else ""
+        console.print(f"step {self.step}/{self.result.steps}: {figures or 'measured'}{where}", markup=False)
 
     def _measure(self, model) -> dict:
         metrics = self.hooks.evaluate(model, self.ctx, self.step) if self.hooks.evaluate else {}
