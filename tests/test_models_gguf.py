@@ -1,0 +1,66 @@
+"""Loading a GGUF model parses the file once for its tokenizer, config and weights, and gets what transformers'
+three separate parses get."""
+import gguf
+import pytest
+import torch
+
+from conftest import CHATML, tiny_llama
+from tailorlm.config import ModelSpec
+from tailorlm.export.gguf_writer import write_gguf
+from tailorlm.export.layout import Layout
+from tailorlm.models import gguf_parse
+from tailorlm.models.loading import load_model, load_tokenizer
+
+
+def _write(model, tokenizer, path):
+    layout = Layout(CHATML, True, None, "<|im_end|>", tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    write_gguf(model, tokenizer, path, "f16", "", layout)
+    return path
+
+
+@pytest.fixture
+def counted_parses(monkeypatch):
+    """The GGUF files the gguf package really parses (built GGUFReaders), in order."""
+    parsed = []
+    real = gguf.GGUFReader
+
+    class Counted(real):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    return parsed
+
+
+def test_tokenizer_config_and_weights_share_one_parse(tiny_tokenizer, tmp_path, counted_parses):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = tiny_llama(len(tiny_tokenizer), seed=3)
+    path = _write(model, tiny_tokenizer, tmp_path / "tiny.gguf")
+    spec = ModelSpec(path=str(path))
+    tokenizer = load_tokenizer(spec)
+    loaded = load_model(spec, torch.device("cpu"), tokenizer=tokenizer)
+    assert counted_parses == [str(path)]
+    # the names are the package's own again, and nothing of the file is held after the load
+    assert gguf.GGUFReader.__name__ == "Counted" and gguf.get_tensor_name_map.__module__ == "gguf.tensor_mapping"
+    assert gguf_parse._kept == {} and gguf_parse._users == 0
+
+    plain_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    plain_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert len(counted_parses) == 4  # transformers alone: a parse for the weights, the config, the tokenizer
+    plain = plain_model.state_dict()
+    assert all(torch.equal(tensor, plain[name]) for name, tensor in loaded.model.state_dict().items())
+    assert tokenizer("the market rose")["input_ids"] == plain_tokenizer("the market rose")["input_ids"]
+
+
+def test_a_file_rewritten_between_loads_is_parsed_again(tiny_tokenizer, tmp_path, counted_parses):
+    path = tmp_path / "tiny.gguf"
+    spec = ModelSpec(path=str(path))
+    _write(tiny_llama(len(tiny_tokenizer), seed=1), tiny_tokenizer, path)
+    load_tokenizer(spec)  # its reader is kept for the weights' load
+    _write(tiny_llama(len(tiny_tokenizer), seed=2), tiny_tokenizer, path)
+    loaded = load_model(spec, torch.device("cpu")).model
+    assert len(counted_parses) == 2  # the first file's reader is not handed out for the second
+    expected = tiny_llama(len(tiny_tokenizer), seed=2).model.embed_tokens.weight.half().float()
+    assert torch.equal(loaded.model.embed_tokens.weight, expected)
