@@ -137,7 +137,9 @@ def test_a_damaged_run_is_skipped_with_a_warning(runs, tmp_path, capsys):
 
 
 def test_runs_errors_and_empty_folders(tmp_path, capsys):
-    assert run_cli(capsys, "runs", tmp_path / "nope") == (2, f"error: {tmp_path / 'nope'}: no such directory")
+    assert run_cli(capsys, "runs", tmp_path / "nope") == (
+        2, f"error: {tmp_path / 'nope'}: no such directory, so no runs to list there (tailor run writes each run "
+           f"into runs/ under the folder it is started from, or where --output says)")
     assert run_cli(capsys, "runs", tmp_path) == (0, f"no runs under {tmp_path} (a run directory holds config.yaml and run.json)")
 
 

@@ -129,7 +129,8 @@ def find_runs(root: str | Path) -> list[RunRecord]:
     """Run directories at root itself, or one or two levels below it, oldest first."""
     root = Path(root)
     if not root.is_dir():
-        raise TailorError(f"{root}: no such directory")
+        raise TailorError(f"{root}: no such directory, so no runs to list there (tailor run writes each run into "
+                          f"runs/ under the folder it is started from, or where --output says)")
     found: list[Path] = []
 
     def visit(path: Path, depth: int) -> None:
