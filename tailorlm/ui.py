@@ -11,10 +11,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column
 
-console = Console(stderr=False, highlight=False)
-# Into a file or a pipe (CI, the studio's run log) a printed line stays one line, where rich would cut it at 80
-# columns; a terminal keeps rich's word wrapping.
-console.soft_wrap = not console.is_terminal
+class _Console(Console):
+    """rich's console, except that into a file or a pipe (CI, the studio's run log) a printed line stays one line,
+    where rich would cut it at 80 columns; a terminal or a notebook keeps rich's word wrapping. Decided at each
+    print, since the output can be redirected after import."""
+
+    @property
+    def redrawn(self) -> bool:
+        """Whether this output can redraw a live progress bar: a terminal, or a Jupyter notebook's widget."""
+        return self.is_terminal or self.is_jupyter
+
+    @property
+    def soft_wrap(self) -> bool:
+        return not self.redrawn
+
+    @soft_wrap.setter
+    def soft_wrap(self, value: bool) -> None:  # rich's __init__ sets it; the property above decides
+        pass
+
+
+console = _Console(stderr=False, highlight=False)
 
 
 _local = threading.local()  # .shown: this thread's bar on screen; a bar opened inside it joins it as a line
@@ -24,11 +40,11 @@ _local = threading.local()  # .shown: this thread's bar on screen; a bar opened 
 def progress(description: str, total: int):
     """A progress bar with elapsed time and ETA; yields advance(n=1, info=None).
 
-    Into a file or a pipe there is no bar to redraw: one line is printed when the work is done. In a terminal a
-    bar opened inside another (the evaluations during training) is a second line of the same display, and goes
+    Into a file or a pipe there is no bar to redraw: one line is printed when the work is done. In a terminal (or
+    a notebook) a bar opened inside another (the evaluations during training) is a second line of the same display, and goes
     when its work is done: two live displays at once leave stale and blank lines behind."""
     state = {"done": 0, "info": ""}
-    if not console.is_terminal:
+    if not console.redrawn:
         started = time.perf_counter()
 
         def count(n: int = 1, info: str | None = None):

@@ -64,3 +64,36 @@ def test_a_file_rewritten_between_loads_is_parsed_again(tiny_tokenizer, tmp_path
     assert len(counted_parses) == 2  # the first file's reader is not handed out for the second
     expected = tiny_llama(len(tiny_tokenizer), seed=2).model.embed_tokens.weight.half().float()
     assert torch.equal(loaded.model.embed_tokens.weight, expected)
+
+
+def test_a_failed_load_puts_the_names_back_and_keeps_nothing(tiny_tokenizer, tmp_path):
+    from tailorlm.errors import TailorError
+
+    real = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    whole = _write(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "whole.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:len(whole) // 3])  # the header is intact, the metadata or tensors are not
+    with pytest.raises(TailorError, match="cut.gguf"):
+        load_tokenizer(ModelSpec(path=str(cut)))
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == real
+    assert gguf_parse._kept == {} and gguf_parse._users == 0
+
+
+def test_only_the_loading_thread_shares_a_parse(tiny_tokenizer, tmp_path, counted_parses):
+    import threading
+
+    path = _write(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "tiny.gguf")
+    readers = {}
+
+    def elsewhere():  # e.g. an export reading the file while the load runs
+        readers["other"] = [gguf.GGUFReader(path), gguf.GGUFReader(path)]
+
+    with gguf_parse.shared_parse():
+        readers["loading"] = [gguf.GGUFReader(path), gguf.GGUFReader(path)]
+        other = threading.Thread(target=elsewhere)
+        other.start()
+        other.join()
+    gguf_parse.forget()
+    assert readers["loading"][0] is readers["loading"][1]
+    assert readers["other"][0] is not readers["other"][1]
+    assert len(counted_parses) == 3

@@ -26,8 +26,11 @@ def plot_training(path: Path, history: TrainResult, overfit: int | None) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # a run resumed from a checkpoint of an older tailorlm may still hold an evaluation's costs: not a curve here
+    costs = ("prompt_tokens", "seconds_per_100")
     metrics = sorted({k for e in history.evaluations for k, v in e.items()
-                      if k not in ("step", "val_loss", "retention_ppl", "retention_change") and isinstance(v, float)})
+                      if k not in ("step", "val_loss", "retention_ppl", "retention_change") and isinstance(v, float)
+                      and k.rsplit("/", 1)[-1] not in costs})
     retention = any("retention_ppl" in e for e in history.evaluations)
     panels = 1 + bool(metrics) + retention
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)

@@ -35,9 +35,10 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def file_identity(path: Path) -> tuple:
-    """(resolved path, size, modification time): the same file, unchanged, within one process."""
+    """The same file, unchanged, within one process: (resolved path, inode, size, modification and change
+    times). The change time moves on any rewrite or rename, even a copy that keeps the modification time."""
     stat = Path(path).stat()
-    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+    return str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def check_gguf(path: Path) -> None:

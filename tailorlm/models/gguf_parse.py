@@ -9,7 +9,9 @@ Inside `shared_parse()` both are looked up in a memo: the reader of an unchanged
 an (architecture, depth). transformers imports both names from the `gguf` package at call time, so they are
 swapped there for the length of the load and put back after; the objects handed out are what gguf itself
 builds, and transformers only reads them. The reader is kept from the tokenizer's load to the weights' load
-(`forget()` then drops it): one file at a time, so a long-lived process holds at most one.
+(`forget()` then drops it, as does a failed load): one file at a time, so a long-lived process that only ever
+reads a tokenizer (the studio's preview, a llama.cpp server) holds at most one. Only the thread inside the load
+shares: another thread reading a GGUF meanwhile (an export) gets gguf's own objects.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ _lock = threading.RLock()
 _kept: dict[tuple, object] = {}  # (file identity, mode) -> its GGUFReader; one entry at most
 _users = 0  # loads inside shared_parse() now, in any thread: the first swaps the names in, the last back
 _originals: dict[str, object] = {}
+_loading = threading.local()  # .depth: this thread is inside shared_parse(); other threads get gguf's own
 
 
 @contextmanager
@@ -37,15 +40,17 @@ def shared_parse():
             _originals.update(GGUFReader=gguf.GGUFReader, get_tensor_name_map=gguf.get_tensor_name_map)
             gguf.GGUFReader, gguf.get_tensor_name_map = _reader, _name_map
         _users += 1
+    _loading.depth = getattr(_loading, "depth", 0) + 1
     try:
         yield
     finally:
+        _loading.depth -= 1
         with _lock:
             _users -= 1
             if _users == 0:
                 gguf.GGUFReader = _originals["GGUFReader"]
                 gguf.get_tensor_name_map = _originals["get_tensor_name_map"]
-                _name_map.cache_clear()
+                _shared_name_map.cache_clear()
 
 
 def forget() -> None:
@@ -55,6 +60,8 @@ def forget() -> None:
 
 
 def _reader(path, mode: str = "r"):
+    if not getattr(_loading, "depth", 0):  # another thread (an export, say) while a load runs: nothing shared
+        return _originals["GGUFReader"](path, mode)
     key = (file_identity(Path(path)), mode)
     with _lock:
         if key not in _kept:
@@ -64,6 +71,12 @@ def _reader(path, mode: str = "r"):
         return _kept[key]
 
 
-@functools.lru_cache(maxsize=8)
 def _name_map(arch, n_blocks: int):
+    if not getattr(_loading, "depth", 0):
+        return _originals["get_tensor_name_map"](arch, n_blocks)
+    return _shared_name_map(arch, n_blocks)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_name_map(arch, n_blocks: int):
     return _originals["get_tensor_name_map"](arch, n_blocks)

@@ -133,8 +133,10 @@ def check_files(spec: ModelSpec) -> tuple[str, str | None, dict]:
     return folder, gguf_file, kwargs
 
 
-def load_tokenizer(spec: ModelSpec):
-    """The model's tokenizer alone (seconds), so data can be checked before the weights are loaded."""
+def load_tokenizer(spec: ModelSpec, weights_follow: bool = True):
+    """The model's tokenizer alone (seconds), so data can be checked before the weights are loaded.
+    weights_follow=False where this process will not load the weights (a llama.cpp server): a GGUF's parse is
+    then not kept for them."""
     from transformers import AutoTokenizer
 
     folder, _, kwargs = check_files(spec)  # the first touch of the model: its files are checked here
@@ -142,7 +144,10 @@ def load_tokenizer(spec: ModelSpec):
         with _parsing(kwargs):
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     except Exception as e:  # OSError, ValueError, tokenizers' own exception on a damaged tokenizer.json, ...
+        gguf_parse.forget()
         raise _load_failed(spec, e, "the tokenizer of ") from None
+    if not weights_follow:
+        gguf_parse.forget()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -182,6 +187,7 @@ def _inspect(spec: ModelSpec) -> tuple[int, str, str | None, dict, object]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     except Exception as e:  # an unknown model_type, a config field of the wrong type, an unsupported GGUF arch
+        gguf_parse.forget()
         raise _load_failed(spec, e) from None
     if not gguf_file and Path(folder).is_dir():
         files.check_tensor_names(files.safetensors_files(Path(folder)), [n for n, _ in model.named_parameters()])

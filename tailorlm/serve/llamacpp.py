@@ -146,10 +146,10 @@ def load_llamacpp_engine(path: str, threads: int | None = None) -> tuple[LlamaCp
         cfg = run.config()
         weights = run.weights()
         spec = cfg.model.model_copy(update={"path": str(weights)}) if weights.name == "model" else cfg.model
-        tokenizer = load_tokenizer(spec)
+        tokenizer = load_tokenizer(spec, weights_follow=False)  # llama.cpp reads the weights
         return LlamaCppEngine(exports[0], tokenizer, ChatFormat(tokenizer, cfg.template), threads), run.path.resolve().name
     if not str(path).endswith(".gguf") or not Path(path).is_file():
         raise TailorError(f"{path}: --engine llamacpp serves a .gguf file or a run directory with a GGUF export")
     spec = ModelSpec(path=str(path))
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec, weights_follow=False)  # llama.cpp reads the weights
     return LlamaCppEngine(path, tokenizer, ChatFormat(tokenizer, RunConfig(model=spec).template), threads), Path(path).name
