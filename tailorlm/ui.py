@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column
 
+
 class _Console(Console):
     """rich's console, except that into a file or a pipe (CI, the studio's run log) a printed line stays one line,
     where rich would cut it at 80 columns; a terminal or a notebook keeps rich's word wrapping. Decided at each
@@ -41,10 +42,10 @@ def progress(description: str, total: int):
     """A progress bar with elapsed time and ETA; yields advance(n=1, info=None).
 
     Into a file or a pipe there is no bar to redraw: one line is printed when the work is done. In a terminal (or
-    a notebook) a bar opened inside another (the evaluations during training) is a second line of the same display, and goes
-    when its work is done: two live displays at once leave stale and blank lines behind."""
-    state = {"done": 0, "info": ""}
+    a notebook) a bar opened inside another (the evaluations during training) is a second line of the same
+    display, and goes when its work is done: two live displays at once leave stale and blank lines behind."""
     if not console.redrawn:
+        state = {"done": 0, "info": ""}
         started = time.perf_counter()
 
         def count(n: int = 1, info: str | None = None):

@@ -9,7 +9,7 @@ Inside `shared_parse()` both are looked up in a memo: the reader of an unchanged
 an (architecture, depth). transformers imports both names from the `gguf` package at call time, so they are
 swapped there for the length of the load and put back after; the objects handed out are what gguf itself
 builds, and transformers only reads them. The reader is kept from the tokenizer's load to the weights' load
-(`forget()` then drops it, as does a failed load): one file at a time, so a long-lived process that only ever
+(`forget()` then drops it, as does a load that fails inside): one file at a time, so a long-lived process that only ever
 reads a tokenizer (the studio's preview, a llama.cpp server) holds at most one. Only the thread inside the load
 shares: another thread reading a GGUF meanwhile (an export) gets gguf's own objects.
 """
@@ -43,6 +43,9 @@ def shared_parse():
     _loading.depth = getattr(_loading, "depth", 0) + 1
     try:
         yield
+    except BaseException:
+        forget()  # a failed load keeps nothing of the file for a later one
+        raise
     finally:
         _loading.depth -= 1
         with _lock:

@@ -144,7 +144,6 @@ def load_tokenizer(spec: ModelSpec, weights_follow: bool = True):
         with _parsing(kwargs):
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     except Exception as e:  # OSError, ValueError, tokenizers' own exception on a damaged tokenizer.json, ...
-        gguf_parse.forget()
         raise _load_failed(spec, e, "the tokenizer of ") from None
     if not weights_follow:
         gguf_parse.forget()
@@ -187,7 +186,7 @@ def _inspect(spec: ModelSpec) -> tuple[int, str, str | None, dict, object]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     except Exception as e:  # an unknown model_type, a config field of the wrong type, an unsupported GGUF arch
-        gguf_parse.forget()
+        gguf_parse.forget()  # the config may have parsed; building the model from it failed
         raise _load_failed(spec, e) from None
     if not gguf_file and Path(folder).is_dir():
         files.check_tensor_names(files.safetensors_files(Path(folder)), [n for n, _ in model.named_parameters()])
