@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -36,6 +38,69 @@ console = _Console(stderr=False, highlight=False)
 
 _local = threading.local()  # .shown: this thread's bar on screen; a bar opened inside it joins it as a line
 
+# A watcher of this process (the studio, for the runs it starts) names a file here and reads what the process is
+# doing from it: the stage and the open progress bars, with their counts and times. The log alone cannot say it:
+# into a file a bar prints one line only once its work is done, so minutes of baselines read as silence.
+PROGRESS_FILE_ENV = "TAILOR_PROGRESS_FILE"
+PROGRESS_EVERY_S = 0.5  # at most this often while a bar advances; opening or closing one is written at once
+
+
+class _ProgressFile:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.stage: str | None = None
+        self.bars: list[dict] = []
+        self.started = time.time()
+        self.written = 0.0
+
+    @property
+    def path(self) -> str | None:
+        return os.environ.get(PROGRESS_FILE_ENV) or None
+
+    def write(self, now: bool = False) -> None:
+        path = self.path
+        if path is None or (not now and time.monotonic() - self.written < PROGRESS_EVERY_S):
+            return
+        with self.lock:
+            self.written = time.monotonic()
+            clock = time.time()
+            state = {"stage": self.stage, "started": round(self.started, 3), "updated": round(clock, 3),
+                     "bars": [{**bar, "elapsed": round(clock - bar["opened"], 1)} for bar in self.bars]}
+            # Written whole and renamed into place, so a reader never sees half a file. By hand rather than with
+            # rundir's writers: this module is the lowest layer, and a lost update costs nothing.
+            temporary = f"{path}.{os.getpid()}.tmp"
+            try:
+                with open(temporary, "w", encoding="utf-8") as out:
+                    json.dump(state, out)
+                os.replace(temporary, path)
+            except OSError:  # the watcher's file is a courtesy: never a reason for the work itself to fail
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+
+
+_progress_file = _ProgressFile()
+
+
+@contextmanager
+def _reported(description: str, total: int):
+    """The bar's entry in the progress file, open while its work goes on; yields count(n, info)."""
+    bar = {"description": description, "done": 0, "total": total, "info": "", "opened": round(time.time(), 3)}
+    with _progress_file.lock:
+        _progress_file.bars.append(bar)
+    _progress_file.write(now=True)
+
+    def count(n: int = 1, info: str | None = None) -> None:
+        bar["done"] += n
+        bar["info"] = bar["info"] if info is None else info
+        _progress_file.write()
+
+    try:
+        yield count
+    finally:
+        with _progress_file.lock:
+            _progress_file.bars.remove(bar)
+        _progress_file.write(now=True)
+
 
 @contextmanager
 def progress(description: str, total: int):
@@ -43,7 +108,18 @@ def progress(description: str, total: int):
 
     Into a file or a pipe there is no bar to redraw: one line is printed when the work is done. In a terminal (or
     a notebook) a bar opened inside another (the evaluations during training) is a second line of the same
-    display, and goes when its work is done: two live displays at once leave stale and blank lines behind."""
+    display, and goes when its work is done: two live displays at once leave stale and blank lines behind.
+    With TAILOR_PROGRESS_FILE set, the bar's counts also go to that file (see _ProgressFile)."""
+    with _reported(description, total) as report, _bar(description, total) as shown:
+        def advance(n: int = 1, info: str | None = None):
+            report(n, info)
+            shown(n, info)
+
+        yield advance
+
+
+@contextmanager
+def _bar(description: str, total: int):
     if not console.redrawn:
         state = {"done": 0, "info": ""}
         started = time.perf_counter()
@@ -90,3 +166,5 @@ def _new_bar() -> Progress:
 
 def stage(title: str) -> None:
     console.rule(f"[bold cyan]{title}")
+    _progress_file.stage = title
+    _progress_file.write(now=True)

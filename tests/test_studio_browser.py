@@ -78,8 +78,12 @@ def test_a_table_to_a_fine_tuned_compared_and_exported_model_in_the_browser(tmp_
             page.fill(f'[data-key="{key}"]', value)
             page.dispatch_event(f'[data-key="{key}"]', "change")
             page.wait_for_function(f"document.querySelector('#yaml').textContent.includes({value!r})", timeout=60_000)
-        page.select_option('[data-key="eval.baselines"]', "zero_shot")
-        page.wait_for_function("!document.querySelector('#yaml').textContent.includes('few_shot')")
+        page.select_option("#baselines", "zero_shot")  # and no k-shot curve with it, as the YAML says
+        page.wait_for_function("document.querySelector('#yaml').textContent.includes('few_shot_k:\\n  - 0\\n')")
+        assert "- few_shot" not in page.inner_text("#yaml")
+        assert page.inner_text("#machine").startswith("This machine: ")
+        assert page.locator("#models option").count() >= 1  # the tiny model in the data folder, at least
+        assert page.get_attribute('[data-key="train.max_steps"] >> xpath=..', "title").startswith("train.max_steps: ")
 
         # 2. template: rendered samples with the trained tokens highlighted, the length histogram
         visit("/template")
@@ -100,10 +104,22 @@ def test_a_table_to_a_fine_tuned_compared_and_exported_model_in_the_browser(tmp_
         assert page.inner_text("#estimate").startswith("Estimated training time: ")
         shot("3-preflight")
 
-        # 4. train: start, watch the live curve grow, until the run completes
+        # 4. train: start (pressed twice: one run), watch the step counter and the live curve grow, until it completes
         visit("/train")
+        page.wait_for_function("document.querySelector('#estimate').textContent.startsWith('Estimated training time')",
+                               timeout=120_000)
         page.click("#start")
+        page.click("#start", force=True)  # the button is disabled while the first press is answered
+        again = page.evaluate("fetch('/api/runs', {method: 'POST', headers: {'X-Studio': '1'}})"
+                              ".then(async r => [r.status, (await r.json()).error])")
+        assert again[0] == 409 and again[1].startswith("this draft is already"), again
         page.wait_for_function("document.querySelector('#live-status').textContent === 'running'", timeout=60_000)
+        assert len(studio.queue.listing()) == 1
+        counter = "document.querySelector('#step-counter').textContent"
+        page.wait_for_function(f"/^step [1-9][0-9]* of 150$/.test({counter})", timeout=900_000, polling=200)
+        first_step = int(page.evaluate(counter).split()[1])
+        page.wait_for_function(f"parseInt({counter}.split(' ')[1]) > {first_step}", timeout=900_000, polling=200)
+        assert page.inner_text("#elapsed") != "-"
         points = "(charts['#chart-loss'] ? charts['#chart-loss'].plot.data[0].length : 0)"
         page.wait_for_function(f"{points} >= 1", timeout=900_000, polling=200)
         first = page.evaluate(points)
@@ -137,7 +153,7 @@ def test_a_table_to_a_fine_tuned_compared_and_exported_model_in_the_browser(tmp_
         page.fill('[data-key="train.lr"]', "0.001")
         page.dispatch_event('[data-key="train.lr"]', "change")
         page.wait_for_function("document.querySelector('#yaml').textContent.includes('lr: 0.001')")
-        page.select_option('[data-key="eval.baselines"]', "")
+        page.select_option("#baselines", "none")
         page.wait_for_function("document.querySelector('#yaml').textContent.includes('baselines: []')")
         page.click("#start")
         page.wait_for_function(f"document.querySelector('#live-name').textContent !== {name!r}", timeout=60_000)
@@ -152,13 +168,18 @@ def test_a_table_to_a_fine_tuned_compared_and_exported_model_in_the_browser(tmp_
         page.wait_for_selector("#curves .uplot")
         shot("6-compare")
 
-        # 7. chat: the fine-tuned model and its base answer the same message
+        # 7. chat: a classifier is asked with the review alone (the run's template lays it out) and answers a
+        # label; the fine-tuned model and its base answer the same input. Enter sends.
         visit(f"/chat?run={name}")
+        assert "Type the text only" in page.inner_text("#chat-how")
         page.fill("#message", "a great movie with an award winning actor")
-        page.click("#send")
-        page.wait_for_selector("#chat-fine_tuned .assistant", timeout=120_000)
-        page.wait_for_selector("#chat-base .assistant")
+        page.press("#message", "Enter")
+        page.wait_for_selector("#chat-fine_tuned .assistant:not(.pending)", timeout=120_000)
+        page.wait_for_selector("#chat-base .assistant:not(.pending)")
         assert page.inner_text("#chat-fine_tuned .user") == "a great movie with an award winning actor"
+        for side in ("fine_tuned", "base"):
+            assert page.inner_text(f"#chat-{side} .assistant strong") in ("negative", "positive")
+        assert page.inner_text("#busy").startswith("answered in ")
         shot("7-chat")
 
         # 8. export: GGUF, verified against the run
@@ -170,6 +191,14 @@ def test_a_table_to_a_fine_tuned_compared_and_exported_model_in_the_browser(tmp_
         assert page.inner_text("#export-state") == "verified", page.inner_text("#checks")
         assert page.locator("#checks tr").count() >= 3
         assert page.inner_text("#export-folder").endswith(f"{name}/export/gguf-f16")
+        links = page.eval_on_selector_all("#files a", "links => links.map(a => a.textContent)")
+        gguf = next(text for text in links if text.endswith(".gguf"))
+        with page.expect_download() as download:
+            page.click(f"#files a:text-is('{gguf}')")
+        saved = tmp_path / "downloaded.gguf"
+        download.value.save_as(saved)
+        exported = tmp_path / "runs" / name / "export" / "gguf-f16" / gguf
+        assert saved.read_bytes() == exported.read_bytes()
         shot("8-export")
     studio.close()
     assert errors == []  # no script error on any page

@@ -46,8 +46,9 @@ class SplitSpec(Section):
 
 class LimitSpec(Section):
     train: Optional[PositiveInt] = Field(None, description="Use at most this many training rows (stratified, seeded)")
-    validation: Optional[PositiveInt] = None
-    test: Optional[PositiveInt] = None
+    validation: Optional[PositiveInt] = Field(None, description="Use at most this many validation rows")
+    test: Optional[PositiveInt] = Field(None, description="Use at most this many test rows: every comparison is "
+                                                          "scored on them, so fewer rows are faster but noisier")
 
 
 class DataSpec(Section):
@@ -87,7 +88,7 @@ class TemplateSpec(Section):
 
 
 class LoraSpec(Section):
-    r: PositiveInt = 16
+    r: PositiveInt = Field(16, description="Adapter rank: trainable parameters grow with it; 8-64 is usual")
     alpha: float = Field(32, gt=0)
     # 0 by default: dropout on the adapter input copies every activation it touches (13% of a CPU step),
     # and small-data overfitting is better caught by validation.
@@ -161,9 +162,10 @@ class DistSpec(Section):
 
 
 class TrainSpec(Section):
-    epochs: PositiveInt = 1
+    epochs: PositiveInt = Field(1, description="Passes over the training split (train.max_steps, when given, wins)")
     max_steps: Optional[PositiveInt] = Field(None, description="Stop after this many optimizer steps (overrides epochs)")
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = Field(8, description="Samples per optimizer step (times grad_accum); larger is smoother "
+                                                    "and needs more memory")
     grad_accum: PositiveInt = 1
     lr: Optional[float] = Field(None, gt=0, description="Peak learning rate; by method when absent (lora 2e-4, full 2e-5)")
     weight_decay: float = Field(0.0, ge=0)
@@ -198,7 +200,10 @@ class RetentionSpec(Section):
 
 
 class EvalSpec(Section):
-    baselines: list[Literal["zero_shot", "few_shot"]] = ["zero_shot", "few_shot"]
+    baselines: list[Literal["zero_shot", "few_shot"]] = Field(
+        ["zero_shot", "few_shot"], description="Prompting baselines of the base model on the test split; the k-shot "
+                                               "curve (eval.few_shot_k) and the classic classifier (eval.classic) "
+                                               "are set apart")
     few_shot_k: list[NonNegativeInt] = Field([0, 1, 3, 6], description="The k-shot curve: prompting measured with k "
                                              "demonstrations from the training split for each k; the largest is the few-shot baseline. "
                                              "A single number is read as [0, k]")
@@ -249,6 +254,8 @@ class PreflightSpec(Section):
     single_label: Policy = Field("error", description="The training split holds a single label (classification): the model can only learn to repeat it, and its score is trivial. When lowered, the report marks the score as trivial")
     max_imbalance: float = Field(10.0, gt=1)
     truncation: Policy = Field("warn", description="Samples truncated or dropped to fit template.max_length")
+    identical_pairs: Policy = Field("warn", description="Preference pairs whose chosen and rejected answers are identical once whitespace is collapsed: they teach nothing and are left out of training (a split of nothing else is always an error). Pairs that nearly match (only case or punctuation differs, or similarity >= near_identical_pairs) are a warning unless this is ignore")
+    near_identical_pairs: float = Field(0.95, gt=0, le=1, description="difflib similarity of a pair's two answers at which preflight calls them nearly identical")
     near_duplicate_jaccard: float = Field(0.85, gt=0, le=1, description="Word 3-gram Jaccard at which two texts are near duplicates")
     max_near_rows: PositiveInt = Field(20000, description="Near-duplicate search is skipped for splits larger than this")
 
@@ -262,7 +269,7 @@ class TrackSpec(Section):
 
 class OutputSpec(Section):
     dir: Optional[str] = Field(None, description="Run directory; runs/<name>-<timestamp> when absent")
-    name: str = "run"
+    name: str = Field("run", description="Names the run: its folder is runs/<name>-<timestamp>")
     overwrite: bool = False
 
 

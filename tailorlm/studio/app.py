@@ -6,24 +6,37 @@ Safety, in one place:
 - Every request that changes something carries the header X-Studio, which a page of another origin cannot send
   without a CORS preflight this server never answers: no cross-site request can start a run or write a file.
 - Every path a request names goes through paths.Folders, which refuses anything outside the allowed folders.
+- A malformed request is a 400 naming the field (requests.py); an unexpected error is a JSON 500 whose
+  traceback is logged once to the studio's terminal.
 """
 from __future__ import annotations
 
+import json
+import logging
 import secrets
 from pathlib import Path
 
-from fastapi import Body, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
+                               StreamingResponse)
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from tailorlm.errors import TailorError
+from tailorlm.serve.jobs import Sampling
 from tailorlm.studio import actions, preview, results
+from tailorlm.studio.machine import installed_models, machine_facts
 from tailorlm.studio.paths import MAX_UPLOAD_BYTES, Refused
+from tailorlm.studio.progress import read_progress
+from tailorlm.studio.queue import progress_file
+from tailorlm.studio.requests import ChatRequest, DraftChange, ExportRequest, describe
 from tailorlm.studio.state import Studio
 
 LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
-PATH_SETTINGS = ("data.train", "data.validation", "data.test", "model.path")
+logger = logging.getLogger("tailorlm.studio")
 TOKEN_COOKIE = "tailor_studio_token"
 PAGES = {"data": "Data", "template": "Template", "preflight": "Preflight", "train": "Train", "runs": "Results",
          "compare": "Compare", "chat": "Chat", "export": "Export"}
@@ -49,7 +62,12 @@ def create_app(studio: Studio) -> FastAPI:
             set_cookie = request.query_params.get("token") is not None
         if request.method not in ("GET", "HEAD") and request.headers.get("x-studio") != "1":
             return PlainTextResponse("requests that change something must come from the studio's own pages", 403)
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:  # the one place an unexpected error is logged: the page gets JSON it can show
+            logger.error("%s %s failed", request.method, request.url.path, exc_info=e)
+            return JSONResponse({"error": f"unexpected {type(e).__name__}: {e} (a tailorlm bug; the studio's "
+                                          f"terminal has the details)"}, 500)
         if set_cookie:
             response.set_cookie(TOKEN_COOKIE, studio.token, httponly=True, samesite="strict")
         return response
@@ -59,8 +77,12 @@ def create_app(studio: Studio) -> FastAPI:
         return JSONResponse({"error": str(exc)}, 403)
 
     @app.exception_handler(TailorError)
-    async def failed(_request, exc: TailorError):
-        return JSONResponse({"error": str(exc)}, 400)
+    async def failed(_request, exc: TailorError):  # 400, or the class's own status (paths.Missing: 404, ...)
+        return JSONResponse({"error": str(exc), **getattr(exc, "details", {})}, getattr(exc, "http_status", 400))
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_request, exc: RequestValidationError):
+        return JSONResponse({"error": describe(exc.errors())}, 400)
 
     def page(name: str, **extra) -> HTMLResponse:
         return HTMLResponse(pages.get_template(f"{name}.html").render(page=name, pages=PAGES, **extra))
@@ -96,13 +118,8 @@ def create_app(studio: Studio) -> FastAPI:
         return state()
 
     @app.post("/api/draft")
-    def set_draft(body: dict = Body(...)):
-        changes = dict(body.get("set") or {})
-        for key in PATH_SETTINGS:
-            value = changes.get(key)
-            if value and not (key == "model.path" and value == "default"):
-                changes[key] = str(studio.folders.readable_file(str(value), "model" if key == "model.path" else "file"))
-        studio.draft.update(changes, list(body.get("unset") or []))
+    def set_draft(change: DraftChange):  # every file the new settings name is checked in Draft.update
+        studio.draft.update(change.changes, change.removals)
         return state()
 
     @app.post("/api/upload")
@@ -110,13 +127,17 @@ def create_app(studio: Studio) -> FastAPI:
         target = studio.folders.upload_path(name)
         size = 0
         try:
-            with open(target, "wb") as out:
+            with open(target, "xb") as out:  # x: a fresh file, never one (or a link) already there
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > MAX_UPLOAD_BYTES:
                         raise Refused(f"{name}: larger than the studio's upload limit of "
                                       f"{MAX_UPLOAD_BYTES // 2**20} MiB; give its path on disk instead")
                     out.write(chunk)
+        except ClientDisconnect:  # the page closed mid-upload: no one to answer, nothing to keep
+            target.unlink(missing_ok=True)
+            logger.warning("upload of %s abandoned after %d bytes: the partial file is removed", name, size)
+            return Response(status_code=400)
         except BaseException:
             target.unlink(missing_ok=True)  # nothing half-written stays behind
             raise
@@ -135,7 +156,9 @@ def create_app(studio: Studio) -> FastAPI:
         if not data.get("train"):
             raise TailorError("no data file chosen yet: upload one or give its path")
         path = studio.folders.readable_file(data["train"])
-        return preview.table_preview(path, data.get("format", "auto"), data.get("encoding", "utf-8"))
+        preset = (studio.draft.settings.get("template") or {}).get("preset") or "classification"
+        return preview.table_preview(path, data.get("format", "auto"), data.get("encoding", "utf-8"), preset,
+                                     data.get("columns"))
 
     @app.get("/api/preview")
     def template_preview():
@@ -148,7 +171,7 @@ def create_app(studio: Studio) -> FastAPI:
 
     @app.get("/api/runs")
     def list_runs():
-        return {"runs": results.run_listing(studio.folders.runs), "queue": studio.queue.listing()}
+        return {"runs": results.run_listing(studio.folders), "queue": studio.queue.listing()}
 
     @app.post("/api/runs/{name}/stop")
     def stop_run(name: str):
@@ -163,43 +186,106 @@ def create_app(studio: Studio) -> FastAPI:
     def live(name: str):
         path = studio.folders.run_dir(name)
         job = studio.queue.get(name)
-        log = studio.folders.home / "logs" / f"{name}.log"
+        log = studio.folders.log_file(name)
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:] if log.is_file() else ""
         status = job.state if job and job.state in ("queued", "running") else (
             results.load_run(path).status if path.is_dir() else (job.state if job else "unknown"))
-        return {"name": name, "status": status, "series": results.live_series(path), "log": tail}
+        progress = read_progress(studio.folders.own_file(progress_file(log)), running=status == "running")
+        return {"name": name, "status": status, "series": results.live_series(path), "log": tail,
+                "progress": progress}
 
     @app.get("/api/runs/{name}/results")
     def run_results(name: str):
-        return results.run_results(studio.folders.run_dir(name))
+        return results.run_results(studio.started_run(name))
 
     @app.get("/api/compare")
     def compare(request: Request):
         names = request.query_params.getlist("run")
-        return results.comparison([studio.folders.run_dir(n) for n in names])
+        return results.comparison([studio.started_run(n) for n in names])
 
     # ---------------------------------------------------------------- chat and export
-    @app.post("/api/chat")
-    def chat(body: dict = Body(...)):  # sync: loading models runs in a worker thread, not the event loop
-        path = studio.folders.run_dir(str(body.get("run", "")))
-        messages = actions.check_messages(body.get("messages"))
-        with studio.chat_lock:  # one run's models loaded at a time
+    def chat_models(path: Path) -> actions.SideBySide:
+        with studio.chat_lock:  # one run's models loaded at a time: memory holds two models, not two per run
             if path.name not in studio.chats:
                 for other in studio.chats.values():
                     other.close()
                 studio.chats.clear()
                 studio.chats[path.name] = actions.SideBySide(path)
-            pair = studio.chats[path.name]
-        return pair.answer(messages, int(body.get("max_new_tokens") or 128))
+            return studio.chats[path.name]
+
+    @app.get("/api/chat/setup")
+    def chat_setup(run: str):
+        path = studio.folders.run_dir(run)
+        return {**actions.chat_setup(path), "loaded": path.name in studio.chats}
+
+    @app.post("/api/chat")
+    def chat(request: ChatRequest):
+        """The answers as they come, one JSON object a line: {'event': 'loading'} while the run's two models load
+        (once per run), then each side's pieces and its end. A page that leaves stops both models."""
+        path = studio.folders.run_dir(request.run)
+        setup = actions.chat_setup(path)
+        if setup["mode"] == "task":
+            fields = actions.check_fields(request.fields, setup["fields"])
+            constrained = setup["closed"] if request.constrained is None else request.constrained
+        else:
+            messages = actions.check_messages([m.model_dump() for m in request.messages])
+        sampling = Sampling(request.max_new_tokens, request.temperature, request.top_p)
+
+        def events():  # iterated in a worker thread by Starlette: loading and generating never block the loop
+            try:
+                pair = studio.chats.get(path.name)
+                if pair is None:
+                    yield {"event": "loading"}
+                    pair = chat_models(path)
+                yield {"event": "answering"}
+                if setup["mode"] == "task":
+                    yield from pair.answer_task(fields, constrained)
+                else:
+                    yield from pair.stream_chat(messages, sampling)
+            except TailorError as e:
+                yield {"event": "error", "error": str(e)}
+            except Exception as e:  # the status line is sent: the failure goes in the stream, and to the terminal
+                log.error("POST /api/chat failed", exc_info=e)
+                yield {"event": "error", "error": f"unexpected {type(e).__name__}: {e} (a tailorlm bug; the "
+                                                  f"studio's terminal has the details)"}
+
+        return StreamingResponse((json.dumps(e) + "\n" for e in events()), media_type="application/x-ndjson")
 
     @app.post("/api/export")
-    def export(body: dict = Body(...)):
-        path = studio.folders.run_dir(str(body.get("run", "")))
-        return actions.start_export(studio.exports, path, str(body.get("format", "gguf")), body.get("quant") or None)
+    def export(request: ExportRequest):
+        path = studio.folders.run_dir(request.run)
+        return actions.start_export(studio.exports, path, request.format, request.quant or None)
 
     @app.get("/api/export/{name}")
     def export_state(name: str):
         studio.folders.run_dir(name)
         return studio.exports.get(name) or {"state": "none"}
+
+    @app.get("/api/export/{name}/download")
+    def export_download(name: str, file: str | None = None):
+        """One file of the run's finished export, or (no file named) the whole export folder as a .zip."""
+        studio.folders.run_dir(name)
+        state = studio.exports.get(name) or {}
+        if state.get("state") not in ("verified", "differs") or not state.get("folder"):
+            raise TailorError(f"{name} has no finished export in this studio: export it first")
+        folder = Path(state["folder"])
+        if file is None:
+            archive = actions.zip_folder(folder)
+            return FileResponse(archive, filename=f"{name}-{folder.name}.zip", media_type="application/zip",
+                                background=BackgroundTask(archive.unlink, missing_ok=True))
+        return FileResponse(actions.export_file(folder, file), filename=Path(file).name)
+
+    # ---------------------------------------------------------------- what helps choose: machine, models, help
+    @app.get("/api/machine")
+    def machine():
+        return machine_facts()
+
+    @app.get("/api/models")
+    def models():
+        return {"models": installed_models(studio.folders.data)}
+
+    @app.get("/api/help")
+    def help_texts():
+        return preview.setting_help()
 
     return app

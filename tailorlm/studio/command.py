@@ -27,6 +27,7 @@ def register(verbs) -> None:
 def run_studio(args: argparse.Namespace) -> int:
     # Lazy on purpose: cli.py imports this module to build its parser on every `tailor` call.
     import secrets
+    import signal
     import socket
     from pathlib import Path
 
@@ -53,11 +54,16 @@ def run_studio(args: argparse.Namespace) -> int:
                   f"uploads and drafts in {folders.home}. Ctrl-C stops it (a training run is interrupted, "
                   f"resumable with tailor run --resume).")
     server = uvicorn.Server(uvicorn.Config(create_app(studio), log_level="warning"))
+    # uvicorn catches SIGINT and SIGTERM while it serves, shuts down, restores the handlers it found and raises
+    # the signal again. Python's default for SIGTERM ends the process at once, skipping studio.close() and
+    # leaving the run training on its own; with this handler found instead, SIGTERM ends as Ctrl-C does (one
+    # that comes before uvicorn listens makes it stop as soon as it has started).
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: stopping is the normal end
         pass
     finally:
-        studio.close()
+        studio.close()  # interrupts the run in progress (as Ctrl-C does) and waits for it to save its state
     console.print("tailor studio stopped.")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import Counter
 from pathlib import Path
 
 from tailorlm.config import RunConfig, TemplateSpec
@@ -15,6 +16,7 @@ from tailorlm.ui import console
 
 PRESETS = ("classification", "ner", "qa", "translation", "math", "instruction", "chat")
 SHOWN_ROWS = 20
+SHOWN_LABELS = 50  # label counts listed on the Data page; a column with more values is hardly a label
 SHOWN_SAMPLES = 3
 HISTOGRAM_BINS = 20
 
@@ -46,12 +48,30 @@ def preset_defaults(preset: str) -> dict[str, str]:
     return {"instruction": task.instruction, "prompt": task.prompt, "completion": task.completion}
 
 
-def table_preview(path: Path, fmt: str = "auto", encoding: str = "utf-8") -> dict:
-    """The columns and first rows of a data file, read by the reader training uses."""
+def table_preview(path: Path, fmt: str = "auto", encoding: str = "utf-8", preset: str = "classification",
+                  mapping: dict | None = None) -> dict:
+    """The columns and first rows of a data file, read by the reader training uses, with what the Data page
+    checks before anything else runs: each template field's column (a mapping to a column the table lacks is a
+    problem now, not a failed run later) and, for a label field, how many rows carry each label."""
     with quiet_console():
         table = read_table(str(path), fmt, encoding)
     rows = [[_cell(r.fields.get(c)) for c in table.columns] for r in table.records[:SHOWN_ROWS]]
-    return {"columns": table.columns, "rows": rows, "count": len(table.records)}
+    mapping = mapping if isinstance(mapping, dict) else {}
+    problems, fields = [], {}
+    if table.columns and preset in PRESETS and preset != "chat":  # conversations are read by their own layout, not mapped columns
+        for field in preset_fields(preset):
+            column = mapping.get(field) or field
+            fields[field] = column if column in table.columns else None
+            if column not in table.columns:
+                how = f"is mapped to '{column}', which" if field in mapping else "has no column mapped, and"
+                problems.append(f"{field} {how} is not a column of this table: choose its column below")
+    label_field = PromptTemplate(TemplateSpec(preset=preset)).label_field if preset in PRESETS else None
+    label_column = fields.get(label_field) if label_field else None
+    counts = Counter(_cell(r.fields.get(label_column)) for r in table.records) if label_column else None
+    return {"columns": table.columns, "rows": rows, "count": len(table.records), "fields": fields,
+            "problems": problems, "label_column": label_column,
+            "label_counts": dict(counts.most_common(SHOWN_LABELS)) if counts else None,
+            "labels": len(counts) if counts else None}
 
 
 def tokenizer_for(cfg: RunConfig):
@@ -111,3 +131,23 @@ def _histogram(lengths: list[int], max_length: int) -> dict:
 def _cell(value) -> str:
     text = value if isinstance(value, str) else repr(value) if value is not None else ""
     return text if len(text) <= 200 else text[:199] + "…"
+
+
+def setting_help() -> dict[str, str]:
+    """Every setting's description from the run spec itself (dotted key -> text): the help the forms show is the
+    text `tailor run` validates against, so it cannot drift from what a setting does."""
+    from pydantic import BaseModel
+
+    found: dict[str, str] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            if field.description:
+                found[key] = field.description
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, f"{key}.")
+
+    walk(RunConfig, "")
+    return found

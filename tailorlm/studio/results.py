@@ -1,13 +1,19 @@
 """What the studio shows of a run: its live curves, its results and its comparison with others, read from the run
 directory's own files (live.jsonl, metrics.json, predictions.jsonl, example_losses.jsonl, train_log.json), the
-files `tailor runs` and `tailor compare` read, so a run started from the CLI shows the same way."""
+files `tailor runs` and `tailor compare` read, so a run started from the CLI shows the same way.
+
+Every run folder passed in here has been through paths.Folders (no link out of it); the listing checks each
+folder it finds the same way before reading it.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from tailorlm.errors import TailorError
+from tailorlm.studio.paths import Folders, Refused
 from tailorlm.track.compare import compare_runs
-from tailorlm.track.registry import find_runs, load_run
+from tailorlm.track.registry import SEARCH_DEPTH, is_run_dir, load_run
 
 SHOWN_LOSSES = 20  # highest-loss training examples listed
 SHOWN_PREDICTIONS = 500
@@ -24,15 +30,29 @@ def live_series(run_dir: Path) -> dict[str, list[list[float]]]:
     return {key: sorted([s, v] for s, v in points.items()) for key, points in series.items()}
 
 
-def run_listing(runs: Path) -> list[dict]:
+def run_listing(folders: Folders) -> list[dict]:
+    """The runs `tailor runs` would list, oldest first. A run folder that holds a link out of itself, or that
+    is a link out of the runs folder, is listed as refused (with the reason) and not read; one whose files are
+    damaged is listed as unreadable."""
     rows = []
-    for record in find_runs(runs):
+    for path in _run_folders(folders.runs):
+        try:
+            if not _inside(path, folders.runs):
+                raise Refused(f"{path.name}: refused: it is a symbolic link leading out of {folders.runs}")
+            folders.check_run_folder(path.resolve(), path.name)
+            record = load_run(path)
+        except Refused as e:
+            rows.append(_unread(path, "refused", e))
+            continue
+        except TailorError as e:
+            rows.append(_unread(path, "unreadable", e))
+            continue
         heads = [f"{h.metric} {h.fine_tuned:.3f}" + (f" vs {h.best_prompting:.3f} prompting" if h.best_prompting
                                                        is not None else "")
                  for h in record.headlines().values() if h.fine_tuned is not None]
         rows.append({"name": record.name, "status": record.status, "started": record.started,
                      "method": record.method, "headline": "; ".join(heads)})
-    return rows
+    return sorted(rows, key=lambda row: (row["started"], row["name"]))
 
 
 def run_results(run_dir: Path) -> dict:
@@ -66,6 +86,30 @@ def comparison(paths: list[Path]) -> dict:
     found = compare_runs(paths)
     return {"labels": found.labels, "config_diff": {k: [_plain(v) for v in vs] for k, vs in found.config_diff.items()},
             "metrics": found.metrics, "curves": found.curves}
+
+
+def _run_folders(runs: Path) -> list[Path]:
+    """Run folders at runs/<run>/ and runs/<group>/<run>/, as registry.find_runs finds them (which reads each
+    one it finds, so the studio finds them here and checks each before reading)."""
+    found: list[Path] = []
+
+    def visit(path: Path, depth: int) -> None:
+        if depth and is_run_dir(path):
+            found.append(path)  # listed, as refused when it is a link out of the runs folder
+        elif depth < SEARCH_DEPTH and (depth == 0 or _inside(path, runs)):  # a linked group is not entered
+            for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                visit(child, depth + 1)
+
+    visit(runs, 0)
+    return found
+
+
+def _inside(path: Path, runs: Path) -> bool:
+    return runs in path.resolve().parents
+
+
+def _unread(path: Path, status: str, error: TailorError) -> dict:
+    return {"name": path.name, "status": status, "started": "", "method": "", "headline": "", "error": str(error)}
 
 
 def _plain(value):

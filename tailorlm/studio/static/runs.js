@@ -1,5 +1,5 @@
-// tailor studio: what shows a run (live curves, results, compare) and what uses one (chat, export). Loaded
-// before studio.js, which holds the API helpers and the forms; both are plain scripts sharing one scope.
+// tailor studio: what shows a run (live curves, progress, results, compare). Loaded before use.js (chat and
+// export) and studio.js, which holds the API helpers and the forms; all are plain scripts sharing one scope.
 "use strict";
 
 // ---------------------------------------------------------------- charts
@@ -14,9 +14,35 @@ function chart(target, title, series) {
   const key = target + names.join();
   if (charts[target] && charts[target].key === key) { charts[target].plot.setData(data); return; }
   charts[target]?.plot.destroy();
-  const opts = { title, width: 380, height: 220, scales: { x: { time: false } },
+  // Ranges from the data, so a first point does not sit on uPlot's empty 0-100 axis; a share (accuracy, F1)
+  // keeps the 0-1 scale. The legend names the series instead of reading "--" until the cursor hovers.
+  const padded = (u, min, max) => (min === max ? [min - 1, max + 1] : [min, max]);
+  const share = names.every((n) => series[n].every((p) => p[1] >= 0 && p[1] <= 1)) && !/loss|ppl/.test(names.join());
+  const opts = { title, width: 380, height: 220, legend: { live: false },
+    scales: { x: { time: false, range: padded }, y: share ? { range: [0, 1] } : { range: (u, min, max) => (min === max ? [min * 0.9, max * 1.1 || 1] : uPlot.rangeNum(min, max, 0.1, true)) } },
     series: [{ label: "step" }, ...names.map((n, i) => ({ label: n, stroke: colors[i % colors.length], spanGaps: true, points: { show: true, size: 4 } }))] };
   charts[target] = { key, plot: new uPlot(opts, data, node) };
+}
+
+// ---------------------------------------------------------------- what the run is doing now
+const clock = (s) => { if (s == null) return "-"; s = Math.round(s); const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = s % 60;
+  return (h ? `${h}:${String(m).padStart(2, "0")}` : `${m}`) + `:${String(r).padStart(2, "0")}`; };
+
+function showProgress(progress, status) {
+  const box = $("#progress");
+  if (!box) return;
+  box.hidden = !progress;
+  if (!progress) return;
+  const bars = progress.bars || [];
+  const step = progress.step, current = bars[bars.length - 1];
+  $("#stage").textContent = progress.stage || "starting";
+  $("#step-counter").textContent = step ? `step ${step.done} of ${step.total}` : status === "running" ? "before training" : "";
+  $("#elapsed").textContent = clock(progress.elapsed);
+  const main = bars.find((b) => b.description === "train") || current;
+  $("#eta").textContent = status === "running" && main && main.eta != null ? clock(main.eta) : "-";
+  $("#meter-fill").style.width = main && main.total ? `${(100 * main.done) / main.total}%` : "0%";
+  $("#bars").replaceChildren(...bars.map((b) => el("div", { text: `${b.description}: ${b.done}/${b.total}` +
+    (b.eta != null && status === "running" ? `, ${clock(b.eta)} left` : "") + (b.info ? ` (${b.info})` : "") })));
 }
 
 function showCurves(series) {
@@ -118,62 +144,3 @@ async function comparePage() {
     }
   } catch (e) { showError(e); }
 }
-
-// ---------------------------------------------------------------- 7-8. chat and export: a run to pick
-async function pickRun() {
-  const { runs } = await api("/api/runs");
-  const done = runs.filter((r) => r.status === "complete").reverse();
-  const select = $("#run-select");
-  select.replaceChildren(...done.map((r) => el("option", { text: r.name })));
-  const wanted = new URLSearchParams(location.search).get("run");
-  if (wanted) select.value = wanted;
-  if (!done.length) showError("no finished run yet: train one first");
-  return select;
-}
-
-let messages = [];
-async function chatPage() {
-  const select = await pickRun();
-  const clear = () => { messages = []; $("#chat-fine_tuned").replaceChildren(); $("#chat-base").replaceChildren(); };
-  select.addEventListener("change", clear);
-  $("#clear").addEventListener("click", clear);
-  $("#send").addEventListener("click", async () => {
-    const text = $("#message").value.trim();
-    if (!text) return;
-    $("#message").value = "";
-    messages.push({ role: "user", content: text });
-    for (const side of ["fine_tuned", "base"]) $(`#chat-${side}`).append(el("p", { class: "user", text }));
-    $("#busy").textContent = "answering…";
-    try {
-      showError(null);
-      const answers = await api("/api/chat", { json: { run: select.value, messages } });
-      for (const side of ["fine_tuned", "base"]) $(`#chat-${side}`).append(el("p", { class: "assistant", text: answers[side].trim() || "(an empty answer)" }));
-      messages.push({ role: "assistant", content: answers.fine_tuned });
-    } catch (e) { showError(e); } finally { $("#busy").textContent = ""; }
-  });
-}
-
-async function exportPage() {
-  const select = await pickRun();
-  const poll = async () => {
-    const s = await api(`/api/export/${select.value}`);
-    $("#export-state").textContent = s.state;
-    $("#export-state").className = `status ${s.state}`;
-    $("#export-folder").textContent = s.folder || "";
-    $("#export-error").textContent = s.error || "";
-    $("#export-error").hidden = !s.error;
-    fillTable($("#checks"), ["check", "result", "limit", ""], (s.checks || []).map((c) =>
-      [c.name, c.result, c.limit, el("span", { class: c.ok ? "ok" : "wrong", text: c.ok ? "ok" : "FAIL" })]));
-    if (s.state === "running") setTimeout(poll, 1000);
-  };
-  select.addEventListener("change", poll);
-  $("#export-button").addEventListener("click", async () => {
-    try {
-      showError(null);
-      await api("/api/export", { json: { run: select.value, format: $("#format").value, quant: $("#quant").value || null } });
-      poll();
-    } catch (e) { showError(e); }
-  });
-  if (select.value) poll();
-}
-

@@ -86,6 +86,15 @@ function bindInputs() {
   for (const input of document.querySelectorAll("[data-key]")) {
     input.addEventListener("change", () => setDraft({ [input.dataset.key]: readInput(input) }));
   }
+  // Each setting's help is its description in the run spec (GET /api/help), shown on hover and by its ⓘ.
+  api("/api/help").then((help) => {
+    for (const input of document.querySelectorAll("[data-key]")) {
+      const text = help[input.dataset.key], label = input.closest("label");
+      if (!text || !label) continue;
+      label.title = `${input.dataset.key}: ${text}`;
+      if (!label.querySelector(".info")) label.append(el("span", { class: "info", text: " ⓘ" }));
+    }
+  }).catch(() => {});
   const copy = $("#copy-yaml");
   if (copy) copy.addEventListener("click", () => navigator.clipboard?.writeText($("#yaml").textContent));
 }
@@ -101,28 +110,57 @@ async function dataPage(state) {
     try {
       showError(null);
       showState(await api(`/api/upload?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file }));
-      await showRows();
+      await showRows(true);
     } catch (e) { showError(e); }
   });
   $("#use-path").addEventListener("click", async () => {
-    if (await setDraft({ "data.train": $("#path").value.trim() }, ["data.format"])) await showRows();
+    if (await setDraft({ "data.train": $("#path").value.trim() }, ["data.format"])) await showRows(true);
   });
-  presets.addEventListener("change", () => showMapping());
+  presets.addEventListener("change", () => showRows());
   await showRows();
 }
 
-let columns = [];
-async function showRows() {
+let columns = [], checked = 0;
+async function showRows(newFile = false) {
   const state = await api("/api/state");
   $("#current-file").textContent = getKey(state.draft, "data.train") || "none yet";
   if (!getKey(state.draft, "data.train")) return;
   try {
-    const table = await api("/api/rows");
+    let table = await api("/api/rows");
     columns = table.columns;
+    // A new table keeps only the mappings to columns it has; the others are dropped, and the page says which.
+    const mapped = getKey(state.draft, "data.columns") || {};
+    const stale = Object.entries(mapped).filter(([, column]) => !columns.includes(column));
+    if (newFile && stale.length) {
+      await setDraft({}, stale.map(([field]) => `data.columns.${field}`));
+      table = await api("/api/rows");
+      $("#data-check").textContent = `Mappings dropped, the new table has no such column: ${stale.map(([f, c]) => `${f} → ${c}`).join(", ")}.`;
+    }
     $("#row-count").textContent = `(${table.count} rows; ${table.rows.length} shown)`;
     fillTable($("#rows"), table.columns, table.rows);
     await showMapping();
+    showTableChecks(table, newFile && stale.length);
   } catch (e) { showError(e); }
+}
+
+function showTableChecks(table, keepNote) {
+  $("#problems").textContent = table.problems.join("\n");
+  $("#problems").hidden = !table.problems.length;
+  $("#label-counts").replaceChildren();
+  if (table.label_counts) {
+    const counts = Object.entries(table.label_counts), top = Math.max(...counts.map(([, n]) => n), 1);
+    $("#label-counts").append(el("h3", { text: `Labels in '${table.label_column}': ${table.labels}` + (table.labels > counts.length ? ` (${counts.length} most common shown)` : "") }),
+      el("table", { class: "grid labels" }, ...counts.map(([label, n]) => el("tr", {}, el("td", { text: label || "(empty)" }),
+        el("td", { text: String(n) }), el("td", {}, el("div", { class: "count-bar", style: `width:${(120 * n) / top}px` }))))));
+  }
+  if (table.problems.length) return;
+  // Every field has its column: read the rows as training will, so a bad row shows here and not a page later.
+  const mine = ++checked;
+  if (!keepNote) $("#data-check").textContent = "checking the rows as training reads them…";
+  api("/api/preview").then((r) => {
+    if (mine !== checked) return;
+    $("#data-check").textContent = `✓ The rows read as training reads them: ${r.examples.train} train, ${r.examples.validation} validation, ${r.examples.test} test.`;
+  }).catch((e) => { if (mine === checked) { $("#data-check").textContent = ""; showError(e); } });
 }
 
 async function showMapping() {
@@ -134,7 +172,7 @@ async function showMapping() {
     const select = el("select", { "data-field": field },
       el("option", { value: "", text: "same name" }), ...columns.map((c) => el("option", { value: c, text: c })));
     select.value = mapped[field] && mapped[field] !== field ? mapped[field] : "";
-    select.addEventListener("change", () => setDraft({ [`data.columns.${field}`]: select.value || null }));
+    select.addEventListener("change", async () => { await setDraft({ [`data.columns.${field}`]: select.value || null }); showTableChecks(await api("/api/rows")); });
     return [field, select];
   });
   fillTable($("#mapping"), ["template field", "column of the table"], rows);
@@ -146,7 +184,12 @@ async function runPreview() {
   try {
     showError(null);
     return await api("/api/preview");
-  } catch (e) { showError(e); return null; } finally { $("#busy").textContent = ""; }
+  } catch (e) {
+    // What is on screen no longer matches the settings: it goes, rather than pass for their preview.
+    for (const id of ["#samples", "#histogram", "#length-facts", "#findings", "#estimate"]) if ($(id)) $(id).replaceChildren();
+    showError(e);
+    return null;
+  } finally { $("#busy").textContent = ""; }
 }
 
 function showSamples(result) {
@@ -181,12 +224,18 @@ async function watch(name) {
   if ($("#live")) { $("#live").hidden = false; $("#live-name").textContent = name; $("#live-results").href = `/runs/${name}`; }
   $("#live-status").textContent = live.status;
   $("#live-status").className = `status ${live.status}`;
+  showProgress(live.progress, live.status);
+  if ($("#use-links")) $("#use-links").hidden = live.status !== "complete";
+  if ($("#not-started")) {
+    $("#not-started").hidden = !["queued", "stopped"].includes(live.status) || Boolean(live.progress);
+    $("#not-started").textContent = live.status === "queued" ? "Waiting for the run before it to finish." : "This run was stopped before it started: it has no results.";
+  }
   if ($("#resume")) $("#resume").hidden = live.status !== "interrupted";
   if ($("#stop")) $("#stop").hidden = !["queued", "running"].includes(live.status);
   if ($("#log")) { $("#log").textContent = live.log; $("#log").scrollTop = $("#log").scrollHeight; }
   showCurves(live.series);
   if (["queued", "running"].includes(live.status)) setTimeout(() => watch(name), 1000);
-  else if (page === "run" && !watch.reloaded) { watch.reloaded = true; runResults(name); }
+  else if (page === "run" && !watch.reloaded && live.status !== "stopped") { watch.reloaded = true; runResults(name).catch(showError); }
 }
 
 async function showQueue() {
@@ -199,14 +248,51 @@ async function showQueue() {
   setTimeout(showQueue, 2000);
 }
 
+// The baselines a run measures, as the choices a user makes: each sets eval.baselines and the curve together,
+// so "zero-shot only" does not quietly run the k-shot curve as well.
+const BASELINES = { curve: { "eval.baselines": null, "eval.few_shot_k": null },
+  both: { "eval.baselines": ["zero_shot", "few_shot"], "eval.few_shot_k": [0, 6] },
+  zero_shot: { "eval.baselines": ["zero_shot"], "eval.few_shot_k": [0] },
+  none: { "eval.baselines": [], "eval.few_shot_k": [0] } };
+
+function showBaselines(draft) {
+  const chosen = getKey(draft, "eval.baselines"), k = getKey(draft, "eval.few_shot_k");
+  $("#baselines").value = chosen === undefined && k === undefined ? "curve" : Array.isArray(chosen) && !chosen.length ? "none"
+    : JSON.stringify(chosen) === '["zero_shot"]' ? "zero_shot" : "both";
+  $("#classic").checked = getKey(draft, "eval.classic") !== false;
+}
+
+let estimating = 0;
+async function refreshEstimate() {  // each edit changes the cost: the estimate follows it
+  const mine = ++estimating;
+  $("#estimate").textContent = "estimating…";
+  try {
+    const r = await api("/api/preview");
+    if (mine === estimating) $("#estimate").textContent = estimateText(r);
+  } catch (e) { if (mine === estimating) $("#estimate").textContent = `No estimate: ${e.message}`; }
+}
+
 async function trainPage(state) {
   showState(state);
+  showBaselines(state.draft);
+  for (const input of document.querySelectorAll("[data-key]")) input.addEventListener("change", () => setTimeout(refreshEstimate, 300));
+  $("#baselines").addEventListener("change", async () => { const s = await setDraft(BASELINES[$("#baselines").value]); if (s) showBaselines(s.draft); });
+  $("#classic").addEventListener("change", () => setDraft({ "eval.classic": $("#classic").checked ? null : false }));
   $("#start").addEventListener("click", async () => {
+    const button = $("#start");
+    if (button.disabled) return;
+    button.disabled = true;  // one press, one run: a second press while this one is answered does nothing
     try { showError(null); const job = await api("/api/runs", { json: {} }); watch(job.name); } catch (e) { showError(e); }
+    finally { setTimeout(() => { button.disabled = false; }, 1000); }
   });
   $("#stop").addEventListener("click", () => watched && api(`/api/runs/${watched}/stop`, { json: {} }));
   showQueue();
-  api("/api/preview").then((r) => { $("#estimate").textContent = estimateText(r); }).catch(() => {});
+  refreshEstimate();
+  api("/api/models").then(({ models }) => $("#models").replaceChildren(...models.map((m) => el("option", { value: m.path, text: m.name })))).catch(() => {});
+  api("/api/machine").then((m) => {
+    const gpu = m.gpus.length ? m.gpus.map((g) => `${g.name} (${g.memory_gib} GiB)`).join(", ") : "no GPU: training runs on the CPU";
+    $("#machine").textContent = `This machine: ${m.processor}, ${m.cores} cores, ${m.memory_gib ?? "?"} GiB memory; ${gpu}; PyTorch ${m.torch}.`;
+  }).catch(() => {});
 }
 
 // ---------------------------------------------------------------- start
