@@ -134,3 +134,23 @@ def test_a_run_is_served_from_its_gguf_export_once_there_is_one(tmp_path_factory
     finally:
         engine.close()
         pytorch.close()
+
+
+def test_logprobs_and_response_format_are_refused_by_name(engines):
+    import json
+    import urllib.error
+    import urllib.request
+
+    _, llamacpp = engines
+    asks = [("logprobs", {"logprobs": True}), ("response_format", {"response_format": {"type": "json_object"}})]
+    with BackgroundServer(create_app(llamacpp, "tiny.gguf")) as server:
+        for param, extra in asks:
+            body = {"model": "tiny.gguf", "messages": [{"role": "user", "content": QUESTIONS[0]}], **extra}
+            request = urllib.request.Request(f"{server.base_url}/chat/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=30)
+            error = json.loads(caught.value.read())["error"]
+            assert (caught.value.code, error["param"]) == (400, param)
+            assert error["message"] == (f"{param} is not supported by the llama.cpp engine (--engine llamacpp); "
+                                        f"serve the run with the PyTorch engine (--engine torch) for it")

@@ -1,5 +1,6 @@
 """`tailor serve` end to end: a live uvicorn server on a free port, driven by the official openai client."""
 import json
+import logging
 import socket
 import threading
 import time
@@ -9,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from test_serve_chat import SYSTEM, direct_greedy, serve_run, slowed, wait_until
 from tailorlm.serve.command import model_id
-from tailorlm.serve.engine import Engine
+from tailorlm.serve.engine import Engine, Sampling
 from tailorlm.serve.server import BackgroundServer, Limits, create_app
 
 
@@ -424,3 +426,286 @@ def test_out_of_range_token_ids_and_numbers_too_long_to_read_are_400s(client):
     digits = b'{"model": "run", "prompt": "hi", "seed": 1' + b"0" * 5000 + b"}"
     status, error = post_raw(client, "completions", digits)
     assert (status, error["message"]) == (400, "There was an error parsing the body")
+
+
+# ---- a stall that outlived its cause -------------------------------------------------------------------------------
+
+def test_a_paused_run_whose_client_left_does_not_stop_the_worker(trained):
+    """A sampled run pauses for a short request; its client leaves while it waits. Once the short request ends,
+    the worker finds only that cancelled run: it must end the run and wait for more work, not stop for good."""
+    engine = Engine(trained.model, trained.tokenizer, trained.chat_format(), "cpu", slice_tokens=4)
+    prompt = engine.chat_prompt(user("the film won"))
+    try:
+        with engine._wake:  # both queued before the worker takes either: the long run pauses after one slice
+            leaver = engine.add(prompt, Sampling(200, temperature=1.0, seed=1))
+            short = engine.add(prompt, Sampling(3, temperature=1.0, seed=2))
+            # Called by the worker as it takes the short request, when the long run has just paused for it.
+            short.started.add_done_callback(lambda _: engine.cancel(leaver))
+        assert short.future.result(10).completion_tokens == 3
+        assert leaver.future.result(10).completion_tokens == 4  # one slice, then its client was gone
+        assert engine.cancelled == [4]
+        later = engine.submit(prompt, Sampling(2, temperature=1.0))
+        assert later.result(5).completion_tokens == 2
+        assert engine._worker.is_alive()
+    finally:
+        engine.close()
+
+
+def test_a_fault_outside_a_generation_fails_its_request_and_the_worker_goes_on(trained, caplog):
+    """Building a run happens outside generate(); a fault there once killed the worker without a word."""
+    caplog.set_level(logging.INFO, logger="tailorlm.serve")
+    engine = Engine(trained.model, trained.tokenizer, trained.chat_format(), "cpu")
+    build, prompt = engine._new_run, engine.chat_prompt(user("hello"))
+
+    def fails_once(jobs):
+        engine._new_run = build
+        raise RuntimeError("no memory for the run (simulated)")
+
+    engine._new_run = fails_once
+    try:
+        with pytest.raises(RuntimeError, match=r"^no memory for the run \(simulated\)$"):
+            engine.submit(prompt, Sampling(3)).result(5)
+        assert engine.submit(prompt, Sampling(2)).result(5).completion_tokens == 2
+    finally:
+        engine.close()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "tailorlm.serve"] == [
+        ("ERROR", "starting a run of 1 request(s) failed")]
+
+
+def test_sampled_clients_killed_mid_answer_leave_the_server_answering(trained, caplog):
+    """Three sampled long answers take turns a slice at a time; their clients are killed while one generates and
+    two wait paused. The model is held still (a forward pass waits on a gate) until all three cancels have
+    arrived, so the worker next finds a run that ended and two cancelled paused ones, every time."""
+    caplog.set_level(logging.INFO, logger="tailorlm.serve")
+    engine = Engine(trained.model, trained.tokenizer, trained.chat_format(), "cpu", slice_tokens=4)
+    jobs, add = [], engine.add
+    engine.add = lambda *args, **kwargs: jobs.append(add(*args, **kwargs)) or jobs[-1]
+    flowing = threading.Event()
+    flowing.set()
+
+    def hold_while_stopped(module, args) -> None:
+        flowing.wait(30)
+
+    gate = trained.model.register_forward_pre_hook(hold_while_stopped)
+    try:
+        app = create_app(engine, "run", Limits(queue_timeout=5))
+        with slowed(trained.model, 0.01), BackgroundServer(app) as server:
+            # Seed 7 draws answers that run past 300 tokens for these prompts: no end token ends one early.
+            leavers = [send_and_keep((server.host, server.port), "chat/completions",
+                                     long_chat(messages=user(text), temperature=1.0, seed=7, max_tokens=300))
+                       for text in ("the film won", "the market rose", "hello")]
+            wait_until(lambda: len(engine.batch_sizes) >= 6)  # each has generated, paused and resumed
+            flowing.clear()
+            wait_until(lambda: len(engine._paused) == 2)  # held still: one run in a forward pass, two paused
+            for connection in leavers:
+                connection.close()
+            wait_until(lambda: all(job.cancelled.is_set() for job in jobs))
+            flowing.set()
+            wait_until(lambda: len(engine.cancelled) == 3)
+            started = time.monotonic()
+            after = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=30)
+            reply = after.chat.completions.create(model="run", messages=user("hi"), max_tokens=3, temperature=0)
+            assert reply.usage.completion_tokens == 3 and time.monotonic() - started < 3
+    finally:
+        flowing.set()
+        gate.remove()
+        engine.close()
+    assert all(0 < n < 300 for n in engine.cancelled)
+    assert [r.getMessage() for r in caplog.records if r.name == "tailorlm.serve"] == [
+        "client left: /v1/chat/completions request cancelled while the model generated its answer"] * 3
+
+
+# ---- every parameter honoured or refused --------------------------------------------------------------------------
+
+REFUSED = [("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "it does not call tools or functions"),
+           ("tool_choice", "auto", "it does not call tools or functions"),
+           ("functions", [{"name": "f"}], "it does not call tools or functions"),
+           ("function_call", {"name": "f"}, "it does not call tools or functions"),
+           ("logit_bias", {"5": 10}, "it does not bias token logits"),
+           ("presence_penalty", 0.5, "it applies no repetition penalty; only 0 (the default) is accepted"),
+           ("frequency_penalty", -1, "it applies no repetition penalty; only 0 (the default) is accepted"),
+           ("frequency_penalty", False, "it applies no repetition penalty; only 0 (the default) is accepted"),
+           ("echo", True, "an answer never repeats its prompt"),
+           ("suffix", " the end", "it does not insert text before a suffix"),
+           ("best_of", 3, "it generates one candidate per request")]
+
+
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+@pytest.mark.parametrize("param,value,why", REFUSED, ids=[f"{p}={v}"[:24] for p, v, _ in REFUSED])
+def test_a_parameter_this_server_cannot_honour_is_a_400_naming_it(client, path, param, value, why):
+    body = {"model": "run", "max_tokens": 2, param: value,
+            **({"messages": user("hi")} if path.startswith("chat") else {"prompt": "hi"})}
+    status, error = post_raw(client, path, json.dumps(body).encode())
+    assert (status, error["message"], error["param"], error["type"]) == (
+        400, f"{param} is not supported by this server: {why}", param, "invalid_request_error")
+
+
+def test_values_that_change_nothing_and_harmless_parameters_are_accepted(client):
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "tools": [], "tool_choice": "none",
+               "logit_bias": {}, "user": "u-1", "metadata": {"team": "a"}, "store": False,
+               "parallel_tool_calls": True, "service_tier": "auto", "response_format": {"type": "text"}}
+    plain = client.chat.completions.create(model="run", messages=user("hello"), max_tokens=5, temperature=0)
+    status, reply = post_raw(client, "chat/completions", json.dumps(
+        {"model": "run", "messages": user("hello"), "max_tokens": 5, "temperature": 0, **neutral}).encode())
+    assert status == 200 and reply["choices"][0]["message"]["content"] == plain.choices[0].message.content
+    assert reply["choices"][0]["logprobs"] is None
+
+
+def forward_logprobs(trained, prompt_ids: list[int], answer_ids: list[int]) -> torch.Tensor:
+    """One forward pass over prompt and answer: row i is the model's log-softmax for the answer's token i."""
+    with torch.no_grad():
+        logits = trained.model(torch.tensor([prompt_ids + answer_ids])).logits[0]
+    return torch.log_softmax(logits[len(prompt_ids) - 1:-1].float(), dim=-1)
+
+
+def test_chat_logprobs_are_the_models_log_softmax(client, engine, trained):
+    prompt = engine.chat_prompt(user("hello"))
+    with torch.no_grad():
+        out = trained.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=3)
+    answer = out[0, len(prompt):].tolist()
+    rows = forward_logprobs(trained, prompt, answer)
+    reply = client.chat.completions.create(model="run", messages=user("hello"), max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    assert choice.message.content == "Ionononon{ f-" == "".join(t.token for t in content)
+    assert [t.token for t in content] == [trained.tokenizer.decode([i]) for i in answer]
+    for entry, token, row in zip(content, answer, rows, strict=True):
+        assert bytes(entry.bytes) == entry.token.encode() and len(entry.top_logprobs) == 3
+        assert entry.logprob == entry.top_logprobs[0].logprob == max(t.logprob for t in entry.top_logprobs)
+        assert entry.token == entry.top_logprobs[0].token
+        assert abs(entry.logprob - row[token].item()) < 1e-4
+        values, ids = row.topk(3)
+        assert [t.token for t in entry.top_logprobs] == [trained.tokenizer.decode([i]) for i in ids.tolist()]
+        assert all(abs(t.logprob - v) < 1e-4 for t, v in zip(entry.top_logprobs, values.tolist()))
+    bare = client.chat.completions.create(model="run", messages=user("hello"), max_tokens=8, temperature=0,
+                                          logprobs=True)
+    assert [t.top_logprobs for t in bare.choices[0].logprobs.content] == [[]] * 8
+    assert [t.logprob for t in bare.choices[0].logprobs.content] == [t.logprob for t in content]
+
+
+def test_sampled_logprobs_are_of_the_raw_logits_not_the_tempered_ones(client, engine, trained):
+    from tailorlm.serve.logprobs import TokenTable
+
+    table = TokenTable(trained.tokenizer, engine.vocab_size)
+    id_of = {raw: token for token, raw in enumerate(table.bytes) if token not in table.special}
+    prompt = engine.chat_prompt(user("the film won"))
+    reply = client.chat.completions.create(model="run", messages=user("the film won"), max_tokens=10,
+                                           temperature=0.5, seed=4, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    answer = [id_of[bytes(t.bytes)] for t in content]
+    assert len(answer) == 10 and reply.usage.completion_tokens == 10
+    for entry, token, row in zip(content, answer, forward_logprobs(trained, prompt, answer), strict=True):
+        assert abs(entry.logprob - row[token].item()) < 1e-4
+        top = row.topk(2).values.tolist()
+        assert len(entry.top_logprobs) == 2 and all(abs(t.logprob - v) < 1e-4 for t, v in zip(entry.top_logprobs, top))
+
+
+def test_legacy_completion_logprobs(client, engine, trained):
+    prompt = trained.tokenizer("hello")["input_ids"]
+    reply = client.completions.create(model="run", prompt="hello", max_tokens=6, temperature=0, logprobs=2)
+    choice = reply.choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text and len(logprobs.tokens) == 6
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
+    answer = trained.tokenizer(choice.text)["input_ids"]
+    rows = forward_logprobs(trained, prompt, answer)
+    for token, logprob, top, token_id, row in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs,
+                                                  answer, rows, strict=True):
+        assert len(top) == 2 and top[token] == logprob == max(top.values())  # greedy: the chosen is the first
+        assert abs(logprob - row[token_id].item()) < 1e-4
+    plain = client.completions.create(model="run", prompt="hello", max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+LOGPROB_ERRORS = [
+    ("chat/completions", {"logprobs": True, "stream": True}, "logprobs is not supported with stream: true on this "
+     "server; ask for the whole answer (stream: false) to get log-probabilities", "logprobs"),
+    ("completions", {"logprobs": 1, "stream": True}, "logprobs is not supported with stream: true on this "
+     "server; ask for the whole answer (stream: false) to get log-probabilities", "logprobs"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs needs logprobs: true", "top_logprobs"),
+    ("chat/completions", {"logprobs": True, "top_logprobs": 21},
+     "top_logprobs: Input should be less than or equal to 20", "top_logprobs"),
+    ("chat/completions", {"logprobs": 1}, "logprobs: Input should be a valid boolean", "logprobs"),
+    ("completions", {"logprobs": 6}, "logprobs: Input should be less than or equal to 5", "logprobs"),
+    ("completions", {"logprobs": True}, "logprobs: Input should be a valid integer", "logprobs"),
+]
+
+
+@pytest.mark.parametrize("path,extra,message,param", LOGPROB_ERRORS, ids=[str(e[1]) for e in LOGPROB_ERRORS])
+def test_logprobs_asked_in_a_way_this_server_cannot_answer_is_a_400(client, path, extra, message, param):
+    body = {"model": "run", **({"messages": user("hi")} if path.startswith("chat") else {"prompt": "hi"}), **extra}
+    status, error = post_raw(client, path, json.dumps(body).encode())
+    assert (status, error["message"], error["param"]) == (400, message, param)
+
+
+# Bounded values only (enums, capped arrays, numbers of at most 16 digits a part): this random model's answers
+# always close within max_tokens, so each can be checked as a whole document.
+REVIEW_SCHEMA = {"type": "object", "required": ["label", "score", "count"], "additionalProperties": False,
+                 "properties": {"label": {"enum": ["positive", "negative"]}, "score": {"type": "number"},
+                                "count": {"type": "integer"}, "ok": {"type": ["boolean", "null"]},
+                                "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}}}
+
+
+def matches_review_schema(document) -> bool:
+    return (isinstance(document, dict) and {"label", "score", "count"} <= set(document)
+            and set(document) <= set(REVIEW_SCHEMA["properties"])
+            and document["label"] in ("positive", "negative") and type(document["score"]) in (int, float)
+            and type(document["count"]) is int and document.get("ok") in (True, False, None)
+            and all(type(f) is bool for f in document.get("flags", [])) and len(document.get("flags", [])) <= 3)
+
+
+def test_json_schema_answers_are_documents_matching_the_schema(client):
+    schema_format = {"type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW_SCHEMA, "strict": True}}
+    free = client.chat.completions.create(model="run", messages=user("the film won"), max_tokens=120, temperature=0)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free.choices[0].message.content)  # unconstrained, this model writes no JSON
+    answers = []
+    for temperature, seed in ((0, None), (1.0, 1), (1.0, 2), (1.0, 3)):
+        reply = client.chat.completions.create(model="run", messages=user("the film won"), max_tokens=120,
+                                               temperature=temperature, seed=seed, response_format=schema_format)
+        text = reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop" and matches_review_schema(json.loads(text)), text
+        answers.append(text)
+    assert len(set(answers)) == 4
+    streamed = client.chat.completions.create(model="run", messages=user("the film won"), max_tokens=120,
+                                              temperature=0, response_format=schema_format, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == answers[0]
+    text = client.completions.create(model="run", prompt="the film won", max_tokens=120, temperature=0,
+                                     extra_body={"response_format": schema_format}).choices[0].text
+    assert matches_review_schema(json.loads(text))
+
+
+def test_json_object_answers_parse_as_objects(client):
+    for seed in (1, 2, 3):
+        reply = client.chat.completions.create(model="run", messages=user("the film won"), max_tokens=60,
+                                               temperature=1.0, seed=seed, response_format={"type": "json_object"})
+        assert reply.choices[0].finish_reason == "stop" and json.loads(reply.choices[0].message.content) == {}
+    greedy = client.chat.completions.create(model="run", messages=user("the film won"), max_tokens=60, temperature=0,
+                                            response_format={"type": "json_object"})
+    assert json.loads(greedy.choices[0].message.content) == {}
+
+
+RESPONSE_FORMAT_ERRORS = [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z]"}}}}},
+     "response_format: the schema keyword 'pattern' at schema.properties.name is not supported; this server "
+     "enforces type, properties, required, additionalProperties, items, minItems, maxItems, enum, const (and "
+     "accepts title, description, default, examples, $schema, $comment as annotations)", "response_format"),
+    ({"type": "json_schema"}, "response_format: type 'json_schema' needs a json_schema object "
+                              "({'name': ..., 'schema': {...}})", "response_format"),
+    ({"type": "yaml"}, "response_format.type: Input should be 'text', 'json_object' or 'json_schema'",
+     "response_format.type"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "missing required parameter "
+                                                             "'response_format.json_schema.name'",
+     "response_format.json_schema.name"),
+]
+
+
+@pytest.mark.parametrize("response_format,message,param", RESPONSE_FORMAT_ERRORS,
+                         ids=[m[:40] for _, m, _ in RESPONSE_FORMAT_ERRORS])
+def test_a_response_format_this_server_cannot_enforce_is_a_400(client, response_format, message, param):
+    body = {"model": "run", "messages": user("hi"), "response_format": response_format}
+    status, error = post_raw(client, "chat/completions", json.dumps(body).encode())
+    assert (status, error["message"], error["param"]) == (400, message, param)

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                          TextIteratorStreamer)
+
+from tailorlm.serve.json_constraint import JsonConstraint, Node
+from tailorlm.serve.logprobs import LogprobTrace, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,8 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # log-probabilities of the answer's tokens, with this many alternatives each
+    json_format: Node | None = None  # response_format: decoding constrained to JSON matching this schema
 
     @property
     def greedy(self) -> bool:
@@ -34,7 +40,8 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end token or a stop string) or "length"
+    finish_reason: str  # "stop" (end token, a stop string, or the JSON document closed) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per token of the text, when asked for
 
 
 class RowStreamer(TextIteratorStreamer):
@@ -60,9 +67,12 @@ class Job:
     future: Future = field(default_factory=Future)  # the Completion
     started: Future = field(default_factory=Future)  # done once the model takes the job: its queue wait is over
     cancelled: threading.Event = field(default_factory=threading.Event)
+    trace: LogprobTrace | None = None  # set by the engine when the job's run starts, if it asked for logprobs
+    constraint: JsonConstraint | None = None  # likewise, for a response_format
 
     @property
     def batchable(self) -> bool:
+        # Log-probabilities and JSON masks are kept row by row (_RowLogits), so they do not stop batching.
         return self.sampling.greedy and self.streamer is None
 
     def cancel(self) -> None:
@@ -111,7 +121,11 @@ class _RowStops(StoppingCriteria):
         n_new = input_ids.shape[1] - self.width
         for row in self.alive:
             job, last = self.jobs[row], input_ids[row, -1]
-            if bool(torch.isin(last, self.end_ids.to(last.device))) or stop_in_tail(self.tokenizer, input_ids[row, self.width:], job.sampling.stop):
+            if job.constraint is not None:
+                job.constraint.catch_up(input_ids[row, self.width:])
+            if (bool(torch.isin(last, self.end_ids.to(last.device)))
+                    or stop_in_tail(self.tokenizer, input_ids[row, self.width:], job.sampling.stop)
+                    or (job.constraint is not None and job.constraint.complete)):
                 self.end(row, input_ids[row], hit_stop=True)
             elif n_new >= job.sampling.max_new_tokens or job.cancelled.is_set():
                 self.end(row, input_ids[row])
@@ -126,11 +140,36 @@ class _RowStops(StoppingCriteria):
         text, cut = cut_at_stop(text, job.sampling.stop)
         if job.cancelled.is_set() and not hit_stop:
             self.on_cancel(n_new)
+        logprobs = None
+        if job.trace is not None:
+            if n_new:
+                job.trace.settle(int(row_ids[-1]))
+            logprobs = job.trace.report(len(text) if cut else None)
         if not job.future.done():
-            job.future.set_result(Completion(text, len(job.prompt_ids), n_new, "stop" if hit_stop or cut else "length"))
+            job.future.set_result(Completion(text, len(job.prompt_ids), n_new, "stop" if hit_stop or cut else "length",
+                                             logprobs))
 
     def keep(self, rows: list[int]) -> None:
         self.jobs, self.ended_at = [self.jobs[r] for r in rows], [self.ended_at[r] for r in rows]
+
+
+class _RowLogits(LogitsProcessor):
+    """Each step's logits, row by row, for the rows that asked: their log-probabilities recorded (before anything
+    reshapes the logits: transformers applies temperature and top_p after the processors given to generate),
+    then their response_format's mask."""
+
+    def __init__(self, stops: _RowStops):
+        self.stops = stops
+
+    def __call__(self, input_ids, scores):
+        for row in self.stops.alive:
+            job = self.stops.jobs[row]
+            if job.trace is not None:
+                job.trace.observe(int(input_ids[row, -1]), scores[row])
+            if job.constraint is not None:
+                job.constraint.catch_up(input_ids[row, self.stops.width:])
+                scores[row] = job.constraint.mask(scores[row])
+        return scores
 
 
 class Run:
@@ -176,9 +215,11 @@ class Run:
         generated = self.ids.shape[1] - self.stops.width
         self.stops.turn_start, self.stops.slice_tokens = generated, slice_tokens
         self.stops.others_waiting = others_waiting
-        resume = {} if self.cache is None else {"cache": self.cache}
+        options = {} if self.cache is None else {"cache": self.cache}
+        if any(job.trace is not None or job.constraint is not None for job in self.jobs):
+            options["logits_processor"] = LogitsProcessorList([_RowLogits(self.stops)])
         out = model.generate(
-            input_ids=self.ids, attention_mask=self.mask, return_dict_in_generate=True, **resume,
+            input_ids=self.ids, attention_mask=self.mask, return_dict_in_generate=True, **options,
             max_new_tokens=max(self.jobs[r].sampling.max_new_tokens for r in self.stops.alive) - generated,
             eos_token_id=self.end_ids, pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([self.stops]),
             streamer=self.jobs[0].streamer, num_beams=1, **decoding)

@@ -93,6 +93,10 @@ class LlamaCppRun:
 class LlamaCppEngine(Engine):
     """The serving engine over a GGUF file in llama.cpp (CPU), one request at a time."""
 
+    unsupported = {param: f"{param} is not supported by the llama.cpp engine (--engine llamacpp); serve the run "
+                          f"with the PyTorch engine (--engine torch) for it"
+                   for param in ("logprobs", "response_format")}
+
     def __init__(self, gguf_path: str | Path, tokenizer, fmt: ChatFormat, threads: int | None = None,
                  slice_tokens: int = 32):
         try:

@@ -1,7 +1,12 @@
 """The OpenAI wire format: request models (pydantic validates them) and the replies and stream chunks.
 
-Only the parameters this server honours are declared; other OpenAI parameters a client may send (user,
-presence_penalty, ...) are ignored, as many OpenAI-compatible servers do, so stock clients keep working.
+Every OpenAI parameter that changes the answer is honoured or refused. Honoured: those declared below, among
+them logprobs (and top_logprobs; not with stream) and response_format (text, json_object, json_schema: see
+json_constraint.py). Refused with a 400 naming the parameter (REFUSED): tools, tool_choice, functions,
+function_call, logit_bias, presence_penalty and frequency_penalty, echo, suffix and best_of, unless sent with
+the value that changes nothing (REFUSED lists it: 0, "none", an empty list, ...). Ignored, as they
+change nothing in a one-model server's answer: user, metadata, store, service_tier, parallel_tool_calls,
+prediction, reasoning_effort, prompt_cache_key, safety_identifier, and any other name this server does not know.
 Types are strict: "0.5" is not a temperature, true is not a max_tokens. Ranges are checked here too (a seed
 past 64 bits, a NaN temperature), so every bad value is a 400 naming the parameter, never a failure deeper in.
 """
@@ -9,15 +14,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, field_validator
 
 from tailorlm.serve.engine import Completion, Sampling
+from tailorlm.serve.json_constraint import SchemaError, compile_response_format
+from tailorlm.serve.logprobs import chat_logprobs, text_logprobs
 
 # OpenAI's own defaults where it has a finite one (legacy completions: 16); chat gets room for a real answer.
 DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
 MAX_STOPS = 4  # as OpenAI
+MAX_TOP_LOGPROBS = {"chat": 20, "text": 5}  # as OpenAI
+
+_NO_TOOLS = "it does not call tools or functions"
+_NO_PENALTY = "it applies no repetition penalty; only 0 (the default) is accepted"
+REFUSED: dict[str, tuple[tuple, str]] = {
+    "tools": ((None, []), _NO_TOOLS), "tool_choice": ((None, "none"), _NO_TOOLS),
+    "functions": ((None, []), _NO_TOOLS), "function_call": ((None, "none"), _NO_TOOLS),
+    "logit_bias": ((None, {}), "it does not bias token logits"),
+    "presence_penalty": ((None, 0), _NO_PENALTY), "frequency_penalty": ((None, 0), _NO_PENALTY),
+    "echo": ((None, False), "an answer never repeats its prompt"),
+    "suffix": ((None, ""), "it does not insert text before a suffix"),
+    "best_of": ((None, 1), "it generates one candidate per request"),
+}
 
 PositiveStrictInt = Annotated[int, Strict(), Field(gt=0)]
 # OpenAI's range for seed (a signed 64-bit integer); torch.manual_seed takes all of it.
@@ -34,6 +54,18 @@ class ParameterError(Exception):
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class JsonSchemaFormat(_Request):
+    name: StrictStr
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")  # None: any JSON value
+    strict: Optional[StrictBool] = None  # the schema is always enforced exactly
+    description: Optional[StrictStr] = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class Message(_Request):
@@ -56,6 +88,7 @@ class StreamOptions(_Request):
 
 
 class SamplingRequest(_Request):
+    model_config = ConfigDict(extra="allow")  # kept, so that refused parameters can be named (REFUSED)
     model: StrictStr
     max_tokens: Optional[PositiveStrictInt] = None
     temperature: Annotated[float, Strict(), Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
@@ -65,6 +98,7 @@ class SamplingRequest(_Request):
     seed: Optional[Seed] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
+    response_format: Optional[ResponseFormat] = None
     # The parameters that set the completion's length; when several are given, the first one sets it.
     length_params: ClassVar[tuple[str, ...]] = ("max_tokens",)
 
@@ -85,6 +119,13 @@ class SamplingRequest(_Request):
 
     def sampling(self, max_tokens_limit: int | None = None) -> Sampling:
         """The engine's settings. An asked length over the server's limit is refused; the default is capped."""
+        for param, value in (self.model_extra or {}).items():
+            if param in REFUSED and not _changes_nothing(value, REFUSED[param][0]):
+                raise ParameterError(f"{param} is not supported by this server: {REFUSED[param][1]}", param)
+        logprobs = self.logprob_alternatives()
+        if logprobs is not None and self.stream:
+            raise ParameterError("logprobs is not supported with stream: true on this server; ask for the whole "
+                                 "answer (stream: false) to get log-probabilities", "logprobs")
         asked = [(p, getattr(self, p)) for p in self.length_params if getattr(self, p) is not None]
         for param, value in asked:
             if max_tokens_limit is not None and value > max_tokens_limit:
@@ -92,7 +133,25 @@ class SamplingRequest(_Request):
                                      f"per completion", param)
         default = DEFAULT_MAX_TOKENS[self.kind()]
         budget = asked[0][1] if asked else min(default, max_tokens_limit or default)
-        return Sampling(budget, self.temperature, self.top_p, self.seed, tuple(self.stop or ()))
+        return Sampling(budget, self.temperature, self.top_p, self.seed, tuple(self.stop or ()), logprobs,
+                        self.json_format())
+
+    def json_format(self):
+        """The compiled response_format (None: free text); one this server cannot enforce exactly is a 400."""
+        asked = self.response_format
+        if asked is None or asked.type == "text":
+            return None
+        if asked.type == "json_schema" and asked.json_schema is None:
+            raise ParameterError("response_format: type 'json_schema' needs a json_schema object "
+                                 "({'name': ..., 'schema': {...}})", "response_format")
+        try:
+            return compile_response_format(asked.type, asked.json_schema and asked.json_schema.json_schema)
+        except SchemaError as e:
+            raise ParameterError(f"response_format: {e}", "response_format") from None
+
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        return None
 
     def kind(self) -> str:
         return "text"
@@ -105,7 +164,14 @@ class SamplingRequest(_Request):
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[PositiveStrictInt] = None  # the newer name for max_tokens
+    logprobs: StrictBool = False
+    top_logprobs: Optional[Annotated[int, Strict(), Field(ge=0, le=MAX_TOP_LOGPROBS["chat"])]] = None
     length_params: ClassVar[tuple[str, ...]] = ("max_tokens", "max_completion_tokens")
+
+    def logprob_alternatives(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParameterError("top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def kind(self) -> str:
         return "chat"
@@ -117,6 +183,10 @@ class ChatRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: StrictStr | list[StrictInt]
+    logprobs: Optional[Annotated[int, Strict(), Field(ge=0, le=MAX_TOP_LOGPROBS["text"])]] = None
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -127,6 +197,11 @@ class CompletionRequest(SamplingRequest):
                                                and all(type(v) is int for v in value)):
             raise ValueError("prompt must be a string or a non-empty list of token ids")
         return value
+
+
+def _changes_nothing(value, accepted: tuple) -> bool:
+    # 0.0 is the zero penalty a client sends; false is not (nor is true the best_of of 1).
+    return any(value is a or (value == a and type(value) is not bool) for a in accepted)
 
 
 def error_body(message: str, param: str | None = None, code: str | None = None,
@@ -164,13 +239,14 @@ def usage(c: Completion) -> dict:
 def chat_reply(c: Completion, model_id: str) -> dict:
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": None}],
+                         "finish_reason": c.finish_reason, "logprobs": chat_logprobs(c.logprobs)}],
             "usage": usage(c)}
 
 
 def text_reply(c: Completion, model_id: str) -> dict:
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model_id,
-            "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+                         "logprobs": text_logprobs(c.logprobs)}],
             "usage": usage(c)}
 
 

@@ -10,12 +10,16 @@ so the official clients raise their usual exception classes with the message.
 
 Limits keep one client from holding the model: a max_tokens over `Limits.max_tokens` is a 400; a request the
 model has not taken within `Limits.queue_timeout` seconds is a 503 with Retry-After; and a request whose
-client disconnects is cancelled, whether it is queued, generating, or streaming.
+client disconnects is cancelled, whether it is queued, generating, or streaming (each such cancel is logged to
+"tailorlm.serve", which `serve` prints beside uvicorn's log). Which OpenAI parameters are honoured, refused or
+ignored is protocol.py's docstring; an engine that cannot honour one (Engine.unsupported) refuses it by name.
 """
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import logging
 import math
 import socket
 import threading
@@ -36,6 +40,8 @@ from tailorlm.serve.protocol import (ChatRequest, ChunkWriter, CompletionRequest
 
 DISCONNECT_POLL_S = 0.1  # how often a request waiting on the model checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left; nobody reads it, but access logs show it
+
+log = logging.getLogger("tailorlm.serve")
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,9 @@ def create_app(engine: Engine, model_id: str, limits: Limits = Limits()) -> Fast
 async def _respond(engine: Engine, limits: Limits, request: SamplingRequest, http: Request,
                    render: Callable[[], list[int]], model_id: str, chat: bool):
     sampling = request.sampling(limits.max_tokens)  # before rendering: a max_tokens over the limit is a 400 now
+    for param, asked in (("logprobs", sampling.logprobs is not None), ("response_format", sampling.json_format)):
+        if asked and param in engine.unsupported:
+            raise ParameterError(engine.unsupported[param], param)
     try:
         job = engine.add(render(), sampling, streamed=request.stream)  # a prompt over the context fails here
         if not await _taken(engine, job, http, limits.queue_timeout):
@@ -134,14 +143,17 @@ async def _respond(engine: Engine, limits: Limits, request: SamplingRequest, htt
             completion = await _watch(job.future, http)
             return (chat_reply if chat else text_reply)(completion, model_id)
     except ClientGone:
-        engine.cancel(job)
+        queued = engine.cancel(job)
+        log.info("client left: %s request cancelled %s", http.url.path,
+                 "before it reached the model" if queued else "while the model generated its answer")
         return Response(status_code=CLIENT_CLOSED)
     except PromptError:
         raise
     except Exception as e:
         # Answered here rather than by an app-wide handler, which Starlette re-raises and the connection dies with.
         return JSONResponse(error_body(f"{type(e).__name__}: {e}", kind="server_error"), status_code=500)
-    return _StreamedReply(engine, job, _events(TextStream(job), ChunkWriter(chat, model_id), request.include_usage))
+    return _StreamedReply(engine, job, _events(TextStream(job), ChunkWriter(chat, model_id), request.include_usage),
+                          http.url.path)
 
 
 async def _taken(engine: Engine, job: Job, http: Request, timeout: float) -> bool:
@@ -177,14 +189,16 @@ class _StreamedReply(StreamingResponse):
     """Server-sent events that cancel their job however the response ends: a client that disconnects, even
     before the first event, frees the model at the next decode step (a finished job ignores the cancel)."""
 
-    def __init__(self, engine: Engine, job: Job, events):
+    def __init__(self, engine: Engine, job: Job, events, path: str):
         super().__init__(events, media_type="text/event-stream")
-        self.engine, self.job = engine, job
+        self.engine, self.job, self.path = engine, job, path
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if not self.job.future.done():  # a stream read to its end has its answer: only a client that left
+                log.info("client left: streamed %s request cancelled mid-answer", self.path)
             self.engine.cancel(self.job)
 
 
@@ -209,9 +223,15 @@ async def _events(stream: TextStream, writer: ChunkWriter, include_usage: bool):
 
 def serve(engine: Engine, model_id: str, host: str, port: int, limits: Limits = Limits()) -> None:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
+    # uvicorn's own log setup, plus this package's logger on the same handler: cancelled requests and worker
+    # faults show in the server's log as uvicorn's lines do.
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["tailorlm.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     try:
-        uvicorn.run(create_app(engine, model_id, limits), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(engine, model_id, limits), host=host, port=port, log_level="info",
+                    log_config=log_config)
     finally:
         engine.close()
 
