@@ -44,6 +44,9 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
     given = None
     extra = _override_list(overrides) + _override_list({k.replace("__", "."): v for k, v in settings.items()})
     loaded = None
+    if tokenizer is not None and (model is None or isinstance(model, (str, Path))):
+        raise TailorError("tailorlm.run(tokenizer=...): a tokenizer goes with a loaded model (model=...); a model "
+                          "given as a path, or the config's, brings its own")
     if isinstance(model, (str, Path)):
         extra.append(f"model.path={model}")
     elif model is not None:
@@ -59,7 +62,8 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
             from tailorlm.data.memory import in_memory_sources
 
             fields, given = in_memory_sources(data)
-            extra += [f"data.{split}={source}" for split, source in fields.items()]
+            # None (validation, test): null, as a config spells "split it off the training data"
+            extra += [f"data.{split}={'null' if source is None else source}" for split, source in fields.items()]
     if resume and config is None and output is not None:  # the run's own config, as `tailor run --resume` reads it
         if not RunDir(output).is_run():
             raise TailorError(f"tailorlm.run(resume=True): {output} is not a run directory (no config.yaml)")
@@ -244,5 +248,30 @@ def _override_list(overrides: Iterable[str] | Mapping) -> list[str]:
         import json
 
         return [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-                for key, value in overrides.items()]
+                for key, value in _by_setting(overrides).items()]
     return list(overrides)
+
+
+def _by_setting(overrides: Mapping, prefix: str = "") -> dict:
+    """{'train': {'lr': 1e-4}} as {'train.lr': 1e-4}: a dict given for a config section sets the settings it
+    names and keeps the section's others, as dotted keys do; replacing the whole section would put every
+    setting it leaves out back to its default, the config's own values dropped without a word. A dict for a
+    setting whose value is itself a mapping (data.columns) stays that setting's value, as on the command line."""
+    flat = {}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and _is_section(dotted):
+            flat.update(_by_setting(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _is_section(dotted: str) -> bool:
+    model = RunConfig
+    for part in dotted.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False  # an unknown key: left whole, for the config's validation to name
+        model = field.annotation
+    return isinstance(model, type) and hasattr(model, "model_fields")

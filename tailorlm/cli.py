@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-from tailorlm.errors import TailorError
+from tailorlm.errors import DiskFullError, TailorError, disk_full_errno, no_space
 
 EPILOG = """examples:
   tailor run                                   the embedded default job (BBC News topics, SmolLM2-135M)
@@ -176,13 +176,20 @@ def main(argv: list[str] | None = None) -> int:
 def _report(e: Exception) -> int:
     """One clear line for a failure: a TailorError's own message (exit 2); a file the system refused, named
     (exit 2); anything else is a defect of tailorlm's, said as one line with the way to see the traceback (1)."""
+    from pathlib import Path
+
     from rich.markup import escape
 
     from tailorlm.ui import console
 
     if isinstance(e, TailorError):
         message, code = str(e), 2
-    elif isinstance(e, OSError) and e.filename:  # permission denied, disk full, read-only folder, ...
+    elif (space := disk_full_errno(e)) is not None:  # a write outside the ones a run reports itself
+        filename = getattr(e, "filename", None)
+        message = (str(DiskFullError(filename, Path(filename).parent, e)) if filename else
+                   f"{no_space(space)}: a write failed; free some space, then run the command again")
+        code = 2
+    elif isinstance(e, OSError) and e.filename:  # permission denied, read-only folder, ...
         message, code = f"{e.filename}: {e.strerror or e}", 2
     elif isinstance(e, MemoryError):
         message, code = "out of memory; try a smaller train.batch_size or template.max_length", 2

@@ -22,6 +22,7 @@ leaves a stale lock behind and `--resume` can take over at once.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from tailorlm.config import RunConfig, load_config
-from tailorlm.errors import TailorError
+from tailorlm.errors import DiskFullError, TailorError, is_disk_full
 
 LOCK = ".lock"
 MANIFEST_VERSION = 1
@@ -41,10 +42,18 @@ WEIGHT_FOLDERS = ("adapter", "model")  # LoRA family / full fine-tuning and free
 
 
 def write_text(path: Path, text: str) -> None:
-    """The one write rule: a temporary sibling renamed into place, so readers never see a partial file."""
+    """The one write rule: a temporary sibling renamed into place, so readers never see a partial file. A write
+    that fails leaves no temporary file behind, and one that fails for want of space says so (DiskFullError)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFullError(path, path.parent, e) from e
+        raise
 
 
 def write_json(path: Path, obj) -> None:

@@ -79,3 +79,48 @@ def test_config_errors_name_their_source(tmp_path):
         tailorlm.run({"train": {"lr": "fast"}}, output=tmp_path / "out")
     with pytest.raises(tailorlm.TailorError, match=r"not a run directory"):
         tailorlm.load(tmp_path)
+
+
+def test_none_or_empty_data_is_refused_rather_than_replaced_by_the_configs(tmp_path, monkeypatch):
+    import tailorlm.pipeline
+
+    def would_train(cfg, *args, **kwargs):
+        raise AssertionError(f"about to train on {cfg.data.train}, which the call did not pass")
+
+    monkeypatch.setattr(tailorlm.pipeline, "run_stages", would_train)
+    with pytest.raises(tailorlm.TailorError) as e:
+        tailorlm.run(data={"train": None}, output=tmp_path / "out")
+    assert str(e.value) == ("data={'train': None}: None is no training data; give a file path, a DataFrame, a list "
+                            "of dicts or a Dataset, or leave 'train' out to train on the config's data.train")
+    with pytest.raises(tailorlm.TailorError) as e:
+        tailorlm.run(data={}, output=tmp_path / "out")
+    assert str(e.value) == ("data={}: no splits given; pass {'train': ...} (and 'validation', 'test' when you have "
+                            "them), or leave data out to use the config's data")
+    with pytest.raises(tailorlm.TailorError) as e:
+        tailorlm.run(tokenizer=object(), output=tmp_path / "out")
+    assert str(e.value) == ("tailorlm.run(tokenizer=...): a tokenizer goes with a loaded model (model=...); a model "
+                            "given as a path, or the config's, brings its own")
+    assert not (tmp_path / "out").exists()
+
+
+def test_keyword_settings_change_what_they_name_and_keep_the_rest(tmp_path, monkeypatch):
+    """None for a held-out split means what null means in a config (split it off the training data); a dict
+    for a section sets its keys without putting the section's other settings back to their defaults."""
+    import tailorlm.pipeline
+
+    seen = {}
+
+    def capture(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before anything runs
+
+    monkeypatch.setattr(tailorlm.pipeline, "run_stages", capture)
+    config = {"data": {"train": "a.csv", "validation": "v.csv", "test": "t.csv", "columns": {"text": "review"}},
+              "train": {"max_steps": 3, "lr": 1e-3}}
+    with pytest.raises(KeyboardInterrupt):
+        tailorlm.run(config, data={"train": "b.csv", "test": None}, train={"batch_size": 2},
+                     data__columns={"label": "stars"}, output=tmp_path / "out")
+    cfg = seen["cfg"]
+    assert (cfg.data.train, cfg.data.validation, cfg.data.test) == ("b.csv", "v.csv", None)
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.batch_size) == (3, 1e-3, 2)
+    assert cfg.data.columns == {"label": "stars"}  # a mapping setting is replaced whole, as on the command line

@@ -131,3 +131,53 @@ def test_contamination_is_counted_for_the_report_whatever_the_leakage_policy(tmp
         report = json.loads((out / "preflight.json").read_text())
         assert report["contamination"] == {"test_rows": 3, "in_train": 1, "share": 0.3333, "exact": 1, "near": 0,
                                            "near_checked": True}
+
+
+def _pairs_file(path, rows):
+    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _dpo_config(tmp_path, model, train, held=None):
+    held = f"validation: {held}, test: {held}" if held else "split: {validation: 0.1, test: 0.1}"
+    return write(tmp_path / "dpo.yaml", f"model: {{path: {model}}}\ndata: {{train: {train}, {held}}}\n"
+                                        f"template: {{preset: instruction}}\nobjective: {{name: dpo}}\n")
+
+
+SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank on a sunny day"
+PAIRS = [{"prompt": f"Question {i}: {' '.join(WORDS[i:i + 5])}?", "chosen": f"A full answer about {WORDS[i]}",
+          "rejected": f"{WORDS[i + 1]} is wrong here"} for i in range(6)] + [
+    {"prompt": "Say yes", "chosen": "Yes, gladly.", "rejected": "Yes,  gladly.\n"},  # line 7: whitespace only
+    {"prompt": "Say no", "chosen": "No.", "rejected": "No."},  # line 8: identical
+    {"prompt": "Greet me", "chosen": "Hello there!", "rejected": "hello there"},  # line 9: case and punctuation
+    {"prompt": "Describe it", "chosen": SENTENCE, "rejected": SENTENCE.replace("dog", "cat")},  # line 10: one word
+]
+
+
+def test_identical_and_nearly_identical_pairs_are_reported_with_their_lines(tmp_path, tiny_model_dir):
+    train = _pairs_file(tmp_path / "pairs.jsonl", PAIRS)
+    held = _pairs_file(tmp_path / "held.jsonl", PAIRS[:3])
+    out = tmp_path / "pf"
+    assert main(["preflight", str(_dpo_config(tmp_path, tiny_model_dir, train, held)), "--output", str(out)]) == 0
+    report = json.loads((out / "preflight.json").read_text())
+    pairs = [(f["level"], f["message"], f["examples"]) for f in report["findings"] if f["check"] == "pairs"]
+    assert pairs == [
+        ("warn", "train: 2 of 10 pairs have the same chosen and rejected answer (once whitespace is collapsed); they "
+                 "teach no preference and are left out (preflight.identical_pairs)",
+         [f"{train}, line 7", f"{train}, line 8"]),
+        ("warn", "train: 2 of 10 pairs have nearly the same chosen and rejected answer (only case or punctuation "
+                 "differs, or similarity >= 0.95); check that the difference is the preference you mean to teach",
+         [f"{train}, line 9 (1.00)", f"{train}, line 10 (0.96)"])]
+    assert report["rows"]["dropped"]["train"] == {"pairs with identical chosen and rejected answers": 2}
+    length = next(f for f in report["findings"] if f["check"] == "length")
+    assert length["level"] == "ok" and "0 samples truncated or dropped" in length["message"]  # not the pairs
+
+
+def test_a_run_whose_every_pair_is_identical_stops_before_any_output(tmp_path, tiny_model_dir, capsys):
+    train = _pairs_file(tmp_path / "same.jsonl", [{"prompt": f"Say {w}", "chosen": w, "rejected": f" {w} "}
+                                                  for w in WORDS[:8]])
+    out = tmp_path / "run"
+    assert main(["run", str(_dpo_config(tmp_path, tiny_model_dir, train)), "--output", str(out)]) == 2
+    assert not out.exists()
+    assert (f"error: {train}: all 6 pairs have the same chosen and rejected answer (once whitespace is collapsed; "
+            f"e.g. line 1, line 2, line 3), so there is no preference to learn; give each pair a rejected answer "
+            f"that differs from its chosen one") in " ".join(capsys.readouterr().out.split())

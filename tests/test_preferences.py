@@ -342,3 +342,68 @@ def test_kto_mismatched_answers_are_cut_to_max_length(tmp_path, tiny_tokenizer):
     crossed = next(item for item in items if item.example["_chosen"] == "ok")  # the long prompt, the long answer
     assert len(crossed.chosen.prompt_ids) + len(items[1 - items.index(crossed)].chosen.input_ids) > 60
     assert len(crossed.rejected) == 60
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": "x", "completion": "a", "label": "yes"}, "'label' must be true or false (JSON booleans), not \"yes\""),
+    ({"prompt": "x", "completion": "a", "label": 1}, "'label' must be true or false (JSON booleans), not 1"),
+    ({"prompt": "x", "completion": "a", "label": None}, "'label' must be true or false (JSON booleans), not null"),
+    ({"prompt": "x", "completion": "a", "kto_tag": "true"},
+     "'kto_tag' must be true or false (JSON booleans), not \"true\""),
+])
+def test_a_kto_label_that_is_not_a_boolean_is_named_with_its_file_and_line(tmp_path, row, problem):
+    """Not "not a preference record": the record is one, with a label that would have to be guessed at."""
+    path = jsonl(tmp_path / "kto.jsonl", [{"prompt": "ok", "completion": "b", "label": False}, row])
+    with pytest.raises(DataError) as e:
+        splits_of(path, preference="unpaired")
+    assert str(e.value) == f"{path}, line 2: {problem}"
+
+
+def pairs_with(same: list[tuple[str, str]], n_distinct: int = 3) -> list[dict]:
+    distinct = [{"prompt": f"Say {w}", "chosen": w, "rejected": f"never {w} at all"} for w in "abcdefgh"[:n_distinct]]
+    return distinct + [{"prompt": f"Repeat {i}", "chosen": c, "rejected": r} for i, (c, r) in enumerate(same)]
+
+
+def test_pairs_with_identical_answers_are_left_out_of_training(tmp_path, tiny_tokenizer):
+    path = jsonl(tmp_path / "p.jsonl", pairs_with([("Same answer.", "Same answer."), ("two  words\n", " two words")]))
+    splits, template = splits_of(path)
+    spec = TemplateSpec(preset="instruction")
+    items, report = encode_preference_examples(splits.train, template, ChatFormat(tiny_tokenizer, spec), [], spec, 0)
+    assert [it.example["_chosen"] for it in items] == ["a", "b", "c"]
+    assert (report.total, report.kept) == (5, 3)
+    assert dict(report.dropped) == {"pairs with identical chosen and rejected answers": 2}
+    assert report.summary() == "3/5 kept, 0 truncated to fit, dropped: 2 pairs with identical chosen and rejected answers"
+
+
+def test_a_split_whose_every_pair_is_identical_is_refused_by_its_file(tmp_path, tiny_tokenizer):
+    path = jsonl(tmp_path / "same.jsonl", pairs_with([("x", "x"), ("y", "y "), ("z", "z"), ("w", "w")], n_distinct=0))
+    splits, template = splits_of(path)
+    spec = TemplateSpec(preset="instruction")
+    with pytest.raises(DataError) as e:
+        encode_preference_examples(splits.train, template, ChatFormat(tiny_tokenizer, spec), [], spec, 0)
+    assert str(e.value) == (f"{path}: all 4 pairs have the same chosen and rejected answer (once whitespace is "
+                            f"collapsed; e.g. line 1, line 2, line 3), so there is no preference to learn; give each "
+                            f"pair a rejected answer that differs from its chosen one")
+
+
+@pytest.mark.parametrize("name, zero", [("dpo", True), ("ipo", True), ("simpo", True), ("orpo", False)])
+def test_an_identical_pair_gives_no_gradient_except_through_an_sft_term(tiny_tokenizer, name, zero):
+    """Why identical pairs may be left out: both sides are one sequence, so the preference term is flat. orpo's
+    (and sft_weight's) token loss on the chosen answer is the one gradient such a pair would still give."""
+    objective = PreferenceObjective(ObjectiveSpec(name="dpo" if name == "ipo" else name,
+                                                  loss="ipo" if name == "ipo" else "sigmoid"))
+    ctx = StepContext(0, CPU, packing=False)
+
+    def step(items: list[Preference]) -> tuple[float, float]:
+        """(the step's loss, its largest gradient entry)"""
+        model = tiny_llama(len(tiny_tokenizer))
+        objective.attach_references(model, items, ctx, 4)
+        loss, _ = accumulate_gradients(lambda fn: fn(model, True), [items], ctx, objective=objective)
+        return loss, max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+
+    distinct = pair_items(3)
+    same = [Preference(it.chosen, Sample(list(it.chosen.input_ids), list(it.chosen.labels), {})) for it in distinct]
+    loss, largest = step(same)
+    assert (largest < 1e-4 * step(distinct)[1]) == zero  # zero up to the float summation order (~1e-7 of it)
+    if name == "dpo":
+        assert loss == pytest.approx(math.log(2), abs=1e-6)

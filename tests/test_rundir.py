@@ -1,6 +1,8 @@
 """RunDir: the one reader and writer of a run directory; manifest.json carries what using the model needs."""
+import errno
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,68 @@ def test_a_damaged_run_file_is_named(finished, tmp_path):
         RunDir(copy).state()
     with pytest.raises(TailorError, match=r"the run is not complete \(status: unreadable run\.json\)"):
         RunDir(copy).require_complete("tailor export", "exporting")
+
+
+def test_write_text_removes_its_temporary_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    real = Path.write_text
+
+    def half(self, text, *args, **kwargs):
+        real(self, text[:3], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(TailorError) as e:
+        write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
+    assert str(e.value) == (f"the disk is full: could not write {tmp_path / 'metrics.json'}; free some space on the "
+                            f"disk that holds {tmp_path}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("run_json_fits", [True, False])
+def test_a_full_disk_fails_the_run_with_a_way_to_resume_and_leaves_no_temporary_file(
+        tmp_path, tiny_model_dir, monkeypatch, capsys, run_json_fits):
+    """A checkpoint write runs out of space: the run is marked failed when run.json still fits (the failed
+    write's partial files are gone by then), and the message says how to go on; when even run.json does not
+    fit, the message says that it still reads running."""
+    import tailorlm.train.checkpoint as checkpoint
+
+    full = []
+    real = Path.write_text
+
+    def no_room(tensors, path, metadata=None):
+        Path(path).write_bytes(b"the first bytes fit")
+        full.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def nothing_fits_once_full(self, text, *args, **kwargs):
+        if full and not run_json_fits:
+            real(self, text[:5], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", no_room)
+    monkeypatch.setattr(Path, "write_text", nothing_fits_once_full)
+    out = tmp_path / "run"
+    code = main(["run", f"model.path={tiny_model_dir}", f"data.train={labeled_csv(tmp_path / 'r.csv')}", "-o", str(out),
+                 *FAST])
+    message = (f"the disk is full: could not write {out / 'checkpoints' / 'step-00000002'}; free some space on the "
+               f"disk that holds {out}, then continue the run with `tailor run --resume {out}`")
+    state = json.loads((out / "run.json").read_text())
+    if run_json_fits:
+        assert state["status"] == "failed" and state["error"] == message
+    else:
+        message += " (run.json could not be marked failed either, for want of space: it still says running)"
+        assert state["status"] == "running"
+    printed = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and f"error: {message}" in printed
+    assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
+
+
+def test_a_full_disk_outside_a_run_is_said_as_such_not_as_a_bug(capsys):
+    from tailorlm.cli import _report
+
+    assert _report(OSError(errno.ENOSPC, "No space left on device")) == 2
+    assert _report(RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")) == 2
+    assert capsys.readouterr().out.splitlines() == [
+        "error: the disk is full: a write failed; free some space, then run the command again",
+        "error: the disk quota is used up: a write failed; free some space, then run the command again"]

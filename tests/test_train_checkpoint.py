@@ -1,6 +1,8 @@
 """Checkpoints: atomic writes, pointers and pruning, torn writes ignored; early stopping and best-checkpoint
 restore; a non-finite loss keeps the last good checkpoint."""
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +178,45 @@ def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_toke
               checkpoint_every=1), 1e-2, tiny_tokenizer.pad_token_id, torch.device("cpu"), Hooks(checkpoints=store))
     assert store.latest().name == "step-00000003"
     assert json.loads((store.latest() / "state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "the disk quota is used up"),
+    # what safetensors 0.8 raises on a full disk (measured on a 64 KiB tmpfs): not an OSError
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), "the disk is full"),
+])
+def test_a_full_disk_leaves_no_partial_checkpoint_and_says_so(tmp_path, monkeypatch, failure, reason):
+    import tailorlm.train.checkpoint as checkpoint
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    save(store, 1)
+
+    def no_room(tensors, path, metadata=None):
+        Path(path).write_bytes(b"the first bytes fit")  # a partial file, as a filling disk leaves
+        raise failure
+
+    monkeypatch.setattr(checkpoint, "save_file", no_room)
+    with pytest.raises(TailorError) as e:
+        save(store, 2)
+    assert str(e.value) == (f"{reason}: could not write {store.path(2)}; free some space on the disk that holds "
+                            f"{store.root}")
+    assert sorted(p.name for p in store.root.iterdir()) == ["latest", "step-00000001"]  # nothing half-written
+
+
+def test_a_full_disk_after_the_rename_removes_the_unmarked_checkpoint(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    save(store, 1)
+    real = Path.write_text
+
+    def marker_does_not_fit(self, text, *args, **kwargs):
+        if self.name != MARKER:
+            return real(self, text, *args, **kwargs)
+        real(self, text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", marker_does_not_fit)
+    with pytest.raises(TailorError, match=r"^the disk is full: could not write .*step-00000002; "):
+        save(store, 2)
+    assert sorted(p.name for p in store.root.iterdir()) == ["latest", "step-00000001"]
+    assert store.latest().name == "step-00000001"

@@ -25,13 +25,16 @@ SPLITS = ("train", "validation", "test")
 KINDS = "a pandas DataFrame, a list of dicts or a datasets.Dataset"
 
 
-def in_memory_sources(data) -> tuple[dict[str, str], dict[str, object]]:
+def in_memory_sources(data) -> tuple[dict[str, str | None], dict[str, object]]:
     """(DataSpec field overrides, the `given` mapping for load_splits) for what a notebook passes as data=.
 
     A DataFrame, a list of dicts or a Dataset is the training data: ({'train': 'memory:train'}, {'train': data}).
     A DatasetDict gives its train, validation and test splits (validation may be called 'valid' or 'dev'; an
     unlabelled test split is left out, so test data is split off the training data instead). A dict
-    {'train': ..., 'validation': ..., 'test': ...} gives each split named; a value may also be a file path."""
+    {'train': ..., 'validation': ..., 'test': ...} gives each split named; a value may also be a file path, and
+    None for validation or test means what it means in a config: split it off the training data (the field
+    is None, overriding the config's file). None for train is refused: there is nothing to train on, and
+    falling back on the config's data.train would train on data the caller did not pass."""
     if is_dataset_dict(data):
         roles = role_splits(data, SPLITS)
         if "train" not in roles:
@@ -39,12 +42,20 @@ def in_memory_sources(data) -> tuple[dict[str, str], dict[str, object]]:
                               f"{{'train': data['{next(iter(data), 'SPLIT')}']}} to choose one")
         return {role: f"{MEMORY_PREFIX}data@{split}" for role, split in roles.items()}, {"data": data}
     if isinstance(data, Mapping):
+        if not data:
+            raise TailorError("data={}: no splits given; pass {'train': ...} (and 'validation', 'test' when you "
+                              "have them), or leave data out to use the config's data")
         fields, given = {}, {}
         for role, value in data.items():
             if role not in SPLITS:
                 raise TailorError(f"data=: a dict of splits has the keys train, validation and test; got "
                                   f"'{role}'{did_you_mean(str(role), SPLITS)}")
             if value is None:
+                if role == "train":
+                    raise TailorError("data={'train': None}: None is no training data; give a file path, a "
+                                      "DataFrame, a list of dicts or a Dataset, or leave 'train' out to train "
+                                      "on the config's data.train")
+                fields[role] = None
                 continue
             if isinstance(value, (str, Path)):
                 fields[role] = str(value)

@@ -9,9 +9,12 @@ Records may come as:
 - LLaMA-Factory: instruction, input, chosen, rejected;
 - a task's own fields plus chosen and rejected (what `tailor pairs` writes);
 - KTO: prompt (or the task's fields), completion, and label true/false (or LLaMA-Factory's kto_tag).
+A pair whose two answers are the same text is left out of training (encode_preferences says why), and a split
+of nothing else is refused; preflight reports both, and pairs that nearly match.
 """
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -19,11 +22,14 @@ from tailorlm.data.samples import IGNORE, Preference, Sample
 from tailorlm.errors import DataError
 
 EXTRA_KEYS = ("_chosen", "_rejected", "_desirable")  # what a preference example carries beyond task fields
+IDENTICAL = "pairs with identical chosen and rejected answers"  # the reason such pairs are counted as dropped
 
 
 def is_preference(fields: dict[str, Any], unpaired: bool) -> bool:
+    """Whether a record is meant as a preference record. For kto the keys decide, not the label's value: a
+    label of "yes" or 1 is a preference record with a bad label (preference_fields says so), not a task row."""
     if unpaired:
-        return "completion" in fields and ("kto_tag" in fields or isinstance(fields.get("label"), bool))
+        return "completion" in fields and ("kto_tag" in fields or "label" in fields)
     return "chosen" in fields and "rejected" in fields
 
 
@@ -32,9 +38,10 @@ def preference_fields(fields: dict[str, Any], path: str, where: str, conversatio
     plus the EXTRA_KEYS; the record's other columns are kept for the task's template."""
     out = {k: v for k, v in fields.items() if k not in ("prompt", "chosen", "rejected", "completion", "kto_tag")}
     if unpaired:
-        tag = fields.get("kto_tag", fields.get("label"))
-        if not isinstance(tag, bool):
-            raise DataError(path, where, f"kto_tag/label must be true or false, got {tag!r}")
+        key = "kto_tag" if "kto_tag" in fields else "label"
+        tag = fields[key]
+        if not isinstance(tag, bool):  # "yes", 1 or "true" would be a guess at what the file means
+            raise DataError(path, where, f"'{key}' must be true or false (JSON booleans), not {_json(tag)}")
         if "kto_tag" not in fields:  # the label column is the answer's desirability, not a task field
             out.pop("label", None)
         answers = {"_chosen": fields["completion"]}
@@ -84,6 +91,15 @@ def preference_fields(fields: dict[str, Any], path: str, where: str, conversatio
     return {**out, **answers}
 
 
+def _json(value) -> str:
+    """A value as the data file spells it ("yes", 1, null), cut to a readable length."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # a Parquet or Python value JSON cannot hold
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_turns(turns: list, name: str, path, where) -> None:
     """Message lists of a preference record: objects with a role and text content."""
     for i, turn in enumerate(turns, start=1):
@@ -127,15 +143,59 @@ def _split_conversations(prompt, answers: dict, path, where):
     return prompt, answers
 
 
+def identical_answers(example: dict) -> bool:
+    """Whether a pair's chosen and rejected answers are the same once runs of whitespace are collapsed."""
+    return "_rejected" in example and _squeezed(example["_chosen"]) == _squeezed(example["_rejected"])
+
+
+def answer_text(answer: str | list) -> str:
+    """An answer as one text (the contents of a reply's turns, joined), to measure how much two answers differ."""
+    return answer if isinstance(answer, str) else "\n".join(str(m.get("content") or "") for m in answer)
+
+
+def _squeezed(answer: str | list):
+    if isinstance(answer, str):
+        return " ".join(answer.split())
+    return [(m.get("role"), " ".join(str(m.get("content") or "").split()),
+             json.dumps(m.get("tool_calls"), sort_keys=True, default=str)) for m in answer]
+
+
+def check_not_all_identical(examples: list[dict]) -> None:
+    """A split whose every pair has identical answers is refused, naming its file and a few lines: there is
+    no preference in it to learn, and training would run at a constant loss (ln 2 for dpo) to no end."""
+    pairs = [ex for ex in examples if "_rejected" in ex]
+    if not pairs or not all(identical_answers(ex) for ex in pairs):
+        return
+    file = pairs[0].get("_where", "data").rsplit(", ", 1)[0]
+    places = [ex.get("_where", "").rsplit(", ", 1)[-1] for ex in pairs]  # 'line 12', 'DataFrame row 3'
+    # the first in the file, not in the split's shuffled order ('line 9' before 'line 10')
+    lines = ", ".join(sorted(places, key=lambda p: (p.rstrip("0123456789"), len(p), p))[:3])
+    which = "the one pair has" if len(pairs) == 1 else f"all {len(pairs)} pairs have"
+    raise DataError(file, None, f"{which} the same chosen and rejected answer (once whitespace is collapsed; "
+                                f"e.g. {lines}), so there is no preference to learn; give each pair a rejected "
+                                f"answer that differs from its chosen one")
+
+
 def encode_preferences(examples: list[dict], encode, encode_messages, seed: int,
-                       max_length: int) -> tuple[list[Preference], int]:
-    """Preference items of the examples that carry answers to compare, and how many were dropped as too long.
+                       max_length: int) -> tuple[list[Preference], int, int]:
+    """Preference items of the examples that carry answers to compare, how many were dropped as too long, and
+    how many pairs were left out because their answers are identical (identical_answers).
 
     encode(example, completion_text) -> Sample | None tokenizes a task example with that answer as its completion;
     encode_messages(example, messages) -> Sample | None a conversation scored on its last reply (tokenize.py)."""
-    items, dropped, unpaired = [], 0, []
+    check_not_all_identical(examples)
+    items, dropped, identical, unpaired = [], 0, 0, []
     for ex in examples:
         if "_chosen" not in ex:
+            continue
+        if identical_answers(ex):
+            # Both sides are then one token sequence, so the dpo, ipo and simpo losses depend only on the
+            # difference of two equal log-probs: the pair's gradient is exactly zero (its loss a constant, ln 2
+            # for dpo) and keeping it would only shrink the step's mean over pairs and cost compute. Under orpo
+            # or sft_weight its chosen answer would still be trained as SFT, but the record calls that very
+            # answer rejected too, so it is no answer to teach. (Answers that differ only in whitespace differ
+            # by a spacing token or two: no preference worth learning either.) Preflight reports the count.
+            identical += 1
             continue
         sides = [ex["_chosen"]] + ([ex["_rejected"]] if "_rejected" in ex else [])
         if isinstance(sides[0], list) or "messages" in ex:
@@ -151,7 +211,7 @@ def encode_preferences(examples: list[dict], encode, encode_messages, seed: int,
             items.append(Preference(samples[0], samples[1]))
         else:
             unpaired.append((samples[0], ex["_desirable"]))
-    return items + _with_mismatched(unpaired, seed, max_length), dropped
+    return items + _with_mismatched(unpaired, seed, max_length), dropped, identical
 
 
 def _with_mismatched(answers: list[tuple[Sample, bool]], seed: int, max_length: int) -> list[Preference]:

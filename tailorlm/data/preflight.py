@@ -1,7 +1,8 @@
 """Preflight: what the data will do to training, shown before a single step is trained.
 
-Rows read and skipped, duplicates, train/eval leakage, empty prompts or answers, label balance, token
-lengths (with a histogram), truncation, which tokens carry loss, and tokens and time per epoch. Each finding
+Rows read and skipped, duplicates, train/eval leakage, empty prompts or answers, preference pairs whose two
+answers are identical or nearly so, label balance, token lengths (with a histogram), truncation, which tokens
+carry loss, and tokens and time per epoch. Each finding
 is ok, warn or error; config `preflight.*` decides which checks stop the run (e.g. `leakage: error`).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.text import Text
 
 from tailorlm.config import RunConfig
 from tailorlm.data import quality
+from tailorlm.data.preferences import IDENTICAL, answer_text, identical_answers
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.errors import TailorError
 from tailorlm.ui import console
@@ -66,6 +68,9 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
     if template.task.conversational:
         check_replies(pf, splits.train)
 
+    for n in SPLITS:
+        check_pairs(pf, n, splits[n], spec.identical_pairs, spec.near_identical_pairs, spec.max_near_rows)
+
     for n in SPLITS:  # duplicates inside each split: the same prompt and answer twice is double weight
         whole = [p + "\n" + a for p, a in zip(inputs[n], answers[n])]
         groups = quality.exact_groups(whole)
@@ -105,7 +110,8 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
     lengths = np.array([len(s) for s in encoded["train"]])
     pcts = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())}
     pf.facts["train_token_lengths"] = pcts
-    cut = sum(reports[n].truncated + sum(reports[n].dropped.values()) for n in SPLITS)
+    cut = sum(reports[n].truncated + sum(v for why, v in reports[n].dropped.items() if why != IDENTICAL)
+              for n in SPLITS)
     if (lv := _level(spec.truncation, bool(cut))):
         pf.add("length", lv, f"tokens per train sample {pcts}; max_length {cfg.template.max_length}: "
                              f"{cut} samples truncated or dropped ({cfg.template.overlong})")
@@ -136,6 +142,30 @@ def check_replies(pf: Preflight, conversations: list[dict]) -> None:
            f"{len(replies):,} assistant replies in train: {len(one_word):,} of one word ({share:.1%}), {len(mash)} "
            f"that look like keyboard mash" + (" (give such turns \"weight\": 0, or drop them)" if mash else ""),
            [f"{where[i]}: {replies[i][:60]!r}" for i in mash])
+
+
+def check_pairs(pf: Preflight, split: str, examples: list[dict], policy: str, threshold: float,
+                max_rows: int) -> None:
+    """Preference pairs that cannot teach: identical answers (left out of training, data/preferences.py) and
+    nearly identical ones, whose preference rests on a few characters (kept: a one-word correction can be the
+    point). A split of identical pairs only never gets here: encoding refuses it."""
+    if policy == "ignore":
+        return
+    pairs = [ex for ex in examples if "_rejected" in ex]
+    same = [ex["_where"] for ex in pairs if identical_answers(ex)]
+    if same:
+        pf.add("pairs", policy, f"{split}: {len(same)} of {len(pairs)} pairs have the same chosen and rejected "
+                                f"answer (once whitespace is collapsed); they teach no preference and are left out "
+                                f"(preflight.identical_pairs)", same)
+    if len(pairs) > max_rows:
+        return
+    near = [(ex["_where"], s) for ex in pairs if not identical_answers(ex) and
+            (s := quality.answer_similarity(answer_text(ex["_chosen"]), answer_text(ex["_rejected"]), threshold))]
+    if near:
+        pf.add("pairs", "warn", f"{split}: {len(near)} of {len(pairs)} pairs have nearly the same chosen and rejected "
+                                f"answer (only case or punctuation differs, or similarity >= {threshold:g}); check "
+                                f"that the difference is the preference you mean to teach",
+               [f"{where} ({s:.2f})" for where, s in near])
 
 
 def check_label_sets(pf: Preflight, dist: dict[str, dict[str, int]], policy: str) -> list[str]:

@@ -7,6 +7,7 @@ with the exact Jaccard, so MinHash only decides which pairs to look at, never th
 """
 from __future__ import annotations
 
+import difflib
 import re
 import zlib
 from collections import defaultdict
@@ -86,6 +87,19 @@ def exact_overlap(texts: list[str], reference: list[str]) -> list[tuple[int, int
     for j, t in enumerate(reference):
         index.setdefault(normalise(t), j)
     return [(i, index[k]) for i, t in enumerate(texts) if (k := normalise(t)) in index]
+
+
+def answer_similarity(a: str, b: str, threshold: float) -> float | None:
+    """How alike two answers are when they nearly match, else None: 1.0 when only case, punctuation or
+    whitespace tells them apart, else difflib's ratio over their whitespace-collapsed text when it reaches
+    threshold. Its cheap upper bounds are tried first, so unlike answers cost little."""
+    if normalise(a) == normalise(b):
+        return 1.0
+    matcher = difflib.SequenceMatcher(None, " ".join(a.split()), " ".join(b.split()), autojunk=False)
+    if matcher.real_quick_ratio() < threshold or matcher.quick_ratio() < threshold:
+        return None
+    ratio = matcher.ratio()
+    return ratio if ratio >= threshold else None
 
 
 _KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")

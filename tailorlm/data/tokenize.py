@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tailorlm.config import TemplateSpec
 from tailorlm.data.conversations import encode_conversation, end_of_turn_markers, loss_turns, through_end_of_turn
-from tailorlm.data.preferences import encode_preferences
+from tailorlm.data.preferences import IDENTICAL, encode_preferences
 from tailorlm.data.samples import IGNORE, Preference, Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.errors import DataError, TailorError
@@ -168,8 +168,10 @@ def encode_preference_examples(examples, template: PromptTemplate, fmt: ChatForm
         sample, truncated = _encode_conversation({**ex, "messages": messages}, template, fmt, spec, "last_assistant")
         return None if truncated else sample
 
-    items, dropped = encode_preferences(examples, encode, encode_messages, seed, spec.max_length)
-    report = EncodeReport(total=len(items) + dropped, kept=len(items))
+    items, dropped, identical = encode_preferences(examples, encode, encode_messages, seed, spec.max_length)
+    report = EncodeReport(total=len(items) + dropped + identical, kept=len(items))
     if dropped:
         report.dropped[f"longer than max_length={spec.max_length}"] = dropped
+    if identical:
+        report.dropped[IDENTICAL] = identical
     return items, report

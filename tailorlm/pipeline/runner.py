@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from tailorlm.config import RunConfig
 from tailorlm.data.preflight import enforce
+from tailorlm.errors import DiskFullError, is_disk_full
 from tailorlm.eval.during_training import check_select
 from tailorlm.models.loading import LoadedModel, resolve_device
 from tailorlm.models.methods import check_supported
@@ -98,14 +99,51 @@ def _owned(prepared: Prepared, run_dir: RunDir, resume: bool, device, observe, m
             run_dir.set_state({**status, "status": "interrupted"})
             raise
         except BaseException as e:
-            run_dir.set_state({**status, "status": "failed", "error": str(e) or type(e).__name__})
-            raise
+            error = _mark_failed(run_dir, status, e)
+            if error is e:
+                raise
+            raise error from e
         run_dir.set_state({**status, "status": "complete", "seconds": round(time.perf_counter() - started, 1)})
     finally:
         lock.release()
     console.print(f"\n[bold]Run complete in {time.perf_counter() - started:.0f} s.[/] Results in {run_dir.path}/ "
                   f"(report.md, metrics.json, predictions.jsonl)")
     return outcome
+
+
+def _mark_failed(run_dir: RunDir, status: dict, error: BaseException) -> BaseException:
+    """Mark run.json failed with the error's message; returns the error to raise. A full disk, wherever in the
+    run it struck (a checkpoint, a report, the tracker), becomes a DiskFullError that says how to go on. A file
+    as small as run.json often still fits once the failed write has removed its partial files; when it does
+    not, the message says that run.json still says running."""
+    if not is_disk_full(error):
+        try:
+            run_dir.set_state({**status, "status": "failed", "error": str(error) or type(error).__name__})
+        except DiskFullError as e:
+            console.print(f"{e}; run.json still says running", style="yellow", markup=False, soft_wrap=True)
+        return error
+    first = _first_disk_full(error)
+    target = first.target if isinstance(first, DiskFullError) else (getattr(first, "filename", None) or run_dir.path)
+    then = f", then continue the run with `tailor run --resume {run_dir.path}`"
+    full = DiskFullError(target, run_dir.path, error, then)
+    try:
+        run_dir.set_state({**status, "status": "failed", "error": str(full)})
+    except DiskFullError:
+        full = DiskFullError(target, run_dir.path, error, then + " (run.json could not be marked failed either, "
+                                                                 "for want of space: it still says running)")
+    return full
+
+
+def _first_disk_full(error: BaseException) -> BaseException:
+    """The write that first ran out of space: on a full disk, what runs while the failure unwinds (closing the
+    tracker writes tracking.json) fails too, and its error would hide the one that named the real cause."""
+    found, seen, current = error, set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if is_disk_full(current) and (isinstance(current, DiskFullError) or not isinstance(found, DiskFullError)):
+            found = current
+        current = current.__context__
+    return found
 
 
 def _train_and_evaluate(prepared: Prepared, run_dir: RunDir, resume: bool, device, observe: Callable | None,

@@ -11,10 +11,12 @@ A checkpoint is a folder `checkpoints/step-00000040/` with:
 
 Writes are atomic: everything goes into `.tmp-step-N/`, each file is fsynced, the folder is renamed into
 place, COMPLETE is written and synced, and only then does `latest` (a one-line file, itself replaced by
-rename) move and are old checkpoints pruned. A kill at any moment leaves the previous checkpoint intact.
+rename) move and are old checkpoints pruned. A kill at any moment leaves the previous checkpoint intact; a
+write that fails (a full disk) removes its partial files at once and says which checkpoint could not be written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tailorlm.errors import TailorError
+from tailorlm.errors import DiskFullError, TailorError, is_disk_full
 from tailorlm.ui import console
 
 MARKER = "COMPLETE"
@@ -49,9 +51,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -87,29 +94,43 @@ class CheckpointStore:
 
     def save(self, step: int, params: dict[str, torch.Tensor], trainer: dict, state: dict,
              best_step: int | None = None) -> Path:
+        """Write one checkpoint. A write that fails removes what it had written (the temporary folder, or the
+        renamed one before COMPLETE marks it), so a full disk gets back the space it filled; a failure for want
+        of space is a DiskFullError naming the checkpoint."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path(step)
         tmp = self.root / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        # contiguous CPU copies: safetensors needs them, and the live tensors keep training on their device
-        save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()},
-                  tmp / "weights.safetensors")
-        save_trainer(trainer, tmp / "trainer.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state))
-        for name in FILES:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        if final.exists():  # a complete checkpoint of the same step from an earlier attempt: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
-        (final / MARKER).write_text(json.dumps({"files": {name: _fingerprint(final / name) for name in FILES}}))
-        _fsync_file(final / MARKER)
-        _fsync_dir(final)
-        _write_text_atomic(self.root / "latest", final.name + "\n")
-        if best_step is not None:
-            _write_text_atomic(self.root / "best", self.path(best_step).name + "\n")
+        renamed = marked = False
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            # contiguous CPU copies: safetensors needs them, and the live tensors keep training on their device
+            save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()},
+                      tmp / "weights.safetensors")
+            save_trainer(trainer, tmp / "trainer.safetensors")
+            (tmp / "state.json").write_text(json.dumps(state))
+            for name in FILES:
+                _fsync_file(tmp / name)
+            _fsync_dir(tmp)
+            if final.exists():  # a complete checkpoint of the same step from an earlier attempt: replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            renamed = True
+            _fsync_dir(self.root)
+            (final / MARKER).write_text(json.dumps({"files": {name: _fingerprint(final / name) for name in FILES}}))
+            _fsync_file(final / MARKER)
+            _fsync_dir(final)
+            marked = True
+            _write_text_atomic(self.root / "latest", final.name + "\n")
+            if best_step is not None:
+                _write_text_atomic(self.root / "best", self.path(best_step).name + "\n")
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if renamed and not marked:  # never read without its marker: only the space it holds is left
+                shutil.rmtree(final, ignore_errors=True)
+            if is_disk_full(e):  # safetensors reports it as its own error type: said here as what it is
+                raise DiskFullError(final, self.root, e) from e
+            raise
         self.prune(best_step)
         return final
 
