@@ -116,7 +116,7 @@ def test_a_table_to_a_fine_tuned_compared_and_exported_model_in_the_browser(tmp_
         page.wait_for_function("document.querySelector('#live-status').textContent === 'running'", timeout=60_000)
         assert len(studio.queue.listing()) == 1
         counter = "document.querySelector('#step-counter').textContent"
-        page.wait_for_function(f"/^step [1-9][0-9]* of 150$/.test({counter})", timeout=900_000, polling=200)
+        page.wait_for_function(f"/^step [1-9][0-9]* of {steps}$/.test({counter})", timeout=900_000, polling=200)
         first_step = int(page.evaluate(counter).split()[1])
         page.wait_for_function(f"parseInt({counter}.split(' ')[1]) > {first_step}", timeout=900_000, polling=200)
         assert page.inner_text("#elapsed") != "-"

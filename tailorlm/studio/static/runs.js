@@ -12,16 +12,20 @@ function chart(target, title, series) {
   const data = [steps, ...names.map((n) => { const m = new Map(series[n]); return steps.map((s) => (m.has(s) ? m.get(s) : null)); })];
   const colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"];
   const key = target + names.join();
-  if (charts[target] && charts[target].key === key) { charts[target].plot.setData(data); return; }
+  // The steps drawn, padded when there is one: uPlot draws a lone x value on an empty 0-100 axis.
+  const span = steps.length > 1 && steps[0] !== steps[steps.length - 1] ? { min: steps[0], max: steps[steps.length - 1] }
+    : { min: (steps[0] ?? 0) - 1, max: (steps[0] ?? 0) + 1 };
+  if (charts[target] && charts[target].key === key) { charts[target].span = span; charts[target].plot.setData(data); return; }
   charts[target]?.plot.destroy();
   // Ranges from the data, so a first point does not sit on uPlot's empty 0-100 axis; a share (accuracy, F1)
   // keeps the 0-1 scale. The legend names the series instead of reading "--" until the cursor hovers.
-  const padded = (u, min, max) => (min === max ? [min - 1, max + 1] : [min, max]);
   const share = names.every((n) => series[n].every((p) => p[1] >= 0 && p[1] <= 1)) && !/loss|ppl/.test(names.join());
-  const opts = { title, width: 380, height: 220, legend: { live: false },
-    scales: { x: { time: false, range: padded }, y: share ? { range: [0, 1] } : { range: (u, min, max) => (min === max ? [min * 0.9, max * 1.1 || 1] : uPlot.rangeNum(min, max, 0.1, true)) } },
+  const whole = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000, 20000, 50000];  // steps: no 0.5
+  const opts = { title, width: 380, height: 220, legend: { live: false }, axes: [{ incrs: whole }, {}],
+    scales: { x: { time: false, range: () => [charts[target].span.min, charts[target].span.max] }, y: share ? { range: [0, 1] } : { range: (u, min, max) => (min === max ? [min * 0.9, max * 1.1 || 1] : uPlot.rangeNum(min, max, 0.1, true)) } },
     series: [{ label: "step" }, ...names.map((n, i) => ({ label: n, stroke: colors[i % colors.length], spanGaps: true, points: { show: true, size: 4 } }))] };
-  charts[target] = { key, plot: new uPlot(opts, data, node) };
+  charts[target] = { key, span };
+  charts[target].plot = new uPlot(opts, data, node);
 }
 
 // ---------------------------------------------------------------- what the run is doing now

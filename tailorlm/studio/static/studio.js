@@ -86,13 +86,13 @@ function bindInputs() {
   for (const input of document.querySelectorAll("[data-key]")) {
     input.addEventListener("change", () => setDraft({ [input.dataset.key]: readInput(input) }));
   }
-  // Each setting's help is its description in the run spec (GET /api/help), shown on hover and by its ⓘ.
+  // Each setting's help is its description in the run spec (GET /api/help), shown on hover over the field or its "?".
   api("/api/help").then((help) => {
     for (const input of document.querySelectorAll("[data-key]")) {
       const text = help[input.dataset.key], label = input.closest("label");
       if (!text || !label) continue;
       label.title = `${input.dataset.key}: ${text}`;
-      if (!label.querySelector(".info")) label.append(el("span", { class: "info", text: " ⓘ" }));
+      if (!label.querySelector(".info")) label.append(el("span", { class: "info", text: "?" }));
     }
   }).catch(() => {});
   const copy = $("#copy-yaml");
