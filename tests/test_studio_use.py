@@ -180,3 +180,54 @@ def test_the_machine_the_installed_models_and_each_settings_help(client, tmp_pat
     assert help_texts["train.max_steps"] == "Stop after this many optimizer steps (overrides epochs)"
     for key in ("train.epochs", "train.batch_size", "method.lora.r", "eval.baselines", "output.name", "data.limit.test"):
         assert help_texts[key], key
+
+
+def test_a_failure_inside_the_chat_stream_is_an_error_event_not_a_dead_connection(client, monkeypatch, caplog):
+    from tailorlm.studio import actions
+
+    class Broken:
+        def __init__(self, path):
+            pass
+
+        def answer_task(self, fields, constrained):
+            raise RuntimeError("boom")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(actions, "SideBySide", Broken)
+    events = stream(client, {"run": "reviews", "fields": {"text": "x"}})
+    assert events == [{"event": "loading"}, {"event": "answering"},
+                      {"event": "error", "error": "unexpected RuntimeError: boom (a tailorlm bug; the studio's "
+                                                  "terminal has the details)"}]
+    assert any(r.levelname == "ERROR" and r.getMessage() == "POST /api/chat failed" for r in caplog.records)
+
+
+def test_overlapping_previews_leave_the_terminal_as_they_found_it():
+    import threading
+
+    from tailorlm.studio.preview import quiet_console
+    from tailorlm.ui import console
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():  # enters first, leaves first, while the second is still inside
+        with quiet_console():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with quiet_console():
+            second_in.set()
+            first_out.wait(5)
+            assert console.quiet  # still previewing: still quiet
+
+    before = console.quiet
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert console.quiet is before

@@ -245,7 +245,7 @@ def create_app(studio: Studio) -> FastAPI:
             except TailorError as e:
                 yield {"event": "error", "error": str(e)}
             except Exception as e:  # the status line is sent: the failure goes in the stream, and to the terminal
-                log.error("POST /api/chat failed", exc_info=e)
+                logger.error("POST /api/chat failed", exc_info=e)
                 yield {"event": "error", "error": f"unexpected {type(e).__name__}: {e} (a tailorlm bug; the "
                                                   f"studio's terminal has the details)"}
 

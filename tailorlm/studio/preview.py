@@ -24,15 +24,27 @@ _tokenizers: dict[str, object] = {}
 _tokenizer_lock = threading.Lock()
 
 
+_quiet = {"depth": 0, "before": False}  # previews in flight, and the console's setting before the first
+_quiet_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def quiet_console():
-    """The pipeline reports to the terminal; in the studio the page shows it instead."""
-    before = console.quiet
-    console.quiet = True
+    """The pipeline reports to the terminal; in the studio the page shows it instead. Counted, not saved and
+    put back per call: two previews overlap (the Data page's check and the estimate), and the later one to
+    finish would otherwise put back the first one's 'quiet' and silence the studio's terminal for good."""
+    with _quiet_lock:
+        if _quiet["depth"] == 0:
+            _quiet["before"] = console.quiet
+            console.quiet = True
+        _quiet["depth"] += 1
     try:
         yield
     finally:
-        console.quiet = before
+        with _quiet_lock:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                console.quiet = _quiet["before"]
 
 
 def preset_fields(preset: str) -> list[str]:
