@@ -53,7 +53,7 @@ def one_mode(mode: str, shape: str, method: str, samples, args, device) -> dict:
         batches = [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)]
 
         def step(batch) -> int:
-            _, tokens = accumulate_gradients(wrapped.loss, [batch], ctx, wrapped.no_sync)
+            _, tokens = accumulate_gradients(wrapped.forward, [batch], ctx, wrapped.no_sync)
             torch.nn.utils.clip_grad_norm_(strategy.trainable(wrapped.module), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -152,7 +152,6 @@ def tailorlm_runner(model, case, pad_id: int, device):
     from tailorlm.config import MethodSpec, TrainSpec
     from tailorlm.models.methods import make_strategy
     from tailorlm.train.optim import make_optimizer
-    from tailorlm.kernels.loss import completion_loss
     from tailorlm.train.step import accumulate_gradients, fast_training
 
     spec = TrainSpec(batch_size=BATCH, max_grad_norm=None, packing=case.get("packing", "auto"),
@@ -165,7 +164,7 @@ def tailorlm_runner(model, case, pad_id: int, device):
     optimizer = make_optimizer(strategy.param_groups(model, 1e-5), spec)
 
     def step(samples) -> int:  # the loop's step (train/loop.py) without its bookkeeping
-        _, tokens = accumulate_gradients(lambda batch: completion_loss(model, batch), micro_batches(samples), ctx)
+        _, tokens = accumulate_gradients(lambda fn: fn(model, True), micro_batches(samples), ctx)  # Wrapped.forward
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return tokens

@@ -21,7 +21,7 @@ from tailorlm.data.batching import collate
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.checkpoint import CheckpointStore, load_trainer
 from tailorlm.train.loop import Hooks, train
-from tailorlm.train.objectives import PreferenceObjective
+from tailorlm.train.objectives import make_objective
 from tailorlm.train.step import StepContext, accumulate_gradients
 from conftest import tiny_llama, trained_weights, write
 
@@ -160,7 +160,7 @@ def formula(name: str, pc, pr, rc, rr, nc, nr, beta, good=None, kl=0.0):
 @pytest.mark.parametrize("name", ["dpo", "ipo", "simpo", "orpo", "kto"])
 def test_each_objective_computes_its_papers_loss(name):
     spec = ObjectiveSpec(name="dpo" if name == "ipo" else name, loss="ipo" if name == "ipo" else "sigmoid")
-    objective = PreferenceObjective(spec)
+    objective = make_objective(spec)
     items = pair_items(4)
     logps = torch.tensor([-3.0, -5.0, -2.5, -1.0, -6.0, -4.0, -2.0, -2.2])
     counts = torch.tensor([3.0, 2.0, 3.0, 3.0, 3.0, 2.0, 3.0, 3.0])
@@ -185,7 +185,7 @@ def test_accumulating_micro_batches_gives_the_one_batch_gradient(tiny_tokenizer,
     for group in ([items], [items[:2], items[2:3], items[3:]]):
         torch.manual_seed(0)
         model = tiny_llama(len(tiny_tokenizer))
-        objective = PreferenceObjective(ObjectiveSpec(name=name))
+        objective = make_objective(ObjectiveSpec(name=name))
         ctx = StepContext(0, CPU, packing=False)
         objective.attach_references(model, items, ctx, 4)
         objective.begin_step(group, lambda fn: fn(model), ctx)
@@ -203,7 +203,7 @@ def test_dpo_starts_at_log_2_learns_and_stores_references_with_checkpoints(tmp_p
     before = {n: p.detach().clone() for n, p in strategy.checkpoint_params(model).items()}
     store = CheckpointStore(tmp_path / "checkpoints")
     result = train(model, strategy, items, TrainSpec(max_steps=8, batch_size=4, eval_every=4), 5e-3, 0, CPU,
-                   Hooks(checkpoints=store), objective=PreferenceObjective(ObjectiveSpec(name="dpo")), held_out=held)
+                   Hooks(checkpoints=store), objective=make_objective(ObjectiveSpec(name="dpo")), held_out=held)
     assert result.train_loss[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy is its reference
     assert result.train_loss[-1]["loss"] < result.train_loss[0]["loss"]
     first, last = result.evaluations[0], result.evaluations[-1]
@@ -218,18 +218,18 @@ def test_dpo_starts_at_log_2_learns_and_stores_references_with_checkpoints(tmp_p
 def test_a_nan_preference_loss_stops_the_run(tmp_path, tiny_tokenizer, monkeypatch):
     import tailorlm.train.objectives as objectives
 
-    real = objectives.PreferenceObjective._losses
+    real = objectives.SimPO._losses
 
     def poisoned(self, logps, counts, items):
         loss, c, r = real(self, logps, counts, items)
         return loss * float("nan"), c, r
 
-    monkeypatch.setattr(objectives.PreferenceObjective, "_losses", poisoned)
+    monkeypatch.setattr(objectives.SimPO, "_losses", poisoned)
     strategy = make_strategy(MethodSpec(name="lora"))
     model = strategy.prepare(tiny_llama(len(tiny_tokenizer)))
     with pytest.raises(TailorError, match=r"the training loss became nan at step 1; lower train.lr or check the data"):
         train(model, strategy, pair_items(8), TrainSpec(max_steps=4, batch_size=4, eval_every=0), 1e-3, 0, CPU,
-              objective=PreferenceObjective(ObjectiveSpec(name="simpo")))
+              objective=make_objective(ObjectiveSpec(name="simpo")))
 
 
 def sft_then_pairs_rows(n: int = 12) -> list[dict]:
@@ -390,7 +390,7 @@ def test_a_split_whose_every_pair_is_identical_is_refused_by_its_file(tmp_path, 
 def test_an_identical_pair_gives_no_gradient_except_through_an_sft_term(tiny_tokenizer, name, zero):
     """Why identical pairs may be left out: both sides are one sequence, so the preference term is flat. orpo's
     (and sft_weight's) token loss on the chosen answer is the one gradient such a pair would still give."""
-    objective = PreferenceObjective(ObjectiveSpec(name="dpo" if name == "ipo" else name,
+    objective = make_objective(ObjectiveSpec(name="dpo" if name == "ipo" else name,
                                                   loss="ipo" if name == "ipo" else "sigmoid"))
     ctx = StepContext(0, CPU, packing=False)
 

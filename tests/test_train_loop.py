@@ -1,12 +1,9 @@
-from functools import partial
-
 import pytest
 import torch
 from conftest import tiny_llama
 
 from tailorlm.config import MethodSpec, TrainSpec
 from tailorlm.data.samples import IGNORE, Sample
-from tailorlm.kernels.loss import completion_loss
 from tailorlm.models.methods import make_strategy
 from tailorlm.train.loop import Hooks, plan_steps, train
 from tailorlm.train.optim import make_optimizer, make_schedule
@@ -80,15 +77,20 @@ def cpu(tokenizer, packing: bool = True) -> StepContext:
     return StepContext(tokenizer.pad_token_id, torch.device("cpu"), packing=packing)
 
 
+def training_forward(model):
+    """What the loop passes as forward (Wrapped.forward on one process): fn(model, shared_prefix)."""
+    return lambda fn: fn(model, True)
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_gradient_accumulation_equals_the_big_batch(tiny_tokenizer, packing):
     samples = memorize_samples(tiny_tokenizer, 6)
     model = tiny_llama(len(tiny_tokenizer))
-    big_loss, _ = accumulate_gradients(partial(completion_loss, model), [samples], cpu(tiny_tokenizer, packing))
+    big_loss, _ = accumulate_gradients(training_forward(model), [samples], cpu(tiny_tokenizer, packing))
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     # Uneven micro-batches: a mean per micro-batch would weight these samples wrongly.
-    small_loss, _ = accumulate_gradients(partial(completion_loss, model), [samples[:1], samples[1:4], samples[4:]], cpu(tiny_tokenizer, packing))
+    small_loss, _ = accumulate_gradients(training_forward(model), [samples[:1], samples[1:4], samples[4:]], cpu(tiny_tokenizer, packing))
     assert small_loss == pytest.approx(big_loss, rel=1e-6)
     for name, p in model.named_parameters():
         # Micro-batches sum the same terms in another order: float32 rounding of about 1e-7 of the tensor's
@@ -112,12 +114,12 @@ def test_token_budget_regroups_a_step_into_fuller_micro_batches(tiny_tokenizer):
     calls = []
     real_batch = ctx.batch
     ctx.batch = lambda s: calls.append(len(s)) or real_batch(s)
-    plain_loss, _ = accumulate_gradients(partial(completion_loss, model), group, ctx)
+    plain_loss, _ = accumulate_gradients(training_forward(model), group, ctx)
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     calls.clear()
     ctx.token_budget = 10_000
-    fused_loss, _ = accumulate_gradients(partial(completion_loss, model), group, ctx)
+    fused_loss, _ = accumulate_gradients(training_forward(model), group, ctx)
     assert calls == [6]  # one packed micro-batch instead of three
     assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
     for name, p in model.named_parameters():
@@ -129,6 +131,41 @@ def test_same_seed_same_weights(tiny_tokenizer):
     a, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))
     b, _ = run(tiny_tokenizer, TrainSpec(max_steps=4, batch_size=2, eval_every=0, seed=5))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_an_objective_is_one_class_the_loop_calls_through_its_interface(tiny_tokenizer):
+    """SFT is an objective like the others: a subclass of it changes training through the interface alone,
+    with no branch in the loop, and SFT named explicitly is the default bit for bit."""
+    from tailorlm.train.objectives import TokenLoss
+
+    calls = {"begin_step": 0, "units": 0, "loss": 0}
+
+    class Counted(TokenLoss):
+        def begin_step(self, group, run, ctx):
+            calls["begin_step"] += 1
+            assert len(group) == 2  # the step's micro-batches (grad_accum)
+
+        def units(self, items):
+            calls["units"] += 1
+            return super().units(items)
+
+        def loss(self, forward, batch, items):
+            calls["loss"] += 1
+            return super().loss(forward, batch, items)
+
+    spec = TrainSpec(max_steps=3, batch_size=2, grad_accum=2, eval_every=0, seed=3)
+
+    def trained(objective):
+        model = tiny_llama(len(tiny_tokenizer), seed=0)
+        strategy = make_strategy(MethodSpec(name="full"))
+        model = strategy.prepare(model)
+        train(model, strategy, memorize_samples(tiny_tokenizer), spec, 1e-2, tiny_tokenizer.pad_token_id,
+              torch.device("cpu"), Hooks(), objective=objective)
+        return model
+
+    counted, default = trained(Counted()), trained(None)
+    assert calls == {"begin_step": 3, "units": 3, "loss": 6}
+    assert all(torch.equal(x, y) for x, y in zip(counted.parameters(), default.parameters()))
 
 
 def test_non_finite_loss_stops_with_a_message(tiny_tokenizer):

@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from tailorlm.config import DistSpec
 from tailorlm.errors import TailorError
-from tailorlm.kernels.loss import completion_loss
 from tailorlm.models.layers import block_list_name
 from tailorlm.ui import console
 
@@ -120,7 +119,7 @@ class Wrapped:
     """The model as the loop sees it, on one process or under a process group.
 
     module: the model the strategy and checkpoints see (under FSDP its weights are sharded in place).
-    loss(batch) runs a training forward through DDP/FSDP; run(fn) runs evaluation code (under FSDP, inside
+    forward(fn) runs a training forward through DDP/FSDP; run(fn) runs evaluation code (under FSDP, inside
     the root's forward, so its weights are gathered). keep: rank 0's unsharded copy under FSDP, which gets
     the trained weights at the end."""
 
@@ -148,13 +147,9 @@ class Wrapped:
         # tie evaluation on rank 0 to the other ranks.
         self.driver = DistributedDataParallel(_Driver(self.module), device_ids=ids, broadcast_buffers=False)
 
-    def loss(self, batch: dict):
-        """(summed completion-token loss, tokens) of one batch, with the gradient hooks of DDP/FSDP."""
-        return self.forward(lambda model, shared_prefix: completion_loss(model, batch, shared_prefix=shared_prefix))
-
     def forward(self, fn: Callable[[torch.nn.Module, bool], object]):
-        """fn(model, shared_prefix) as a training forward, with the gradient hooks of DDP/FSDP: how objectives
-        other than the token loss (train/objectives.py) run theirs."""
+        """fn(model, shared_prefix) as a training forward, with the gradient hooks of DDP/FSDP: how every
+        objective (train/objectives.py) runs its loss."""
         if self.driver is None:
             return fn(self.module, True)
         # FSDP frees a block's gathered weights after each call and reduces its gradient after one backward,

@@ -65,8 +65,8 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device
     hooks = Hooks(evaluate=evaluation.evaluate if active else None, checkpoints=store, select=cfg.eval.select,
                   log=log, guard=evaluation.guard if active else None,
                   describe=evaluation.describe if active else None)
-    history = train(model, strategy, train_set, cfg.train, cfg.lr, pad_id, device, hooks, start,
-                    make_objective(cfg.objective), held_out)
+    objective = make_objective(cfg.objective)
+    history = train(model, strategy, train_set, cfg.train, cfg.lr, pad_id, device, hooks, start, objective, held_out)
     if history.model is None:  # another process under torchrun: rank 0 finishes the run alone
         return None
     model = history.model
@@ -77,8 +77,7 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device
     held = history.best_step if restored else history.completed  # the step whose weights the model holds now
     retention = evaluation.after(model, next((e for e in history.evaluations if e["step"] == held), None)) \
         if evaluation else {}
-    answers = [item.chosen if isinstance(item, Preference) else item for item in train_set]
-    losses = example_losses(model, answers, cfg.train.batch_size, pad_id, device)
+    losses = example_losses(model, objective.answers(train_set), cfg.train.batch_size, pad_id, device)
     return Fit(model, history, saved, restored, retention, losses)
 
 

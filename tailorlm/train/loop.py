@@ -14,10 +14,11 @@ checkpoints and decisions independent of the process count.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +32,7 @@ from tailorlm.errors import TailorError
 from tailorlm.models.methods import Strategy
 from tailorlm.train import distributed
 from tailorlm.train.distributed import Wrapped
-from tailorlm.train.objectives import PreferenceObjective
+from tailorlm.train.objectives import Objective, TokenLoss
 from tailorlm.train.checkpoint import CheckpointStore, load_trainer, load_weights, rng_state, set_rng_state
 from tailorlm.train.optim import make_optimizer, make_schedule
 from tailorlm.train.selection import Selector
@@ -41,8 +42,8 @@ from tailorlm.ui import console, progress
 
 @dataclass
 class TrainResult:
-    """What a run did. train() also sets `model`, the plain trained model (rank 0's gathered copy under FSDP,
-    None on the other ranks); it is an attribute, not a field, so checkpoints never serialise it."""
+    """What a run did, and the plain trained model (rank 0's gathered copy under FSDP, None on the other
+    ranks). A checkpoint stores the figures (figures()), never the model."""
     steps: int  # planned optimizer steps
     completed: int = 0  # steps actually taken (fewer when stopped early)
     train_loss: list[dict] = field(default_factory=list)  # {step, epoch, loss, lr, grad_norm (before clipping)}
@@ -55,6 +56,11 @@ class TrainResult:
     stopped_early: bool = False
     trainable: int = 0  # parameters the method trained at some point (all groups, for gradual unfreezing)
     parameters: int = 0
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # set when training ends
+
+    def figures(self) -> dict:
+        """Every field but the model, as a checkpoint stores them (and TrainResult(**figures) restores them)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "model"}
 
     @property
     def val_loss(self) -> list[dict]:
@@ -92,9 +98,9 @@ def planned_tokens(train_samples: list, spec: TrainSpec) -> int:
 
 def train(model, strategy: Strategy, train_samples: list, spec: TrainSpec, lr: float, pad_id: int,
           device: torch.device, hooks: Hooks | None = None, resume: Path | None = None,
-          objective: PreferenceObjective | None = None, held_out: list[Preference] = ()) -> TrainResult:
-    """Train on `train_samples` (Samples; Preference items under a preference `objective`, whose held-out
-    items are scored at every evaluation)."""
+          objective: Objective | None = None, held_out: list[Preference] = ()) -> TrainResult:
+    """Train on `train_samples` under `objective` (objectives.py; SFT's token loss by default): Samples, or
+    Preference items under a preference objective, whose held-out items are scored at every evaluation."""
     seed_everything(spec.seed)
     saved = None
     if resume is not None:  # weights go in before FSDP shards them
@@ -103,7 +109,8 @@ def train(model, strategy: Strategy, train_samples: list, spec: TrainSpec, lr: f
         load_weights(resume, strategy.checkpoint_params(model))
     wrapped = Wrapped(model, device)
     with fast_training(wrapped.module, spec, pad_id, device, planned_tokens(train_samples, spec)) as ctx:
-        run = _Run(wrapped, strategy, train_samples, spec, lr, ctx, hooks or Hooks(), objective, list(held_out))
+        run = _Run(wrapped, strategy, train_samples, spec, lr, ctx, hooks or Hooks(), objective or TokenLoss(),
+                   list(held_out))
         if saved:
             run.restore(resume, *saved)
         else:
@@ -117,12 +124,11 @@ class _Run:
     """One training run's mutable state; `go` is the loop."""
 
     def __init__(self, wrapped: Wrapped, strategy: Strategy, samples: list, spec: TrainSpec, lr: float,
-                 ctx: StepContext, hooks: Hooks, objective: PreferenceObjective | None = None,
-                 held_out: list[Preference] = ()):
+                 ctx: StepContext, hooks: Hooks, objective: Objective, held_out: list = ()):
         self.wrapped, self.model = wrapped, wrapped.module
         self.objective, self.held_out = objective, held_out
-        # evaluations run when something is measured: the run's hooks, or a preference objective's held-out pairs
-        self.evaluating = bool(hooks.evaluate) or bool(objective and held_out)
+        # evaluations run when something is measured: the run's hooks, or the objective's held-out items
+        self.evaluating = bool(hooks.evaluate) or bool(held_out)
         self.strategy, self.samples, self.spec, self.ctx, self.hooks = strategy, samples, spec, ctx, hooks
         self.world = distributed.world()
         model = self.model
@@ -143,7 +149,7 @@ class _Run:
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         procs = f" over {self.world.size} processes ({self.world.mode})" if self.world.active else ""
         console.print(f"Training {n_train:,} of {n_total:,} parameters ({n_train / n_total:.2%}) for {result.steps} "
-                      f"steps: {len(self.samples)} {self._unit()}, batch {spec.batch_size} x {spec.grad_accum} accumulation"
+                      f"steps: {len(self.samples)} {self.objective.unit_name()}, batch {spec.batch_size} x {spec.grad_accum} accumulation"
                       f"{procs}")
         start, seconds_before = time.perf_counter(), result.seconds
         if not self.resumed and self.evaluating and spec.eval_every:
@@ -171,11 +177,6 @@ class _Run:
         self.model.eval()
         return result
 
-    def _unit(self) -> str:
-        if self.objective is None:
-            return "samples"
-        return f"{'answers' if self.objective.name == 'kto' else 'pairs'} ({self.objective.name})"
-
     def _one_step(self, batches: list[list[int]]) -> str:
         """One optimizer step; the progress bar's text (the step's loss)."""
         spec, step = self.spec, self.step
@@ -185,10 +186,9 @@ class _Run:
             console.print(change)
             self.wrapped.refresh()
         group = [[self.samples[i] for i in idx] for idx in batches[self.position:self.position + spec.grad_accum]]
-        if self.objective:
-            self.objective.begin_step(group, self.wrapped.run, self.ctx)
-        loss, tokens = accumulate_gradients(self.wrapped.forward if self.objective else self.wrapped.loss, group,
-                                            self.ctx, self.wrapped.no_sync, objective=self.objective)
+        self.objective.begin_step(group, self.wrapped.run, self.ctx)
+        loss, tokens = accumulate_gradients(self.wrapped.forward, group, self.ctx, self.wrapped.no_sync,
+                                            objective=self.objective)
         params = self.strategy.trainable(self.model)
         # clip_grad_norm_ with an infinite bound only measures (its scale factor is exactly 1)
         norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
@@ -262,14 +262,13 @@ class _Run:
 
     def _measure(self, model) -> dict:
         metrics = self.hooks.evaluate(model, self.ctx, self.step) if self.hooks.evaluate else {}
-        if self.objective and self.held_out:
+        if self.held_out:
             metrics.update(self.objective.evaluate(model, self.held_out, self.ctx, self.spec.batch_size))
         return metrics
 
     def _referenced(self) -> list[Preference]:
         """The items whose reference log-probs a checkpoint stores: training items, then held-out ones."""
-        needs = self.objective is not None and self.objective.needs_reference
-        return list(self.samples) + list(self.held_out) if needs else []
+        return list(self.samples) + list(self.held_out) if self.objective.needs_reference else []
 
     def attach_references(self) -> None:
         """The reference log-probs of every preference item, from the model before its first step."""
@@ -302,7 +301,7 @@ class _Run:
         if self.world.active:
             trainer["rng_ranks"] = rngs
         state = {"step": self.step, "epoch": epoch, "position": position, "selector": self.selector.state(),
-                 "result": asdict(self.result), "processes": self.world.size}
+                 "result": self.result.figures(), "processes": self.world.size}
         self.hooks.checkpoints.save(self.step, params, trainer, state, self.result.best_step)
 
     def restore(self, path: Path, trainer: dict, state: dict) -> None:

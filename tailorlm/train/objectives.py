@@ -1,76 +1,111 @@
-"""Preference objectives (DPO and IPO, ORPO, SimPO, KTO) as a strategy of the one loop, not a second trainer.
+"""Training objectives as strategies of the one loop: SFT's token loss and the preference objectives (DPO and
+IPO, ORPO, SimPO, KTO), each an object of one interface, so the loop has no special case for any of them.
 
-The loop (loop.py) asks an objective three things per step: how many units the step's summed loss is
-divided by, which sequences a micro-batch packs, and the summed loss of those items. The token loss of SFT
-needs none of this and stays the loop's default path; a preference objective divides by the step's pairs
-(or KTO answers), so gradient accumulation stays exact as it is for SFT.
+The loop (loop.py) asks an objective the same things every step: how many units the step's summed loss is
+divided by (SFT: completion tokens; pairs, or KTO answers), which sequences a micro-batch packs, and the summed
+loss of those items. So gradient accumulation is exact for every objective alike. Between steps it may ask
+for more: begin_step (KTO's reference point), reference log-probs before training, and figures on held-out
+items at each evaluation. An objective that generates its own samples would add its own begin_step.
 
-The reference model is the model as training starts, its log-probs computed once for every item before the
-first step and stored in each checkpoint, so resume is exact and no second copy of the weights is ever held.
-Under LoRA that is the base with the adapter at its zero start (what TRL gets by switching the adapter off);
-when model.path names an SFT run, it is that SFT model, which is what DPO after SFT needs.
+The reference model of DPO and KTO is the model as training starts, its log-probs computed once for every item
+before the first step and stored in each checkpoint, so resume is exact and no second copy of the weights is
+ever held. Under LoRA that is the base with the adapter at its zero start (what TRL gets by switching the
+adapter off); when model.path names an SFT run, it is that SFT model, which is what DPO after SFT needs.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from tailorlm.config import ObjectiveSpec
 from tailorlm.data.batching import eval_batches
-from tailorlm.data.samples import Preference, Sample
-from tailorlm.errors import TailorError
-from tailorlm.kernels.loss import sequence_logps
+from tailorlm.data.samples import IGNORE, Preference, Sample
+from tailorlm.kernels.loss import completion_loss, sequence_logps
 from tailorlm.train import distributed
 
 
 TIE = 1e-4  # reward differences this small are float noise (references and evaluation batch differently)
 
 
-class PreferenceObjective:
-    """One of dpo (sigmoid or ipo loss), orpo, simpo, kto: per-item losses over sequence log-probs."""
+class Objective:
+    """The interface the loop trains through. `forward(fn)` runs fn(model, shared_prefix) as a training forward
+    (Wrapped.forward: with DDP/FSDP's gradient hooks)."""
+
+    name = "sft"
+    needs_reference = False  # reference log-probs computed before the first step and kept in checkpoints
+
+    def unit_name(self) -> str:
+        """What a training item is, for the start-of-training line."""
+        return "samples"
+
+    def units(self, items: list) -> int:
+        """The step's normaliser: its summed loss is divided by this."""
+        raise NotImplementedError
+
+    def sequences(self, items: list) -> list[Sample]:
+        """The sequences a micro-batch of `items` packs."""
+        raise NotImplementedError
+
+    def loss(self, forward, batch: dict, items: list) -> torch.Tensor:
+        """The summed loss of `items`, whose sequences are `batch`."""
+        raise NotImplementedError
+
+    def answers(self, items: list) -> list[Sample]:
+        """One sample per item whose loss after training points at mislabeled data (fit.example_losses)."""
+        return list(items)
+
+    def begin_step(self, group: list[list], run, ctx) -> None:
+        """Before a step's micro-batches; run(fn) runs evaluation code on every process (Wrapped.run)."""
+
+    def attach_references(self, model, items: list, ctx, batch_size: int) -> None:
+        """The reference log-probs of `items` under `model` as it is now (needs_reference only)."""
+
+    def evaluate(self, model, items: list, ctx, batch_size: int) -> dict:
+        """Figures on held-out items at each evaluation; SFT's come from the run's own evaluation hooks."""
+        return {}
+
+
+class TokenLoss(Objective):
+    """SFT: cross-entropy on the completion tokens (the loss mask), normalised by the step's completion tokens,
+    so accumulating 4 batches of 2 gives the same update as one batch of 8."""
+
+    def units(self, items: list[Sample]) -> int:
+        return sum(sum(t != IGNORE for t in s.labels[1:]) for s in items)
+
+    def sequences(self, items: list[Sample]) -> list[Sample]:
+        return items
+
+    def loss(self, forward, batch: dict, items: list[Sample]) -> torch.Tensor:
+        return forward(lambda model, shared_prefix: completion_loss(model, batch, shared_prefix=shared_prefix))[0]
+
+
+class PreferenceObjective(Objective):
+    """The preference objectives' shared part: per-item losses over summed sequence log-probs, held-out
+    figures (pref_loss, reward_accuracy, reward_margin). Each subclass gives its formula (_losses)."""
 
     def __init__(self, spec: ObjectiveSpec):
         self.spec, self.name, self.beta = spec, spec.name, spec.strength
-        self.needs_reference = spec.name in ("dpo", "kto")
-        self.kl = 0.0  # kto: this step's reference point z0 (begin_step)
 
-    # --- what the loop asks ---------------------------------------------------------------------------
+    def unit_name(self) -> str:
+        return f"pairs ({self.name})"
+
     def units(self, items: list[Preference]) -> int:
         return len(items)
 
     def sequences(self, items: list[Preference]) -> list[Sample]:
-        """Chosen and rejected of each pair side by side; kto trains on the answer alone (its mismatched pair
-        only enters the step's KL estimate, without gradient)."""
-        if self.name == "kto":
-            return [it.chosen for it in items]
+        """Chosen and rejected of each pair side by side."""
         return [s for it in items for s in (it.chosen, it.rejected)]
 
+    def answers(self, items: list[Preference]) -> list[Sample]:
+        return [it.chosen for it in items]
+
     def loss(self, forward, batch: dict, items: list[Preference]) -> torch.Tensor:
-        """The summed loss of `items`; forward(fn) runs fn(model, shared_prefix) as a training forward."""
         logps, counts = forward(lambda model, shared_prefix: sequence_logps(model, batch, shared_prefix))
         return self._losses(logps, counts, items)[0].sum()
 
-    def begin_step(self, group: list[list[Preference]], run, ctx) -> None:
-        """kto: z0, the drift of the policy from the reference on mismatched answers over the whole step, with
-        no gradient (the KTO paper's KL estimate); computed per step, not per micro-batch, so accumulation
-        stays exact. run(fn) runs evaluation code on every process (Wrapped.run)."""
-        if self.name != "kto":
-            return
-        world = distributed.world()
-        total, n = 0.0, 0
-        for items in group:
-            mine, real = distributed.share(items, world)
-            logps, _ = run(lambda model: _logps(model, [it.rejected for it in mine], ctx))
-            if real:
-                total += float((logps.double() - torch.tensor([it.reference[1] for it in mine], dtype=torch.float64,
-                                                              device=logps.device)).sum())
-                n += len(mine)
-        total, n = distributed.sum_floats(total, n)
-        self.kl = max(total / max(n, 1), 0.0)
-
-    # --- references and evaluation ----------------------------------------------------------------------
     def attach_references(self, model, items: list[Preference], ctx, batch_size: int) -> None:
-        """The reference log-probs of every item's two sequences under `model` as it is now."""
         if not self.needs_reference or not items:
             return
         chosen = _all_logps(model, [it.chosen for it in items], ctx, batch_size)
@@ -88,72 +123,152 @@ class PreferenceObjective:
         was_training = model.training
         model.eval()
         losses, correct, margins = [], [], []
-        if self.name == "kto":  # the held-out set's own z0
-            kl = [float(lp) - it.reference[1] for it, lp in zip(items, _all_logps(model, [it.rejected for it in items], ctx, batch_size))]
-            saved, self.kl = self.kl, max(sum(kl) / len(kl), 0.0)
-        for idx in eval_batches(items, batch_size):
-            batch = [items[i] for i in idx]
-            logps, counts = _logps(model, self.sequences(batch), ctx)
-            loss, chosen_reward, rejected_reward = self._losses(logps, counts, batch)
-            losses += loss.tolist()
-            if self.name == "kto":  # the reward over z0, on the side the label asks for
-                good = torch.tensor([bool(it.desirable) for it in batch], device=chosen_reward.device)
-                signed = torch.where(good, chosen_reward - rejected_reward, rejected_reward - chosen_reward)
-            else:
-                signed = chosen_reward - rejected_reward
-            margins += signed.tolist()
-            # a tie counts half: at the start the policy is its reference and every margin is 0 up to float noise
-            correct += torch.where(signed.abs() <= TIE, 0.5, (signed > 0).double()).tolist()
-        if self.name == "kto":
-            self.kl = saved
+        with self._held_out(model, items, ctx, batch_size):
+            for idx in eval_batches(items, batch_size):
+                batch = [items[i] for i in idx]
+                logps, counts = _logps(model, self.sequences(batch), ctx)
+                loss, chosen_reward, rejected_reward = self._losses(logps, counts, batch)
+                losses += loss.tolist()
+                signed = self._margin(chosen_reward, rejected_reward, batch)
+                margins += signed.tolist()
+                # a tie counts half: at the start the policy is its reference and every margin is 0 up to float noise
+                correct += torch.where(signed.abs() <= TIE, 0.5, (signed > 0).double()).tolist()
         model.train(was_training)
         n = len(losses)
         return {"pref_loss": sum(losses) / n, "reward_accuracy": sum(correct) / n, "reward_margin": sum(margins) / n}
 
-    # --- the formulas -------------------------------------------------------------------------------------
+    def _held_out(self, model, items, ctx, batch_size):
+        """What evaluation on held-out items sets up and puts back (KTO: their own reference point)."""
+        return contextlib.nullcontext()
+
+    def _margin(self, chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, items) -> torch.Tensor:
+        return chosen_reward - rejected_reward
+
     def _losses(self, logps: torch.Tensor, counts: torch.Tensor, items: list[Preference]):
-        """(per-item loss, chosen reward, rejected reward); kto's rejected reward is its z0."""
-        n, beta, spec = len(items), self.beta, self.spec
-        logps, counts = logps.float(), counts.float()
-        if self.name == "kto":
-            policy = logps[:n]
-            ref = torch.tensor([it.reference[0] for it in items], device=policy.device)
-            good = torch.tensor([bool(it.desirable) for it in items], device=policy.device)
-            drift = policy - ref
-            kl = torch.full_like(drift, self.kl)
-            loss = torch.where(good, spec.desirable_weight * (1 - torch.sigmoid(beta * (drift - kl))),
-                               spec.undesirable_weight * (1 - torch.sigmoid(beta * (kl - drift))))
-            return loss, beta * drift.detach(), beta * kl
-        pair, tokens = logps[:2 * n].view(n, 2), counts[:2 * n].view(n, 2).clamp(min=1)
-        mean = pair / tokens  # per-token mean log-probs: what orpo, simpo and ipo compare
-        if self.name == "dpo":
-            ref = torch.tensor([it.reference for it in items], device=pair.device)
-            if spec.loss == "ipo":  # IPO regresses the mean log-ratio gap to 1/(2 tau)
-                ref_mean = ref / tokens
-                rewards = mean - ref_mean
-                loss = ((rewards[:, 0] - rewards[:, 1]) - 1 / (2 * beta)) ** 2
-            else:
-                rewards = beta * (pair - ref)
-                loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1])
-        elif self.name == "simpo":
-            rewards = beta * mean
-            loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1] - spec.simpo_gamma)
-        elif self.name == "orpo":
-            # log odds = log p - log(1 - p) with p the per-token mean probability; expm1 keeps 1 - p exact near 1
-            mean_c = mean.clamp(max=-1e-6)
-            log_odds = mean_c - torch.log(-torch.expm1(mean_c))
-            loss = -mean[:, 0] - beta * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1])
-            rewards = beta * mean
+        """(per-item loss, chosen reward, rejected reward)."""
+        raise NotImplementedError
+
+    def _pairs(self, logps: torch.Tensor, counts: torch.Tensor, n: int):
+        """(summed log-probs, per-token mean log-probs, token counts), each (pairs, 2): chosen then rejected."""
+        pair, tokens = logps.float()[:2 * n].view(n, 2), counts.float()[:2 * n].view(n, 2).clamp(min=1)
+        return pair, pair / tokens, tokens
+
+    def _with_sft(self, loss: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """objective.sft_weight: the chosen answer's own token loss added (DPO, SimPO)."""
+        return loss - self.spec.sft_weight * mean[:, 0] if self.spec.sft_weight else loss
+
+
+class DPO(PreferenceObjective):
+    """DPO's sigmoid loss on the log-ratio margin against the reference, or IPO (objective.loss: ipo), which
+    regresses the mean log-ratio gap to 1/(2 tau)."""
+
+    needs_reference = True
+
+    def _losses(self, logps, counts, items):
+        pair, mean, tokens = self._pairs(logps, counts, len(items))
+        ref = torch.tensor([it.reference for it in items], device=pair.device)
+        if self.spec.loss == "ipo":
+            rewards = mean - ref / tokens
+            loss = ((rewards[:, 0] - rewards[:, 1]) - 1 / (2 * self.beta)) ** 2
         else:
-            raise TailorError(f"internal: unknown preference objective {self.name}")
-        if spec.sft_weight and self.name in ("dpo", "simpo"):
-            loss = loss - spec.sft_weight * mean[:, 0]
+            rewards = self.beta * (pair - ref)
+            loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1])
+        return self._with_sft(loss, mean), rewards[:, 0].detach(), rewards[:, 1].detach()
+
+
+class SimPO(PreferenceObjective):
+    """SimPO: the per-token mean log-prob as the reward, no reference, with a target margin gamma."""
+
+    def _losses(self, logps, counts, items):
+        _, mean, _ = self._pairs(logps, counts, len(items))
+        rewards = self.beta * mean
+        loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1] - self.spec.simpo_gamma)
+        return self._with_sft(loss, mean), rewards[:, 0].detach(), rewards[:, 1].detach()
+
+
+class ORPO(PreferenceObjective):
+    """ORPO: the chosen answer's token loss plus a log odds-ratio term, no reference."""
+
+    def _losses(self, logps, counts, items):
+        _, mean, _ = self._pairs(logps, counts, len(items))
+        # log odds = log p - log(1 - p) with p the per-token mean probability; expm1 keeps 1 - p exact near 1
+        mean_c = mean.clamp(max=-1e-6)
+        log_odds = mean_c - torch.log(-torch.expm1(mean_c))
+        loss = -mean[:, 0] - self.beta * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1])
+        rewards = self.beta * mean
         return loss, rewards[:, 0].detach(), rewards[:, 1].detach()
 
 
-def make_objective(spec: ObjectiveSpec) -> PreferenceObjective | None:
-    """The preference objective of a run; None for sft, which is the loop's own token loss."""
-    return PreferenceObjective(spec) if spec.preference else None
+class KTO(PreferenceObjective):
+    """KTO: single answers labelled desirable or not, each against a reference point z0, the policy's drift
+    from the reference on mismatched answers. Trains on the answer alone; its mismatched pair only enters the
+    step's z0, without gradient."""
+
+    needs_reference = True
+
+    def __init__(self, spec: ObjectiveSpec):
+        super().__init__(spec)
+        self.kl = 0.0  # this step's reference point z0 (begin_step)
+
+    def unit_name(self) -> str:
+        return "answers (kto)"
+
+    def sequences(self, items: list[Preference]) -> list[Sample]:
+        return [it.chosen for it in items]
+
+    def begin_step(self, group: list[list[Preference]], run, ctx) -> None:
+        """z0 over the whole step with no gradient (the KTO paper's KL estimate); per step, not per micro-batch,
+        so accumulation stays exact."""
+        world = distributed.world()
+        total, n = 0.0, 0
+        for items in group:
+            mine, real = distributed.share(items, world)
+            logps, _ = run(lambda model: _logps(model, [it.rejected for it in mine], ctx))
+            if real:
+                total += float((logps.double() - torch.tensor([it.reference[1] for it in mine], dtype=torch.float64,
+                                                              device=logps.device)).sum())
+                n += len(mine)
+        total, n = distributed.sum_floats(total, n)
+        self.kl = max(total / max(n, 1), 0.0)
+
+    def _held_out(self, model, items, ctx, batch_size):
+        """The held-out set's own z0 while it is scored; the training one is put back afterwards."""
+        @contextlib.contextmanager
+        def own_reference_point():
+            drift = [float(lp) - it.reference[1]
+                     for it, lp in zip(items, _all_logps(model, [it.rejected for it in items], ctx, batch_size))]
+            saved, self.kl = self.kl, max(sum(drift) / len(drift), 0.0)
+            try:
+                yield
+            finally:
+                self.kl = saved
+
+        return own_reference_point()
+
+    def _margin(self, chosen_reward, rejected_reward, items) -> torch.Tensor:
+        """The reward over z0, on the side the label asks for."""
+        good = torch.tensor([bool(it.desirable) for it in items], device=chosen_reward.device)
+        return torch.where(good, chosen_reward - rejected_reward, rejected_reward - chosen_reward)
+
+    def _losses(self, logps, counts, items):
+        """Its rejected reward is z0."""
+        n, beta, spec = len(items), self.beta, self.spec
+        policy = logps.float()[:n]
+        ref = torch.tensor([it.reference[0] for it in items], device=policy.device)
+        good = torch.tensor([bool(it.desirable) for it in items], device=policy.device)
+        drift = policy - ref
+        kl = torch.full_like(drift, self.kl)
+        loss = torch.where(good, spec.desirable_weight * (1 - torch.sigmoid(beta * (drift - kl))),
+                           spec.undesirable_weight * (1 - torch.sigmoid(beta * (kl - drift))))
+        return loss, beta * drift.detach(), beta * kl
+
+
+OBJECTIVES = {"sft": lambda spec: TokenLoss(), "dpo": DPO, "simpo": SimPO, "orpo": ORPO, "kto": KTO}
+
+
+def make_objective(spec: ObjectiveSpec) -> Objective:
+    """The run's objective (objective.name); adding one means a class above and its name in the config."""
+    return OBJECTIVES[spec.name](spec)
 
 
 def _logps(model, samples: list[Sample], ctx) -> tuple[torch.Tensor, torch.Tensor]:

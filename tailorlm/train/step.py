@@ -13,12 +13,15 @@ import torch
 
 from tailorlm.config import TrainSpec
 from tailorlm.data.batching import collate, eval_batches
-from tailorlm.data.samples import IGNORE, Sample
+from tailorlm.data.samples import Sample
 from tailorlm.kernels.attention import packed_attention
 from tailorlm.kernels.fused import compile_layers, uncompile_layers
 from tailorlm.kernels.loss import completion_loss
 from tailorlm.kernels.packing import pack, to_device
 from tailorlm.train import distributed
+from tailorlm.train.objectives import Objective, TokenLoss
+
+SFT = TokenLoss()  # stateless: one instance serves every call that names no objective
 
 
 @dataclass
@@ -128,34 +131,31 @@ def _mostly_frozen(model) -> bool:
     return trainable < 0.5 * sum(p.numel() for p in model.parameters())
 
 
-def accumulate_gradients(loss: Callable, group: list[list], ctx: StepContext,
+def accumulate_gradients(forward: Callable, group: list[list], ctx: StepContext,
                          no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
-                         objective=None) -> tuple[float, int]:
+                         objective: Objective = SFT) -> tuple[float, int]:
     """Backward over the global micro-batches of one step so the summed gradient equals that of one batch of all
-    their samples. Under torchrun each process runs its share of every micro-batch and scales by the process
+    their items. Under torchrun each process runs its share of every micro-batch and scales by the process
     count, which the gradient averaging of DDP/FSDP undoes; no_sync(last) skips that averaging until the last
     micro-batch.
 
-    Without an objective (SFT): loss(batch) -> (summed completion-token loss, tokens), e.g. Wrapped.loss, and
-    the step's loss is normalised by its completion tokens. With a preference objective (objectives.py) the
-    items are Preference pairs, loss is Wrapped.forward, and the normaliser is the step's items.
+    forward(fn) runs fn(model, shared_prefix) as a training forward (Wrapped.forward). The objective
+    (objectives.py; SFT's token loss by default) gives each micro-batch's sequences and summed loss, and the
+    step's normaliser: completion tokens for SFT, pairs or answers for preference objectives.
 
     Returns (mean loss per normalising unit, real tokens processed), over all processes."""
     world = distributed.world()
     if ctx.token_budget:  # a budget per process: each of them runs its share of every micro-batch
         group = regroup(group, ctx.token_budget * world.size)
-    if objective is None:
-        n_units = sum(sum(t != IGNORE for t in s.labels[1:]) for batch in group for s in batch)
-    else:
-        n_units = objective.units([item for batch in group for item in batch])
+    n_units = objective.units([item for batch in group for item in batch])
     losses, tokens = [], 0
-    for i, samples in enumerate(group):
-        mine, real = distributed.share(samples, world)
-        batch = ctx.batch(mine if objective is None else objective.sequences(mine))
+    for i, items in enumerate(group):
+        mine, real = distributed.share(items, world)
+        batch = ctx.batch(objective.sequences(mine))
         sync = no_sync(i == len(group) - 1) if no_sync else contextlib.nullcontext()
         with sync:
             with ctx.autocast():
-                loss_sum = loss(batch)[0] if objective is None else objective.loss(loss, batch, mine)
+                loss_sum = objective.loss(forward, batch, mine)
             (loss_sum * (world.size if real else 0) / max(n_units, 1)).backward()
         if real:
             losses.append(loss_sum.detach())
