@@ -74,6 +74,7 @@ def corpus(tmp_path_factory):
     write(root / "escape.yaml", "template:\n  prompt: \"{{ text.__class__.__mro__[1].__subclasses__() }}\"\n")
     write(root / "parquet-that-is-csv.parquet", "text,label\nok,x\n")
     write(root / "csv-that-is-gzip.csv", b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)
+    write(root / "bad-retention.jsonl", '{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say\n')
     return root
 
 
@@ -150,6 +151,22 @@ def test_bad_weights_are_found_before_the_run_directory_exists(corpus, tmp_path)
     for model in ("garbage-weights", "missing-tensors", "pickled", "text.gguf", "cut.gguf", "vocab-only.gguf"):
         assert main(["run", f"model.path={corpus / model}", f"data.train={corpus / 'reviews.csv'}",
                      "--output", str(out), *FAST]) == 2
+        assert not out.exists()
+
+
+def test_bad_retention_data_fails_before_the_run_directory_or_the_model(corpus, tmp_path, capsys, monkeypatch):
+    """eval.retention.data is read with the rest of the input: a broken file stops the run before the run folder
+    exists, the weights load or any baseline runs."""
+    import tailorlm.pipeline.stages as stages
+
+    monkeypatch.setattr(stages, "load_base", lambda *a: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    for data, expected in ((corpus / "bad-retention.jsonl", f"{corpus}/bad-retention.jsonl, line 2: invalid JSON"),
+                           (corpus / "missing.jsonl", f"{corpus}/missing.jsonl")):
+        code = main(["run", f"model.path={corpus / 'good-model'}", f"data.train={corpus / 'reviews.csv'}",
+                     f"eval.retention.data={data}", "--output", str(out), *FAST])
+        text = capsys.readouterr()
+        assert code == 2 and expected in text.out + text.err, text
         assert not out.exists()
 
 

@@ -49,14 +49,14 @@ class TrainingEvaluation:
     training (the guardrail's reference), at each evaluation, and after."""
 
     def __init__(self, cfg: RunConfig, tokenizer, validation: dict[str, list[Sample]], evaluators: dict[str, Evaluator],
-                 device):
+                 device, probe: RetentionProbe | None = None):
         self.cfg, self.evaluators, self.device = cfg, evaluators, device
         self.batch_size = cfg.train.batch_size
         self.several = len(evaluators) > 1
         self.val_set = [s for samples in validation.values() for s in samples]
         self.subsets = {name: _subset(samples, cfg.eval.during_training, cfg.train.seed)
                         for name, samples in validation.items()}
-        self.probe = RetentionProbe.load(cfg.eval.retention, tokenizer, cfg.template, cfg.train.seed)
+        self.probe = probe  # read with the rest of the run's input (pipeline.prepare)
         self.plain = StepContext(tokenizer.pad_token_id, device, packing=False)
         self.retention: dict = {}
 

@@ -19,6 +19,7 @@ from tailorlm.data.samples import Preference, Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, EncodeReport, encode_examples, encode_preference_examples
 from tailorlm.errors import ConfigError, DataError, TailorError
+from tailorlm.eval.retention import RetentionProbe
 from tailorlm.models.loading import inspect_model, load_tokenizer, resolve_device
 from tailorlm.rundir import write_json
 from tailorlm.ui import console, stage
@@ -49,6 +50,9 @@ class Prepared:
     cfg: RunConfig
     tasks: dict[str, TaskData]
     tokenizer: object
+    # The general-instruction set whose perplexity shows forgetting (eval.retention.data), read and tokenized
+    # here with the rest of the user's input, so a bad one fails before the run folder or the model exists.
+    retention: RetentionProbe | None = None
 
     @property
     def several(self) -> bool:
@@ -98,7 +102,8 @@ def prepare(cfg: RunConfig, given: Mapping[str, object] | None = None, tokenizer
                                      f"mixing) is for objective.name=sft"])
     tasks = {t.name: prepare_task(t.name, cfg.for_task(t), tokenizer, n_params, given, named=cfg.multi_task,
                                   weight=t.weight) for t in cfg.task_set()}
-    return Prepared(cfg, tasks, tokenizer)
+    retention = RetentionProbe.load(cfg.eval.retention, tokenizer, cfg.template, cfg.train.seed)
+    return Prepared(cfg, tasks, tokenizer, retention)
 
 
 def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Mapping[str, object] | None = None,

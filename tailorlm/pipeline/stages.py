@@ -85,7 +85,7 @@ def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str,
     cfg = prepared.cfg
     objective = f", {cfg.objective.name}" if cfg.objective.preference else ""
     stage(f"Fine-tuning ({cfg.method.name}{objective})")
-    during = TrainingEvaluation(cfg, prepared.tokenizer, prepared.validation(), scorers, device)
+    during = TrainingEvaluation(cfg, prepared.tokenizer, prepared.validation(), scorers, device, prepared.retention)
     result = fit(cfg, model, prepared.tokenizer, prepared.training_set, run_dir.path, device, resume, log, during,
                  prepared.held_out_pairs())
     if result is None:
