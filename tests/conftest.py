@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The machine's measured training rate (preflight's estimate) is cached per machine; the suite keeps its own,
+# measured once per session, rather than writing into the user's ~/.cache.
+os.environ.setdefault("TAILOR_CACHE_DIR", tempfile.mkdtemp(prefix="tailor-test-cache-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

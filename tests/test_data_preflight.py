@@ -1,13 +1,24 @@
-"""Preflight: duplicates, leakage, lengths and the loss preview, and thresholds that stop a run."""
+"""Preflight: duplicates, leakage, lengths and the loss preview, thresholds that stop a run, and what the
+training-time estimate rests on (its parts: test_data_estimate.py)."""
 import json
 
+import pytest
+
 from tailorlm.cli import main
-from tailorlm.data import quality
+from tailorlm.data import cost, quality
 from tailorlm.data.preflight import loss_preview
 from tailorlm.data.samples import IGNORE, Sample
 from conftest import write
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired sailors sing about the distant northern sea".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _machine_figures_in_a_scratch_cache(tmp_path_factory):
+    """Every preflight here measures this machine once, into a cache of the module's own, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TAILOR_CACHE_DIR", str(tmp_path_factory.mktemp("machine-cache")))
+        yield
 
 
 def test_exact_and_near_duplicates():
@@ -181,3 +192,18 @@ def test_a_run_whose_every_pair_is_identical_stops_before_any_output(tmp_path, t
     assert (f"error: {train}: all 6 pairs have the same chosen and rejected answer (once whitespace is collapsed; "
             f"e.g. line 1, line 2, line 3), so there is no preference to learn; give each pair a rejected answer "
             f"that differs from its chosen one") in " ".join(capsys.readouterr().out.split())
+
+
+def test_preflight_says_what_the_estimate_rests_on(tmp_path, tiny_model_dir):
+    train, _ = _data(tmp_path)
+    for run in ("first", "second"):
+        out = tmp_path / run
+        assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}", "method.name=freeze",
+                     "method.freeze.first_blocks=1", "--output", str(out)]) == 0
+        report = json.loads((out / "preflight.json").read_text())
+    basis = report["estimate_basis"]
+    assert basis["method"] == "freeze" and basis["layout"] == "config.json" and basis["cached"] is True
+    assert basis["rate_flops"] == pytest.approx(cost.EFFICIENCY * basis["matmul_flops"], rel=1e-6)
+    time_check = next(f["message"] for f in report["findings"] if f["check"] == "time")
+    assert f"{basis['flops_per_token'] / 1e6:,.3g} MFLOP a token (freeze, layout from config.json)" in time_check
+    assert time_check.endswith("cached); evaluations not included")

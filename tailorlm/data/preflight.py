@@ -7,8 +7,6 @@ is ok, warn or error; config `preflight.*` decides which checks stop the run (e.
 """
 from __future__ import annotations
 
-import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,8 @@ from rich.text import Text
 
 from tailorlm.config import RunConfig
 from tailorlm.data import quality
+from tailorlm.data.cost import estimate_training
+from tailorlm.data.model_shape import ModelShape, read_shape
 from tailorlm.data.preferences import IDENTICAL, answer_text, identical_answers
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.errors import TailorError
@@ -46,7 +46,9 @@ def _level(policy: str, problem: bool) -> str | None:
 
 
 def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], reports: dict, template, tokenizer,
-                  n_params: int, device: torch.device) -> Preflight:
+                  n_params: int | ModelShape, device: torch.device) -> Preflight:
+    """Every check on one task's data. n_params: the model's parameter count, whose layout is then read from
+    the model's config (data/model_shape.py), or the layout itself where the caller has it."""
     spec, pf = cfg.preflight, Preflight()
     # Duplicates and leakage compare the examples' own inputs, not rendered prompts: the template's shared
     # instruction would make every short input look nearly the same.
@@ -119,10 +121,13 @@ def run_preflight(cfg: RunConfig, splits, encoded: dict[str, list[Sample]], repo
     tokens = int(lengths.sum())
     steps = cfg.train.max_steps
     epochs = steps * cfg.train.batch_size * cfg.train.grad_accum / len(lengths) if steps else cfg.train.epochs
-    seconds = estimate_seconds(tokens * epochs, n_params, cfg.method.name, device)
-    pf.facts.update(tokens_per_epoch=tokens, epochs=round(epochs, 3), estimated_train_seconds=round(seconds))
+    shape = n_params if isinstance(n_params, ModelShape) else \
+        read_shape([cfg.model.path, getattr(tokenizer, "name_or_path", "")], n_params)
+    estimate = estimate_training(cfg, shape, encoded["train"], epochs, device)
+    pf.facts.update(tokens_per_epoch=tokens, epochs=round(epochs, 3), estimated_train_seconds=round(estimate.seconds),
+                    estimate_basis=estimate.basis)
     pf.add("time", "ok", f"{tokens:,} tokens per epoch x {epochs:.2g} epochs; estimated training time on "
-                         f"{device.type}: {_duration(seconds)}")
+                         f"{device.type}: {_duration(estimate.seconds)}: {estimate.describe()}")
     pf.facts["loss_preview"] = [loss_preview(s, tokenizer).plain for s in encoded["train"][:2]]
     return pf
 
@@ -210,28 +215,6 @@ def _counts(values: list[str], labels: list[str]) -> dict[str, int]:
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-@functools.cache  # one probe per device and process: a multi-task run prepares several tasks
-def matmul_flops(device: torch.device) -> float:
-    """This machine's measured matrix-multiply rate (FLOP/s) in the dtype training will use."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 2048 if device.type == "cuda" else 512
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.3:
-        a @ b
-        reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
-
-
-def estimate_seconds(tokens: float, n_params: int, method: str, device: torch.device) -> float:
-    """6N FLOPs per token for full fine-tuning, 4N for adapters (no weight gradients for frozen weights), at
-    the measured matmul rate. On the default job this lands within ~20% of the measured training time."""
-    return tokens * (6 if method == "full" else 4) * n_params / matmul_flops(device)
 
 
 def loss_preview(sample: Sample, tokenizer) -> Text:
