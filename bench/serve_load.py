@@ -272,15 +272,17 @@ def main() -> None:
     import torch
     from openai import OpenAI
 
-    from tailorlm.serve.command import load_engine, model_id
+    from tailorlm.models.loading import quiet_library_logs
+    from tailorlm.ops.engines import open_engine
     from tailorlm.serve.server import BackgroundServer, Limits, create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine, trained = load_engine(args.model, args.device, args.max_batch)
+    quiet_library_logs()
+    opened = open_engine(args.model, device=args.device, max_batch=args.max_batch)
     load_s = time.perf_counter() - t0
-    name = model_id(args.model, trained)
+    engine, name = opened.engine, opened.name
     if args.mode == "engines":
         return compare_engines(args, engine, name, load_s)
     results = {}

@@ -7,8 +7,10 @@
     run.export("gguf")
     tailorlm.load("runs/sst2-20261125-101500").compare(run)
 
-The CLI is a layer over these same calls. Nothing global changes on import or on a call: library logging is
-quieted only when the call says `quiet=True` (the CLI does), and the rest puts back what it changes.
+`tailor run` is a layer over tailorlm.run; a Run's predict, generate, chat, export and compare are the operations
+in ops/ that the other `tailor` verbs and the studio run too. Nothing global changes on import or on a call:
+library logging is quieted only when the call says `quiet=True` (the CLI does), and the rest puts back what it
+changes.
 
 `import tailorlm` loads this module; torch, transformers and the pipeline load inside the calls that need
 them, so importing the package takes a fraction of a second (that is why the imports below are local).
@@ -65,9 +67,9 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
             # None (validation, test): null, as a config spells "split it off the training data"
             extra += [f"data.{split}={'null' if source is None else source}" for split, source in fields.items()]
     if resume and config is None and output is not None:  # the run's own config, as `tailor run --resume` reads it
-        if not RunDir(output).is_run():
-            raise TailorError(f"tailorlm.run(resume=True): {output} is not a run directory (no config.yaml)")
-        config = RunDir(output) / "config.yaml"
+        from tailorlm.ops.resume import resume_config
+
+        config = resume_config(output, "tailorlm.run(resume=True)")
     cfg = _config(config, extra, trust_remote_code)
     if quiet:
         quiet_library_logs()
@@ -140,10 +142,9 @@ class Run:
     def trained(self):
         """The trained model, loaded from the run directory on first use (models.trained.Trained)."""
         if self._trained is None:
-            from tailorlm.models.loading import resolve_device
-            from tailorlm.models.trained import load_trained
+            from tailorlm.ops.engines import load_for_inference
 
-            self._trained = load_trained(self.path, resolve_device(self._device), merge=True)
+            self._trained, _ = load_for_inference(self.path, self._device)
         return self._trained
 
     @property
@@ -182,26 +183,20 @@ class Run:
                verify: bool = False) -> Path:
         """Write an export (hf, adapter or gguf, as `tailor export`); returns its folder. verify=True loads it
         back and raises when its logits or prompts differ from the run's."""
-        from tailorlm.export.build import export_run
-        from tailorlm.models.trained import load_trained
+        from tailorlm.ops.export import export_finished_run
 
-        # On the CPU in float32: exporting is memory-bound, and the checks compare against exact float32 logits.
-        trained = load_trained(self.path, "cpu", merge=format != "adapter")
-        result = export_run(trained, format, quant, output)
-        if verify:
-            from tailorlm.export.verify import verify_export
-
-            checked = verify_export(trained, result)
-            if not checked.ok:
-                raise TailorError(f"{result.folder}: the export differs from the run: " + "; ".join(
-                    f"{c.name}: {c.value}" for c in checked.checks if not c.ok))
-        return result.folder
+        exported = export_finished_run(self.path, format, quant, output, verify=verify)
+        checked = exported.checks
+        if checked is not None and not checked.ok:
+            raise TailorError(f"{exported.result.folder}: the export differs from the run: " + "; ".join(
+                f"{c.name}: {c.value}" for c in checked.checks if not c.ok))
+        return exported.result.folder
 
     def compare(self, *others: Run | str | Path):
         """This run beside others (track.compare.Comparison: config differences, metrics, curves)."""
-        from tailorlm.track.compare import compare_runs
+        from tailorlm.ops.compare import compare
 
-        return compare_runs([self.path] + [o.path if isinstance(o, Run) else Path(o) for o in others])
+        return compare([self, *others])
 
     def close(self) -> None:
         """Stop the generation worker, if generate/chat started one."""
@@ -217,10 +212,9 @@ class Run:
 
     def _get_engine(self):
         if self._engine is None:
-            from tailorlm.serve.engine import Engine
+            from tailorlm.ops.engines import engine_for
 
-            device = next(self.model.parameters()).device
-            self._engine = Engine(self.model, self.tokenizer, self.trained.chat_format(), device)
+            self._engine = engine_for(self.trained, next(self.model.parameters()).device)
         return self._engine
 
     def _table(self, rows: Any):

@@ -22,10 +22,12 @@ EPILOG = """examples:
                                                train.distributed.strategy=fsdp)
 """
 
-# Verbs beyond run/preflight live beside the code they drive; each module has register(verbs), which adds
-# its subparser with set_defaults(handler=fn), and fn(args) -> exit code. Heavy imports stay inside fn.
-VERB_MODULES = ["tailorlm.export.command", "tailorlm.serve.command", "tailorlm.track.command", "tailorlm.sweep.command",
-                "tailorlm.studio.command"]
+# Verbs beyond run/preflight/pairs live in commands/ when their work is an operation (ops/: export, chat,
+# predict, serve, runs, compare), and beside the code they drive otherwise (sweep, studio). Each module has
+# register(verbs), which adds its subparser with set_defaults(handler=fn), and fn(args) -> exit code. Heavy
+# imports stay inside fn.
+VERB_MODULES = ["tailorlm.commands.export", "tailorlm.commands.serve", "tailorlm.commands.track",
+                "tailorlm.sweep.command", "tailorlm.studio.command"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,11 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if resume:
             if config_path:
                 raise TailorError(f"--resume {resume} uses the run's own config.yaml; drop {config_path}")
-            from tailorlm.rundir import RunDir
+            from tailorlm.ops.resume import resume_config
 
-            if not RunDir(resume).is_run():
-                raise TailorError(f"--resume: {resume} is not a run directory (no config.yaml)")
-            config_path = str(RunDir(resume) / "config.yaml")
+            config_path = str(resume_config(resume, "--resume"))
         cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []),
                           trust_remote_code=args.trust_remote_code)
         if args.verb == "run" and args.print_config:

@@ -14,7 +14,7 @@ import torch
 from openai import OpenAI
 
 from test_serve_chat import SYSTEM, direct_greedy, serve_run, slowed, wait_until
-from tailorlm.serve.command import model_id
+from tailorlm.ops.engines import model_id
 from tailorlm.serve.engine import Engine, Sampling
 from tailorlm.serve.server import BackgroundServer, Limits, create_app
 

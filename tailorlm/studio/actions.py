@@ -1,7 +1,7 @@
 """The studio's two model-using actions: chat with a run beside its base model, and export with verification.
 
-Both load models through models/trained.py, as `tailor chat` and `tailor export` do, so the studio's chat lays
-out prompts exactly as training and evaluation did, and its exports are the CLI's exports.
+Both are operations of ops/ (engines.py, export.py), the ones `tailor chat` and `tailor export` run, so the
+studio's chat lays out prompts exactly as training and evaluation did, and its exports are the CLI's exports.
 """
 from __future__ import annotations
 
@@ -45,20 +45,10 @@ class SideBySide:
     weights differ."""
 
     def __init__(self, run_dir: Path, device: str = "auto"):
-        from tailorlm.data.tokenize import ChatFormat
-        from tailorlm.models.loading import resolve_device
-        from tailorlm.models.trained import load_trained
-        from tailorlm.serve.engine import Engine
+        from tailorlm.ops.engines import load_run_beside_base
 
-        self.device = resolve_device(device)
-        tuned = load_trained(run_dir, self.device, merge=True)
-        base = load_trained(tuned.base_source, self.device)
-        self.trained = {"fine_tuned": tuned, "base": dataclasses.replace(tuned, model=base.model,
-                                                                         tokenizer=base.tokenizer)}
-        self.engines = {
-            "fine_tuned": Engine(tuned.model, tuned.tokenizer, tuned.chat_format(), self.device),
-            "base": Engine(base.model, base.tokenizer, ChatFormat(base.tokenizer, tuned.cfg.template), self.device),
-        }
+        loaded = load_run_beside_base(run_dir, device)
+        self.device, self.trained, self.engines = loaded.device, loaded.trained, loaded.engines
 
     def answer_task(self, fields: dict[str, str], constrained: bool) -> Iterator[dict]:
         """Each side's answer to one row made of `fields`, laid out and decoded as `tailor predict` does it
@@ -180,18 +170,15 @@ def start_export(exports: dict[str, dict], run_dir: Path, fmt: str, quant: str |
     exports[run_dir.name] = state
 
     def work() -> None:
-        from tailorlm.export.build import export_run
-        from tailorlm.export.verify import verify_export
-        from tailorlm.models.trained import load_trained
+        from tailorlm.ops.export import export_finished_run
 
-        try:
-            # On the CPU in float32, as tailor export: the checks compare against exact float32 logits.
-            trained = load_trained(run_dir, "cpu", merge=fmt != "adapter")
-            result = export_run(trained, fmt, quant)
+        def written(result) -> None:  # the page lists the files while the checks run
             state["folder"] = str(result.folder)
             state["files"] = [{"name": str(f.relative_to(result.folder)), "bytes": f.stat().st_size}
                               for f in sorted(result.folder.rglob("*")) if f.is_file()]
-            report = verify_export(trained, result)
+
+        try:
+            report = export_finished_run(run_dir, fmt, quant, verify=True, on_written=written).checks
             state["checks"] = [{"name": c.name, "result": c.result, "limit": c.limit, "ok": c.ok} for c in report.checks]
             state["state"] = "verified" if report.ok else "differs"
         except TailorError as e:

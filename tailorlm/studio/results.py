@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tailorlm.errors import TailorError
 from tailorlm.studio.paths import Folders, Refused
-from tailorlm.track.compare import compare_runs
+from tailorlm.track.compare import ABSENT
 from tailorlm.track.registry import SEARCH_DEPTH, is_run_dir, load_run
 
 SHOWN_LOSSES = 20  # highest-loss training examples listed
@@ -82,8 +82,11 @@ def run_results(run_dir: Path) -> dict:
 
 
 def comparison(paths: list[Path]) -> dict:
-    """What `tailor compare` computes, as data: the settings that differ, the metrics side by side, the curves."""
-    found = compare_runs(paths)
+    """What `tailor compare` computes (ops/compare.py), as data: the settings that differ, the metrics side by side,
+    the curves."""
+    from tailorlm.ops.compare import compare
+
+    found = compare(paths)
     return {"labels": found.labels, "config_diff": {k: [_plain(v) for v in vs] for k, vs in found.config_diff.items()},
             "metrics": found.metrics, "curves": found.curves}
 
@@ -113,6 +116,9 @@ def _unread(path: Path, status: str, error: TailorError) -> dict:
 
 
 def _plain(value):
+    """A compared setting as JSON: a key a run's config lacks is null, as compare.json writes it."""
+    if value is ABSENT:
+        return None
     return value if isinstance(value, (str, int, float, bool, list, dict)) or value is None else str(value)
 
 

@@ -1,4 +1,4 @@
-"""`tailor runs` and `tailor compare`: the run registry on the command line (registry.py, compare.py)."""
+"""`tailor runs` and `tailor compare`: the run registry on the command line (track/registry.py, ops/compare.py)."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +43,7 @@ def compare_runs(args: argparse.Namespace) -> int:
     from datetime import datetime
     from pathlib import Path
 
-    from tailorlm.track.compare import compare_runs as compare
+    from tailorlm.ops.compare import compare
     from tailorlm.track.compare import print_comparison, write_comparison
     from tailorlm.ui import console
 

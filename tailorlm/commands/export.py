@@ -31,9 +31,9 @@ def run_export(args) -> int:
     # imports (torch, transformers, optuna, rich) load only when it runs.
     from pathlib import Path
 
-    from tailorlm.export.build import check_run_dir, export_run
+    from tailorlm.export.build import check_run_dir
     from tailorlm.models.loading import quiet_library_logs
-    from tailorlm.models.trained import load_trained
+    from tailorlm.ops.export import export_finished_run
     from tailorlm.ui import console, stage
 
     run_dir = Path(args.run_dir)
@@ -43,14 +43,13 @@ def run_export(args) -> int:
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars would bury the export's own output
     stage(f"Export: {args.format}" + (f" ({args.quant or 'f16'})" if args.format == "gguf" else ""))
-    # On the CPU in float32: exporting is memory-bound, and the checks compare against exact float32 logits.
-    trained = load_trained(run_dir, "cpu", merge=args.format != "adapter", trust_remote_code=args.trust_remote_code)
-    result = export_run(trained, args.format, args.quant, args.output)
-    console.print(f"Wrote {result.folder}/: " + ", ".join(sorted(p.name for p in result.folder.iterdir())))
-    if not args.verify:
-        return 0
-    from tailorlm.export.verify import verify_export  # lazy: only with --verify (loads the export back)
 
-    report = verify_export(trained, result)
-    report.show()
-    return 0 if report.ok else 1
+    def list_files(result) -> None:  # said before the checks, which take longer than the writing
+        console.print(f"Wrote {result.folder}/: " + ", ".join(sorted(p.name for p in result.folder.iterdir())))
+
+    exported = export_finished_run(run_dir, args.format, args.quant, args.output, verify=args.verify,
+                                   trust_remote_code=args.trust_remote_code, on_written=list_files)
+    if exported.checks is None:
+        return 0
+    exported.checks.show()
+    return 0 if exported.checks.ok else 1

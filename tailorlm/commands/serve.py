@@ -1,8 +1,7 @@
 """`tailor chat`, `tailor predict` and `tailor serve`: use a finished run (or any model) for inference.
 
-Each verb loads the model through models/trained.py, so it sees the run's base model, trained weights,
-template and chat format exactly as evaluation did. A LoRA adapter is merged into the base weights on load:
-the same function, one matmul per layer instead of two.
+Each verb loads the model through ops/engines.py, as the API and the studio do, so it sees the run's base
+model, trained weights, template and chat format exactly as evaluation did.
 """
 from __future__ import annotations
 
@@ -80,24 +79,15 @@ def _temperature(text: str) -> float:
     return value
 
 
-def model_id(path: str, trained) -> str:
-    """The name clients use: the run directory's name, or the model file or folder name."""
-    if trained.run_dir is not None:
-        return Path(path).resolve().name
-    return Path(trained.base_source).name
-
-
 def load_engine(path: str, device_name: str, max_batch: int = 8, trust_remote_code: bool = False):
-    from tailorlm.models.loading import quiet_library_logs, resolve_device
-    from tailorlm.models.trained import load_trained
-    from tailorlm.serve.engine import Engine
+    """The PyTorch engine for a run or model (ops.engines.OpenedEngine), loaded under a status line."""
+    from tailorlm.models.loading import quiet_library_logs
+    from tailorlm.ops.engines import open_engine
     from tailorlm.ui import console
 
     quiet_library_logs()
-    device = resolve_device(device_name)
     with console.status(f"Loading {path} ..."):
-        trained = load_trained(path, device, merge=True, trust_remote_code=trust_remote_code)
-    return Engine(trained.model, trained.tokenizer, trained.chat_format(), device, max_batch), trained
+        return open_engine(path, device=device_name, max_batch=max_batch, trust_remote_code=trust_remote_code)
 
 
 def run_chat_verb(args) -> int:
@@ -106,7 +96,7 @@ def run_chat_verb(args) -> int:
     from tailorlm.serve.chat import ChatSession, run_chat
     from tailorlm.serve.engine import Sampling
 
-    engine, _ = load_engine(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    engine = load_engine(args.model, args.device, trust_remote_code=args.trust_remote_code).engine
     try:
         return run_chat(ChatSession(engine, Sampling(args.max_new_tokens, args.temperature), args.system),
                         sys.stdin, sys.stdout)
@@ -117,8 +107,9 @@ def run_chat_verb(args) -> int:
 def run_predict_verb(args) -> int:
     from tailorlm.errors import TailorError
     from tailorlm.eval.report import TITLES, format_metric
-    from tailorlm.models.loading import quiet_library_logs, resolve_device
-    from tailorlm.models.trained import is_run_dir, load_trained
+    from tailorlm.models.loading import quiet_library_logs
+    from tailorlm.models.trained import is_run_dir
+    from tailorlm.ops.engines import load_for_inference
     from tailorlm.serve.predict import predict
     from tailorlm.ui import console
 
@@ -127,9 +118,8 @@ def run_predict_verb(args) -> int:
                           f"rows with a run's template, so give it a directory written by `tailor run` "
                           f"(for a plain model use `tailor chat` or `tailor serve`)")
     quiet_library_logs()
-    device = resolve_device(args.device)
     with console.status(f"Loading {args.model} ..."):
-        trained = load_trained(args.model, device, merge=True, trust_remote_code=args.trust_remote_code)
+        trained, device = load_for_inference(args.model, args.device, args.trust_remote_code)
     summary = predict(trained, args.data, args.output, args.batch_size, args.limit, args.task, device)
     console.print(f"Wrote {summary['rows']} predictions to {args.output}")
     for reason, count in summary["skipped"].items():
@@ -147,14 +137,13 @@ def run_serve_verb(args) -> int:
     from tailorlm.ui import console
 
     if args.engine == "llamacpp":
-        from tailorlm.serve.llamacpp import load_llamacpp_engine
+        from tailorlm.ops.engines import open_engine
 
         with console.status(f"Loading {args.model} in llama.cpp ..."):
-            engine, name = load_llamacpp_engine(args.model, args.threads)
+            opened = open_engine(args.model, backend="llamacpp", threads=args.threads)
     else:
-        engine, trained = load_engine(args.model, args.device, args.max_batch,
-                                      trust_remote_code=args.trust_remote_code)
-        name = model_id(args.model, trained)
+        opened = load_engine(args.model, args.device, args.max_batch, trust_remote_code=args.trust_remote_code)
+    engine, name = opened.engine, opened.name
     console.print(f"Serving '{name}' at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)")
     serve(engine, name, args.host, args.port, Limits(args.max_tokens_limit, args.queue_timeout))
     return 0
