@@ -82,9 +82,11 @@ _progress_file = _ProgressFile()
 
 
 @contextmanager
-def _reported(description: str, total: int):
-    """The bar's entry in the progress file, open while its work goes on; yields count(n, info)."""
-    bar = {"description": description, "done": 0, "total": total, "info": "", "opened": round(time.time(), 3)}
+def _reported(description: str, total: int, done: int = 0):
+    """The bar's entry in the progress file, open while its work goes on; yields count(n, info). `start` is the
+    work done before it opened (a resumed run's steps), which the watcher's rate leaves out."""
+    bar = {"description": description, "done": done, "start": done, "total": total, "info": "",
+           "opened": round(time.time(), 3)}
     with _progress_file.lock:
         _progress_file.bars.append(bar)
     _progress_file.write(now=True)
@@ -103,14 +105,15 @@ def _reported(description: str, total: int):
 
 
 @contextmanager
-def progress(description: str, total: int):
-    """A progress bar with elapsed time and ETA; yields advance(n=1, info=None).
+def progress(description: str, total: int, done: int = 0):
+    """A progress bar with elapsed time and ETA; yields advance(n=1, info=None). `done` is the work already done
+    when it opens (a resumed run's steps): counted, but not in the rate the ETA comes from.
 
     Into a file or a pipe there is no bar to redraw: one line is printed when the work is done. In a terminal (or
     a notebook) a bar opened inside another (the evaluations during training) is a second line of the same
     display, and goes when its work is done: two live displays at once leave stale and blank lines behind.
     With TAILOR_PROGRESS_FILE set, the bar's counts also go to that file (see _ProgressFile)."""
-    with _reported(description, total) as report, _bar(description, total) as shown:
+    with _reported(description, total, done) as report, _bar(description, total, done) as shown:
         def advance(n: int = 1, info: str | None = None):
             report(n, info)
             shown(n, info)
@@ -119,9 +122,9 @@ def progress(description: str, total: int):
 
 
 @contextmanager
-def _bar(description: str, total: int):
+def _bar(description: str, total: int, done: int = 0):
     if not console.redrawn:
-        state = {"done": 0, "info": ""}
+        state = {"done": done, "info": ""}
         started = time.perf_counter()
 
         def count(n: int = 1, info: str | None = None):
@@ -137,7 +140,7 @@ def _bar(description: str, total: int):
     inner = bool(shown)
     bar = shown[-1] if inner else _new_bar()
     with contextlib.nullcontext() if inner else bar:
-        task = bar.add_task(description, total=total, info="")
+        task = bar.add_task(description, total=total, completed=done, info="")
         shown.append(bar)
 
         def advance(n: int = 1, info: str | None = None):

@@ -162,6 +162,14 @@ def test_a_run_reports_its_stage_and_bars_and_the_live_panel_reads_step_elapsed_
         assert live["bars"][0]["eta"] == pytest.approx(90.0, abs=1.0)
         assert read_progress(path, running=False)["bars"][0]["eta"] is None  # a finished run has no time left
     assert json.loads(path.read_text())["bars"] == []
+    # a resumed run's bar opens at its step: those steps are counted, but took no time in this process
+    with ui.progress("train", 40, done=10) as advance:
+        advance(5)
+        state = json.loads(path.read_text())
+        bar = dict(state["bars"][0], elapsed=30.0)
+        assert (bar["done"], bar["start"]) == (15, 10)
+        path.write_text(json.dumps({**state, "bars": [bar], "updated": time.time()}))
+        assert read_progress(path, running=True)["bars"][0]["eta"] == pytest.approx(150.0, abs=1.0)  # 6 s a step
     assert not list(tmp_path.glob("*.tmp"))
     assert read_progress(tmp_path / "none.json", running=True) is None
 

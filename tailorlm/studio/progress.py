@@ -25,9 +25,10 @@ def read_progress(path: Path, running: bool) -> dict | None:
     bars = []
     for bar in state.get("bars") or []:
         done, total = int(bar.get("done") or 0), int(bar.get("total") or 0)
+        fresh = done - int(bar.get("start") or 0)  # a resumed run's earlier steps took no time here
         elapsed = float(bar.get("elapsed") or 0) + since_update
         # The rate so far times the work left: the same estimate the terminal's bar shows.
-        eta = elapsed / done * (total - done) if running and done and total >= done else None
+        eta = elapsed / fresh * (total - done) if running and fresh > 0 and total >= done else None
         bars.append({"description": str(bar.get("description", "")), "done": done, "total": total,
                      "elapsed": round(elapsed, 1), "eta": None if eta is None else round(eta, 1),
                      "info": str(bar.get("info") or "")})

@@ -155,8 +155,7 @@ class _Run:
         if not self.resumed and self.evaluating and spec.eval_every:
             self._evaluate()  # the starting point: how the base model does
         self.model.train()
-        with progress("train", result.steps) as advance:
-            advance(self.step)
+        with progress("train", result.steps, done=self.step) as advance:  # a resumed run starts at its step
             while self.step < result.steps and not result.stopped_early:
                 batches = epoch_batches(self.samples, spec.batch_size, spec.seed, self.epoch)
                 while self.position < len(batches) and self.step < result.steps:
