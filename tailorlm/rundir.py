@@ -268,7 +268,14 @@ class RunDir:
         return folder
 
     def weights(self) -> Path:
-        """The trained weights: adapter/ (LoRA family) or model/ (full fine-tuning, freezing)."""
+        """The trained weights: adapter/ (LoRA family) or model/ (full fine-tuning, freezing), as manifest.json
+        records them; a run from before manifests (or one stopped before writing its manifest) is looked at."""
+        if (self / "manifest.json").is_file():
+            named = self.manifest().weights
+            if (self / named).is_dir():
+                return self / named
+            raise TailorError(f"{self.path}: manifest.json records the trained weights in {named}/, and there is no "
+                              f"such folder; was it moved or deleted?")
         for name in WEIGHT_FOLDERS:
             if (self / name).is_dir():
                 return self / name

@@ -37,6 +37,20 @@ def test_the_manifest_records_what_using_the_model_needs(finished):
     assert not [p.name for p in run.path.rglob("*.tmp")]  # every write renamed into place
 
 
+def test_the_weights_are_the_folder_the_manifest_names_not_the_first_one_found(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished / "run", run_dir)
+    run = RunDir(run_dir)
+    shutil.copytree(run_dir / "adapter", run_dir / "model")  # a stray model/ beside the LoRA run's adapter/
+    assert run.weights() == run_dir / "adapter"
+    shutil.rmtree(run_dir / "adapter")
+    with pytest.raises(TailorError, match=rf"^{run_dir}: manifest.json records the trained weights in adapter/, and "
+                                          r"there is no such folder; was it moved or deleted\?$"):
+        run.weights()
+    (run_dir / "manifest.json").unlink()  # a run from before manifests: the folder there is the weights
+    assert run.weights() == run_dir / "model"
+
+
 def test_export_checks_need_no_data_file_once_the_run_is_done(finished, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(finished / "run", copy)
