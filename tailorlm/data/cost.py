@@ -31,7 +31,7 @@ import torch
 from tailorlm.config import MethodSpec, RunConfig, TrainSpec
 from tailorlm.data import machine_rate
 from tailorlm.data.batching import epoch_batches
-from tailorlm.data.model_shape import BOTTOM, TOP, ModelShape, Part
+from tailorlm.data.model_shape import BOTTOM, TOP, ModelShape, Part, unfreeze_group
 from tailorlm.data.samples import IGNORE, Sample
 
 MIN_SHARED_PREFIX = 8  # kernels/prefix.py: a shorter common opening is computed row by row
@@ -132,17 +132,12 @@ def lora_adapters(shape: ModelShape, rank: int, targets: str | list[str]) -> tup
 
 
 def unfreeze_groups(shape: ModelShape, n_groups: int) -> list[set[int]]:
-    """The levels of each unfreezing group, top first, as models/layers.py top_down_groups splits them."""
+    """The levels of each unfreezing group, top first, by the strategy's own rule (unfreeze_group)."""
     n_blocks = shape.blocks
     n_groups = max(1, min(n_groups, n_blocks + 1))
     groups: list[set[int]] = [set() for _ in range(n_groups)]
     for level in {p.level for p in shape.parts}:
-        if level == TOP:
-            groups[0].add(level)
-        elif level == BOTTOM:
-            groups[-1].add(level)
-        else:
-            groups[min(n_groups - 1, (n_blocks - 1 - level) * n_groups // (n_blocks + 1))].add(level)
+        groups[unfreeze_group(level, n_blocks, n_groups)].add(level)
     return [g for g in groups if g]
 
 

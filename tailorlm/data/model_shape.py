@@ -18,7 +18,18 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-BOTTOM, TOP = -1, 10**9  # as models/layers.py: embeddings below every block, final norm and head above
+BOTTOM, TOP = -1, 10**9  # pseudo block indices: embeddings below every block, final norm and head above
+
+
+def unfreeze_group(level: int, n_blocks: int, n_groups: int) -> int:
+    """The gradual-unfreezing group (0 = top, unfrozen first) of a block index, TOP or BOTTOM: block b goes to
+    floor((n_blocks - 1 - b) * n_groups / (n_blocks + 1)), the head to the first group, the embeddings to the
+    last. One rule for the strategy (models/layers.py) and the cost estimate (cost.py)."""
+    if level == TOP:
+        return 0
+    if level == BOTTOM:
+        return n_groups - 1
+    return min(n_groups - 1, (n_blocks - 1 - level) * n_groups // (n_blocks + 1))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-BOTTOM, TOP = -1, 10**9  # pseudo block indices: embeddings below every block, norm and head above
+from tailorlm.data.model_shape import BOTTOM, TOP, unfreeze_group
 
 
 def block_list_name(model: torch.nn.Module) -> tuple[str, int]:
@@ -46,15 +46,9 @@ def top_down_groups(model: torch.nn.Module, n_groups: int) -> list[list[str]]:
     depths = parameter_depths(model)
     _, n_blocks = block_list_name(model)
     n_groups = max(1, min(n_groups, n_blocks + 1))
-    # Block b (0 = first) goes to group floor((n_blocks - 1 - b) * n_groups / (n_blocks + 1)); embeddings to the last.
     groups: list[list[str]] = [[] for _ in range(n_groups)]
     for name, depth in depths.items():
-        if depth == TOP:
-            groups[0].append(name)
-        elif depth == BOTTOM:
-            groups[-1].append(name)
-        else:
-            groups[min(n_groups - 1, (n_blocks - 1 - depth) * n_groups // (n_blocks + 1))].append(name)
+        groups[unfreeze_group(depth, n_blocks, n_groups)].append(name)
     return [g for g in groups if g]
 
 
