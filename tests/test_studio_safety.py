@@ -20,20 +20,12 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import labeled_csv
-from test_studio import FAST, Client, start
+from test_studio import FAST, Client, client, start  # noqa: F401 (client: the studio fixture, shared)
 from tailorlm.studio import queue as queue_module
 from tailorlm.studio.queue import RunQueue
 from tailorlm.studio.requests import ChatRequest, ExportRequest, describe
 
 SECRET = "password: hunter2"
-
-
-@pytest.fixture
-def client(tmp_path):
-    client, server = start(tmp_path)
-    yield client
-    client.studio.close()
-    server.__exit__()
 
 
 @pytest.fixture
