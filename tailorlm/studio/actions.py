@@ -110,16 +110,6 @@ class SideBySide:
             engine.close()
 
 
-def check_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise TailorError("chat: messages must be a non-empty list of {role, content}")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)):
-            raise TailorError(f"chat: message {i + 1} must be {{role: system|user|assistant, content: text}}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def check_fields(fields: dict[str, str] | None, names: list[str]) -> dict[str, str]:
     """The task's input fields: {field: text} for exactly the template's inputs, none of them blank."""
     fields = fields or {}

@@ -42,6 +42,12 @@ PAGES = {"data": "Data", "template": "Template", "preflight": "Preflight", "trai
          "compare": "Compare", "chat": "Chat", "export": "Export"}
 
 
+def unexpected(error: Exception, request: str) -> str:
+    """An error no check foresaw: its traceback logged once to the terminal, one line for the page."""
+    logger.error("%s failed", request, exc_info=error)
+    return f"unexpected {type(error).__name__}: {error} (a tailorlm bug; the studio's terminal has the details)"
+
+
 def create_app(studio: Studio) -> FastAPI:
     app = FastAPI(title="tailor studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.studio = studio
@@ -64,10 +70,8 @@ def create_app(studio: Studio) -> FastAPI:
             return PlainTextResponse("requests that change something must come from the studio's own pages", 403)
         try:
             response = await call_next(request)
-        except Exception as e:  # the one place an unexpected error is logged: the page gets JSON it can show
-            logger.error("%s %s failed", request.method, request.url.path, exc_info=e)
-            return JSONResponse({"error": f"unexpected {type(e).__name__}: {e} (a tailorlm bug; the studio's "
-                                          f"terminal has the details)"}, 500)
+        except Exception as e:  # an error no route foresaw: the page gets JSON it can show
+            return JSONResponse({"error": unexpected(e, f"{request.method} {request.url.path}")}, 500)
         if set_cookie:
             response.set_cookie(TOKEN_COOKIE, studio.token, httponly=True, samesite="strict")
         return response
@@ -228,7 +232,9 @@ def create_app(studio: Studio) -> FastAPI:
             fields = actions.check_fields(request.fields, setup["fields"])
             constrained = setup["closed"] if request.constrained is None else request.constrained
         else:
-            messages = actions.check_messages([m.model_dump() for m in request.messages])
+            if not request.messages:  # each message's role and text are ChatRequest's to check
+                raise TailorError("chat: messages must be a non-empty list of {role, content}")
+            messages = [m.model_dump() for m in request.messages]
         sampling = Sampling(request.max_new_tokens, request.temperature, request.top_p)
 
         def events():  # iterated in a worker thread by Starlette: loading and generating never block the loop
@@ -245,9 +251,7 @@ def create_app(studio: Studio) -> FastAPI:
             except TailorError as e:
                 yield {"event": "error", "error": str(e)}
             except Exception as e:  # the status line is sent: the failure goes in the stream, and to the terminal
-                logger.error("POST /api/chat failed", exc_info=e)
-                yield {"event": "error", "error": f"unexpected {type(e).__name__}: {e} (a tailorlm bug; the "
-                                                  f"studio's terminal has the details)"}
+                yield {"event": "error", "error": unexpected(e, "POST /api/chat")}
 
         return StreamingResponse((json.dumps(e) + "\n" for e in events()), media_type="application/x-ndjson")
 
