@@ -53,12 +53,13 @@ def run_one(name: str, config: Path, overrides: list[str], out: Path, data_root:
     cfg = load_config(resolved, overrides + ["output.overwrite=true"])
     started = time.perf_counter()
     metrics = run(cfg, out / name)
+    task = next(iter(metrics["tasks"].values()))  # each benchmark config trains one task
     log = json.loads((out / name / "train_log.json").read_text())
     return {"name": name, "config": str(config.relative_to(ROOT)), "overrides": overrides,
-            "task": metrics["task"], "headline": metrics["headline"], "columns": metrics["columns"],
-            "variants": {v: {k: x for k, x in m.items() if isinstance(x, float)} for v, m in metrics["variants"].items()},
-            "best_prompting": metrics.get("best_prompting"), "curve": metrics.get("curve"),
-            "n_test": metrics["n_test"], "train": {k: v for k, v in metrics["train"].items() if k != "retention"},
+            "task": task["task"], "headline": task["headline"], "columns": task["columns"],
+            "variants": {v: {k: x for k, x in m.items() if isinstance(x, float)} for v, m in task["variants"].items()},
+            "best_prompting": task.get("best_prompting"), "curve": task.get("curve"),
+            "n_test": task["n_test"], "train": {k: v for k, v in metrics["train"].items() if k != "retention"},
             "retention": metrics["train"]["retention"], "best_step": log["best_step"],
             "run_seconds": round(time.perf_counter() - started, 1)}
 

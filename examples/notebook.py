@@ -33,7 +33,7 @@ run = tailorlm.run(data=articles, model=MODEL, output=OUTPUT, overrides=SETTINGS
 print(run.headline)  # the fine-tuned accuracy against the best prompting result, and which one that was
 
 # %%
-variants = pd.DataFrame(run.metrics["variants"]).T[["accuracy", "macro_f1", "valid", "prompt_tokens"]]
+variants = pd.DataFrame(run.results["classification"].variants).T[["accuracy", "macro_f1", "valid", "prompt_tokens"]]
 variants.sort_values("accuracy", ascending=False)
 
 # %% [markdown]

@@ -2,7 +2,7 @@
 
     import tailorlm
     run = tailorlm.run("examples/sst2.yaml", data=df, train__lr=1e-4)   # or tailorlm.run() for the default job
-    run.metrics["variants"]["fine_tuned"]["accuracy"]
+    run.results["classification"].fine_tuned         # the headline figure; run.metrics is metrics.json
     run.predict([{"text": "a gripping, funny film"}])
     run.export("gguf")
     tailorlm.load("runs/sst2-20261125-101500").compare(run)
@@ -119,16 +119,22 @@ class Run:
         return self.dir.config()
 
     @property
+    def results(self):
+        """Task name -> its test figures, typed (eval.results.TaskResults: variants, headline, fine_tuned,
+        best_prompting, curve); a single-task run has one task, named after its preset."""
+        from tailorlm.eval.results import TaskResults
+
+        if self._outcome and self._outcome.results:
+            return self._outcome.results.tasks
+        return {name: TaskResults.from_json(section) for name, section in self.metrics.get("tasks", {}).items()}
+
+    @property
     def headline(self) -> str:
         """One line: the fine-tuned headline metric against the best prompting result."""
-        metrics = self.metrics
-        sections = metrics.get("tasks") or ({"": metrics} if "variants" in metrics else {})
         parts = []
-        for name, section in sections.items():
-            metric = section["headline"]
-            tuned = section["variants"].get("fine_tuned", {}).get(metric)
-            best = section.get("best_prompting") or {}
-            text = f"{name + ' ' if name else ''}{metric} {tuned:.3f}" if tuned is not None else ""
+        for name, task in self.results.items():
+            tuned, best = task.fine_tuned, task.best_prompting or {}
+            text = f"{name} {task.headline} {tuned:.3f}" if tuned is not None else ""
             if text and best.get("value") is not None:
                 text += f" vs {best['value']:.3f} ({best['variant']})"
             parts.append(text)
@@ -140,11 +146,20 @@ class Run:
 
     @property
     def trained(self):
-        """The trained model, loaded from the run directory on first use (models.trained.Trained)."""
+        """The trained model (models.trained.Trained): after tailorlm.run, the one this process trained, kept in
+        memory rather than loaded a second time; after tailorlm.load, read from the run directory on first use."""
         if self._trained is None:
-            from tailorlm.ops.engines import load_for_inference
+            fit = self._outcome.fit if self._outcome else None
+            if fit is not None and fit.model is not None:
+                from tailorlm.models.trained import Trained
 
-            self._trained, _ = load_for_inference(self.path, self._device)
+                fit.model.eval()
+                self._trained = Trained(fit.model, self._outcome.prepared.tokenizer, self.config, self.path,
+                                        self._outcome.base_source, self.dir.weights(), self.dir.manifest())
+            else:
+                from tailorlm.ops.engines import load_for_inference
+
+                self._trained, _ = load_for_inference(self.path, self._device)
         return self._trained
 
     @property

@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train on N processes of this machine (GPUs, or CPU processes without one): shorthand "
                           "for torchrun --standalone --nproc-per-node N -m tailorlm run ...")
-    check.add_argument("--output", "-o", help="also save preflight.json and token_lengths.png in this directory")
+    check.add_argument("--output", "-o", help="also save each task's preflight.json, data_report.json and token_lengths.png "
+                       "under DIR/tasks/<name>/, as a run lays them out")
     pairs = verbs.add_parser("pairs", help="preference pairs from your labeled data: the model's wrong answers as "
                                            "rejected, the gold answers as chosen (SFT, then DPO on the same table)",
                              description="The run's model (or a config's base model) answers the training and "
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(cfg)
         for name, task in prepared.tasks.items():
             if args.output:  # the same layout as a run's data reports
-                save_data_report(RunDir(args.output).task_folder(name, prepared.several), task)
+                save_data_report(RunDir(args.output).task_folder(name), task)
         for task in prepared.tasks.values():
             enforce(task.preflight)
         return 0

@@ -1,29 +1,32 @@
 """The run directory: the one owner of every file `tailor run` writes and every later command reads.
 
-Layout (a multi-task run keeps each task's data reports under tasks/<name>/):
+Layout (a run is a list of tasks; a single-task run's one task is named after its preset):
 
     config.yaml        the resolved config            run.json          status: running | failed | complete
     manifest.json      what using the model needs     metrics.json      every variant's test metrics
     baselines.json     prompting results (resume)     train_log.json    losses, evaluations, events
     predictions.jsonl  every generated test answer    example_losses.jsonl
     report.md, *.png   for people                     adapter/ or model/, checkpoints/
+    tasks/<name>/      each task's preflight.json, data_report.json, token_lengths.png, k_shot_curve.png
 
 checkpoints/ belongs to train/checkpoint.py (CheckpointStore), which writes each one to a temporary folder
 and renames it into place under the same rule.
 
 Predict, serve, chat, export and the registry read a run only through `RunDir`, and use-time facts (labels,
 template, chat layout, task, base model, a few test examples for export checks) come from manifest.json, not
-from reports or the original data files, which may have moved. Every write is atomic (a temporary file
-renamed into place), so a reader never sees half a file and a killed run never leaves one.
+from reports or the original data files, which may have moved. Every write follows one rule, `write_text`: a
+temporary sibling, synced to disk, renamed into place, then the folder synced. A reader never sees half a file,
+and neither a killed run nor a power cut leaves one (or an empty one) behind. A sweep's result files and the
+checkpoint pointers (latest, best) are written by it too.
 
-One process writes a run directory at a time. `RunLock` holds an exclusive flock on `<run>/.lock` for the
-life of the process; the kernel drops it when the process dies, even by SIGKILL, so a crashed run never
-leaves a stale lock behind and `--resume` can take over at once.
+One process writes a run directory at a time. `RunLock` holds an exclusive flock on `<run>/.lock` (a
+filelock.UnixFileLock) for the life of the process, with the holder's pid in the file; the kernel drops it
+when the process dies, even by SIGKILL, so a crashed run never leaves a stale lock behind and `--resume` can
+take over at once.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -32,28 +35,53 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from filelock import Timeout, UnixFileLock
 
 from tailorlm.config import RunConfig, load_config
 from tailorlm.errors import DiskFullError, TailorError, is_disk_full
 
 LOCK = ".lock"
 MANIFEST_VERSION = 1
+# metrics.json's layout: 2 keeps a section per task under "tasks" for every run. Schema 1 (no "schema" field)
+# put a single-task run's section at the top level; RunDir.metrics upgrades it on read.
+METRICS_SCHEMA = 2
 WEIGHT_FOLDERS = ("adapter", "model")  # LoRA family / full fine-tuning and freezing
 
 
 def write_text(path: Path, text: str) -> None:
-    """The one write rule: a temporary sibling renamed into place, so readers never see a partial file. A write
-    that fails leaves no temporary file behind, and one that fails for want of space says so (DiskFullError)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """The one write rule: a temporary sibling, synced, renamed into place (move_into_place), so readers never
+    see a partial file and a power cut never leaves an empty one. A write that fails leaves no temporary file
+    behind, and one that fails for want of space says so (DiskFullError)."""
+    # The pid keeps processes that share a folder (a sweep's workers) from writing into each other's file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        move_into_place(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if is_disk_full(e):
             raise DiskFullError(path, path.parent, e) from e
         raise
+
+
+def move_into_place(tmp: Path, path: Path) -> Path:
+    """A finished temporary file renamed over `path`. Its data reaches the disk before the rename, or a power
+    cut could leave the new name on an empty file; the folder is synced after it, or the rename itself could
+    be lost."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj) -> None:
@@ -101,7 +129,7 @@ class Manifest:
         if name is None and len(self.tasks) == 1:
             return next(iter(self.tasks.items()))
         if name not in self.tasks:
-            what = "a multi-task run" if name is None else f"no task '{name}' in this multi-task run"
+            what = "a multi-task run" if name is None else f"no task '{name}' in this run"
             raise TailorError(f"{what}; choose one with --task ({', '.join(self.tasks)})")
         return name, self.tasks[name]
 
@@ -119,30 +147,35 @@ class Manifest:
 
 
 class RunLock:
+    """The exclusive flock on <run>/.lock, taken without waiting, with the holder's pid in the file."""
+
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
-        self.fd: int | None = None
+        # flock itself, never a marker file (a killed process would leave one behind); held by the process, not
+        # the thread that took it; the pid written only once the lock is ours, so a refused process erases nothing
+        self._lock = UnixFileLock(self.path, mode=0o644, thread_local=False, blocking=False,
+                                  fallback_to_soft=False, on_acquired=_write_pid)
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._lock.acquire()
+        except Timeout:
+            holder = "unknown"
+            with contextlib.suppress(OSError):
+                holder = self.path.read_bytes()[:64].decode(errors="replace").strip() or holder
             raise TailorError(f"{self.path.parent} is being written by another tailor process (pid {holder}); "
                               f"wait for it to finish, or choose another --output") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self._lock.is_locked:
+            self._lock.release()
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 class RunDir:
@@ -251,19 +284,23 @@ class RunDir:
         cfg = cfg or self.config()
         tasks = {}
         for task in cfg.task_set():
-            labels = list(read_json(self.task_path(task.name, cfg.multi_task) / "data_report.json").get("labels") or [])
+            labels = list(read_json(self.task_path(task.name) / "data_report.json").get("labels") or [])
             tasks[task.name] = TaskManifest(task.template.preset, labels, task.template.model_dump(mode="json"),
                                             "unknown", [])
         weights = next((w for w in WEIGHT_FOLDERS if (self / w).is_dir()), "adapter")
         return Manifest(cfg.model.path, cfg.method.name, weights, tasks, legacy=True)
 
-    def task_path(self, name: str, several: bool) -> Path:
-        """Where one task's data reports live: the run folder, or tasks/<name>/ in a multi-task run."""
-        return self.path / "tasks" / name if several else self.path
+    def task_path(self, name: str) -> Path:
+        """Where one task's reports live: tasks/<name>/. A single-task run written before tasks were always a
+        list kept them in the run folder itself, where they are still found."""
+        folder = self.path / "tasks" / name
+        if not folder.is_dir() and (self / "data_report.json").is_file():
+            return self.path
+        return folder
 
-    def task_folder(self, name: str, several: bool) -> Path:
-        """task_path, created for writing."""
-        folder = self.task_path(name, several)
+    def task_folder(self, name: str) -> Path:
+        """tasks/<name>/, created for writing."""
+        folder = self.path / "tasks" / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -284,7 +321,9 @@ class RunDir:
 
     # --- results ---------------------------------------------------------------------------------------
     def metrics(self) -> dict:
-        return read_json(self / "metrics.json")
+        """metrics.json in this version's layout (a section per task), whichever version wrote it; {} when the
+        run has none yet."""
+        return upgrade_metrics(read_json(self / "metrics.json"), self.raw_config)
 
     def train_log(self) -> dict:
         return read_json(self / "train_log.json")
@@ -297,3 +336,18 @@ class RunDir:
 
     def write_rows(self, name: str, rows: list[dict]) -> None:
         write_jsonl(self / name, rows)
+
+
+def upgrade_metrics(data: dict, raw_config) -> dict:
+    """metrics.json as schema METRICS_SCHEMA. Schema 1 kept a multi-task run's sections under "tasks" already,
+    and a single-task run's one section at the top level beside "train"; that task is named after its preset,
+    as tasks are now. raw_config: a callable giving config.yaml as plain data, read only when needed."""
+    if not data or data.get("schema") == METRICS_SCHEMA:
+        return data
+    if "tasks" in data:
+        return {"schema": METRICS_SCHEMA, **data}
+    config = raw_config() or {}
+    name = data.get("task") or (config.get("template") or {}).get("preset") or "task"
+    section = {k: v for k, v in data.items() if k != "train"}
+    return {"schema": METRICS_SCHEMA, "tasks": {name: section}, "mixing": config.get("mixing"),
+            "train": data.get("train")}

@@ -27,14 +27,15 @@ def test_the_cli_and_the_api_give_identical_metrics(tmp_path, tiny_model_dir):
     assert isinstance(run, tailorlm.Run) and run.path == tmp_path / "api"
     from_cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert without_times(run.metrics) == without_times(from_cli)
-    assert run.metrics["variants"]["fine_tuned"]["accuracy"] == from_cli["variants"]["fine_tuned"]["accuracy"]
+    assert run.results["classification"].fine_tuned == from_cli["tasks"]["classification"]["variants"]["fine_tuned"][
+        "accuracy"]
     assert (tmp_path / "api" / "predictions.jsonl").read_text() == (tmp_path / "cli" / "predictions.jsonl").read_text()
     loaded = tailorlm.load(tmp_path / "cli")
     assert without_times(loaded.metrics) == without_times(from_cli)
-    assert loaded.headline.startswith("accuracy ") and " vs " in loaded.headline
+    assert loaded.headline.startswith("classification accuracy ") and " vs " in loaded.headline
 
 
-def test_a_dataframe_in_a_run_out_and_nothing_global_changed(tmp_path, tiny_model_dir):
+def test_a_dataframe_in_a_run_out_and_nothing_global_changed(tmp_path, tiny_model_dir, monkeypatch):
     pd = pytest.importorskip("pandas")
     from transformers.utils import logging as hf_logging
 
@@ -48,6 +49,13 @@ def test_a_dataframe_in_a_run_out_and_nothing_global_changed(tmp_path, tiny_mode
     assert manifest["tasks"]["classification"]["labels"] == ["negative", "positive"]
     assert manifest["weights"] == "adapter" and manifest["base_model"] == str(tiny_model_dir)
 
+    # the Run keeps the model it trained: predicting loads no second copy from the run directory
+    from tailorlm.ops import engines
+
+    def no_second_copy(*args, **kwargs):
+        raise AssertionError("the trained model was loaded again from disk")
+
+    monkeypatch.setattr(engines, "load_for_inference", no_second_copy)
     rows = run.predict(frame.head(5).drop(columns="label"))
     assert [r["row"] for r in rows] == [0, 1, 2, 3, 4] and all("expected" not in r for r in rows)
     assert all(isinstance(r["generated"], str) for r in rows)

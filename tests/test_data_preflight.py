@@ -10,6 +10,9 @@ from tailorlm.data.preflight import loss_preview
 from tailorlm.data.samples import IGNORE, Sample
 from conftest import write
 
+# a run, or `tailor preflight --output`, keeps each task's reports in tasks/<name>/; these tasks are classification
+TASK = "tasks/classification"
+
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired sailors sing about the distant northern sea".split()
 
 
@@ -55,7 +58,7 @@ def test_preflight_reports_and_saves(tmp_path, tiny_model_dir):
     out = tmp_path / "pf"
     assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}", f"data.test={test}",
                  "data.split.validation=0.2", "--output", str(out)]) == 0
-    report = json.loads((out / "preflight.json").read_text())
+    report = json.loads((out / TASK / "preflight.json").read_text())
     by_check = {(f["check"], f["message"].split(":")[0]): f for f in report["findings"]}
     assert by_check[("duplicates", "train")]["level"] == "warn"
     assert "2 exact" in by_check[("duplicates", "train")]["message"]
@@ -63,7 +66,7 @@ def test_preflight_reports_and_saves(tmp_path, tiny_model_dir):
     assert leak["level"] == "warn" and leak["message"].startswith("test: 1 prompts also in train")
     assert leak["examples"] == [f"{test}, line 2 = {train}, line 4"]
     assert report["tokens_per_epoch"] > 0 and report["estimated_train_seconds"] >= 0
-    assert (out / "token_lengths.png").stat().st_size > 1000
+    assert (out / TASK / "token_lengths.png").stat().st_size > 1000
 
 
 def test_leakage_as_error_stops_the_run_before_any_output(tmp_path, tiny_model_dir, capsys):
@@ -87,7 +90,7 @@ def test_short_inputs_are_not_near_duplicates_because_of_the_template(tmp_path, 
                  "template.instruction=" + "Read the question carefully and answer with one of the labels. " * 3,
                  "template.max_length=1024",
                  "--output", str(out)]) == 0
-    findings = json.loads((out / "preflight.json").read_text())["findings"]
+    findings = json.loads((out / TASK / "preflight.json").read_text())["findings"]
     leak = next(f for f in findings if f["check"] == "leakage" and f["message"].startswith("test"))
     assert leak["level"] == "ok" and leak["message"] == "test: 0 prompts also in train, 0 nearly"
 
@@ -114,7 +117,7 @@ def test_a_single_training_label_lowered_to_warn_is_kept_as_a_trivial_score(tmp_
     out = tmp_path / "pf"
     assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={_one_label(tmp_path)}",
                  "preflight.single_label=warn", "--output", str(out)]) == 0
-    report = json.loads((out / "preflight.json").read_text())
+    report = json.loads((out / TASK / "preflight.json").read_text())
     # No largest/smallest 'ok' beside them: a ratio of 1.0 over one label is not a healthy balance.
     assert [(f["level"], f["message"]) for f in report["findings"] if f["check"] == "labels"] == [
         ("warn", ONE_TRAIN_LABEL),
@@ -128,7 +131,7 @@ def test_a_test_split_with_one_label_alone_makes_the_score_trivial(tmp_path, tin
     out = tmp_path / "pf"
     assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}",
                  f"data.test={_one_label(tmp_path, 'b', 3, 'test.csv')}", "--output", str(out)]) == 0
-    report = json.loads((out / "preflight.json").read_text())
+    report = json.loads((out / TASK / "preflight.json").read_text())
     assert report["trivial"] == ["every test example has the label 'b', so always answering it scores 1.000"]
     assert [f["level"] for f in report["findings"] if f["check"] == "labels"] == ["warn", "ok"]
 
@@ -139,7 +142,7 @@ def test_contamination_is_counted_for_the_report_whatever_the_leakage_policy(tmp
         out = tmp_path / policy
         assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}", f"data.test={test}",
                      f"preflight.leakage={policy}", "--output", str(out)]) == 0
-        report = json.loads((out / "preflight.json").read_text())
+        report = json.loads((out / TASK / "preflight.json").read_text())
         assert report["contamination"] == {"test_rows": 3, "in_train": 1, "share": 0.3333, "exact": 1, "near": 0,
                                            "near_checked": True}
 
@@ -169,7 +172,7 @@ def test_identical_and_nearly_identical_pairs_are_reported_with_their_lines(tmp_
     held = _pairs_file(tmp_path / "held.jsonl", PAIRS[:3])
     out = tmp_path / "pf"
     assert main(["preflight", str(_dpo_config(tmp_path, tiny_model_dir, train, held)), "--output", str(out)]) == 0
-    report = json.loads((out / "preflight.json").read_text())
+    report = json.loads((out / "tasks" / "instruction" / "preflight.json").read_text())
     pairs = [(f["level"], f["message"], f["examples"]) for f in report["findings"] if f["check"] == "pairs"]
     assert pairs == [
         ("warn", "train: 2 of 10 pairs have the same chosen and rejected answer (once whitespace is collapsed); they "
@@ -200,7 +203,7 @@ def test_preflight_says_what_the_estimate_rests_on(tmp_path, tiny_model_dir):
         out = tmp_path / run
         assert main(["preflight", f"model.path={tiny_model_dir}", f"data.train={train}", "method.name=freeze",
                      "method.freeze.first_blocks=1", "--output", str(out)]) == 0
-        report = json.loads((out / "preflight.json").read_text())
+        report = json.loads((out / TASK / "preflight.json").read_text())
     basis = report["estimate_basis"]
     assert basis["method"] == "freeze" and basis["layout"] == "config.json" and basis["cached"] is True
     assert basis["rate_flops"] == pytest.approx(cost.EFFICIENCY * basis["matmul_flops"], rel=1e-6)

@@ -38,7 +38,7 @@ def test_sst2_slice_fine_tunes_and_saves_a_peft_adapter(tmp_path, shared_data, s
     load_config(EXAMPLES / "sst2.yaml", overrides)  # the example config itself is valid
     assert main(["run", str(EXAMPLES / "sst2.yaml"), "--output", str(out), *overrides]) == 0
 
-    metrics = json.loads((out / "metrics.json").read_text())["variants"]
+    metrics = json.loads((out / "metrics.json").read_text())["tasks"]["classification"]["variants"]
     tuned = metrics["fine_tuned"]
     assert tuned["valid"] == 1.0  # after 10 steps every answer is a label
     assert tuned["accuracy"] >= 0.7
@@ -47,8 +47,8 @@ def test_sst2_slice_fine_tunes_and_saves_a_peft_adapter(tmp_path, shared_data, s
     assert log["train_loss"][-1]["loss"] < log["train_loss"][0]["loss"]
     # evaluations at 0, 5, 10 with the metric on generated validation text and retention of general data
     assert [e["step"] for e in log["evaluations"]] == [0, 5, 10]
-    assert {"accuracy", "macro_f1", "retention_ppl"} <= set(log["evaluations"][-1])
-    assert log["evaluations"][-1]["valid"] == 1.0  # the generated validation answers are all labels by step 10
+    assert {"classification/accuracy", "classification/macro_f1", "retention_ppl"} <= set(log["evaluations"][-1])
+    assert log["evaluations"][-1]["classification/valid"] == 1.0  # the generated validation answers are all labels by step 10
     assert 1.0 < log["retention"]["base_ppl"] < 20.0 and abs(log["retention"]["change"]) < 0.25
 
     base = copy.deepcopy(smollm2.model)

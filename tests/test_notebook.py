@@ -27,10 +27,11 @@ def test_the_notebook_example_runs_end_to_end(tmp_path, tiny_model_dir, capsys):
 
     run = namespace["run"]
     assert run.path == out and json.loads((out / "run.json").read_text())["status"] == "complete"
-    assert run.metrics["n_test"] == 12 and run.config.data.train == "memory:train"
+    results = run.results["classification"]
+    assert results.n_test == 12 and run.config.data.train == "memory:train"
     assert len(namespace["predictions"]) == 5 and set(namespace["predictions"]["predicted"]) <= set(
-        run.metrics["labels"]) | {None}
+        results.labels) | {None}
     assert namespace["folder"] == out / "export" / "gguf-f16" and any(
         p.suffix == ".gguf" for p in namespace["folder"].iterdir())
-    assert namespace["again"].headline == run.headline and run.headline.startswith("accuracy ")
+    assert namespace["again"].headline == run.headline and run.headline.startswith("classification accuracy ")
     assert run.headline in capsys.readouterr().out

@@ -18,9 +18,13 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir, capsys
     out = tmp_path / "out"
     assert cli(f"model.path={tiny_model_dir}", f"data.train={data}", "--output", out, *FAST) == 0
     for name in ("config.yaml", "metrics.json", "predictions.jsonl", "report.md", "loss_curve.png",
-                 "data_report.json", "train_log.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+                 "tasks/classification/data_report.json", "tasks/classification/preflight.json", "train_log.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
-    metrics = json.loads((out / "metrics.json").read_text())
+    written = json.loads((out / "metrics.json").read_text())
+    # a run is a list of tasks: the single task's section, named after its preset
+    assert written["schema"] == 2 and list(written["tasks"]) == ["classification"]
+    metrics = written["tasks"]["classification"]
     prompting = {f"{base}{kind}" for base in ("zero_shot", "few_shot") for kind in ("", "_constrained", "_likelihood")}
     assert set(metrics["variants"]) == prompting | {"classic", "fine_tuned"}
     for variant in metrics["variants"].values():
@@ -37,16 +41,18 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir, capsys
     assert {"input", "expected", "predicted", "variant"} <= set(predictions[0])
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     report = (out / "report.md").read_text()
-    assert "| fine-tuned |" in report and "loss_curve.png" in report and "k_shot_curve.png" in report
+    assert "| fine-tuned |" in report and "loss_curve.png" in report
+    assert "![k-shot curve](tasks/classification/k_shot_curve.png)" in report
     assert "vs prompting: against the best prompting result" in report
     assert "- constrained and likelihood rows: both read off one scoring pass of every label" in report
     assert all(metrics["variants"][f"{base}_{kind}"]["shared_pass"] for base in ("zero_shot", "few_shot")
                for kind in ("constrained", "likelihood"))
-    assert (out / "k_shot_curve.png").is_file()
+    assert (out / "tasks" / "classification" / "k_shot_curve.png").is_file()
     log = json.loads((out / "train_log.json").read_text())
     assert [r["step"] for r in log["val_loss"]] == [0, 2, 3]
     # the validation curve holds the task's figures; what an answer cost (prompt tokens, seconds) is not one
-    assert all({"accuracy", "macro_f1", "valid"} <= set(e) and not {"prompt_tokens", "seconds_per_100"} & set(e)
+    task_keys = {"classification/accuracy", "classification/macro_f1", "classification/valid"}
+    assert all(task_keys <= set(e) and not {"classification/prompt_tokens", "classification/seconds_per_100"} & set(e)
                for e in log["evaluations"])
     lines = capsys.readouterr().out.splitlines()
     # into a file or pipe: one line per finished progress, named short enough for an 80-column log
@@ -56,8 +62,9 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir, capsys
     printed = [line for line in lines if line.startswith("step ")]
     assert [line.split(":")[0] for line in printed] == ["step 0/3", "step 2/3", "step 3/3"]
     first = log["evaluations"][0]
-    assert printed[0] == (f"step 0/3: val_loss {first['val_loss']:.3f}, accuracy {first['accuracy']:.3f}, macro_f1 "
-                          f"{first['macro_f1']:.3f}, valid {first['valid']:.3f}, retention ppl "
+    assert printed[0] == (f"step 0/3: val_loss {first['val_loss']:.3f}; classification: accuracy "
+                          f"{first['classification/accuracy']:.3f}, macro_f1 {first['classification/macro_f1']:.3f}, "
+                          f"valid {first['classification/valid']:.3f}; retention ppl "
                           f"{first['retention_ppl']:.2f} (+0%)  (base model)")
 
 
@@ -71,7 +78,7 @@ def test_a_contaminated_and_trivial_test_score_is_marked_everywhere(tmp_path, ti
     out = tmp_path / "out"
     assert cli(f"model.path={tiny_model_dir}", f"data.train={train}", f"data.validation={validation}",
                f"data.test={test}", "--output", out, *FAST) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["tasks"]["classification"]
     assert metrics["contamination"] == {"test_rows": 4, "in_train": 3, "share": 0.75, "exact": 3, "near": 0,
                                         "near_checked": True}
     assert metrics["trivial"] == ["every test example has the label 'positive', so always answering it scores 1.000"]
@@ -95,7 +102,7 @@ def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
                "--output", out, *FAST) == 0
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.vocab_size > 0
-    assert set(json.loads((out / "metrics.json").read_text())["variants"]) == {"fine_tuned"}
+    assert set(json.loads((out / "metrics.json").read_text())["tasks"]["classification"]["variants"]) == {"fine_tuned"}
 
 
 @pytest.mark.parametrize("preset", ["ner", "translation", "math"])
@@ -118,7 +125,7 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
     # The default job's config sets a classification instruction and prompt: null gives the preset's.
     assert cli(f"model.path={tiny_model_dir}", *args, f"template.preset={preset}", "template.instruction=null",
                "template.prompt=null", "eval.max_new_tokens=6", "--output", out, *FAST, "template.max_length=400") == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["tasks"][preset]
     assert metrics["task"] == preset and metrics["headline"] in keys
     for variant in metrics["variants"].values():
         assert keys <= set(variant)

@@ -1,17 +1,21 @@
 """RunDir: the one reader and writer of a run directory; manifest.json carries what using the model needs."""
 import errno
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import labeled_csv
 from tailorlm.cli import main
-from tailorlm.errors import TailorError
+from tailorlm.errors import DiskFullError, TailorError
 from tailorlm.export.layout import training_prompts
 from tailorlm.models.trained import load_trained
-from tailorlm.rundir import RunDir, write_json
+from tailorlm.rundir import RunDir, RunLock, write_json
 
 FAST = ["train.max_steps=2", "train.batch_size=4", "train.eval_every=2", "eval.baselines=[]",
         "template.max_length=96"]
@@ -149,3 +153,72 @@ def test_a_full_disk_outside_a_run_is_said_as_such_not_as_a_bug(capsys):
     assert capsys.readouterr().out.splitlines() == [
         "error: the disk is full: a write failed; free some space, then run the command again",
         "error: the disk quota is used up: a write failed; free some space, then run the command again"]
+
+
+def test_write_text_syncs_the_file_before_the_rename_and_the_folder_after_it(tmp_path, monkeypatch):
+    import stat
+
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append("sync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "sync file")
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append("rename")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
+    assert events == ["sync file", "rename", "sync folder"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"accuracy": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_sync_that_finds_the_disk_full_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    write_json(tmp_path / "metrics.json", {"accuracy": 0.5})
+
+    def no_room(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_room)
+    with pytest.raises(DiskFullError, match="the disk is full: could not write .*metrics.json"):
+        write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"accuracy": 0.5}
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from tailorlm.rundir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_run_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """Another process's lock refuses at once and names its pid (which the refused attempt leaves in the file);
+    SIGKILL drops it, so the next run takes it without cleaning up."""
+    from tailorlm.track.lock import writer_is_gone
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = (f"{run} is being written by another tailor process (pid {holder.pid}); wait for it to finish, "
+                   f"or choose another --output")
+        with pytest.raises(TailorError, match=f"^{re.escape(refused)}$"):
+            RunLock(run).acquire()
+        assert (run / ".lock").read_text() == f"{holder.pid}\n"
+        assert not writer_is_gone(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert writer_is_gone(run)
+    lock = RunLock(run).acquire()
+    assert (run / ".lock").read_text() == f"{os.getpid()}\n" and not writer_is_gone(run)
+    lock.release()
+    lock.release()  # a second release is harmless
+    assert writer_is_gone(run) and [p.name for p in run.iterdir()] == [".lock"]  # released, the file kept

@@ -106,6 +106,7 @@ def test_a_bad_data_file_names_the_file_and_line(run, trained, tmp_path, capsys)
 def test_predict_needs_a_run_directory(tiny_model_dir, training_file, tmp_path, capsys, trained):
     assert main(["predict", str(tiny_model_dir), training_file, "-o", str(tmp_path / "p.jsonl")]) == 2
     assert f"{tiny_model_dir}: not a run directory (config.yaml and run.json)" in capsys.readouterr().out
-    with pytest.raises(TailorError, match=r": --task is for multi-task runs; this run has one task$"):
+    with pytest.raises(TailorError, match=r": no task 'topics' in this run; choose one with --task \(classification\)$"):
         trained.task("topics")
+    assert trained.task("classification")[1].preset == "classification"  # naming the only task is fine
 

@@ -240,7 +240,7 @@ def test_the_study_refuses_another_metric(tmp_path):
     ("params:\n  method.lora.r: [8, 0]\n  method.lora.alpha: [r, 0r]\n",
      ["params.method.lora.r (line 2): 0: Input should be greater than 0", "params.method.lora.alpha (line 3): '0r' (= 0.0)"]),
     ("params: {}\n", ["params (line 1): Dictionary should have at least 1 item"]),
-    ("metric: bleu\nparams:\n  train.lr: [1.0e-4]\n", ["metric: 'bleu' is not measured", "val_loss, accuracy"]),
+    ("metric: bleu\nparams:\n  train.lr: [1.0e-4]\n", ["metric: 'bleu' is not measured", "val_loss, classification/accuracy"]),
 ])
 def test_bad_space_files_get_clear_errors(tmp_path, base, capsys, text, messages):
     out = tmp_path / "sweep"
@@ -258,11 +258,13 @@ def test_default_metric_follows_the_config(base):
     cfg = load_config(base)
     spec = default_space(cfg)
     assert set(spec.params) == {"train.lr", "method.lora.r", "method.lora.alpha"}
-    assert choose_metric(spec, cfg) == ("accuracy", "maximize")  # the task's headline on validation text
-    assert choose_metric(spec, load_config(base, ["eval.select.metric=macro_f1"])) == ("macro_f1", "maximize")
+    # the task's headline on validation text, named as training logs it ('task/metric')
+    assert choose_metric(spec, cfg) == ("classification/accuracy", "maximize")
+    assert choose_metric(spec, load_config(base, ["eval.select.metric=macro_f1"])) == ("classification/macro_f1",
+                                                                                       "maximize")
     assert choose_metric(spec, load_config(base, ["eval.during_training=0"])) == ("val_loss", "minimize")
     forced = SweepSpec.model_validate({"metric": "accuracy", "direction": "minimize", "params": {"train.lr": [1e-4]}})
-    assert choose_metric(forced, cfg) == ("accuracy", "minimize")
+    assert choose_metric(forced, cfg) == ("classification/accuracy", "minimize")
 
 
 def test_values_survive_the_trip_through_overrides(base):

@@ -65,7 +65,9 @@ def runs(tmp_path_factory, tiny_model_dir):
 
 
 def metrics_of(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
+    """A single-task run's figures: its one task's section, with the run's training facts."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {**metrics["tasks"]["classification"], "train": metrics["train"]}
 
 
 def run_cli(capsys, *args):
@@ -102,8 +104,8 @@ def test_listing_reads_figures_from_the_run_files(runs, tiny_model_dir):
 def test_listing_rows_for_a_multi_task_run(runs):
     rows = {row[0]: row for row in listing_rows(find_runs(runs))}
     # BLEU is already 0-100, so its gain is in BLEU points; accuracy's is in percentage points.
-    assert rows["multi-run"] == ["multi-run", "complete", "2020-01-03 09:00:00", "multi: topics, german", "full", "default",
-                                 "40", "300", "topics: accuracy 0.887\ngerman: bleu 30.5", "+47.4 pts\n+18.5 pts"]
+    assert rows["multi-run"] == ["multi-run", "complete", "2020-01-03 09:00:00", "topics\ngerman", "full", "default",
+                                 "40", "300", "accuracy 0.887\nbleu 30.5", "+47.4 pts\n+18.5 pts"]
     assert rows["broken"][6:] == ["2", "2", "-", ""]
 
 
@@ -125,7 +127,7 @@ def test_runs_table(runs, capsys, monkeypatch):
     assert code == 0
     assert f"Runs under {runs}: 6" in out
     assert "│ killed │ interrupted │ 2020-01-02 09:00:00 │ classification │ lora │" in out
-    assert "topics: accuracy 0.887" in out and "+47.4 pts" in out and "not-a-run" not in out
+    assert "│ topics │" in out and "│ accuracy 0.887 │" in out and "+47.4 pts" in out and "not-a-run" not in out
 
 
 def test_a_damaged_run_is_skipped_with_a_warning(runs, tmp_path, capsys):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -193,6 +195,66 @@ def test_schedule_warms_up_then_decays():
     assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1.0)
     assert lrs[50] < lrs[10] and lrs[99] < 0.01
     assert plan_steps(10, TrainSpec(batch_size=4, grad_accum=2, epochs=3)) == (2, 6)
+
+
+def warmup_then(schedule: str, warmup: int, total: int, step: int) -> float:
+    """The schedule's factor written out: warmup (step+1)/(warmup+1), so the first step does not run at lr 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize(("warmup_ratio", "total"), [(0.0, 7), (0.05, 40), (0.1, 100), (0.4, 12), (0.3, 1)])
+def test_each_schedule_gives_every_group_its_own_lr_times_the_written_out_factor(schedule, warmup_ratio, total):
+    """Three groups with their own lrs (as gradual unfreezing has), through the step after the last. Cosine and
+    constant match the written-out factor exactly; linear computes its decay as (total - step) / span, not
+    1 - progress, so it can be one rounding apart: within 1e-15."""
+    spec = TrainSpec(warmup_ratio=warmup_ratio, schedule=schedule)
+    base = [1e-3, 3e-4, 5e-5]
+    optimizer = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "lr": lr} for lr in base], spec)
+    sched = make_schedule(optimizer, spec, total_steps=total)
+    warmup = int(round(warmup_ratio * total))
+    for step in range(total + 1):
+        expected, factor = warmup_then(schedule, warmup, total, step), sched.lr_lambdas[0](step)
+        if schedule == "linear":
+            assert abs(factor - expected) <= 1e-15
+        else:
+            assert factor == expected
+        assert sched.get_last_lr() == [g["lr"] for g in optimizer.param_groups] == [lr * factor for lr in base]
+        optimizer.step()
+        sched.step()
+    assert [g["initial_lr"] for g in optimizer.param_groups] == base
+
+
+def test_a_schedule_restored_from_a_checkpoint_goes_on_where_it_stopped(tmp_path):
+    from tailorlm.train.checkpoint import _read_trainer, save_trainer
+
+    spec = TrainSpec(warmup_ratio=0.2, schedule="cosine")
+
+    def fresh():
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "lr": lr} for lr in (1e-3, 2e-4)]
+        optimizer = make_optimizer(groups, spec)
+        return optimizer, make_schedule(optimizer, spec, total_steps=20)
+
+    optimizer, sched = fresh()
+    for _ in range(7):
+        optimizer.step()
+        sched.step()
+    save_trainer({"schedule": sched.state_dict()}, tmp_path / "trainer.safetensors")
+    resumed_optimizer, resumed = fresh()
+    resumed.load_state_dict(_read_trainer(tmp_path)["schedule"])
+    for _ in range(13):
+        for o, s in ((optimizer, sched), (resumed_optimizer, resumed)):
+            o.step()
+            s.step()
+        assert resumed.get_last_lr() == sched.get_last_lr()
+        assert [g["lr"] for g in resumed_optimizer.param_groups] == sched.get_last_lr()
 
 
 def test_validation_loss_is_mean_per_completion_token(tiny_tokenizer):

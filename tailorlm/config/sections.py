@@ -152,6 +152,11 @@ class ObjectiveSpec(Section):
         return self.name != "sft"
 
     @property
+    def lr_scale(self) -> float:
+        """The share of the method's default learning rate this objective starts from."""
+        return PREFERENCE_LR_SCALE if self.preference else 1.0
+
+    @property
     def strength(self) -> float:
         return self.beta if self.beta is not None else DEFAULT_BETA.get(self.name, 0.0)
 
@@ -185,7 +190,7 @@ class TrainSpec(Section):
 
 
 class SelectSpec(Section):
-    metric: str = Field("val_loss", description="What picks the best checkpoint: val_loss, or a task metric on generated validation text (accuracy, macro_f1, f1, exact_match, bleu, ...)")
+    metric: str = Field("val_loss", description="What picks the best checkpoint: val_loss, or a task metric on generated validation text ('task/metric', or just the metric when one task measures it: accuracy, macro_f1, f1, exact_match, bleu, ...)")
     patience: Optional[PositiveInt] = Field(None, description="Stop after this many evaluations without improvement (early stopping); never when absent")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement")
     restore_best: bool = Field(True, description="Evaluate and save the best checkpoint's weights, not the last")
@@ -305,11 +310,7 @@ class RunConfig(Section):
     def lr(self) -> float:
         if self.train.lr is not None:
             return self.train.lr
-        return DEFAULT_LR[self.method.name] * (PREFERENCE_LR_SCALE if self.objective.preference else 1.0)
-
-    @property
-    def multi_task(self) -> bool:
-        return bool(self.tasks)
+        return DEFAULT_LR[self.method.name] * self.objective.lr_scale
 
     def task_set(self) -> list[TaskSpec]:
         """Every task of the run: the `tasks` list, or the run's own data and template as one task named after

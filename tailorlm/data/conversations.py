@@ -14,16 +14,17 @@ reasoning from history, say) would make the training text differ from what the m
 is refused by name rather than trained with a wrong mask. The pieces are tokenized one by one, as generation
 sees them (the prompt, then the tokens the model writes); they must also equal the tokens of the whole text,
 so the boundaries between turns fall between tokens.
+
+ChatFormat, the wrapper over the model's chat template that tokenize.py, evaluation and serving use, lives
+here beside the end-of-turn helpers it calls: tokenize.py builds on this module, not the other way round.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from tailorlm.config import TemplateSpec
 from tailorlm.data.samples import IGNORE, Sample
 from tailorlm.errors import TailorError
-
-if TYPE_CHECKING:  # tokenize.py builds on this module, not the other way round
-    from tailorlm.data.tokenize import ChatFormat
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 
@@ -43,6 +44,66 @@ def through_end_of_turn(tail: str, markers: list[str]) -> str:
     """A reply's text through the first end-of-turn token: what follows (a newline) is never generated."""
     ends = [tail.index(m) + len(m) for m in markers if m in tail]
     return tail[:min(ends)] if ends else tail
+
+
+class ChatFormat:
+    """Wraps prompts in the tokenizer's chat template when it has one, or in a plain 'Answer:' layout."""
+
+    def __init__(self, tokenizer, spec: TemplateSpec):
+        self.tokenizer = tokenizer
+        self.system = spec.system
+        self.uses_chat = spec.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.end_markers = end_of_turn_markers(tokenizer)  # once: reading the vocabulary costs its size
+
+    def messages(self, prompt: str, demos) -> list[dict]:
+        """The chat messages a prompt is rendered from: system, demonstrations as turns, then the prompt."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for demo_prompt, demo_completion in demos:
+            messages += [{"role": "user", "content": demo_prompt}, {"role": "assistant", "content": demo_completion}]
+        return messages + [{"role": "user", "content": prompt}]
+
+    def prompt_text(self, prompt: str, demos: list[tuple[str, str]] = ()) -> str:
+        if self.uses_chat:
+            return self.render(self.messages(prompt, demos), add_generation_prompt=True)
+        shots = "".join(f"{p}\nAnswer: {c}\n\n" for p, c in demos)
+        return f"{shots}{prompt}\nAnswer:"
+
+    def completion_text(self, prompt: str, completion: str) -> str:
+        """The text after the prompt, up to and including the end-of-turn token the model must learn to emit."""
+        eos = self.tokenizer.eos_token or ""
+        if not self.uses_chat:
+            return f" {completion}{eos}"
+        head = self.prompt_text(prompt)
+        full = self.render(self.messages(prompt, []) + [{"role": "assistant", "content": completion}])
+        if not full.startswith(head):  # a template that rewrites earlier turns: fall back to the plain answer
+            return f"{completion}{eos}"
+        tail = full[len(head):]
+        return through_end_of_turn(tail, self.end_markers)
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "") or "the model"
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """A conversation as the model's chat template writes it (with the tool schemas, when given); transformers
+        renders it in a Jinja sandbox, and its failures name the model."""
+        from jinja2 import TemplateError
+
+        extra = {"tools": tools} if tools else {}
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **extra)
+        except (TemplateError, TypeError, ValueError) as e:  # SecurityError is a TemplateError
+            raise TailorError(f"the chat template of {self.model_name} "
+                              f"(tokenizer_config.json / chat_template.jinja) failed: {type(e).__name__}: {e}; "
+                              f"fix the template, or set template.chat_template=never for the plain layout") from None
+
+    def encode_prompt(self, text: str) -> list[int]:
+        # A chat template writes its own special tokens (BOS included, where the model uses one).
+        return self.tokenizer(text, add_special_tokens=not self.uses_chat)["input_ids"]
+
+    def encode_completion(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def loss_turns(messages: list[dict], train_on: TrainOn = "all_assistant") -> list[int]:

@@ -27,12 +27,13 @@ def curve_summary(curve: dict | None) -> str | None:
     return line
 
 
-def curve_lines(curve: dict | None, fine_tuned: float | None, task: str, several: bool) -> list[str]:
-    """report.md's curve section: a table (k, score, rows, prompt tokens, demos dropped) and the plot."""
+def curve_lines(curve: dict | None, fine_tuned: float | None, task: str) -> list[str]:
+    """report.md's curve section for one task: a table (k, score, rows, prompt tokens, demos dropped) and the
+    plot, which lives in the task's folder (curve_file)."""
     if not curve or not curve.get("points"):
         return []
     metric = curve["metric"]
-    lines = ["", f"## The k-shot curve{': ' + task if several else ''}", "",
+    lines = ["", f"## The k-shot curve: {task}", "",
              f"Prompting the base model with k demonstrations ({curve['demos']}) from the training split, scored by "
              f"{KIND_WORDS.get(curve['kind'], curve['kind'])}. Inner points use the rows listed.", "",
              f"| k | {metric} | test rows | prompt tokens | demos dropped |", "|---:|---:|---:|---:|---:|"]
@@ -43,12 +44,13 @@ def curve_lines(curve: dict | None, fine_tuned: float | None, task: str, several
     summary = curve_summary(curve)
     lines += ["", summary] if summary else []
     if len(curve["points"]) > 1:
-        lines += ["", f"![k-shot curve]({curve_file(task, several)})"]
+        lines += ["", f"![k-shot curve]({curve_file(task)})"]
     return lines
 
 
-def curve_file(task: str, several: bool) -> str:
-    return f"k_shot_curve_{task}.png" if several else "k_shot_curve.png"
+def curve_file(task: str) -> str:
+    """The curve's picture, relative to the run folder: beside the task's other reports."""
+    return f"tasks/{task}/k_shot_curve.png"
 
 
 def plot_curve(path: Path, curve: dict | None, fine_tuned: float | None) -> None:

@@ -19,29 +19,43 @@ from tailorlm.train.step import StepContext, validation_loss
 from tailorlm.ui import console
 
 
-def metric_key(task: str, metric: str, several: bool) -> str:
-    """A task metric's name in logs and eval.select.metric: 'accuracy', or 'task/accuracy' with several tasks."""
-    return f"{task}/{metric}" if several else metric
+def metric_key(task: str, metric: str) -> str:
+    """A task metric's name in logs, train_log.json and eval.select.metric: 'task/metric', whatever the number of
+    tasks (a single-task run's task is named after its preset: 'classification/accuracy')."""
+    return f"{task}/{metric}"
 
 
 def metric_names(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> list[str]:
     """What eval.select.metric may name: val_loss, retention_ppl, the preference metrics under a preference
-    objective, and each task's metrics on generated text (prefixed 'task/' in multi-task runs)."""
+    objective, and each task's metrics on generated text ('task/metric')."""
     names = ["val_loss"] + (["retention_ppl"] if cfg.eval.retention.data else [])
     if cfg.objective.preference:  # measured on the held-out preference items (train/objectives.py)
         names += ["pref_loss", "reward_accuracy", "reward_margin"]
     if cfg.eval.during_training:
         for name, template in templates.items():
-            names += [metric_key(name, c, len(templates) > 1) for c in template.task.columns]
+            names += [metric_key(name, c) for c in template.task.columns]
     return names
 
 
-def check_select(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> None:
+def resolve_metric(name: str, allowed: list[str]) -> str | None:
+    """`name` as training logs it: itself, or the one task metric it names without the task ('accuracy' for
+    'classification/accuracy'); None when it names none, or a metric several tasks measure."""
+    if name in allowed:
+        return name
+    matches = [a for a in allowed if a.endswith("/" + name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def select_metric(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> RunConfig:
+    """cfg with eval.select.metric spelled as training logs it, or an error listing what may be chosen."""
     allowed = metric_names(cfg, templates)
-    if cfg.eval.select.metric not in allowed:
+    chosen = resolve_metric(cfg.eval.select.metric, allowed)
+    if chosen is None:
         hint = "" if cfg.eval.during_training else " (eval.during_training=0 turns generated-text metrics off)"
         raise ConfigError("config", [f"eval.select.metric: '{cfg.eval.select.metric}' is not measured during training"
                                      f"{hint}; choose one of: {', '.join(allowed)}"])
+    select = cfg.eval.select.model_copy(update={"metric": chosen})
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"select": select})})
 
 
 class TrainingEvaluation:
@@ -52,7 +66,6 @@ class TrainingEvaluation:
                  device, probe: RetentionProbe | None = None):
         self.cfg, self.evaluators, self.device = cfg, evaluators, device
         self.batch_size = cfg.train.batch_size
-        self.several = len(evaluators) > 1
         self.val_set = [s for samples in validation.values() for s in samples]
         self.subsets = {name: _subset(samples, cfg.eval.during_training, cfg.train.seed)
                         for name, samples in validation.items()}
@@ -88,7 +101,7 @@ class TrainingEvaluation:
                     evaluator = self.evaluators[name]
                     scores = evaluator.run(model, subset, f"validation @{step}").metrics
                     # the task's own figures; its costs (prompt tokens, seconds) are not a validation curve
-                    metrics.update({metric_key(name, k, self.several): scores[k] for k in evaluator.task.columns
+                    metrics.update({metric_key(name, k): scores[k] for k in evaluator.task.columns
                                     if isinstance(scores.get(k), float)})
         if self.probe and step == 0 and self.probe.base_ppl is not None:  # the weights before() just measured
             metrics.update({"retention_ppl": self.probe.base_ppl, "retention_change": 0.0})
@@ -98,12 +111,24 @@ class TrainingEvaluation:
 
     @staticmethod
     def describe(metrics: dict) -> str:
-        """An evaluation in one line: 'val_loss 0.231, accuracy 0.875, ..., retention ppl 6.53 (+18%)'."""
-        parts = [f"{k} {v:.3f}" for k, v in metrics.items()
-                 if isinstance(v, float) and k not in ("retention_ppl", "retention_change")]
+        """An evaluation in one line, each task's figures together:
+        'val_loss 0.231; classification: accuracy 0.875, macro_f1 0.861; retention ppl 6.53 (+18%)'."""
+        parts, by_task = [], {}
+        for k, v in metrics.items():
+            if not isinstance(v, float) or k in ("retention_ppl", "retention_change"):
+                continue
+            task, _, metric = k.rpartition("/")
+            if task:
+                if task not in by_task:
+                    by_task[task] = []
+                    parts.append(task)  # the task's place among the figures; filled in below
+                by_task[task].append(f"{metric} {v:.3f}")
+            else:
+                parts.append(f"{k} {v:.3f}")
+        parts = [f"{p}: " + ", ".join(by_task[p]) if p in by_task else p for p in parts]
         if "retention_ppl" in metrics:
             parts.append(f"retention ppl {metrics['retention_ppl']:.2f} ({metrics['retention_change']:+.0%})")
-        return ", ".join(parts)
+        return "; ".join(parts)
 
     def after(self, model, measured: dict | None = None) -> dict:
         """{source, base_ppl, final_ppl, change[, base_rouge_l, final_rouge_l]}, or {} without retention.

@@ -95,9 +95,9 @@ def measured_columns(variants: dict[str, dict], columns: tuple[str, ...]) -> tup
     return columns[:1] + tuple(c for c in columns[1:] if any(m.get(c) is not None for m in variants.values()))
 
 
-def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str | None = None,
+def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...], task: str,
                 trivial: list[str] = (), contamination: dict | None = None, curve: dict | None = None) -> None:
-    table = Table(title=f"{task + ': test' if task else 'Test'} split, {n_test} examples, metrics on generated text")
+    table = Table(title=f"{task}: test split, {n_test} examples, metrics on generated text")
     columns = measured_columns(variants, columns)
     # The cost columns stay in report.md (each baseline's line printed them as it ran): without them the table
     # fits an 80-column terminal, with variant names wrapping at spaces.
@@ -121,8 +121,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
     for name, section in sections.items():
         variants, labels = section["variants"], section["labels"]
         columns = measured_columns(variants, tuple(section["columns"]))
-        heading = "Prompting vs fine-tuning" + (f": {name}" if len(sections) > 1 else "")
-        lines += ["", f"## {heading} (test split, {section['n_test']} examples, metrics on generated text)", "",
+        lines += ["", f"## Prompting vs fine-tuning: {name} (test split, {section['n_test']} examples, metrics on generated text)", "",
                   "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1 + len(COST))]
         trivial = section.get("trivial", [])
         lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns, bool(trivial))]
@@ -136,7 +135,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
                          "that pass once, with its own scoring or decoding")
         if notes:
             lines += ["", *(f"- **{note}**" for note in notes)]
-        lines += curve_lines(section.get("curve"), variants.get("fine_tuned", {}).get(columns[0]), name, len(sections) > 1)
+        lines += curve_lines(section.get("curve"), variants.get("fine_tuned", {}).get(columns[0]), name)
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", "", *training]
     for section in sections.values():
         labels = section["labels"]

@@ -1,7 +1,7 @@
 """What an exported model must reproduce of training: the prompt layout, its end-of-turn token, and prompts.
 
 Training wraps each prompt either in the model's chat template or, without one, in the plain layout
-"{prompt}\\nAnswer:" (data/tokenize.py ChatFormat). Every export carries that layout as a chat template, so
+"{prompt}\\nAnswer:" (data/conversations.py ChatFormat). Every export carries that layout as a chat template, so
 llama.cpp, Ollama or transformers' apply_chat_template render the prompt the model was trained on, and the
 end-of-turn token the model learned to emit becomes the exported EOS.
 """
@@ -45,14 +45,13 @@ class PromptCase:
 
 
 def run_template_spec(cfg: RunConfig) -> TemplateSpec:
-    """The template spec that decides the chat layout; for a multi-task run, the one all tasks share."""
-    if not cfg.multi_task:
-        return cfg.template
-    layouts = {(t.template.system, t.template.chat_template) for t in cfg.tasks}
+    """The template spec that decides the chat layout: the one all the run's tasks share."""
+    specs = cfg.task_set()
+    layouts = {(t.template.system, t.template.chat_template) for t in specs}
     if len(layouts) > 1:
         raise TailorError("the run's tasks use different system prompts or chat_template settings; "
                           "one exported model carries one chat layout")
-    return cfg.tasks[0].template
+    return specs[0].template
 
 
 def run_layout(tokenizer, cfg: RunConfig) -> Layout:
@@ -83,7 +82,7 @@ def training_prompts(trained, count: int = 3) -> list[PromptCase]:
     """The first `count` test examples of the run (a loaded models.trained.Trained), encoded exactly as training
     and evaluation encoded them. They come from the run's manifest, so the data files need not still exist;
     a run written before manifests existed reads its test split again from the config's paths."""
-    cfg, entry = trained.task(trained.cfg.task_set()[0].name if trained.cfg.multi_task else None)
+    cfg, entry = trained.task(trained.cfg.task_set()[0].name)
     spec = run_template_spec(trained.cfg)
     template = PromptTemplate(cfg.template)
     examples, labels = entry.examples, entry.labels

@@ -46,18 +46,18 @@ class Trained:
         return next(iter(self.manifest.tasks.values())).labels
 
     def task(self, name: str | None = None) -> tuple[RunConfig, TaskManifest]:
-        """One task's config and manifest entry (multi-task runs need its name)."""
+        """One task's config and manifest entry: the named one, or the run's only one when no name is given."""
         if self.manifest is None:
             return self.cfg, TaskManifest(self.cfg.template.preset, [], self.cfg.template.model_dump(mode="json"),
                                           "unknown")
-        if name is not None and not self.cfg.multi_task:
-            raise TailorError(f"{self.run_dir}: --task is for multi-task runs; this run has one task")
         try:
             name, entry = self.manifest.task(name)
         except TailorError as e:
             raise TailorError(f"{self.run_dir}: {e}") from None
-        spec = next(t for t in self.cfg.task_set() if t.name == name) if self.cfg.multi_task else None
-        return (self.cfg.for_task(spec) if spec else self.cfg), entry
+        spec = next((t for t in self.cfg.task_set() if t.name == name), None)
+        if spec is None:  # the manifest and config.yaml disagree: the folder was edited by hand
+            raise TailorError(f"{self.run_dir}: manifest.json has task '{name}', config.yaml does not")
+        return self.cfg.for_task(spec), entry
 
     def template(self) -> PromptTemplate:
         return PromptTemplate(self.cfg.template)

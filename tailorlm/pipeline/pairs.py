@@ -111,7 +111,7 @@ def balance(pairs: list[dict], seed: int) -> tuple[list[dict], int]:
 
 
 def _check(cfg: RunConfig, source: str) -> None:
-    if cfg.multi_task:
+    if len(cfg.task_set()) > 1:
         raise TailorError(f"{source}: a multi-task run; pairs come from one task's table")
     if cfg.objective.preference:
         raise TailorError(f"{source}: trained with objective {cfg.objective.name}; pairs come from an SFT run or a "

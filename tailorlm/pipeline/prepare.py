@@ -1,8 +1,9 @@
 """The first stage: data -> template -> tokens -> preflight, for every task of a run, before any output is
 written or any weight is loaded.
 
-A run trains one task or several (`tasks:` in the config); a single-task run is a task set of one, named
-after its preset, so nothing downstream asks which kind of run it is.
+A run trains a list of tasks (`tasks:` in the config, or the config's own data and template as one task named
+after its preset), so nothing downstream asks how many there are: every task has its own folder, metrics
+section and 'task/metric' names.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tailorlm.data.samples import Preference, Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat, EncodeReport, encode_examples, encode_preference_examples
 from tailorlm.errors import ConfigError, DataError, TailorError
+from tailorlm.eval.during_training import select_metric
 from tailorlm.eval.retention import RetentionProbe
 from tailorlm.models.loading import inspect_model, load_tokenizer, resolve_device
 from tailorlm.rundir import write_json
@@ -46,7 +48,7 @@ class TaskData:
 
 @dataclass
 class Prepared:
-    """Every task of a run, prepared. `several` is true for a multi-task run (its outputs are per task)."""
+    """Every task of a run, prepared."""
     cfg: RunConfig
     tasks: dict[str, TaskData]
     tokenizer: object
@@ -54,13 +56,10 @@ class Prepared:
     # here with the rest of the user's input, so a bad one fails before the run folder or the model exists.
     retention: RetentionProbe | None = None
 
-    @property
-    def several(self) -> bool:
-        return self.cfg.multi_task
-
-    def tagged(self, rows: list[dict], task: str) -> list[dict]:
-        """Prediction rows, each marked with its task when the run has several."""
-        return [{**r, "task": task} for r in rows] if self.several else rows
+    @staticmethod
+    def tagged(rows: list[dict], task: str) -> list[dict]:
+        """Prediction rows, each marked with its task."""
+        return [{**r, "task": task} for r in rows]
 
     def held_out_pairs(self) -> list[Preference]:
         """Validation preference items, scored at every evaluation (reward accuracy and margin)."""
@@ -79,9 +78,8 @@ class Prepared:
         shares = mixing_shares([len(t) for t in trains], [t.weight for t in self.tasks.values()],
                                cfg.mixing.strategy, cfg.mixing.temperature)
         mixed = mix(trains, shares, cfg.train.seed)
-        if self.several:
-            console.print("mixing (" + cfg.mixing.strategy + "): " +
-                          ", ".join(f"{n} {share:.0%} of {len(mixed)}" for n, share in zip(self.tasks, shares)))
+        console.print(f"training set: {len(mixed)} samples, " + ", ".join(
+            f"{n} {share:.0%}" for n, share in zip(self.tasks, shares)) + f" (mixing.strategy={cfg.mixing.strategy})")
         return mixed
 
 
@@ -97,18 +95,22 @@ def prepare(cfg: RunConfig, given: Mapping[str, object] | None = None, tokenizer
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)  # a wrong path is reported now
     if n_params is None:
         n_params = inspect_model(cfg.model)
-    if cfg.objective.preference and cfg.multi_task:
+    specs = cfg.task_set()
+    # Preference items have no mixing rule yet (shares of pairs from different tables): one task's table.
+    if cfg.objective.preference and len(specs) > 1:
         raise ConfigError("config", [f"objective.name: {cfg.objective.name} trains one task; tasks: (multi-task "
                                      f"mixing) is for objective.name=sft"])
-    tasks = {t.name: prepare_task(t.name, cfg.for_task(t), tokenizer, n_params, given, named=cfg.multi_task,
-                                  weight=t.weight) for t in cfg.task_set()}
+    # eval.select.metric as training logs it ('accuracy' -> 'classification/accuracy'), checked before any output
+    cfg = select_metric(cfg, {t.name: PromptTemplate(t.template) for t in specs})
+    tasks = {t.name: prepare_task(t.name, cfg.for_task(t), tokenizer, n_params, given, weight=t.weight)
+             for t in specs}
     retention = RetentionProbe.load(cfg.eval.retention, tokenizer, cfg.template, cfg.train.seed)
     return Prepared(cfg, tasks, tokenizer, retention)
 
 
 def prepare_task(name: str, cfg: RunConfig, tokenizer, n_params: int, given: Mapping[str, object] | None = None,
-                 named: bool = False, weight: float = 1.0) -> TaskData:
-    stage(f"Data: {name}" if named else "Data")
+                 weight: float = 1.0) -> TaskData:
+    stage(f"Data: {name}")
     template = PromptTemplate(cfg.template)
     label_field = template.label_field
     if template.task.label_field and label_field is None:

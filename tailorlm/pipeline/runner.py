@@ -18,7 +18,6 @@ from typing import Callable, Mapping
 from tailorlm.config import RunConfig
 from tailorlm.data.preflight import enforce
 from tailorlm.errors import DiskFullError, is_disk_full
-from tailorlm.eval.during_training import check_select
 from tailorlm.models.loading import LoadedModel, resolve_device
 from tailorlm.models.methods import check_supported
 from tailorlm.pipeline import stages
@@ -41,12 +40,13 @@ class Outcome:
     prepared: Prepared | None = None
     fit: Fit | None = None  # None for a resumed run that was already complete, and on other torchrun ranks
     base_source: str | None = None
+    results: stages.Results | None = None  # the test figures, typed (metrics.json is their JSON)
 
 
 def run(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, observe=None) -> dict:
     """The whole run; returns metrics.json's content. resume=True continues out_dir from its latest complete
     checkpoint (same config). observe(metrics, step), when given, sees every logged metric as training goes
-    ('train/loss', 'val/val_loss', 'val/accuracy', ...), e.g. for a sweep to prune a trial; an exception it
+    ('train/loss', 'val/val_loss', 'val/classification/accuracy', ...), e.g. for a sweep to prune a trial; an exception it
     raises stops the run."""
     return run_stages(cfg, out_dir, resume, observe).metrics
 
@@ -69,7 +69,6 @@ def run_stages(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False
         distributed.check_method(cfg.method.name)
         n_params = sum(p.numel() for p in model.model.parameters()) if model else None
         prepared = prepare(cfg, given, model.tokenizer if model else None, n_params)
-        check_select(cfg, {name: t.template for name, t in prepared.tasks.items()})
         for task in prepared.tasks.values():
             enforce(task.preflight)  # thresholds set to error stop here, before anything is written
         if not world.main:
@@ -88,7 +87,7 @@ def _owned(prepared: Prepared, run_dir: RunDir, resume: bool, device, observe, m
         if not resume:
             run_dir.write_config(cfg)
             for name, task in prepared.tasks.items():
-                save_data_report(run_dir.task_folder(name, prepared.several), task)
+                save_data_report(run_dir.task_folder(name), task)
         # milliseconds: runs started within one second still list in the order they started
         status = {"status": "running", "started": datetime.now().isoformat(timespec="milliseconds"),
                   "pid": os.getpid()}
@@ -166,18 +165,17 @@ def _train_and_evaluate(prepared: Prepared, run_dir: RunDir, resume: bool, devic
         result = stages.train(prepared, loaded.model, run_dir, device, scorers, resume, log)
         if result is None:  # not rank 0: its part ended with training
             return Outcome({}, run_dir, prepared)
-        sections, predictions = stages.evaluate(prepared, result.model, scorers, found)
-        for name, section in sections.items():
-            tracker.log_metrics({f"test/{name + '/' if prepared.several else ''}{k}": v
-                                 for k, v in section["variants"]["fine_tuned"].items() if isinstance(v, float)},
-                                result.history.completed)
-        metrics = stages.metrics_json(prepared, sections, result)
-        run_dir.write_rows("predictions.jsonl", found.predictions + predictions)
+        results = stages.evaluate(prepared, result.model, scorers, found)
+        for name, task in results.tasks.items():
+            tracker.log_metrics({f"test/{name}/{k}": v for k, v in task.variants["fine_tuned"].items()
+                                 if isinstance(v, float)}, result.history.completed)
+        metrics = stages.metrics_json(prepared, results, result)
+        run_dir.write_rows("predictions.jsonl", found.predictions + results.predictions)
         run_dir.write("metrics.json", metrics)
         run_dir.write_manifest(manifest(prepared, result, run_dir))
-        stages.report(prepared, run_dir, sections, result, loaded.source, device)
+        stages.report(prepared, run_dir, results, result, loaded.source, device)
         tracker.log_artifacts([run_dir / n for n in ("report.md", "metrics.json", "loss_curve.png", "train_log.json")])
-    return Outcome(metrics, run_dir, prepared, result, loaded.source)
+    return Outcome(metrics, run_dir, prepared, result, loaded.source, results)
 
 
 def manifest(prepared: Prepared, result: Fit, run_dir: RunDir) -> Manifest:

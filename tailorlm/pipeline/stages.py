@@ -14,10 +14,11 @@ from tailorlm.eval.curve_report import curve_file, plot_curve
 from tailorlm.eval.during_training import TrainingEvaluation
 from tailorlm.eval.evaluate import Evaluator
 from tailorlm.eval.report import TITLES, format_metric, print_table, variant_title, write_report
+from tailorlm.eval.results import Results, TaskResults
 from tailorlm.eval.training_report import overfit_step, plot_training, training_lines
 from tailorlm.models.loading import LoadedModel, load_model
 from tailorlm.pipeline.prepare import Prepared
-from tailorlm.rundir import RunDir
+from tailorlm.rundir import METRICS_SCHEMA, RunDir
 from tailorlm.train import distributed
 from tailorlm.train.fit import Fit, fit
 from tailorlm.ui import console, stage
@@ -32,14 +33,6 @@ class Baselines:
 
     def to_json(self) -> dict:
         return {"variants": self.variants, "predictions": self.predictions, "curves": self.curves}
-
-
-@dataclass
-class Results:
-    """What the run measured: one metrics section per task, and every test prediction."""
-    sections: dict[str, dict]
-    predictions: list[dict]
-    metrics: dict  # metrics.json
 
 
 def load_base(prepared: Prepared, device) -> LoadedModel:
@@ -64,10 +57,11 @@ def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Basel
     if not cfg.eval.baselines:  # no baselines at all: the classic classifier is one of them
         return result
     started = RunDir(cfg.model.path).is_run()  # a finished run's model is what training starts from
-    stage(f"Prompting baselines ({'the starting model, ' + cfg.model.path if started else 'base model'})")
     for name, t in prepared.tasks.items():
-        def report(variant: str, metrics: dict, task=name, t=t) -> None:
-            console.print(f"{task + ' ' if prepared.several else ''}{variant_title(variant, metrics)}: " + ", ".join(
+        stage(f"Prompting baselines: {name} ({'the starting model, ' + cfg.model.path if started else 'base model'})")
+
+        def report(variant: str, metrics: dict, t=t) -> None:
+            console.print(f"{variant_title(variant, metrics)}: " + ", ".join(
                 f"{TITLES.get(c, c)} {format_metric(c, metrics.get(c))}" for c in t.template.task.columns)
                 + f" ({metrics['prompt_tokens']:.0f} prompt tokens, {metrics['seconds_per_100']:.1f} s per 100)")
         measured = run_baselines(model, scorers[name], t.splits.train, t.encoded["test"], cfg.eval, cfg.train.seed,
@@ -99,11 +93,11 @@ def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str,
     return result
 
 
-def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Baselines) -> tuple[dict, list[dict]]:
+def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Baselines) -> Results:
     """The fine-tuned model on every task's test split: free decoding always, constrained too where it is the
-    production setting (eval.decoding). Returns (sections: task -> metrics section, predictions)."""
+    production setting (eval.decoding)."""
     stage("Evaluation (fine-tuned)")
-    sections, predictions = {}, []
+    tasks, predictions = {}, []
     for name, t in prepared.tasks.items():
         variants = dict(found.variants.get(name, {}))
         kinds = ["free"] + (["constrained"] if scorers[name].decodes_constrained else [])
@@ -112,17 +106,15 @@ def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Ba
             variants[variant_name("fine_tuned", kind)] = evaluated.metrics
             predictions += prepared.tagged(evaluated.predictions, name)
         task = t.template.task
-        sections[name] = {"task": t.cfg.template.preset, "headline": task.headline, "columns": list(task.columns),
-                          "variants": variants, "best_prompting": best_prompting(variants, task.headline),
-                          "curve": found.curves.get(name, {}), "labels": t.labels, "n_test": len(t.encoded["test"]),
-                          # why the score may not be a result: a single label, test rows also in train
-                          "trivial": t.preflight.facts.get("trivial", []),
-                          "contamination": t.preflight.facts.get("contamination")}
-    return sections, predictions
+        tasks[name] = TaskResults(t.cfg.template.preset, task.headline, list(task.columns), variants,
+                                  best_prompting(variants, task.headline), found.curves.get(name, {}), t.labels,
+                                  len(t.encoded["test"]), t.preflight.facts.get("trivial", []),
+                                  t.preflight.facts.get("contamination"))
+    return Results(tasks, predictions)
 
 
-def metrics_json(prepared: Prepared, sections: dict, result: Fit) -> dict:
-    """metrics.json: a multi-task run keeps a section per task; a single-task run's section is the top level."""
+def metrics_json(prepared: Prepared, results: Results, result: Fit) -> dict:
+    """metrics.json: a section per task (a single-task run has one), the mixing and the training facts."""
     history, cfg = result.history, prepared.cfg
     scored = [e for e in history.evaluations if "reward_accuracy" in e]
     preference = {k: scored[-1][k] for k in ("reward_accuracy", "reward_margin", "pref_loss")} if scored else None
@@ -134,12 +126,11 @@ def metrics_json(prepared: Prepared, sections: dict, result: Fit) -> dict:
                    "stopped_early": history.stopped_early, "processes": distributed.world().size,
                    "final_val_loss": history.val_loss[-1]["loss"] if history.val_loss else None,
                    "retention": result.retention}
-    if prepared.several:
-        return {"tasks": sections, "mixing": cfg.mixing.model_dump(), "train": train_facts}
-    return {**next(iter(sections.values())), "train": train_facts}
+    return {"schema": METRICS_SCHEMA, "tasks": results.sections(), "mixing": cfg.mixing.model_dump(),
+            "train": train_facts}
 
 
-def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, source: str, device) -> int | None:
+def report(prepared: Prepared, run_dir: RunDir, results: Results, result: Fit, source: str, device) -> int | None:
     """train_log.json, example_losses.jsonl, the curves, report.md and the terminal table. Returns the step
     where overfitting began, if it did."""
     cfg, history = prepared.cfg, result.history
@@ -154,13 +145,15 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
     plot_training(run_dir / "loss_curve.png", history, overfit)
     tasks = prepared.tasks
     world = distributed.world()
-    facts = {"task": ", ".join(f"{n} ({t.cfg.template.preset})" for n, t in tasks.items()) if prepared.several
-             else cfg.template.preset,
+    sections = results.sections()
+    facts = {"task": ", ".join(name if name == t.cfg.template.preset else f"{name} ({t.cfg.template.preset})"
+                               for name, t in tasks.items()),
              "model": source, "method": cfg.method.name + (
                  f", objective {cfg.objective.name}" if cfg.objective.preference else ""),
              "data": ", ".join(t.splits.sources["train"] for t in tasks.values()),
-             "train / validation": f"{len(prepared.training_set)} / {sum(map(len, prepared.validation().values()))}"
-                                   + ("" if prepared.several else f" / test {len(next(iter(tasks.values())).encoded['test'])}"),
+             "train / validation / test": f"{len(prepared.training_set)} / "
+                                          f"{sum(map(len, prepared.validation().values()))} / "
+                                          f"{sum(r.n_test for r in results.tasks.values())}",
              "training": f"{history.completed} steps, lr {cfg.lr:g}, {history.seconds:.0f} s on {device}" + (
                  f", {world.size} processes ({world.mode})" if world.active else ""),
              "prompting": "greedy, zero-shot: each held-out conversation before its final reply" if all(
@@ -170,16 +163,15 @@ def report(prepared: Prepared, run_dir: RunDir, sections: dict, result: Fit, sou
     started = RunDir(cfg.model.path).is_run()
     if started:  # training continued a finished run: its model is what was prompted
         facts["prompting"] = f"the starting model (the finished run {cfg.model.path}); " + facts["prompting"]
-    for name, section in sections.items():
-        plot_curve(run_dir / curve_file(name, prepared.several), section["curve"],
-                   section["variants"]["fine_tuned"].get(section["headline"]))
+    for name, task in results.tasks.items():
+        plot_curve(run_dir / curve_file(name), task.curve, task.fine_tuned)
     write_report(run_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections,
                  training_lines(history, overfit, result.retention, result.example_losses, cfg.eval.select.metric))
     console.print()
-    for name, section in sections.items():
-        print_table(section["variants"], section["n_test"], tuple(section["columns"]), name if prepared.several else None,
-                    section["trivial"], section["contamination"], section["curve"])
-    if started and any(section["variants"].keys() - {"fine_tuned"} for section in sections.values()):
+    for name, task in results.tasks.items():
+        print_table(task.variants, task.n_test, tuple(task.columns), name, task.trivial, task.contamination,
+                    task.curve)
+    if started and any(task.variants.keys() - {"fine_tuned"} for task in results.tasks.values()):
         console.print(f"prompting rows: the starting model, the finished run {cfg.model.path}", soft_wrap=True)
     return overfit
 

@@ -31,8 +31,10 @@ def chat_setup(run_dir: Path) -> dict:
     from tailorlm.rundir import RunDir
 
     cfg = RunDir(run_dir).config()
-    template = PromptTemplate(cfg.template)
-    if cfg.multi_task or template.task.conversational:
+    specs = cfg.task_set()
+    template = PromptTemplate(specs[0].template)
+    # The page fills one task's prompt; a run of several tasks has no one prompt to fill, so it chats.
+    if len(specs) > 1 or template.task.conversational:
         return {"mode": "chat", "preset": cfg.template.preset, "fields": [], "labels": []}
     labels = next(iter(RunDir(run_dir).manifest(cfg).tasks.values())).labels
     return {"mode": "task", "preset": cfg.template.preset, "fields": sorted(template.input_fields), "labels": labels,

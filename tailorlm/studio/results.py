@@ -59,9 +59,8 @@ def run_results(run_dir: Path) -> dict:
     """The results page: status, the variants table, confusion matrix, predictions, highest-loss examples."""
     record = load_run(run_dir)
     metrics = record.metrics
-    sections = metrics.get("tasks") or ({"": metrics} if "variants" in metrics else {})
     tables = []
-    for task, section in sections.items():
+    for task, section in record.sections().items():
         columns = [c for c in section.get("columns", []) if c != "valid"] + ["valid"]
         rows = [{"variant": name, **{c: values.get(c) for c in columns}, "kind": values.get("kind"),
                  "k": values.get("k")} for name, values in section.get("variants", {}).items()]

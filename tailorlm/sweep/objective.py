@@ -12,7 +12,7 @@ import optuna
 from tailorlm.config import RunConfig, load_config
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.errors import ConfigError, TailorError
-from tailorlm.eval.during_training import metric_names
+from tailorlm.eval.during_training import metric_key, metric_names, resolve_metric
 from tailorlm.pipeline import run, task_configs
 from tailorlm.rundir import RunDir
 from tailorlm.sweep.space import SweepSpec, overrides, resolve
@@ -26,15 +26,20 @@ def choose_metric(space: SweepSpec, cfg: RunConfig) -> tuple[str, str]:
     templates = {name: PromptTemplate(c.template) for name, c in task_configs(cfg).items()}
     metric = space.metric
     if metric is None:
-        if "metric" in cfg.eval.select.model_fields_set or cfg.tasks or not cfg.eval.during_training:
+        # A task's headline is the natural target when there is one task to take it from; with several, no
+        # one headline speaks for the run, so eval.select.metric (val_loss unless set) does.
+        if "metric" in cfg.eval.select.model_fields_set or len(templates) > 1 or not cfg.eval.during_training:
             metric = cfg.eval.select.metric
         else:
-            metric = next(iter(templates.values())).task.headline
+            name, template = next(iter(templates.items()))
+            metric = metric_key(name, template.task.headline)
     allowed = metric_names(cfg, templates)
-    if metric not in allowed:
+    resolved = resolve_metric(metric, allowed)
+    if resolved is None:
         hint = "" if cfg.eval.during_training else " (eval.during_training=0 turns generated-text metrics off)"
         raise ConfigError("sweep", [(f"metric: '{metric}' is not measured on the validation split during training"
                                     f"{hint}; choose one of: {', '.join(allowed)}")])
+    metric = resolved
     direction = space.direction or ("minimize" if lower_is_better(metric) else "maximize")
     return metric, direction
 

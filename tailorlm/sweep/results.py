@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tailorlm.config import load_config
+from tailorlm.rundir import move_into_place, write_text
 from tailorlm.sweep.space import FixedParam, SweepSpec
 from tailorlm.ui import console
 
@@ -140,19 +141,13 @@ def write_plots(study: optuna.Study, sweep_dir: Path) -> list[Path]:
         tmp = sweep_dir / f".{name}.{os.getpid()}.png"
         figure.savefig(tmp, dpi=110)
         plt.close(figure)
-        written.append(_replace(tmp, sweep_dir / name))
+        written.append(move_into_place(tmp, sweep_dir / name))
     return written
 
 
 def _write(path: Path, text: str) -> Path:
-    # Workers share the directory: write aside and rename, so a reader never sees half a file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    return _replace(tmp, path)
-
-
-def _replace(tmp: Path, path: Path) -> Path:
-    os.replace(tmp, path)
+    # Workers share the directory: the run directory's write rule names each temporary file by process.
+    write_text(path, text)
     return path
 
 

@@ -4,7 +4,6 @@ count is the study's total, so `--trials 20` means 20 trials whatever the number
 reserves its next trial under a lock that all of them take, so the total holds exactly."""
 from __future__ import annotations
 
-import fcntl
 import gc
 import os
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
+from filelock import UnixFileLock
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
@@ -102,8 +102,9 @@ def _sqlite_file_lock(url: str):
         return
     lock_path = database.with_name(database.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+    # flock, waited for without limit; released at the end of the block, or by the kernel when the process dies
+    # (never a marker file, which a killed worker would leave behind to block the others)
+    with UnixFileLock(lock_path, thread_local=False, fallback_to_soft=False):
         yield
 
 

@@ -59,10 +59,10 @@ class RunRecord:
 
     @property
     def task(self) -> str:
-        tasks = self.config.get("tasks") or []
-        if tasks:
-            return "multi: " + ", ".join(str(t.get("name")) for t in tasks)
-        return self.metrics.get("task") or (self.config.get("template") or {}).get("preset", "")
+        """The run's task names ('classification'; 'topic, sentiment' for a run of two); a run that wrote no
+        metrics names them from its config."""
+        named = [str(t.get("name")) for t in self.config.get("tasks") or []]
+        return ", ".join(self.sections() or named or [(self.config.get("template") or {}).get("preset", "")])
 
     @property
     def method(self) -> str:
@@ -84,10 +84,8 @@ class RunRecord:
         return self.metrics.get("train", {}).get("seconds", self.log.get("seconds"))
 
     def sections(self) -> dict[str, dict]:
-        """Task name -> its metrics.json section ({headline, columns, variants}); single-task runs under the preset."""
-        if "tasks" in self.metrics:
-            return self.metrics["tasks"]
-        return {self.metrics["task"]: self.metrics} if "variants" in self.metrics else {}
+        """Task name -> its metrics.json section ({headline, columns, variants}); {} before the run finished."""
+        return self.metrics.get("tasks") or {}
 
     def headlines(self) -> dict[str, Headline]:
         result = {}
@@ -151,14 +149,14 @@ def find_runs(root: str | Path) -> list[RunRecord]:
 
 
 def listing_rows(records: list[RunRecord]) -> list[list[str]]:
-    """The cells of `tailor runs`' table, one row per run (multi-task runs: one line per task in the metric cells)."""
+    """The cells of `tailor runs`' table, one row per run; the task, metric and gain cells have a line per task."""
     rows = []
     for r in records:
         heads = r.headlines()
-        prefix = (lambda task: f"{task}: ") if len(heads) > 1 else (lambda task: "")
-        metric = "\n".join(f"{prefix(t)}{h.metric} {format_metric(h.metric, h.fine_tuned)}" for t, h in heads.items())
+        metric = "\n".join(f"{h.metric} {format_metric(h.metric, h.fine_tuned)}" for h in heads.values())
         gain = "\n".join("" if h.gain_points is None else f"{h.gain_points:+.1f} pts" for h in heads.values())
-        rows.append([r.name, r.status, r.started.replace("T", " ")[:19], r.task, r.method, Path(r.model).name or r.model,
+        task = "\n".join(heads) or r.task  # a run without results names its tasks from its config
+        rows.append([r.name, r.status, r.started.replace("T", " ")[:19], task, r.method, Path(r.model).name or r.model,
                      _or_dash(r.steps), _or_dash(r.train_seconds, "{:.0f}"), metric or "-", gain])
     return rows
 

@@ -10,13 +10,13 @@ A checkpoint is a folder `checkpoints/step-00000040/` with:
                         a truncated copy, an edited file) is skipped for the newest checkpoint that does
 
 Writes are atomic: everything goes into `.tmp-step-N/`, each file is fsynced, the folder is renamed into
-place, COMPLETE is written and synced, and only then does `latest` (a one-line file, itself replaced by
-rename) move and are old checkpoints pruned. A kill at any moment leaves the previous checkpoint intact; a
-write that fails (a full disk) removes its partial files at once and says which checkpoint could not be written.
+place, COMPLETE is written and synced, and only then does `latest` (a one-line file, written by the run
+directory's one write rule, rundir.write_text) move and are old checkpoints pruned. A kill at any moment
+leaves the previous checkpoint intact; a write that fails (a full disk) removes its partial files at once and
+says which checkpoint could not be written.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tailorlm.errors import DiskFullError, TailorError, is_disk_full
+from tailorlm.rundir import write_text
 from tailorlm.ui import console
 
 MARKER = "COMPLETE"
@@ -47,19 +48,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict:
@@ -121,9 +109,9 @@ class CheckpointStore:
             _fsync_file(final / MARKER)
             _fsync_dir(final)
             marked = True
-            _write_text_atomic(self.root / "latest", final.name + "\n")
+            write_text(self.root / "latest", final.name + "\n")
             if best_step is not None:
-                _write_text_atomic(self.root / "best", self.path(best_step).name + "\n")
+                write_text(self.root / "best", self.path(best_step).name + "\n")
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if renamed and not marked:  # never read without its marker: only the space it holds is left

@@ -1,11 +1,12 @@
 """Optimizer and learning-rate schedule: AdamW, linear warmup, then cosine, linear or constant."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tailorlm.config import TrainSpec
+
+# transformers' names for the schedules train.schedule offers
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def make_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
@@ -24,16 +25,16 @@ def make_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_steps: int):
+    """Linear warmup over warmup_ratio of the steps, then cosine, linear or constant: transformers' schedule,
+    one factor for every parameter group (each keeps its own lr as the base)."""
+    # here, not at the top: its module loads the trainer utilities and peft, which only a training run needs
+    from transformers import get_scheduler
+
     warmup = int(round(spec.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if spec.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if spec.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # transformers' warmup is step/warmup, so its first step runs at lr 0: a wasted step. Its schedule one step
+    # longer, read one step ahead, starts at 1/(warmup+1), reaches the full lr as the warmup ends and decays
+    # over the same steps. Built on a stand-in: only its factor is kept, and the real optimizer's lrs stay as set.
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ahead = get_scheduler(SCHEDULES[spec.schedule], stand_in, num_warmup_steps=warmup + 1,
+                          num_training_steps=total_steps + 1).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ahead(step + 1))
