@@ -103,6 +103,8 @@ def test_ner_baselines_have_the_free_and_constrained_kinds(tiny_tokenizer):
     model = tiny_llama(len(tiny_tokenizer), seed=7)
     evaluator, samples, examples = ner_setup(tiny_tokenizer, few_shot_k=[0, 1, 2], max_new_tokens=12)
     out = run_baselines(model, evaluator, examples, samples, evaluator.spec, seed=0, report=lambda *a: None)
-    assert set(out.variants) == {"zero_shot", "zero_shot_constrained", "few_shot", "few_shot_constrained"}
+    # the prompting kinds, and the CRF tagger as extraction's classic model
+    assert set(out.variants) == {"zero_shot", "zero_shot_constrained", "few_shot", "few_shot_constrained", "classic"}
+    assert out.variants["classic"]["kind"] == "crf" and 0.0 <= out.variants["classic"]["f1"] <= 1.0
     # open answers: the curve is measured at its ends only, under the constrained kind
     assert out.curve["kind"] == "constrained" and [p["k"] for p in out.curve["points"]] == [0, 2]

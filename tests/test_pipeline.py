@@ -1,7 +1,9 @@
 """`tailor run` end to end on a tiny random model (seconds), and every bad-input path through the CLI."""
 import json
+import re
 
 import pytest
+import yaml
 
 from tailorlm.cli import main
 from conftest import labeled_csv, write
@@ -105,13 +107,19 @@ def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
     assert set(json.loads((out / "metrics.json").read_text())["tasks"]["classification"]["variants"]) == {"fine_tuned"}
 
 
-@pytest.mark.parametrize("preset", ["ner", "translation", "math"])
+@pytest.mark.parametrize("preset", ["ner", "qa", "translation", "math"])
 def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
     """Open-answer tasks: no label set, the preset's metrics in metrics.json and in the report's table."""
     if preset == "ner":
         data = tmp_path / "d.conll"
         data.write_text("".join(f"the\tO\nfilm\tB-product\n{w}\tO\n\n" for w in ("won", "rose", "fell") * 8))
         args, keys = [f"data.train={data}"], {"f1", "precision", "recall"}
+    elif preset == "qa":  # extractive: every answer is a span of its context
+        data = tmp_path / "q.jsonl"
+        rows = [{"question": f"Who won in {y}?", "context": f"In {y} the team won the cup .", "answer": "the team"}
+                for y in range(1990, 2014)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args, keys = [f"data.train={data}"], {"exact_match", "token_f1"}
     elif preset == "translation":
         src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
         src.write_text("the film won\nthe team won\n" * 12)
@@ -131,9 +139,25 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
         assert keys <= set(variant)
     assert "| fine-tuned |" in (out / "report.md").read_text()
     # the kinds the tables hold: NER's answers can be constrained to its spans; open answers generate freely
-    kinds = "free, constrained" if preset == "ner" else "free"
+    kinds = "free, constrained" if preset in ("ner", "qa") else "free"
     assert f"- **prompting:** greedy; {kinds}; k-shot curve" in (out / "report.md").read_text()
-    assert ("zero_shot_constrained" in metrics["variants"]) == (preset == "ner")
+    assert ("zero_shot_constrained" in metrics["variants"]) == (preset in ("ner", "qa"))
+    # open answers: the checkpoint is chosen on the task's own metric on validation answers, not its loss
+    headline = {"ner": "f1", "qa": "exact_match", "translation": "bleu", "math": "exact_match"}[preset]
+    assert yaml.safe_load((out / "config.yaml").read_text())["eval"]["select"]["metric"] == f"{preset}/{headline}"
+    if preset == "ner":  # extraction's classic model is a CRF tagger, and the report gives F1 per entity type
+        assert metrics["variants"]["classic"]["kind"] == "crf"
+        assert set(metrics["variants"]["fine_tuned"]["per_type"]) <= {"product"}
+        assert "Entity F1 per type (strict spans):" in (out / "report.md").read_text()
+    if preset == "qa":  # extractive QA: a lexical span matcher as its classic model, constrained answers are spans
+        assert metrics["variants"]["classic"]["kind"] == "sliding window"
+        spans = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        constrained = [p for p in spans if p["variant"] == "zero_shot_constrained"]
+        for p in constrained:  # each one a run of its own context's words
+            year = re.search(r"(19|20)\d\d", p["input"]).group()
+            context = f"In {year} the team won the cup .".split()
+            answer = p["generated"].split()
+            assert answer and any(context[i:i + len(answer)] == answer for i in range(len(context))), p
 
 
 def test_multi_task_run_reports_every_task(tmp_path, tiny_model_dir):

@@ -79,6 +79,7 @@ class TemplateSpec(Section):
     instruction: Optional[str] = Field(None, description="Jinja2; sees the row's fields and `labels`; the preset's when absent")
     prompt: Optional[str] = Field(None, description="Jinja2 for the whole user prompt; the preset's when absent")
     completion: Optional[str] = Field(None, description="Jinja2 for the answer the model learns to give; the preset's when absent")
+    entity_format: Literal["list", "inline", "json"] = Field("list", description="ner preset: how answers write the entities: list ('person: John Smith; location: Paris', or 'none'), inline (the sentence copied with each entity marked '[John Smith | person]') or json ('[{\"type\": \"person\", \"text\": \"John Smith\"}]')")
     system: Optional[str] = Field(None, description="System prompt; the chat template's default when absent")
     chat_template: Literal["auto", "never"] = Field("auto", description="auto: wrap in the model's chat template when it has one")
     train_on: Literal["all_assistant", "last_assistant"] = Field("all_assistant", description="chat preset: which assistant turns carry loss (a message's \"weight\": 0 turns it off); held-out conversations are scored on their last")
@@ -190,7 +191,7 @@ class TrainSpec(Section):
 
 
 class SelectSpec(Section):
-    metric: str = Field("val_loss", description="What picks the best checkpoint: val_loss, or a task metric on generated validation text ('task/metric', or just the metric when one task measures it: accuracy, macro_f1, f1, exact_match, bleu, ...)")
+    metric: str = Field("val_loss", description="What picks the best checkpoint: val_loss, or a task metric on generated validation text ('task/metric', or just the metric when one task measures it: accuracy, macro_f1, f1, exact_match, bleu, ...). Unset, a run of one open-answer task (ner, qa, translation, math, instruction, chat) selects on its headline metric, others on val_loss")
     patience: Optional[PositiveInt] = Field(None, description="Stop after this many evaluations without improvement (early stopping); never when absent")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement")
     restore_best: bool = Field(True, description="Evaluate and save the best checkpoint's weights, not the last")

@@ -28,7 +28,7 @@ class PromptTemplate:
     def __init__(self, spec: TemplateSpec):
         # The preset gives every part the config leaves out. The instruction is rendered first and handed to
         # the prompt as `instruction`, so users can change either part alone.
-        self.spec, self.task, self.source = spec, get_task(spec.preset), spec._source
+        self.spec, self.task, self.source = spec, get_task(spec.preset, spec.entity_format), spec._source
         self._instruction, inst_vars = _compile(_pick(spec.instruction, self.task.instruction), "template.instruction", self.source)
         self._prompt, prompt_vars = _compile(_pick(spec.prompt, self.task.prompt), "template.prompt", self.source)
         self._completion, completion_vars = _compile(_pick(spec.completion, self.task.completion), "template.completion", self.source)

@@ -15,8 +15,12 @@ import random
 from dataclasses import dataclass, field
 
 from tailorlm.config import EvalSpec
+from tailorlm.data.formats import bio_entities
 from tailorlm.eval.classic import nearest, tfidf_logistic_regression
+from tailorlm.eval.crf import crf_tagger
 from tailorlm.eval.evaluate import Evaluator, pick_demos
+from tailorlm.eval.sliding_window import sliding_window
+from tailorlm.tasks.entities import example_tokens, gold_tags
 
 PROMPTING = ("zero_shot", "few_shot")
 CLASSIC = "classic"
@@ -88,8 +92,12 @@ def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, sp
     if len(points) > 1:  # a curve of one point (zero-shot alone, as for chat) says nothing the table does not
         best = max(points, key=lambda p: (p["value"], -p["k"]))  # the smallest k that reaches the best value
         out.curve = {"kind": curve_kind, "metric": headline, "demos": spec.demos, "points": points, "best_k": best["k"]}
-    if spec.classic and evaluator.closed and evaluator.label_field:
-        out.variants[CLASSIC], predictions = _classic(evaluator, train, test, seed)
+    # the classic model of each kind of task: a linear classifier, a CRF tagger, a lexical span matcher
+    classic = _classic if evaluator.closed and evaluator.label_field else \
+        _crf if "entities" in evaluator.task.structured and evaluator.labels else \
+        _window if evaluator.spans else None
+    if spec.classic and classic:
+        out.variants[CLASSIC], predictions = classic(evaluator, train, test, seed)
         out.predictions += predictions
         report(CLASSIC, out.variants[CLASSIC])
     return out
@@ -140,4 +148,38 @@ def _classic(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> 
                     "train_seconds": round(result.train_seconds, 2)})
     predictions = [{"variant": CLASSIC, "input": input_text(ex, evaluator), "expected": ex[field_], "generated": g,
                     "predicted": p, "where": ex.get("_where")} for ex, g, p in zip(examples, result.predicted, predicted)]
+    return metrics, predictions
+
+
+def _crf(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> tuple[dict, list[dict]]:
+    """Extraction's classic baseline: a CRF tagger; its tags are written as the run's answers and scored by
+    the task's own scorer, so its figures mean what every other row's do."""
+    examples = [s.example for s in test]
+    tokens = [example_tokens(ex) for ex in examples]
+    result = crf_tagger([example_tokens(ex) for ex in train], [gold_tags(ex) for ex in train], tokens)
+    answers = [evaluator.task.derive({"tokens": t, "tags": tags, "text": " ".join(t),
+                                      "entities": bio_entities(t, tags)})["entities_text"]
+               for t, tags in zip(tokens, result.predicted)]
+    metrics, predicted = evaluator.task.score(answers, examples, evaluator.labels)
+    metrics.update({"kind": "crf", "k": 0, "prompt_tokens": 0.0, "seconds_per_100": round(result.seconds_per_100, 4),
+                    "dropped_demos": 0, "train_seconds": round(result.train_seconds, 2)})
+    gold = evaluator.task.score([evaluator.template.completion(ex) for ex in examples], examples, evaluator.labels)[1]
+    predictions = [{"variant": CLASSIC, "input": ex.get("text", ""), "expected": e, "generated": g, "predicted": p,
+                    "where": ex.get("_where")} for ex, e, g, p in zip(examples, gold, answers, predicted)]
+    return metrics, predictions
+
+
+def _window(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> tuple[dict, list[dict]]:
+    """Extractive QA's classic baseline: the span whose surroundings best match the question."""
+    examples = [s.example for s in test]
+    field_ = evaluator.task.span_answer.field
+    result = sliding_window([str(ex.get("answer", "")) for ex in train],
+                            [str(ex.get("question", "")) for ex in examples], [str(ex.get(field_) or "") for ex in examples])
+    metrics, predicted = evaluator.task.score(result.predicted, examples, evaluator.labels)
+    metrics.update({"kind": "sliding window", "k": 0, "prompt_tokens": 0.0,
+                    "seconds_per_100": round(result.seconds_per_100, 4), "dropped_demos": 0,
+                    "span_words": result.span_words})
+    predictions = [{"variant": CLASSIC, "input": ex.get("question", ""), "expected": ex.get("answer"),
+                    "generated": g, "predicted": p, "where": ex.get("_where")}
+                   for ex, g, p in zip(examples, result.predicted, predicted)]
     return metrics, predictions

@@ -47,9 +47,20 @@ def resolve_metric(name: str, allowed: list[str]) -> str | None:
 
 
 def select_metric(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> RunConfig:
-    """cfg with eval.select.metric spelled as training logs it, or an error listing what may be chosen."""
+    """cfg with eval.select.metric spelled as training logs it, or an error listing what may be chosen.
+
+    Left unset, it is validation loss, except for one task with open answers (extraction, QA, translation,
+    math, instructions) whose answers are generated during training: there the task's headline metric
+    chooses the checkpoint. Loss and answer quality part ways on those tasks (on an 800-sentence NER set,
+    validation entity F1 fell from 0.252 at step 25 to 0.070 at step 50 while validation loss still fell),
+    while a closed label's loss follows its accuracy closely."""
     allowed = metric_names(cfg, templates)
-    chosen = resolve_metric(cfg.eval.select.metric, allowed)
+    metric = cfg.eval.select.metric
+    if "metric" not in cfg.eval.select.model_fields_set and cfg.eval.during_training and len(templates) == 1:
+        name, template = next(iter(templates.items()))
+        if template.label_field is None and not cfg.objective.preference:
+            metric = metric_key(name, template.task.headline)
+    chosen = resolve_metric(metric, allowed)
     if chosen is None:
         hint = "" if cfg.eval.during_training else " (eval.during_training=0 turns generated-text metrics off)"
         raise ConfigError("config", [f"eval.select.metric: '{cfg.eval.select.metric}' is not measured during training"

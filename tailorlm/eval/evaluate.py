@@ -17,9 +17,11 @@ from tailorlm.data.samples import Sample
 from tailorlm.data.templates import PromptTemplate
 from tailorlm.data.tokenize import ChatFormat
 from tailorlm.eval.generate import LabelTrie, generate, generate_and_score, scores_together
+from tailorlm.eval.copying import InlineCopy, SpanCopy
 from tailorlm.eval.item_lists import item_list_trie
 from tailorlm.eval.likelihood import answer_token_logprobs, constrained_answer
 from tailorlm.tasks.classification import answer_complete
+from tailorlm.tasks.entities import example_tokens
 
 
 @dataclass
@@ -49,8 +51,11 @@ class Evaluator:
     sets) label log-likelihood, optionally after demonstrations, with what each prediction cost."""
 
     def __init__(self, tokenizer, template: PromptTemplate, fmt: ChatFormat, labels: list[str], spec: EvalSpec,
-                 device, label_field: str | None = "label"):
+                 device, label_field: str | None = "label", spans: bool = False):
+        """spans: the answers are spans of an input field (the task's span_answer; extractive QA), so
+        constrained decoding applies."""
         self.tokenizer, self.template, self.fmt, self.labels = tokenizer, template, fmt, labels
+        self.spans = spans and template.task.span_answer is not None
         self.spec, self.device, self.label_field, self.task = spec, device, label_field, template.task
         self.max_new_tokens, self.trie, self.answers = spec.max_new_tokens or self.task.max_new_tokens, None, []
         self.forms: list[tuple[int, list[int]]] = []  # (label index, token ids) of every surface form
@@ -85,7 +90,8 @@ class Evaluator:
         has no likelihood kind: its answers are every subset of the example's spans, too many to score each."""
         if self.closed:
             return ["free", "constrained", "likelihood"]
-        return ["free", "constrained"] if self.task.list_answer and self.labels else ["free"]
+        listed = (self.task.list_answer or self.task.copy_answer) and self.labels
+        return ["free", "constrained"] if listed or self.spans else ["free"]
 
     @property
     def decodes_constrained(self) -> bool:
@@ -93,13 +99,21 @@ class Evaluator:
         return self.spec.decoding == "constrained" and "constrained" in self.kinds
 
     def item_trie(self, example: dict):
-        """The constrained-decoding trie of one example's list answer (NER: its own spans under each type)."""
-        answer = self.task.list_answer
+        """The constraint of one example's open answer: NER's spans under each type, as a list (an item-list
+        trie) or its words copied with typed marks (inline); extractive QA's one span of its context."""
         if self._opening is None:  # the training completion's text before the answer (a space in the plain layout)
             marked = self.fmt.completion_text("", "\x00")
             self._opening = marked.split("\x00")[0] if "\x00" in marked else ""  # a template that drops it: none
-        return item_list_trie(self.tokenizer, answer.items(example, self.labels), answer.separator, answer.empty,
+        if self.spans:
+            answer = self.task.span_answer
+            return SpanCopy(self.tokenizer, str(example.get(answer.field) or "").split(), answer.max_words,
+                            self._opening)
+        if self.task.copy_answer:
+            return InlineCopy(self.tokenizer, example_tokens(example), self.labels, self.task.copy_answer,
                               self._opening)
+        answer = self.task.list_answer
+        return item_list_trie(self.tokenizer, answer.items(example, self.labels), answer.separator, answer.empty,
+                              self._opening, answer.opening, answer.closing)
 
     def prompts(self, samples: list[Sample], demos: list[dict] | list[list[dict]] = ()) -> tuple[list[list[int]], int]:
         """(prompt ids, demonstrations dropped). demos is one list for every row, or one list per row; a row

@@ -14,12 +14,14 @@ from tailorlm.ui import console
 # column is the fine-tuned gain, in points of the headline metric, over the best prompting variant.
 TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "valid": "valid answers", "f1": "entity F1",
           "precision": "precision", "recall": "recall", "exact_match": "exact match", "token_f1": "token F1",
-          "bleu": "BLEU", "chrf": "chrF", "answered": "answered", "rouge_l": "ROUGE-L"}
+          "bleu": "BLEU", "chrf": "chrF", "answered": "answered", "rouge_l": "ROUGE-L",
+          "text_f1": "text F1"}
 PERCENT = {"valid", "answered"}  # shares, shown as %
 SCALE_100 = {"bleu", "chrf"}  # sacrebleu reports 0-100; the others are 0-1
 VARIANT_TITLES = {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting", "fine_tuned": "fine-tuned",
                   "classic": "TF-IDF + logistic reg."}
 KIND_TITLES = {"constrained": "constrained", "likelihood": "likelihood"}
+CLASSIC_TITLES = {"crf": "CRF tagger", "sliding window": "sliding window"}
 COST = ("prompt tokens", "s/100")  # the last columns: what a prediction costs
 
 
@@ -28,6 +30,8 @@ def variant_title(name: str, metrics: dict | None = None) -> str:
     kind = next((k for k in KIND_TITLES if name.endswith("_" + k)), "")
     base = name[: -len(kind) - 1] if kind else name
     title = VARIANT_TITLES.get(base, base)
+    if base == "classic" and metrics and metrics.get("kind") in CLASSIC_TITLES:  # the classic model of its task
+        title = CLASSIC_TITLES[metrics["kind"]]
     if kind or (base == "few_shot" and metrics and metrics.get("k")):
         title = title.replace(" prompting", "")
     if base == "few_shot" and metrics and metrics.get("k"):
@@ -112,6 +116,24 @@ def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...]
         console.print(escape(line), soft_wrap=True)
 
 
+def per_type_lines(variants: dict[str, dict], best: dict | None) -> list[str]:
+    """Extraction's F1 per entity type (strict spans): the fine-tuned model, the classic tagger and the best
+    prompting row, with each type's number of test entities."""
+    shown = [v for v in ("fine_tuned", "classic", (best or {}).get("variant")) if v and "per_type" in variants.get(v, {})]
+    if not shown:
+        return []
+    types = sorted({t for v in shown for t in variants[v]["per_type"]})
+    support = {t: max(variants[v]["per_type"].get(t, {}).get("support", 0) for v in shown) for t in types}
+    lines = ["", "Entity F1 per type (strict spans):", "",
+             "| type | test entities | " + " | ".join(variant_title(v, variants[v]) for v in shown) + " |",
+             "|---|---:|" + "---:|" * len(shown)]
+    for kind in types:
+        cells = [f"{variants[v]['per_type'][kind]['f1']:.3f}" if kind in variants[v]["per_type"] else "-"
+                 for v in shown]
+        lines.append(f"| {kind} | {support[kind]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[str, dict],
                  training: list[str] = ()) -> None:
     """report.md: one comparison table per task (sections: task name -> its metrics.json entry), then the
@@ -135,6 +157,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
                          "that pass once, with its own scoring or decoding")
         if notes:
             lines += ["", *(f"- **{note}**" for note in notes)]
+        lines += per_type_lines(variants, section.get("best_prompting"))
         lines += curve_lines(section.get("curve"), variants.get("fine_tuned", {}).get(columns[0]), name)
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", "", *training]
     for section in sections.values():

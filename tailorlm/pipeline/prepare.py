@@ -24,6 +24,7 @@ from tailorlm.eval.during_training import select_metric
 from tailorlm.eval.retention import RetentionProbe
 from tailorlm.models.loading import inspect_model, load_tokenizer, resolve_device
 from tailorlm.rundir import write_json
+from tailorlm.tasks.qa import is_extractive
 from tailorlm.ui import console, stage
 
 
@@ -44,6 +45,11 @@ class TaskData:
     @property
     def labels(self) -> list[str]:
         return self.splits.labels
+
+    @property
+    def extractive(self) -> bool:
+        """Whether the answers are spans of an input field (QA whose training answers sit in their contexts)."""
+        return self.template.task.span_answer is not None and is_extractive(self.splits.train)
 
 
 @dataclass

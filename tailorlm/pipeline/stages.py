@@ -48,7 +48,7 @@ def load_base(prepared: Prepared, device) -> LoadedModel:
 def evaluators(prepared: Prepared, device) -> dict[str, Evaluator]:
     """One Evaluator per task: the same prompts, decoding and answer parsing for every model it scores."""
     return {name: Evaluator(prepared.tokenizer, t.template, t.fmt, t.labels, prepared.cfg.eval, device,
-                            t.template.label_field) for name, t in prepared.tasks.items()}
+                            t.template.label_field, spans=t.extractive) for name, t in prepared.tasks.items()}
 
 
 def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Baselines:

@@ -20,6 +20,25 @@ class ListAnswer:
     items: Callable[[dict, list[str]], list[str]]  # (example, labels) -> every item the answer may name
     separator: str
     empty: str
+    opening: str = ""  # written before the first item (a JSON list's '[')
+    closing: str = ""  # written after the last one (']'); when set, the answer may not end without it
+
+
+@dataclass(frozen=True)
+class SpanAnswer:
+    """An answer that is one run of consecutive words of an input field (extractive QA: a span of the context),
+    where the data is extractive. Constrained decoding then keeps it one."""
+    field: str
+    max_words: int = 30  # SQuAD's answers: 97% have at most 10 words, almost none over 30
+
+
+@dataclass(frozen=True)
+class CopyAnswer:
+    """An answer that copies the example's tokens in order and marks some runs of them with a type:
+    '[John Smith | person] flew to [Paris | location]'. Constrained decoding keeps it a copy of the input."""
+    open: str = "["
+    between: str = " | "
+    close: str = "]"
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,8 @@ class Task:
     derive: Callable[[dict], dict] = field(default=lambda ex: {})
     conversational: bool = False  # examples are whole conversations, rendered by the model's chat template
     list_answer: ListAnswer | None = None  # a list of items from a closed set (NER): constrained decoding applies
+    copy_answer: CopyAnswer | None = None  # the input copied with typed marks (NER inline): constrained too
+    span_answer: SpanAnswer | None = None  # a span of an input field (extractive QA): constrained when extractive
 
     @property
     def headline(self) -> str:

@@ -9,9 +9,12 @@ import re
 import string
 from collections import Counter
 
-from tailorlm.tasks.base import Task, check_lengths, ratio
+from tailorlm.tasks.base import SpanAnswer, Task, check_lengths, ratio
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# The share of rows whose context holds their answer above which a QA set counts as extractive (SQuAD: all of
+# them, by construction); below it, answers are the model's own words and are generated freely.
+EXTRACTIVE_SHARE = 0.9
 _PUNCT_CHARS = set(string.punctuation)
 
 
@@ -43,10 +46,23 @@ def qa_scores(predictions: list[str], references: list[list[str]]) -> dict:
     return {"exact_match": ratio(em, n), "token_f1": ratio(f1, n)}
 
 
+def extractive_share(examples: list[dict]) -> float:
+    """The share of rows whose answer is a run of words of their context (after SQuAD normalisation)."""
+    held = [ex for ex in examples if ex.get("context")]
+    inside = sum(f" {_squad_norm(ex['answer'])} " in f" {_squad_norm(ex['context'])} " for ex in held
+                 if _squad_norm(ex.get("answer", "")))
+    return ratio(inside, len(examples))
+
+
+def is_extractive(examples: list[dict]) -> bool:
+    return bool(examples) and extractive_share(examples) >= EXTRACTIVE_SHARE
+
+
 def score(generated: list[str], examples: list[dict], labels: list[str]) -> tuple[dict, list]:
     return qa_scores(generated, [[ex["answer"]] for ex in examples]), [g.strip() for g in generated]
 
 
 TASK = Task("qa", "Answer the question with a short answer.",
             "{{ instruction }}\n\n{% if context %}Context: {{ context }}\n\n{% endif %}Question: {{ question }}",
-            "{{ answer }}", ("exact_match", "token_f1"), score, max_new_tokens=32, optional=frozenset({"context"}))
+            "{{ answer }}", ("exact_match", "token_f1"), score, max_new_tokens=32, optional=frozenset({"context"}),
+            span_answer=SpanAnswer("context"))
