@@ -69,14 +69,19 @@ def move_into_place(tmp: Path, path: Path) -> Path:
     """A finished temporary file renamed over `path`. Its data reaches the disk before the rename, or a power
     cut could leave the new name on an empty file; the folder is synced after it, or the rename itself could
     be lost."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    """A folder's entries (a rename, a new file) on disk: without it a power cut can lose them."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -29,25 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tailorlm.errors import DiskFullError, TailorError, is_disk_full
-from tailorlm.rundir import write_text
+from tailorlm.rundir import fsync_file, fsync_folder, write_text
 from tailorlm.ui import console
 
 MARKER = "COMPLETE"
 FILES = ("weights.safetensors", "trainer.safetensors", "state.json")
 STRUCTURE_KEY = "tailorlm.trainer"  # the safetensors metadata entry that holds the trainer state's structure
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -98,16 +85,16 @@ class CheckpointStore:
             save_trainer(trainer, tmp / "trainer.safetensors")
             (tmp / "state.json").write_text(json.dumps(state))
             for name in FILES:
-                _fsync_file(tmp / name)
-            _fsync_dir(tmp)
+                fsync_file(tmp / name)
+            fsync_folder(tmp)
             if final.exists():  # a complete checkpoint of the same step from an earlier attempt: replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
             renamed = True
-            _fsync_dir(self.root)
+            fsync_folder(self.root)
             (final / MARKER).write_text(json.dumps({"files": {name: _fingerprint(final / name) for name in FILES}}))
-            _fsync_file(final / MARKER)
-            _fsync_dir(final)
+            fsync_file(final / MARKER)
+            fsync_folder(final)
             marked = True
             write_text(self.root / "latest", final.name + "\n")
             if best_step is not None:
