@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from tailorlm.cli import main
+from tailorlm.eval.results import TaskResults
 from conftest import labeled_csv, write
 
 FAST = ["train.max_steps=3", "train.batch_size=4", "train.eval_every=2", "eval.few_shot_k=2", "template.max_length=96"]
@@ -113,7 +114,7 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
     if preset == "ner":
         data = tmp_path / "d.conll"
         data.write_text("".join(f"the\tO\nfilm\tB-product\n{w}\tO\n\n" for w in ("won", "rose", "fell") * 8))
-        args, keys = [f"data.train={data}"], {"f1", "precision", "recall"}
+        args, keys = [f"data.train={data}", "eval.decoding=auto"], {"f1", "precision", "recall"}
     elif preset == "qa":  # extractive: every answer is a span of its context
         data = tmp_path / "q.jsonl"
         rows = [{"question": f"Who won in {y}?", "context": f"In {y} the team won the cup .", "answer": "the team"}
@@ -149,6 +150,13 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
         assert metrics["variants"]["classic"]["kind"] == "crf"
         assert set(metrics["variants"]["fine_tuned"]["per_type"]) <= {"product"}
         assert "Entity F1 per type (strict spans):" in (out / "report.md").read_text()
+        # eval.decoding=auto: both kinds on test, validation's choice is the fine-tuned headline
+        chosen = metrics["decoding"]
+        assert {"fine_tuned", "fine_tuned_constrained"} <= set(metrics["variants"]) and chosen["rows"] > 0
+        assert chosen["chosen"] == ("fine_tuned_constrained" if chosen["validation"]["constrained"] >
+                                    chosen["validation"]["free"] else "fine_tuned")
+        assert "- fine-tuned answers: fine-tuned" in (out / "report.md").read_text()
+        assert TaskResults.from_json(metrics).fine_tuned == metrics["variants"][chosen["chosen"]]["f1"]
     if preset == "qa":  # extractive QA: a lexical span matcher as its classic model, constrained answers are spans
         assert metrics["variants"]["classic"]["kind"] == "sliding window"
         spans = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -240,7 +240,7 @@ class EvalSpec(Section):
         return values
     batch_size: PositiveInt = 16
     max_new_tokens: Optional[PositiveInt] = Field(None, description="By default the longest label plus 16 tokens, room for a sentence")
-    decoding: Literal["free", "constrained"] = Field("free", description="free: greedy text, normalised to a label; constrained: greedy within the label set, or for NER within lists of the text's own spans under each type")
+    decoding: Literal["free", "constrained", "auto"] = Field("free", description="How the fine-tuned model answers: free: greedy text, normalised to a label; constrained: greedy within the label set, NER's answers of the text's own spans, extractive QA's span of the context (both kinds are then scored on test); auto: both are scored on test, and the one that scores higher on the validation answers is the fine-tuned headline")
     static_cache: Optional[bool] = Field(None, description="Generate on transformers' static key/value cache, whose "
                                          "decoding step the library compiles into CUDA graphs, one per shape: several "
                                          "times faster on a GPU, where a small model's step is launch-bound. None: on a "

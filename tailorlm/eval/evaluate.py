@@ -96,7 +96,7 @@ class Evaluator:
     @property
     def decodes_constrained(self) -> bool:
         """Whether the trained model's answers are decoded constrained (eval.decoding, where the task allows)."""
-        return self.spec.decoding == "constrained" and "constrained" in self.kinds
+        return self.spec.decoding in ("constrained", "auto") and "constrained" in self.kinds
 
     def item_trie(self, example: dict):
         """The constraint of one example's open answer: NER's spans under each type, as a list (an item-list
@@ -136,7 +136,7 @@ class Evaluator:
     def run(self, model, samples: list[Sample], variant: str, demos: list[dict] | list[list[dict]] = (),
             kind: str | None = None) -> VariantResult:
         """kind: free, constrained or likelihood (eval.decoding when None)."""
-        kind = kind or self.spec.decoding
+        kind = kind or ("constrained" if self.spec.decoding == "constrained" and self.decodes_constrained else "free")
         return self.run_kinds(model, samples, {kind: variant}, demos)[kind]
 
     def run_kinds(self, model, samples: list[Sample], variants: dict[str, str],

@@ -157,6 +157,11 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
                          "that pass once, with its own scoring or decoding")
         if notes:
             lines += ["", *(f"- **{note}**" for note in notes)]
+        if section.get("decoding"):
+            chosen = section["decoding"]
+            figures = ", ".join(f"{kind} {format_metric(columns[0], v)}" for kind, v in chosen["validation"].items())
+            lines.append(f"- fine-tuned answers: {variant_title(chosen['chosen'])}, chosen on {chosen['rows']} "
+                         f"validation answers ({TITLES.get(columns[0], columns[0])}: {figures})")
         lines += per_type_lines(variants, section.get("best_prompting"))
         lines += curve_lines(section.get("curve"), variants.get("fine_tuned", {}).get(columns[0]), name)
     lines += ["", "## Loss", "", "![loss curve](loss_curve.png)", "", *training]

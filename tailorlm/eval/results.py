@@ -20,22 +20,31 @@ class TaskResults:
     n_test: int
     trivial: list[str]  # why the score may not be a result: a single label in the test split
     contamination: dict | None  # test rows also in train
+    # eval.decoding=auto: {"chosen": the fine-tuned variant validation preferred, "validation": kind -> headline}
+    decoding: dict | None = None
+
+    @property
+    def chosen(self) -> str:
+        """The fine-tuned variant that is the run's answer: fine_tuned, or the decoding validation chose."""
+        return (self.decoding or {}).get("chosen", "fine_tuned")
 
     @property
     def fine_tuned(self) -> float | None:
-        return self.variants.get("fine_tuned", {}).get(self.headline)
+        return self.variants.get(self.chosen, {}).get(self.headline)
 
     @classmethod
     def from_json(cls, section: dict) -> TaskResults:
         """A metrics.json section (RunDir.metrics upgrades older layouts first)."""
         return cls(section["task"], section["headline"], list(section["columns"]), section["variants"],
                    section.get("best_prompting"), section.get("curve") or {}, list(section.get("labels") or []),
-                   section["n_test"], list(section.get("trivial") or []), section.get("contamination"))
+                   section["n_test"], list(section.get("trivial") or []), section.get("contamination"),
+                   section.get("decoding"))
 
     def to_json(self) -> dict:
         return {"task": self.preset, "headline": self.headline, "columns": self.columns, "variants": self.variants,
                 "best_prompting": self.best_prompting, "curve": self.curve, "labels": self.labels,
-                "n_test": self.n_test, "trivial": self.trivial, "contamination": self.contamination}
+                "n_test": self.n_test, "trivial": self.trivial, "contamination": self.contamination,
+                **({"decoding": self.decoding} if self.decoding else {})}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tailorlm.eval.report import TITLES, format_metric, print_table, variant_tit
 from tailorlm.eval.results import Results, TaskResults
 from tailorlm.eval.training_report import overfit_step, plot_training, training_lines
 from tailorlm.models.loading import LoadedModel, load_model
-from tailorlm.pipeline.prepare import Prepared
+from tailorlm.pipeline.prepare import Prepared, TaskData
 from tailorlm.rundir import METRICS_SCHEMA, RunDir
 from tailorlm.train import distributed
 from tailorlm.train.fit import Fit, fit
@@ -106,11 +106,26 @@ def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Ba
             variants[variant_name("fine_tuned", kind)] = evaluated.metrics
             predictions += prepared.tagged(evaluated.predictions, name)
         task = t.template.task
+        decoding = _choose_decoding(prepared, model, scorers[name], t) if len(kinds) > 1 and \
+            prepared.cfg.eval.decoding == "auto" else None
         tasks[name] = TaskResults(t.cfg.template.preset, task.headline, list(task.columns), variants,
                                   best_prompting(variants, task.headline), found.curves.get(name, {}), t.labels,
                                   len(t.encoded["test"]), t.preflight.facts.get("trivial", []),
-                                  t.preflight.facts.get("contamination"))
+                                  t.preflight.facts.get("contamination"), decoding)
     return Results(tasks, predictions)
+
+
+def _choose_decoding(prepared: Prepared, model, scorer: Evaluator, task: TaskData) -> dict:
+    """eval.decoding=auto: free and constrained decoding on the validation answers evaluated during training
+    (never the test split), the higher headline chosen; a tie keeps free decoding, the cheaper."""
+    samples = task.encoded["validation"][:prepared.cfg.eval.during_training or None]
+    headline = task.template.task.headline
+    figures = {kind: scorer.run(model, samples, f"validation {kind}", kind=kind).metrics[headline]
+               for kind in ("free", "constrained")}
+    chosen = "constrained" if figures["constrained"] > figures["free"] else "free"
+    console.print(f"decoding: {chosen}, chosen on {len(samples)} validation answers ({headline} "
+                  f"{figures['free']:.3f} free, {figures['constrained']:.3f} constrained)")
+    return {"chosen": variant_name("fine_tuned", chosen), "validation": figures, "rows": len(samples)}
 
 
 def metrics_json(prepared: Prepared, results: Results, result: Fit) -> dict:

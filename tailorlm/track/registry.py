@@ -92,7 +92,8 @@ class RunRecord:
         for task, section in self.sections().items():
             metric, variants = section.get("headline"), section.get("variants", {})
             best = best_prompting(variants, metric)  # of any kind: free, constrained, label likelihood
-            result[task] = Headline(metric, variants.get("fine_tuned", {}).get(metric), best and best["value"],
+            chosen = (section.get("decoding") or {}).get("chosen", "fine_tuned")  # eval.decoding=auto's choice
+            result[task] = Headline(metric, variants.get(chosen, {}).get(metric), best and best["value"],
                                     best and best["variant"])
         return result
 
