@@ -198,6 +198,11 @@ def _to_example(record, path: str, mapping: dict[str, str], label_field: str | N
         if not isinstance(value, (str, int, float, bool)):
             raise DataError(path, record.where, f"column '{column}' holds a {type(value).__name__}, expected text or a number")
         ex[field_name] = value if isinstance(value, str) else _scalar_text(value)
+    tokens, tags = fields.get("tokens"), fields.get("tags")
+    if "entities" in task.structured and isinstance(tokens, list) and isinstance(tags, list):
+        # a token dataset's own tokens and BIO tags: strict span scoring and the CRF read them as they are,
+        # rather than rebuilding them from the entities' text
+        ex["tokens"], ex["tags"] = list(tokens), list(tags)
     ex.update(task.derive(ex) if needed & task.structured else {})
     ex.update({key: fields[key] for key in EXTRA_KEYS if key in fields})  # a preference record's answers
     if label_field and label_field in ex:

@@ -183,6 +183,7 @@ def dataset_table(dataset, path: str, row_word: str = "row") -> Table:
         if spans and isinstance(row["tokens"], list) and isinstance(row[tag_column], list):
             row["text"] = " ".join(row["tokens"])
             row["entities"] = bio_entities(row["tokens"], row[tag_column])
+            row["tags"] = row[tag_column]  # the gold BIO tags, which strict span scoring reads
         records.append(Record(row, f"{row_word} {number}"))
     if not records:
         raise DataError(path, None, "no rows (the dataset is empty)")
