@@ -10,8 +10,9 @@ learns exactly the form its parser expects and a near miss in layout still score
 Scoring is strict entity-level precision, recall and F1, as conlleval and seqeval compute them: an entity is
 right only when its type and its exact token span are. The model writes text, not tags, so each predicted
 entity is placed on the sentence's tokens (its words, in order, case aside) to rebuild BIO tags, and seqeval
-reads the chunks of both tag sequences. A predicted entity whose words are not in the sentence cannot be
-placed: it counts as a false positive, which scoring tags alone would silently drop.
+reads the chunks of both tag sequences. A predicted entity that cannot be placed (its words are not in the
+sentence, or every run of them is taken by an entity placed before it: one token has one tag) counts as a
+false positive, which scoring tags alone would silently drop.
 """
 from __future__ import annotations
 
