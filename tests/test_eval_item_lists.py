@@ -43,7 +43,7 @@ NER_LINES = [("the film rose in paris", [("product", "film"), ("location", "pari
 
 
 def ner_setup(tokenizer, **eval_overrides):
-    spec = TemplateSpec(preset="ner", max_length=512)
+    spec = TemplateSpec(preset="ner", entity_format="list", max_length=512)  # the item-list constraint's format
     template, fmt = PromptTemplate(spec), ChatFormat(tokenizer, spec)
     examples = [{"text": text, "entities": [{"type": t, "text": x} for t, x in ents], "_where": f"d.conll, line {i}"}
                 for i, (text, ents) in enumerate(NER_LINES * 2, 1)]

@@ -20,7 +20,7 @@ TASKS: dict[str, Task] = {m.TASK.name: m.TASK for m in
                           [classification, ner, qa, translation, math_problems, instruction, chat]}
 
 
-def get_task(name: str, entity_format: str = "list") -> Task:
+def get_task(name: str, entity_format: str = "inline") -> Task:
     """A preset's task; extraction's depends on how its answers are written (template.entity_format)."""
     return ner.TASKS[entity_format] if name == "ner" else TASKS[name]
 
