@@ -1,5 +1,6 @@
 """Every task preset from data file to score, without a model: each example config's data loads and renders,
 and a model that generated exactly the training completion would get the preset's best score."""
+import re
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,10 @@ def test_ner_example_names_the_six_types(shared_data):
     _, template, splits = load_example("wnut17", shared_data)
     assert splits.labels == ["corporation", "creative-work", "group", "location", "person", "product"]
     ex = next(ex for ex in splits.train if ex["entities"])
-    assert template.completion(ex) == "; ".join(f"{e['type']}: {e['text']}" for e in ex["entities"])
+    # the inline answer (the preset's default): the sentence copied, each entity marked where it stands
+    completion = template.completion(ex)
+    assert all(f"[{e['text']} | {e['type']}]" in completion for e in ex["entities"])
+    assert re.sub(r"\[([^\[\]|]+) \| [a-z-]+\]", r"\1", completion) == ex["text"]
     assert "Types: corporation, creative-work" in template.prompt(ex, splits.labels)
 
 
