@@ -84,8 +84,8 @@ class Prepared:
         shares = mixing_shares([len(t) for t in trains], [t.weight for t in self.tasks.values()],
                                cfg.mixing.strategy, cfg.mixing.temperature)
         mixed = mix(trains, shares, cfg.train.seed)
-        console.print(f"training set: {len(mixed)} samples, " + ", ".join(
-            f"{n} {share:.0%}" for n, share in zip(self.tasks, shares)) + f" (mixing.strategy={cfg.mixing.strategy})")
+        console.print(f"training set: {len(mixed)} samples: " + ", ".join(
+            f"{n} {share:.0%}" for n, share in zip(self.tasks, shares)))
         return mixed
 
 
