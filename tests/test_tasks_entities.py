@@ -171,3 +171,19 @@ def test_the_sliding_window_picks_the_span_beside_the_question_words():
     answer = best_span("Where was Claude Monet born ?", context, 1)
     assert answer in "Paris 1840 painter".split()  # a content word of Monet's sentence, not of the filler
     assert best_span("Where ?", "", 1) == ""
+
+
+def test_a_json_item_with_an_unknown_escape_is_dropped_and_the_others_kept():
+    text = '[{"type": "person", "text": "a\\x"}, {"type": "location", "text": "Paris"}, {"type": "per'
+    assert parse(text, TYPES, "json") == [("location", "Paris")]
+
+
+def test_the_copy_constraint_answers_any_prefix_as_a_fresh_one_would(tiny_tokenizer):
+    """It carries the last prefix's state over to the next step; a prefix that does not extend it starts over."""
+    words = "John Smith flew to Paris .".split()
+    stop = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tiny_tokenizer(" [John Smith | person] flew to", add_special_tokens=False)["input_ids"]
+    reused = InlineCopy(tiny_tokenizer, words, TYPES, CopyAnswer(), opening=" ")
+    for prefix in [ids[:n] for n in range(len(ids) + 1)] + [ids[:2], ids[:1], ids]:
+        fresh = InlineCopy(tiny_tokenizer, words, TYPES, CopyAnswer(), opening=" ")
+        assert reused.allowed(prefix, [stop]) == fresh.allowed(prefix, [stop]), prefix

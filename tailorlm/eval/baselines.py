@@ -163,10 +163,7 @@ def _crf(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> tupl
     metrics, predicted = evaluator.task.score(answers, examples, evaluator.labels)
     metrics.update({"kind": "crf", "k": 0, "prompt_tokens": 0.0, "seconds_per_100": round(result.seconds_per_100, 4),
                     "dropped_demos": 0, "train_seconds": round(result.train_seconds, 2)})
-    gold = evaluator.task.score([evaluator.template.completion(ex) for ex in examples], examples, evaluator.labels)[1]
-    predictions = [{"variant": CLASSIC, "input": ex.get("text", ""), "expected": e, "generated": g, "predicted": p,
-                    "where": ex.get("_where")} for ex, e, g, p in zip(examples, gold, answers, predicted)]
-    return metrics, predictions
+    return metrics, _classic_rows(evaluator, examples, answers, predicted)
 
 
 def _window(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> tuple[dict, list[dict]]:
@@ -179,7 +176,12 @@ def _window(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> t
     metrics.update({"kind": "sliding window", "k": 0, "prompt_tokens": 0.0,
                     "seconds_per_100": round(result.seconds_per_100, 4), "dropped_demos": 0,
                     "span_words": result.span_words})
-    predictions = [{"variant": CLASSIC, "input": ex.get("question", ""), "expected": ex.get("answer"),
-                    "generated": g, "predicted": p, "where": ex.get("_where")}
-                   for ex, g, p in zip(examples, result.predicted, predicted)]
-    return metrics, predictions
+    return metrics, _classic_rows(evaluator, examples, result.predicted, predicted)
+
+
+def _classic_rows(evaluator: Evaluator, examples: list[dict], generated: list[str], predicted: list) -> list[dict]:
+    """predictions.jsonl rows of a classic model's open answers, laid out as the evaluator lays out a model's:
+    the example's input fields, and the training completion as what was expected."""
+    return [{"variant": CLASSIC, "input": input_text(ex, evaluator), "expected": evaluator.template.completion(ex),
+             "generated": g, "predicted": p, "where": ex.get("_where")}
+            for ex, g, p in zip(examples, generated, predicted)]

@@ -57,6 +57,9 @@ class _WordLanguage:
     def __init__(self, tokenizer, words: list[str], opening: str = ""):
         self.pieces, self.trie = token_pieces(tokenizer)
         self.words, self.opening = words, opening
+        # (the tokens consumed, the state after them): each decoding step adds one token to the last prefix,
+        # so only that token's characters are walked, not the whole answer again
+        self._last: tuple[tuple[int, ...], tuple[set, bool]] | None = None
 
     def _units(self, state) -> list[tuple[str, object]]:
         raise NotImplementedError
@@ -88,13 +91,17 @@ class _WordLanguage:
     def _state(self, prefix: list[int]) -> tuple[set, bool] | None:
         """The configurations after the tokens generated so far, and whether the answer may end there; None
         once a token that is not text (a stop token) has ended it."""
-        configs, final = self._closure({(self.start, self.opening, 0)})
-        for token_id in prefix:
+        done, state = self._last if self._last is not None else ((), None)
+        if state is None or tuple(prefix[:len(done)]) != done:
+            done, state = (), self._closure({(self.start, self.opening, 0)})
+        configs, final = state
+        for token_id in prefix[len(done):]:
             piece = self.pieces[token_id] if token_id < len(self.pieces) else ""
             if not piece:
                 return None
             for ch in piece:
                 configs, final = self._step(configs, ch)
+        self._last = (tuple(prefix), (configs, final))
         return configs, final
 
     def allowed(self, prefix: list[int], fallback: list[int]) -> list[int]:

@@ -78,7 +78,7 @@ class TrainingEvaluation:
         self.cfg, self.evaluators, self.device = cfg, evaluators, device
         self.batch_size = cfg.train.batch_size
         self.val_set = [s for samples in validation.values() for s in samples]
-        self.subsets = {name: _subset(samples, cfg.eval.during_training, cfg.train.seed)
+        self.subsets = {name: validation_subset(samples, cfg.eval.during_training, cfg.train.seed)
                         for name, samples in validation.items()}
         self.probe = probe  # read with the rest of the run's input (pipeline.prepare)
         self.plain = StepContext(tokenizer.pad_token_id, device, packing=False)
@@ -124,19 +124,13 @@ class TrainingEvaluation:
     def describe(metrics: dict) -> str:
         """An evaluation in one line, each task's figures together:
         'val_loss 0.231; classification: accuracy 0.875, macro_f1 0.861; retention ppl 6.53 (+18%)'."""
-        parts, by_task = [], {}
+        # (task, run metric) -> figures, in the order they first appear: a task's figures stand together
+        groups: dict[tuple[str, str], list[str]] = {}
         for k, v in metrics.items():
-            if not isinstance(v, float) or k in ("retention_ppl", "retention_change"):
-                continue
-            task, _, metric = k.rpartition("/")
-            if task:
-                if task not in by_task:
-                    by_task[task] = []
-                    parts.append(task)  # the task's place among the figures; filled in below
-                by_task[task].append(f"{metric} {v:.3f}")
-            else:
-                parts.append(f"{k} {v:.3f}")
-        parts = [f"{p}: " + ", ".join(by_task[p]) if p in by_task else p for p in parts]
+            if isinstance(v, float) and k not in ("retention_ppl", "retention_change"):
+                task, _, metric = k.rpartition("/")
+                groups.setdefault((task, "" if task else k), []).append(f"{metric} {v:.3f}")
+        parts = [f"{task}: " + ", ".join(figures) if task else figures[0] for (task, _), figures in groups.items()]
         if "retention_ppl" in metrics:
             parts.append(f"retention ppl {metrics['retention_ppl']:.2f} ({metrics['retention_change']:+.0%})")
         return "; ".join(parts)
@@ -163,7 +157,7 @@ class TrainingEvaluation:
         return point
 
 
-def _subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+def validation_subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
     """A fixed, seeded subset of the validation split for generated-text metrics during training."""
     if n <= 0 or not samples:
         return []

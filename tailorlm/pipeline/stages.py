@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tailorlm.eval.baselines import best_prompting, is_prompting, run_baselines, variant_name
 from tailorlm.eval.curve_report import curve_file, plot_curve
-from tailorlm.eval.during_training import TrainingEvaluation
+from tailorlm.eval.during_training import TrainingEvaluation, validation_subset
 from tailorlm.eval.evaluate import Evaluator
 from tailorlm.eval.report import TITLES, format_metric, print_table, variant_title, write_report
 from tailorlm.eval.results import Results, TaskResults
@@ -117,8 +117,10 @@ def evaluate(prepared: Prepared, model, scorers: dict[str, Evaluator], found: Ba
 
 def _choose_decoding(prepared: Prepared, model, scorer: Evaluator, task: TaskData) -> dict:
     """eval.decoding=auto: free and constrained decoding on the validation answers evaluated during training
-    (never the test split), the higher headline chosen; a tie keeps free decoding, the cheaper."""
-    samples = task.encoded["validation"][:prepared.cfg.eval.during_training or None]
+    (the whole validation split when none are; never the test split), the higher headline chosen; a tie keeps
+    free decoding, the cheaper."""
+    cfg, validation = prepared.cfg, task.encoded["validation"]
+    samples = validation_subset(validation, cfg.eval.during_training or len(validation), cfg.train.seed)
     headline = task.template.task.headline
     figures = {kind: scorer.run(model, samples, f"validation {kind}", kind=kind).metrics[headline]
                for kind in ("free", "constrained")}

@@ -154,7 +154,10 @@ def _parse_json(text: str) -> list[tuple[str, str]]:
     pairs = []
     for k1, v1, k2, v2 in _JSON_ITEM.findall(text):
         if {k1, k2} == {"type", "text"}:
-            values = {k1: json.loads(f'"{v1}"'), k2: json.loads(f'"{v2}"')}
+            try:
+                values = {k1: json.loads(f'"{v1}"'), k2: json.loads(f'"{v2}"')}
+            except ValueError:  # an escape JSON does not know ('\x'): this item is damaged, the others still count
+                continue
             pairs.append((values["type"], values["text"]))
     return pairs
 
@@ -166,6 +169,7 @@ def span_scores(predicted: list[list[tuple[str, str]]], examples: list[dict]) ->
     tags against the tags rebuilt from each answer), with the unplaced predictions as false positives."""
     from seqeval.metrics.sequence_labeling import get_entities
 
+    check_lengths(predicted, examples)
     correct, n_pred, n_gold = Counter(), Counter(), Counter()
     unplaced = 0
     for pred, example in zip(predicted, examples):

@@ -14,6 +14,10 @@ from tailorlm.tasks.base import CopyAnswer, ListAnswer, Task
 from tailorlm.tasks.entities import (FORMATS, NO_ENTITIES, SEPARATOR, clean_span, entity_scores, example_tokens,
                                      parse, render, span_scores)
 
+# entity_scores is re-exported: the text-matching score (text_f1), which callers knew from here
+__all__ = ["TASK", "TASKS", "candidate_entities", "candidate_json_items", "entity_scores", "format_entities",
+           "parse_entities"]
+
 # Spans longer than this are not offered to constrained decoding: 99.6% of WNUT-17's training entities have at
 # most 8 words (the rest are titles), and each extra word adds a span per word of a long sentence.
 MAX_SPAN_WORDS = 8
@@ -49,10 +53,6 @@ def candidate_entities(example: dict, types: list[str]) -> list[str]:
 def candidate_json_items(example: dict, types: list[str]) -> list[str]:
     """Every '{"type": ..., "text": ...}' a JSON answer may hold for this example, written as render writes it."""
     return [json.dumps({"type": kind, "text": span}, ensure_ascii=False) for kind in types for span in _spans(example)]
-
-
-__all__ = ["TASK", "TASKS", "candidate_entities", "candidate_json_items", "entity_scores", "format_entities",
-           "parse_entities"]
 
 
 def parse_entities(text: str, types: list[str], entity_format: str = "list") -> list[tuple[str, str]]:
