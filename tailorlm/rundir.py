@@ -118,6 +118,10 @@ class TaskManifest:
     template: dict  # the TemplateSpec the model was trained with
     chat_layout: str  # "chat template" (the tokenizer's) or "plain" (prompt + "Answer:")
     examples: list[dict] = field(default_factory=list)  # a few test examples: export checks render them
+    # How the fine-tuned model answers (free or constrained): eval.decoding, or what validation chose under
+    # eval.decoding=auto, so predict and serve answer as the run's headline was measured. None: an older run
+    # (its eval.decoding decides).
+    decoding: str | None = None
 
 
 @dataclass

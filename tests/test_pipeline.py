@@ -157,6 +157,14 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
                                     chosen["validation"]["free"] else "fine_tuned")
         assert "- fine-tuned answers: fine-tuned" in (out / "report.md").read_text()
         assert TaskResults.from_json(metrics).fine_tuned == metrics["variants"][chosen["chosen"]]["f1"]
+        # ... and tailor predict answers the way validation chose, as the manifest records
+        kind = "constrained" if chosen["chosen"] == "fine_tuned_constrained" else "free"
+        assert json.loads((out / "manifest.json").read_text())["tasks"]["ner"]["decoding"] == kind
+        assert main(["predict", str(out), str(data), "-o", str(tmp_path / "p.jsonl"), "--device", "cpu"]) == 0
+        tested = {p["input"]: p["generated"] for p in map(json.loads, (out / "predictions.jsonl").open())
+                  if p["variant"] == chosen["chosen"]}
+        predicted = {p["input"]: p["generated"] for p in map(json.loads, (tmp_path / "p.jsonl").open())}
+        assert tested and all(predicted[text] == answer for text, answer in tested.items())
     if preset == "qa":  # extractive QA: a lexical span matcher as its classic model, constrained answers are spans
         assert metrics["variants"]["classic"]["kind"] == "sliding window"
         spans = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

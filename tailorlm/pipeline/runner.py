@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from tailorlm.config import RunConfig
 from tailorlm.data.preflight import enforce
+from tailorlm.eval.results import Results, TaskResults
 from tailorlm.errors import DiskFullError, is_disk_full
 from tailorlm.models.loading import LoadedModel, resolve_device
 from tailorlm.models.methods import check_supported
@@ -172,20 +173,29 @@ def _train_and_evaluate(prepared: Prepared, run_dir: RunDir, resume: bool, devic
         metrics = stages.metrics_json(prepared, results, result)
         run_dir.write_rows("predictions.jsonl", found.predictions + results.predictions)
         run_dir.write("metrics.json", metrics)
-        run_dir.write_manifest(manifest(prepared, result, run_dir))
+        run_dir.write_manifest(manifest(prepared, result, run_dir, results))
         stages.report(prepared, run_dir, results, result, loaded.source, device)
         tracker.log_artifacts([run_dir / n for n in ("report.md", "metrics.json", "loss_curve.png", "train_log.json")])
     return Outcome(metrics, run_dir, prepared, result, loaded.source, results)
 
 
-def manifest(prepared: Prepared, result: Fit, run_dir: RunDir) -> Manifest:
+def manifest(prepared: Prepared, result: Fit, run_dir: RunDir, results: Results) -> Manifest:
     """What predict, serve, chat and export need later, so they never re-read reports or the data files."""
     tasks = {name: TaskManifest(t.cfg.template.preset, list(t.labels), t.cfg.template.model_dump(mode="json"),
                                 "chat template" if t.fmt.uses_chat else "plain",
                                 [{k: v for k, v in ex.items() if not k.startswith("_")}
-                                 for ex in t.splits.test[:MANIFEST_EXAMPLES]])
+                                 for ex in t.splits.test[:MANIFEST_EXAMPLES]],
+                                answer_decoding(t.cfg.eval.decoding, results.tasks[name]))
              for name, t in prepared.tasks.items()}
     return Manifest(prepared.cfg.model.path, prepared.cfg.method.name, result.saved.name, tasks)
+
+
+def answer_decoding(setting: str, task: TaskResults) -> str:
+    """free or constrained: how the fine-tuned model answers after the run (eval.decoding; under auto, what
+    validation chose). Free where the task has no constrained decoding."""
+    if "fine_tuned_constrained" not in task.variants:
+        return "free"
+    return "constrained" if setting == "constrained" or task.chosen == "fine_tuned_constrained" else "free"
 
 
 def _baselines(prepared: Prepared, run_dir: RunDir, model, scorers) -> stages.Baselines:

@@ -105,8 +105,12 @@ def predict_rows(trained, data_path: str | Table, batch_size: int | None = None,
     # The evaluator decides the token budget and constrained decoding exactly as in the run's evaluation.
     evaluator = Evaluator(trained.tokenizer, template, fmt, labels, cfg.eval, device, template.label_field)
     ready = [i for i, p in enumerate(rows.prompts) if p is not None]
+    # The manifest says how the run's headline answers were decoded (auto: validation's choice); a run written
+    # before it recorded that decodes constrained only when eval.decoding says so.
+    decoding = entry.decoding or ("constrained" if evaluator.decodes_constrained and cfg.eval.decoding == "constrained"
+                                  else "free")
     generated = evaluator.decode(trained.model, [rows.prompts[i] for i in ready], [rows.examples[i] for i in ready],
-                                 "constrained" if evaluator.decodes_constrained else "free", "predict",
+                                 decoding, "predict",
                                  batch_size or cfg.eval.batch_size)
     scored = [rows.examples[i] if rows.has_answers else _with_placeholder_answer(rows.examples[i], template)
               for i in ready]
