@@ -17,6 +17,8 @@ EPILOG = """examples:
   tailor preflight examples/wnut17.yaml        check the data (duplicates, leakage, lengths, time) only
   tailor pairs runs/sst2-20260101-120000       preference pairs from the run's wrong answers, and a
                                                dpo.yaml to continue that run with DPO
+  tailor auto examples/trec.yaml --budget 30m  the best model and recipe within 30 minutes, chosen on
+                                               validation, proven on test
   tailor studio                                the local web app: a table to a fine-tuned model, no YAML
   tailor run examples/sst2.yaml --nproc 4      the same run on 4 processes (torchrun, DDP; FSDP2 with
                                                train.distributed.strategy=fsdp)
@@ -27,7 +29,7 @@ EPILOG = """examples:
 # register(verbs), which adds its subparser with set_defaults(handler=fn), and fn(args) -> exit code. Heavy
 # imports stay inside fn.
 VERB_MODULES = ["tailorlm.commands.export", "tailorlm.commands.serve", "tailorlm.commands.track",
-                "tailorlm.sweep.command", "tailorlm.studio.command"]
+                "tailorlm.commands.auto", "tailorlm.sweep.command", "tailorlm.studio.command"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_VERBS = ("run", "preflight", "pairs", "export", "chat", "predict", "serve", "sweep")
+MODEL_VERBS = ("run", "preflight", "pairs", "export", "chat", "predict", "serve", "sweep", "auto")
 
 
 def _pairs(args) -> int:

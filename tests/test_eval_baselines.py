@@ -202,7 +202,12 @@ def test_the_curve_has_each_k_and_counts_dropped_demos(tiny_tokenizer, limit, dr
         assert out.variants["few_shot"]["dropped_demos"] == expected
     assert out.curve["best_k"] == max(points, key=lambda p: (p["value"], -p["k"]))["k"]
     expected_variants = {variant_name(b, k) for b in ("zero_shot", "few_shot") for k in ("free", "constrained", "likelihood")}
-    assert set(out.variants) == expected_variants | {"classic"}
+    assert set(out.variants) == expected_variants | {"classic", "majority"}
+    # the majority class: the most frequent training label, scored on every test row
+    counts = {label: sum(ex["label"] == label for ex in train) for label in LABELS}
+    top = max(sorted(counts), key=counts.get)
+    share = sum(s.example["label"] == top for s in samples) / len(samples)
+    assert out.variants["majority"]["label"] == top and out.variants["majority"]["accuracy"] == pytest.approx(share)
 
 
 def test_similar_demos_are_each_rows_nearest_training_examples(tiny_tokenizer):

@@ -54,3 +54,19 @@ def test_terminal_table_is_followed_by_the_marks(capsys):
         "test score trivial: every test example has the label 'b', so always answering it scores 1.000",
         "test score contaminated: 3 of 4 test rows (75%) also occur in train (2 exactly, 1 nearly)"]
     assert " trivial │" in out  # the fine-tuned row's gain cell
+
+
+def test_the_majority_class_row_and_a_model_that_learned_only_the_prior():
+    from tailorlm.eval.classic import majority_class
+
+    # the most frequent training label for every row; a tie goes to the first label in sorted order
+    assert majority_class(["b", "a", "b", "c"], 3).predicted == ["b", "b", "b"]
+    assert majority_class(["c", "a", "c", "a"], 2).predicted == ["a", "a"]
+    variants = {"majority": {"kind": "majority class", "label": "sport", "accuracy": 0.62, "macro_f1": 0.153},
+                "fine_tuned": {"accuracy": 0.625, "macro_f1": 0.383},
+                "fine_tuned_constrained": {"accuracy": 0.90, "macro_f1": 0.88}}
+    assert comparison_rows(variants, COLUMNS)[0][:3] == ("majority class (sport)", "0.620", "0.153")
+    assert score_notes([], None, variants) == [
+        "fine-tuned: accuracy 0.625 against 0.620 for always answering 'sport': it learned little beyond the label "
+        "prior (macro-F1 0.383)"]
+    assert score_notes([], None, {**variants, "fine_tuned": {"accuracy": 0.64, "macro_f1": 0.5}}) == []

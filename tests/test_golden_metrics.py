@@ -44,6 +44,10 @@ def test_the_default_job_writes_the_golden_figures_in_the_current_layout(tmp_pat
         run = tailorlm.run(None, model=str(tiny_model_dir), output=tmp_path / "run", overrides=JOB, quiet=True)
     written = RunDir(run.path).read("metrics.json")  # as written, not upgraded on read
     assert written["schema"] == METRICS_SCHEMA and list(written["tasks"]) == ["classification"]
+    # The majority-class row joined the baselines after the golden run (issue 38, an intended addition): every
+    # figure the old version wrote must still come out the same.
+    majority = written["tasks"]["classification"]["variants"].pop("majority")
+    assert majority["kind"] == "majority class" and majority["accuracy"] < 0.5
     assert without_wall_clock(written) == without_wall_clock(RunDir(old_run).metrics())
     assert run.results["classification"].fine_tuned == written["tasks"]["classification"]["variants"][
         "fine_tuned"]["accuracy"]

@@ -29,10 +29,10 @@ def test_run_writes_a_complete_output_directory(tmp_path, tiny_model_dir, capsys
     assert written["schema"] == 2 and list(written["tasks"]) == ["classification"]
     metrics = written["tasks"]["classification"]
     prompting = {f"{base}{kind}" for base in ("zero_shot", "few_shot") for kind in ("", "_constrained", "_likelihood")}
-    assert set(metrics["variants"]) == prompting | {"classic", "fine_tuned"}
-    for variant in metrics["variants"].values():
-        assert {"accuracy", "macro_f1", "valid", "confusion", "kind", "k", "prompt_tokens",
-                "seconds_per_100", "dropped_demos"} <= set(variant)
+    assert set(metrics["variants"]) == prompting | {"majority", "classic", "fine_tuned"}
+    for name, variant in metrics["variants"].items():
+        assert {"accuracy", "macro_f1", "valid", "kind", "k", "prompt_tokens", "seconds_per_100",
+                "dropped_demos"} | ({"confusion"} if name != "majority" else set()) <= set(variant)
     assert metrics["variants"]["few_shot_likelihood"]["k"] == 2 and metrics["variants"]["zero_shot"]["k"] == 0
     assert metrics["variants"]["zero_shot_likelihood"]["valid"] == 1.0  # a label is always chosen
     best = metrics["best_prompting"]

@@ -57,6 +57,20 @@ def test_time_counts_evaluations_in_the_phase_but_not_in_the_steps(tiny_tokenize
     assert 0 < result.step_seconds < result.seconds
 
 
+def test_a_time_limit_ends_training_at_a_step_evaluated_as_the_last(tiny_tokenizer):
+    import time
+
+    def slow_evaluation(model, ctx, step):
+        time.sleep(0.2)
+        return {"val_loss": 1.0}
+    # the step-0 evaluation alone takes longer than the limit: the first step is the last
+    _, result = run(tiny_tokenizer, TrainSpec(max_steps=50, batch_size=4, eval_every=20, max_seconds=0.1),
+                    hooks=Hooks(evaluate=slow_evaluation))
+    assert result.completed == 1 and result.stopped_early and result.steps == 50
+    assert [e["step"] for e in result.evaluations] == [0, 1]  # evaluated where it stopped
+    assert result.events == [{"step": 1, "event": "time limit: stopped at step 1 after 0.1 s (train.max_seconds)"}]
+
+
 def test_every_evaluation_prints_one_line_and_marks_the_best_step(tiny_tokenizer, capsys):
     values = iter([3.0, 2.0, 2.5, 1.0])
     hooks = Hooks(evaluate=lambda model, ctx, step: {"val_loss": next(values)},

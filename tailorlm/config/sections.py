@@ -171,6 +171,10 @@ class DistSpec(Section):
 class TrainSpec(Section):
     epochs: PositiveInt = Field(1, description="Passes over the training split (train.max_steps, when given, wins)")
     max_steps: Optional[PositiveInt] = Field(None, description="Stop after this many optimizer steps (overrides epochs)")
+    max_seconds: Optional[float] = Field(None, gt=0, description="Stop once the training loop has run this long (at "
+                                         "the end of a step), then evaluate and save as at the last step; the "
+                                         "learning-rate schedule stays the planned one. tailor auto's trials use it "
+                                         "to keep the budget")
     batch_size: PositiveInt = Field(8, description="Samples per optimizer step (times grad_accum); larger is smoother "
                                                     "and needs more memory")
     grad_accum: PositiveInt = 1
@@ -228,6 +232,9 @@ class EvalSpec(Section):
                                            "make it longer are dropped, and the count is reported")
     classic: bool = Field(True, description="Also train TF-IDF + logistic regression on the training split (closed "
                                             "label sets), to show what a classic classifier does")
+    test: bool = Field(True, description="Score the test split at the end (and the baselines on it). A search's trials "
+                                         "(tailor auto) set false: they are chosen on validation, and the test split "
+                                         "is read once, for the winner")
 
     @field_validator("few_shot_k", mode="before")
     @classmethod

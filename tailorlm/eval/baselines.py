@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tailorlm.config import EvalSpec
 from tailorlm.data.formats import bio_entities
-from tailorlm.eval.classic import nearest, tfidf_logistic_regression
+from tailorlm.eval.classic import majority_class, nearest, tfidf_logistic_regression
 from tailorlm.eval.crf import crf_tagger
 from tailorlm.eval.evaluate import Evaluator, pick_demos
 from tailorlm.eval.sliding_window import sliding_window
@@ -24,6 +24,7 @@ from tailorlm.tasks.entities import example_tokens, gold_tags
 
 PROMPTING = ("zero_shot", "few_shot")
 CLASSIC = "classic"
+MAJORITY = "majority"  # the most frequent training label, every time (closed label sets)
 CURVE_KIND_ORDER = ("likelihood", "constrained", "free")  # the cheapest kind measures the curve's inner points
 
 
@@ -96,6 +97,9 @@ def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, sp
     classic = _classic if evaluator.closed and evaluator.label_field else \
         _crf if "entities" in evaluator.task.structured and evaluator.labels else \
         _window if evaluator.spans else None
+    if spec.classic and classic is _classic:  # the floor any classifier must clear: answering the prior
+        out.variants[MAJORITY] = _majority(evaluator, train, test)
+        report(MAJORITY, out.variants[MAJORITY])
     if spec.classic and classic:
         out.variants[CLASSIC], predictions = classic(evaluator, train, test, seed)
         out.predictions += predictions
@@ -149,6 +153,16 @@ def _classic(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> 
     predictions = [{"variant": CLASSIC, "input": input_text(ex, evaluator), "expected": ex[field_], "generated": g,
                     "predicted": p, "where": ex.get("_where")} for ex, g, p in zip(examples, result.predicted, predicted)]
     return metrics, predictions
+
+
+def _majority(evaluator: Evaluator, train: list[dict], test: list) -> dict:
+    """The majority-class row: accuracy and macro-F1 of always answering the most frequent training label."""
+    result = majority_class([ex[evaluator.label_field] for ex in train], len(test))
+    metrics, _ = evaluator.task.score(result.predicted, [s.example for s in test], evaluator.labels)
+    metrics.pop("confusion", None)  # one column of counts: the test split's label counts, which the data report has
+    metrics.update({"kind": "majority class", "label": result.predicted[0] if result.predicted else None, "k": 0,
+                    "prompt_tokens": 0.0, "seconds_per_100": 0.0, "dropped_demos": 0})
+    return metrics
 
 
 def _crf(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> tuple[dict, list[dict]]:

@@ -52,6 +52,17 @@ def tfidf_logistic_regression(train_texts: list[str], train_labels: list[str], t
     return ClassicResult(predicted, per_100, trained - started)
 
 
+def majority_class(train_labels: list[str], n_test: int) -> ClassicResult:
+    """The most frequent training label for every test row (ties: the label first in sorted order). Its accuracy
+    is the share a model earns by learning only the prior; its macro-F1 shows how little that is."""
+    started = time.perf_counter()
+    counts: dict[str, int] = {}
+    for label in train_labels:
+        counts[label] = counts.get(label, 0) + 1
+    top = min(counts, key=lambda label: (-counts[label], label))
+    return ClassicResult([top] * n_test, 0.0, time.perf_counter() - started)
+
+
 def nearest(train_texts: list[str], query_texts: list[str], k: int) -> list[list[int]]:
     """Indices of the k training texts most similar to each query (TF-IDF cosine), most similar first."""
     if k <= 0 or not train_texts:

@@ -19,7 +19,7 @@ TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "valid": "valid answer
 PERCENT = {"valid", "answered"}  # shares, shown as %
 SCALE_100 = {"bleu", "chrf"}  # sacrebleu reports 0-100; the others are 0-1
 VARIANT_TITLES = {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting", "fine_tuned": "fine-tuned",
-                  "classic": "TF-IDF + logistic reg."}
+                  "classic": "TF-IDF + logistic reg.", "majority": "majority class"}
 KIND_TITLES = {"constrained": "constrained", "likelihood": "likelihood"}
 CLASSIC_TITLES = {"crf": "CRF tagger", "sliding window": "sliding window"}
 COST = ("prompt tokens", "s/100")  # the last columns: what a prediction costs
@@ -32,6 +32,8 @@ def variant_title(name: str, metrics: dict | None = None) -> str:
     title = VARIANT_TITLES.get(base, base)
     if base == "classic" and metrics and metrics.get("kind") in CLASSIC_TITLES:  # the classic model of its task
         title = CLASSIC_TITLES[metrics["kind"]]
+    if base == "majority" and metrics and metrics.get("label") is not None:
+        title += f" ({metrics['label']})"
     if kind or (base == "few_shot" and metrics and metrics.get("k")):
         title = title.replace(" prompting", "")
     if base == "few_shot" and metrics and metrics.get("k"):
@@ -81,10 +83,22 @@ def best_line(variants: dict[str, dict], headline: str) -> str | None:
             f"({TITLES.get(headline, headline)} {format_metric(headline, best['value'])})")
 
 
-def score_notes(trivial: list[str], contamination: dict | None) -> list[str]:
+# A fine-tuned accuracy within this of the majority class's is reported as the label prior, not a result.
+PRIOR_MARGIN = 0.01
+
+
+def score_notes(trivial: list[str], contamination: dict | None, variants: dict[str, dict] | None = None) -> list[str]:
     """Lines shown beside a comparison table whose test score is not a result to take at face value: trivial
-    (a single label; preflight facts 'trivial') or contaminated (test rows also in train; 'contamination')."""
+    (a single label; preflight facts 'trivial'), contaminated (test rows also in train; 'contamination'), or no
+    better than always answering the majority label."""
     notes = [f"test score trivial: {reason}" for reason in trivial]
+    majority = (variants or {}).get("majority", {})
+    for name, m in (variants or {}).items():
+        if name.startswith("fine_tuned") and majority.get("accuracy") is not None and m.get("accuracy") is not None \
+                and m["accuracy"] <= majority["accuracy"] + PRIOR_MARGIN:
+            notes.append(f"{variant_title(name, m)}: accuracy {m['accuracy']:.3f} against {majority['accuracy']:.3f} "
+                         f"for always answering '{majority.get('label')}': it learned little beyond the label prior "
+                         f"(macro-F1 {format_metric('macro_f1', m.get('macro_f1'))})")
     if contamination and contamination["in_train"]:
         c = contamination
         share = f"{c['share']:.0%}" if c["share"] >= 0.01 else "under 1%"
@@ -110,7 +124,7 @@ def print_table(variants: dict[str, dict], n_test: int, columns: tuple[str, ...]
     for row in comparison_rows(variants, columns, bool(trivial)):
         table.add_row(*row[:-len(COST)], style="bold green" if row[0].startswith("fine-tuned") else None)
     console.print(table)
-    for note in score_notes(list(trivial), contamination):  # first: they qualify every figure above
+    for note in score_notes(list(trivial), contamination, variants):  # first: they qualify every figure above
         console.print(f"[bold yellow]{escape(note)}[/]", soft_wrap=True)
     for line in filter(None, [best_line(variants, columns[0]), curve_summary(curve)]):
         console.print(escape(line), soft_wrap=True)
@@ -147,7 +161,7 @@ def write_report(path: Path, title: str, facts: dict[str, str], sections: dict[s
                   "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 1 + len(COST))]
         trivial = section.get("trivial", [])
         lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(variants, columns, bool(trivial))]
-        notes = score_notes(trivial, section.get("contamination"))
+        notes = score_notes(trivial, section.get("contamination"), variants)
         best = best_line(variants, columns[0])
         lines += ["", f"- {best}"] if best else []
         if any(m.get("shared_pass") for m in variants.values()):

@@ -154,7 +154,8 @@ def _train_and_evaluate(prepared: Prepared, run_dir: RunDir, resume: bool, devic
     loaded = model or stages.load_base(prepared, device)
     scorers = stages.evaluators(prepared, device)
     # Rank 0 alone runs the baselines (the others wait for it at the first collective of training).
-    found = _baselines(prepared, run_dir, loaded.model, scorers) if main else stages.Baselines()
+    testing = main and cfg.eval.test
+    found = _baselines(prepared, run_dir, loaded.model, scorers) if testing else stages.Baselines()
     with Tracker.open(run_dir.path, cfg, enabled=main) as tracker:  # closed as failed if anything below raises
         tracker.log_params({"lr": cfg.lr, "train_samples": len(prepared.training_set)})  # the resolved values
 
@@ -166,7 +167,7 @@ def _train_and_evaluate(prepared: Prepared, run_dir: RunDir, resume: bool, devic
         result = stages.train(prepared, loaded.model, run_dir, device, scorers, resume, log)
         if result is None:  # not rank 0: its part ended with training
             return Outcome({}, run_dir, prepared)
-        results = stages.evaluate(prepared, result.model, scorers, found)
+        results = stages.evaluate(prepared, result.model, scorers, found) if testing else stages.Results({}, [])
         for name, task in results.tasks.items():
             tracker.log_metrics({f"test/{name}/{k}": v for k, v in task.variants["fine_tuned"].items()
                                  if isinstance(v, float)}, result.history.completed)
@@ -185,14 +186,17 @@ def manifest(prepared: Prepared, result: Fit, run_dir: RunDir, results: Results)
                                 "chat template" if t.fmt.uses_chat else "plain",
                                 [{k: v for k, v in ex.items() if not k.startswith("_")}
                                  for ex in t.splits.test[:MANIFEST_EXAMPLES]],
-                                answer_decoding(t.cfg.eval.decoding, results.tasks[name]))
+                                answer_decoding(t.cfg.eval.decoding, results.tasks.get(name)))
              for name, t in prepared.tasks.items()}
     return Manifest(prepared.cfg.model.path, prepared.cfg.method.name, result.saved.name, tasks)
 
 
-def answer_decoding(setting: str, task: TaskResults) -> str:
+def answer_decoding(setting: str, task: TaskResults | None) -> str | None:
     """free or constrained: how the fine-tuned model answers after the run (eval.decoding; under auto, what
-    validation chose). Free where the task has no constrained decoding."""
+    validation chose). Free where the task has no constrained decoding; None when the test split was not scored
+    (eval.test=false), which leaves it to eval.decoding."""
+    if task is None:
+        return None
     if "fine_tuned_constrained" not in task.variants:
         return "free"
     return "constrained" if setting == "constrained" or task.chosen == "fine_tuned_constrained" else "free"

@@ -131,14 +131,21 @@ def _server_engine(url: str) -> sqlalchemy.Engine:
     return sqlalchemy.create_engine(url)
 
 
+@contextmanager
+def study_lock(url: str, study_name: str):
+    """The lock every worker of a study takes to count and create trials: a file lock beside an SQLite database,
+    the study's row on a database server."""
+    with _sqlite_file_lock(url) if _is_sqlite(url) else _study_row_lock(url, study_name):
+        yield
+
+
 def reserve_trial(study: optuna.Study, url: str, n_trials: int) -> optuna.Trial | None:
     """Start the study's next trial, or return None once the study holds n_trials (any state).
 
     Counting and creating happen under one lock that every worker takes: a worker that counted first and asked
     later could find another worker had done the same in between, and both would start the last trial.
     (An in-memory SQLite study lives in one process: nothing else can add to it.)"""
-    lock = _sqlite_file_lock(url) if _is_sqlite(url) else _study_row_lock(url, study.study_name)
-    with lock:
+    with study_lock(url, study.study_name):
         if len(study.get_trials(deepcopy=False)) >= n_trials:
             return None
         return study.ask()

@@ -21,7 +21,7 @@ from tailorlm.ui import console
 
 ABSENT = object()  # a config key a run does not have (an older version's config), unlike an explicit null
 VARIANT_ORDER = [f"{base}{kind}" for base in ("zero_shot", "few_shot") for kind in ("", "_constrained", "_likelihood")] + [
-    "classic", "fine_tuned", "fine_tuned_constrained", "vs prompting"]  # rows in this order, whichever run has them
+    "majority", "classic", "fine_tuned", "fine_tuned_constrained", "vs prompting"]  # rows in this order, whichever run has them
 NOT_CURVE_FIELDS = {"step", "epoch"}  # x positions, not values to plot
 METRICS_TITLE = "Metrics (test split, on generated text)"
 NUMERIC_TABLES = {METRICS_TITLE, "Training"}

@@ -163,7 +163,15 @@ class _Run:
                     loss = self._one_step(batches)
                     result.step_seconds += time.perf_counter() - began
                     result.seconds = seconds_before + time.perf_counter() - start  # as of this step's checkpoint
-                    self._maybe_evaluate_and_save(len(batches))
+                    # rank 0's clock decides, so every process stops at the same step
+                    out_of_time = bool(spec.max_seconds) and distributed.from_main(
+                        time.perf_counter() - start >= spec.max_seconds)
+                    if out_of_time and self.step < result.steps:
+                        result.stopped_early = True
+                        event = f"time limit: stopped at step {self.step} after {spec.max_seconds:g} s (train.max_seconds)"
+                        result.events.append({"step": self.step, "event": event})
+                        console.print(f"[yellow]{event}[/]")
+                    self._maybe_evaluate_and_save(len(batches), out_of_time)
                     advance(1, loss)
                     if result.stopped_early:
                         break
@@ -213,9 +221,9 @@ class _Run:
         raise TailorError(f"the training {what} became {value} at step {self.step + 1}; lower train.lr or check "
                           f"the data{kept}")
 
-    def _maybe_evaluate_and_save(self, n_batches: int) -> None:
+    def _maybe_evaluate_and_save(self, n_batches: int, out_of_time: bool = False) -> None:
         spec, step, total = self.spec, self.step, self.result.steps
-        last = step >= total
+        last = step >= total or out_of_time  # a time limit ends training here: evaluated and saved as the last step
         eval_now = self.evaluating and ((spec.eval_every and step % spec.eval_every == 0) or last)
         if eval_now:
             self._evaluate()

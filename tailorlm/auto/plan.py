@@ -1,0 +1,212 @@
+"""What `tailor auto` tries, and how much of each fits the budget.
+
+Recipes. Every candidate model gets LoRA (rank 16, alpha 32) at three learning rates, and full fine-tuning at
+two where the model is small enough to train whole (FULL_MAX_PARAMS). The rates bracket each method's usual
+default by a factor of about three each way (LoRA 3e-4, full 3e-5): the grid is coarse on purpose, since on a
+CPU budget a handful of trials is what fits, and a model trained at the wrong rate by 3x still tells its
+rank among the others. They are tried in that order of prior, so when the budget cuts the list, what goes
+first is the least likely to win.
+
+Steps. The longest trial trains 3 epochs (the usual default), and at least MIN_FULL_STEPS optimizer steps so a
+small table is still seen often enough, at most MAX_FULL_STEPS. A config that sets train.max_steps or
+train.epochs keeps its own.
+
+Successive halving (Jamieson & Talwalkar 2016; Li et al. 2017 for Hyperband): every config trains for the
+first rung's steps, the best third (ETA) trains three times as long from scratch, and so on up to the full
+length. Trials restart rather than continue so each has a learning-rate schedule matched to its own length.
+The first rung is always the shortest (a ninth of the full length, at least MIN_RUNG_STEPS); the budget
+decides how many configs start, and how far up the rungs the best of them go.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from tailorlm.auto.candidates import Candidate
+from tailorlm.errors import TailorError
+
+ETA = 3  # each rung keeps the best 1/ETA of the one before, and trains them ETA times longer
+FULL_MAX_PARAMS = 400_000_000  # full fine-tuning is offered up to this size (its optimizer state is 4x the weights)
+LORA_RATES = (3e-4, 1e-3, 1e-4)  # in order of prior: the first is the one most often best
+FULL_RATES = (3e-5, 1e-4)
+LORA_RANK = 16
+EPOCHS = 3
+MIN_FULL_STEPS, MAX_FULL_STEPS = 60, 1000
+MIN_RUNG_STEPS = 4  # fewer steps than this says nothing about a recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str  # lora | full (or the method the config sets)
+    lr: float | None  # None: the method's default
+    rank: int | None = None
+
+    def overrides(self) -> dict[str, object]:
+        out: dict[str, object] = {"method.name": self.method}
+        if self.lr is not None:
+            out["train.lr"] = self.lr
+        if self.rank:
+            out.update({"method.lora.r": self.rank, "method.lora.alpha": 2 * self.rank})
+        return out
+
+    def label(self) -> str:
+        lr = "default lr" if self.lr is None else f"lr {self.lr:g}"
+        return f"LoRA r{self.rank}, {lr}" if self.method == "lora" else f"{self.method}, {lr}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One model with one recipe: what a trial trains, at some rung's length."""
+    candidate: Candidate
+    recipe: Recipe
+
+    @property
+    def key(self) -> str:
+        return f"{self.candidate.name} | {self.recipe.label()}"
+
+
+def recipes(candidate: Candidate, fixed: dict[str, object]) -> list[Recipe]:
+    """The recipes to try on one model, in order of prior; keys the user's config sets are kept as set."""
+    method = fixed.get("method.name")
+    out = []
+    if method in (None, "lora"):
+        rank = int(fixed.get("method.lora.r") or LORA_RANK)
+        out += [Recipe("lora", lr, rank) for lr in LORA_RATES]
+    if method in (None, "full") and candidate.params <= FULL_MAX_PARAMS:
+        out += [Recipe("full", lr) for lr in FULL_RATES]
+    if method not in (None, "lora", "full"):  # another method the user chose: its own default rate
+        out.append(Recipe(str(method), None))
+    if fixed.get("train.lr") is not None:  # one rate, as set: one recipe per method
+        lr = float(fixed["train.lr"])
+        out = list({r.method: Recipe(r.method, lr, r.rank) for r in out}.values())
+    return out
+
+
+def full_steps(n_train: int, batch: int, fixed: dict[str, object]) -> int:
+    """The longest trial's optimizer steps: the config's, else EPOCHS passes within the bounds above."""
+    if fixed.get("train.max_steps"):
+        return int(fixed["train.max_steps"])
+    epochs = float(fixed.get("train.epochs") or EPOCHS)
+    steps = math.ceil(epochs * n_train / batch)
+    return steps if "train.epochs" in fixed else min(max(steps, MIN_FULL_STEPS), MAX_FULL_STEPS)
+
+
+def rung_steps(top: int, rungs: int) -> list[int]:
+    """Steps of each rung, shortest first, each ETA times the one before, ending at `top`."""
+    return [max(MIN_RUNG_STEPS, round(top / ETA ** (rungs - 1 - i))) for i in range(rungs)]
+
+
+def survivors(n: int, rungs: int) -> list[int]:
+    """How many configs train at each rung."""
+    counts = [n]
+    for _ in range(rungs - 1):
+        counts.append(max(1, math.ceil(counts[-1] / ETA)))
+    return counts
+
+
+@dataclass
+class Rates:
+    """What a trial costs on this machine, per model: seconds per optimizer step (per method), to start (load
+    the model and data), and per generated validation answer. The cost model's figures until trials measure
+    them."""
+    step: dict[tuple[str, str], float]
+    load: dict[str, float]
+    per_answer: dict[str, float]
+    answers: int = 0  # validation answers each evaluation generates
+
+    def trial(self, config: Config, steps: int, evaluations: int = 1) -> float:
+        name = config.candidate.name
+        return (steps * self.step[(name, config.recipe.method)] + self.load[name]
+                + evaluations * self.answers * self.per_answer[name])
+
+
+@dataclass
+class Plan:
+    configs: list[Config]
+    rungs: list[int]  # steps per rung
+    seconds: float  # the plan's estimate, trials only
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (config key, why)
+
+    def cost(self, rates: Rates) -> float:
+        return plan_cost(self.configs, self.rungs, rates)
+
+
+def evaluations(rung: int) -> int:
+    """Evaluations a trial of this rung makes: one at the end of the first rung; the longer ones also halfway,
+    to keep the better checkpoint."""
+    return 1 if rung == 0 else 2
+
+
+def plan_cost(configs: list[Config], rungs: list[int], rates: Rates) -> float:
+    """Seconds of a successive-halving plan, taking the dearest configs as the ones that go on (an upper bound)."""
+    total = 0.0
+    for rung, (steps, n) in enumerate(zip(rungs, survivors(len(configs), len(rungs)))):
+        costs = sorted((rates.trial(c, steps, evaluations(rung)) for c in configs), reverse=True)
+        total += sum(costs[:n])
+    return total
+
+
+def make_plan(configs: list[Config], top: int, rates: Rates, seconds: float, rungs: int = 3) -> Plan:
+    """The plan to start from: rungs from the shortest useful length up to `top` (each ETA times the one
+    before), with as many configs as fit `seconds` at the estimated rates, the last ones (lowest prior) left
+    out first, while halving still has a choice to make at every rung; when even that does not fit, the
+    longest rungs go. The search then widens the first rung and adds the longer rungs back as trials measure
+    the machine (search.py): many short trials first, the promising ones continued."""
+    if not configs:
+        raise TailorError("tailor auto: no recipe to try")
+    lengths = rung_steps(top, min(rungs, _max_depth(top)))
+    for depth in range(len(lengths), 0, -1):
+        for n in range(len(configs), min(len(configs), _fewest(depth)) - 1, -1):
+            cost = plan_cost(configs[:n], lengths[:depth], rates)
+            if cost <= seconds:
+                dropped = [(c.key, "the budget: it did not fit beside the configs before it") for c in configs[n:]]
+                return Plan(configs[:n], lengths[:depth], cost, dropped)
+    cheapest = min(rates.trial(c, lengths[0]) for c in configs)
+    raise TailorError(f"tailor auto: the budget ({duration(seconds)} for training) is too small: the shortest "
+                      f"trial ({lengths[0]} steps) needs about {duration(cheapest)}; give a larger --budget")
+
+
+def _fewest(depth: int) -> int:
+    """The fewest configs worth halving over `depth` rungs: more than one goes on from each rung but the last."""
+    return 1 if depth == 1 else ETA ** (depth - 2) + 1
+
+
+def next_rung(plan: Plan, top: int) -> int | None:
+    """The length of one more rung after the plan's last, when the first plan stopped short of `top`."""
+    last = plan.rungs[-1]
+    return min(top, last * ETA) if last < top else None
+
+
+def _max_depth(top: int) -> int:
+    """Rungs a run of `top` steps can hold with a first rung of MIN_RUNG_STEPS or more."""
+    depth = 1
+    while top / ETA ** depth >= MIN_RUNG_STEPS and depth < 3:
+        depth += 1
+    return depth
+
+
+BUDGET = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_budget(text: str) -> float:
+    """'20m', '1h', '1h30m', '90s' or a bare number of minutes, in seconds."""
+    text = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text) * 60
+    match = BUDGET.match(text)
+    if not text or not match or not any(match.groups()):
+        raise TailorError(f"--budget {text!r}: give a duration such as 20m, 1h, 1h30m or 90s")
+    hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise TailorError(f"--budget {text!r}: must be more than zero")
+    return total
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"

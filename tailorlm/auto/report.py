@@ -1,0 +1,105 @@
+"""What `tailor auto` leaves behind: a leaderboard of every trial, the test table, and a recommendation that
+says plainly when fine-tuning is not worth it.
+
+auto.json holds the same facts for programs; leaderboard.md is for people.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tailorlm.auto.candidates import Candidate, Skipped
+from tailorlm.auto.final import Final
+from tailorlm.auto.plan import duration
+from tailorlm.auto.search import Search
+from tailorlm.eval.report import TITLES, best_line, comparison_rows, format_metric, header, measured_columns, score_notes
+from tailorlm.rundir import write_json, write_text
+
+CLASSIC_MARGIN = 0.01  # a classic model within a point of the best is recommended when it is far cheaper
+CHEAPER = 1000  # ... this many times cheaper per prediction
+STILL_RISING = 0.01  # the top rung beat the one before by this much: more steps would likely pay
+
+
+def recommendation(found: Search, final: Final | None) -> list[str]:
+    """The advice, from the test figures of the winner and its alternatives, and the search's own trend."""
+    if found.winner is None:
+        return ["No trial finished within the budget: give a larger --budget (the plan above says what each "
+                "trial needs)."]
+    if final is None:
+        return [f"The winner is {found.winner.key} ({found.metric} {found.winner.value:.3f} on validation); the "
+                f"test split was not scored."]
+    task = final.results.tasks[final.task]
+    headline, variants = task.headline, task.variants
+    title = TITLES.get(headline, headline)
+    tuned = task.fine_tuned
+    lines = []
+    classic = variants.get("classic")
+    if classic and classic.get(headline) is not None and tuned is not None \
+            and classic[headline] >= tuned - CLASSIC_MARGIN:
+        cost = (variants[task.chosen].get("seconds_per_100") or 0) / max(classic.get("seconds_per_100") or 0, 1e-6)
+        cheaper = f", at {cost:,.0f}x less time per prediction" if cost >= CHEAPER else ""
+        lines.append(f"**Use the classic model ({classic.get('kind', 'classic')})**: it scores {title} "
+                     f"{format_metric(headline, classic[headline])} on test against "
+                     f"{format_metric(headline, tuned)} for the best fine-tuned model{cheaper}.")
+    else:
+        lines.append(f"**Use the fine-tuned {found.winner.key}** ({title} {format_metric(headline, tuned)} on test). "
+                     f"The folder {found.winner.run_dir} is a finished run: tailor predict, chat, serve and export "
+                     f"take it.")
+    best = task.best_prompting
+    if best and tuned is not None and best["value"] >= tuned:
+        lines.append(f"Prompting the base model does as well ({best['variant']}: "
+                     f"{format_metric(headline, best['value'])}): fine-tuning did not pay on this task.")
+    top = max((t.rung for t in found.trials if t.state == "complete"), default=0)
+    below = found.best_of_rung(top - 1) if top else []
+    if below and found.winner.value - below[0].value >= STILL_RISING:
+        gain = found.winner.value - below[0].value
+        lines.append(f"Longer training was still paying at the end ({found.metric} +{gain:.3f} on validation from "
+                     f"{below[0].steps} to {found.winner.steps} steps): a larger budget would likely help; the "
+                     f"winner's recipe trains {found.winner.steps} steps in about "
+                     f"{duration(found.winner.seconds)} here.")
+    return lines
+
+
+def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, candidates: list[Candidate],
+                      skipped: list[Skipped], facts: dict[str, str], spent: float) -> str:
+    """leaderboard.md and auto.json in `out`; returns the markdown. `spent`: seconds of the whole search and the
+    final evaluation, earlier interrupted runs of it included."""
+    lines = [f"# tailor auto: {name}", ""] + [f"- **{k}:** {v}" for k, v in facts.items()]
+    lines += ["", "## Models", "", "| model | parameters | tried |", "|---|---:|---|"]
+    lines += [f"| {c.name} | {c.params / 1e6:.0f}M | yes |" for c in candidates]
+    lines += [f"| {s.name} | - | no: {s.why} |" for s in skipped]
+    rungs = ", ".join(str(s) for s in found.plan.rungs)
+    lines += ["", f"## Trials (validation {found.metric}; rungs of {rungs} steps, the best third of each going on)",
+              "", "| trial | model | recipe | steps | validation | kept step | seconds | tokens/s | outcome |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for t in sorted(found.trials, key=lambda t: (t.rung, -(t.value if t.value is not None else -1))):
+        model, recipe = t.key.split(" | ", 1)
+        rate = f"{t.tokens / t.train_seconds:.0f}" if t.train_seconds else "-"
+        value = "-" if t.value is None else f"{t.value:.3f}"
+        outcome = t.state + (f": {t.note}" if t.note else "") + (" (winner)" if t is found.winner else "")
+        lines.append(f"| {t.number if t.number is not None else '-'} | {model} | {recipe} | {t.steps} | {value} | "
+                     f"{t.step if t.step is not None else '-'} | {t.seconds:.0f} | {rate} | {outcome} |")
+    lines += [f"- not tried: {key} ({why})" for key, why in found.plan.dropped]
+    if final is not None:
+        task = final.results.tasks[final.task]
+        columns = measured_columns(task.variants, tuple(task.columns))
+        lines += ["", f"## Test split ({task.n_test} examples, scored once, after the choice)", "",
+                  "| " + " | ".join(header(columns)) + " |", "|---|" + "---:|" * (len(columns) + 3)]
+        lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(task.variants, columns, bool(task.trivial))]
+        lines += [f"- {line}" for line in filter(None, [best_line(task.variants, columns[0])])]
+        lines += [f"- **{note}**" for note in score_notes(task.trivial, task.contamination, task.variants)]
+        lines += ["", "Best prompting of each candidate model (test):", ""]
+        lines += [f"- {model}: " + (f"{best['variant']}, {TITLES.get(task.headline, task.headline)} "
+                                    f"{format_metric(task.headline, best['value'])}" if best else "not measured")
+                  for model, best in final.prompting.items()]
+    advice = recommendation(found, final)
+    lines += ["", "## Recommendation", "", *advice, ""]
+    text = "\n".join(lines)
+    write_text(out / "leaderboard.md", text)
+    write_json(out / "auto.json", {
+        "metric": found.metric, "rungs": found.plan.rungs, "spent_seconds": round(spent, 1),
+        "search_seconds": round(found.spent, 1),
+        "winner": found.winner.__dict__ if found.winner else None, "trials": [t.__dict__ for t in found.trials],
+        "dropped": found.plan.dropped, "models": [c.__dict__ for c in candidates],
+        "skipped": [s.__dict__ for s in skipped], "recommendation": advice, **({
+            "test": final.results.sections(), "prompting": final.prompting} if final else {})})
+    return text

@@ -1,0 +1,170 @@
+"""`tailor auto` from start to end: the candidates, the data facts and the cost model, the search within the
+budget, the test split once for the winner, the leaderboard.
+
+The config gives the task, the data and the template. The recipe is auto's to choose: the model, the method
+and LoRA rank, the learning rate and the number of steps (RECIPE_KEYS). Any of them the config or the command
+line sets is kept as set. How trials are run (their evaluations, the test split left alone) is auto's own.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tailorlm.auto.candidates import Candidate, Skipped, candidate_for, find_candidates
+from tailorlm.auto.final import Final, evaluate_winner
+from tailorlm.auto.plan import MIN_RUNG_STEPS, Config, Rates, duration, full_steps, recipes
+from tailorlm.auto.report import write_leaderboard
+from tailorlm.auto.search import Search, TrialRunner, open_auto_study, search
+from tailorlm.config import load_config, parse_override
+from tailorlm.data.cost import estimate_training
+from tailorlm.data.model_shape import read_shape
+from tailorlm.errors import ConfigError, TailorError
+from tailorlm.eval.during_training import metric_key
+from tailorlm.models.loading import resolve_device
+from tailorlm.pipeline.prepare import prepare
+from tailorlm.sweep.study import storage_url
+from tailorlm.sweep.space import SweepSpec
+from tailorlm.track.flat import flatten
+from tailorlm.ui import console, stage
+
+RECIPE_KEYS = ("model.path", "method.name", "method.lora.r", "method.lora.alpha", "train.lr", "train.max_steps",
+               "train.epochs")
+VALIDATION_ANSWERS = 100  # generated validation answers that score each trial (fewer when the split is smaller)
+LOAD_SECONDS = 10.0  # a trial's start before any measurement: model load, data, first evaluation's setup
+
+
+@dataclass
+class AutoOutcome:
+    out: Path
+    search: Search
+    final: Final | None
+    candidates: list[Candidate]
+    skipped: list[Skipped]
+
+
+def fixed_recipe(config_path: str | None, overrides: list[str]) -> dict[str, object]:
+    """The recipe keys the user set: in the config file (not the embedded default job's, whose recipe is the
+    fixed one auto competes with) or on the command line."""
+    raw = {}
+    if config_path is not None:
+        raw = flatten(yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {})
+    for item in overrides:
+        key, value = parse_override(item)
+        raw[key] = value
+    return {k: raw[k] for k in RECIPE_KEYS if k in raw}
+
+
+def auto(config_path: str | None, overrides: list[str], budget: float, models: list[str] = (),
+         embedded: bool = True, output: str | Path | None = None, storage: str | None = None,
+         trust_remote_code: bool = False) -> AutoOutcome:
+    clock = time.monotonic()
+    base = load_config(config_path, list(overrides), trust_remote_code=trust_remote_code)
+    if base.tasks:
+        raise ConfigError(str(config_path), ["tasks: tailor auto searches a config of one task (data and template); "
+                                             "run a multi-task mix with tailor run"])
+    if base.objective.preference:
+        raise ConfigError(str(config_path), [f"objective.name: {base.objective.name}: tailor auto searches "
+                                             f"supervised fine-tuning (sft)"])
+    fixed = fixed_recipe(config_path, list(overrides))
+    out = Path(output or Path("auto") / base.output.name)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(base.train.device)
+
+    stage("Candidates")
+    task_is_chat = base.template.preset == "chat"
+    if "model.path" in fixed:
+        candidates, skipped = [candidate_for(str(fixed["model.path"]), trust_remote_code)], []
+    else:
+        candidates, skipped = find_candidates(list(models), embedded, task_is_chat, trust_remote_code)
+    for s in skipped:
+        console.print(f"[yellow]skipped {s.name}: {s.why}[/]")
+
+    stage("Data and the cost of each recipe")
+    facts, rates = {}, Rates({}, {}, {})
+    for c in candidates:
+        cfg = base.model_copy(update={"model": base.model.model_copy(update={"path": c.path})})
+        with _quiet():
+            prepared = prepare(cfg)
+        (name, task), = prepared.tasks.items()
+        samples = prepared.training_set
+        batch = cfg.train.batch_size * cfg.train.grad_accum
+        facts.setdefault("rows", (len(samples), len(task.encoded["validation"]), len(task.encoded["test"])))
+        facts.setdefault("task", (name, task.template.task.headline))
+        top = full_steps(len(samples), batch, fixed)
+        shape = read_shape([c.path], c.params)
+        for recipe in recipes(c, fixed):
+            method_cfg = load_config(config_path, list(overrides) + [f"{k}={v}" for k, v in recipe.overrides().items()],
+                                     trust_remote_code=trust_remote_code)
+            estimate = estimate_training(method_cfg, shape, samples, top * batch / len(samples), device)
+            rates.step[(c.name, recipe.method)] = estimate.seconds / top
+        # Until a trial measures them: a start of LOAD_SECONDS, and an answer costing what a training sample
+        # does (its forward and backward against a prompt pass and a few cached decoding steps)
+        rates.load[c.name] = LOAD_SECONDS
+        rates.per_answer[c.name] = rates.step[(c.name, recipes(c, fixed)[0].method)] / batch
+    n_train, n_val, n_test = facts["rows"]
+    task_name, headline = facts["task"]
+    metric = metric_key(task_name, headline)
+    top = full_steps(n_train, base.train.batch_size * base.train.grad_accum, fixed)
+    answers = rates.answers = min(VALIDATION_ANSWERS, n_val)
+
+    def reserve() -> float:
+        """The final evaluation's time: the test rows through every candidate's prompting, and the winner (free
+        and constrained decoding), each model loaded once."""
+        prompting = max(1, len(base.eval.baselines)) * max(1, min(len(base.eval.prompting), 2))
+        return sum(rates.load[c.name] + rates.per_answer[c.name] * n_test * (prompting + 2) for c in candidates)
+
+    by_model = [[Config(c, r) for r in recipes(c, fixed)] for c in candidates]
+    configs = [row[i] for i in range(max(map(len, by_model))) for row in by_model if i < len(row)]  # priors first
+    slow = [c for c in candidates if min(rates.trial(x, MIN_RUNG_STEPS) for x in configs if x.candidate is c)
+            > budget - reserve()]
+    for c in slow:
+        skipped.append(Skipped(c.name, f"too slow for the budget: its shortest trial needs about "
+                                       f"{duration(min(rates.trial(x, MIN_RUNG_STEPS) for x in configs if x.candidate is c))}"))
+        console.print(f"[yellow]skipped {c.name}: {skipped[-1].why}[/]")
+    configs = [x for x in configs if x.candidate not in slow]
+    candidates = [c for c in candidates if c not in slow]
+    if not configs:
+        raise TailorError(f"tailor auto: the budget ({duration(budget)}) is too small for any candidate; "
+                          f"give a larger --budget")
+
+    url = storage_url(SweepSpec(params={"train.lr": 1.0}), out, storage)
+    study = open_auto_study(url, base.output.name, metric)
+    spent = sum(t.user_attrs.get("seconds", 0.0) for t in study.get_trials(deepcopy=False))
+    console.print(f"{len(configs)} configs of {len(candidates)} model(s); {n_train} training rows, {answers} "
+                  f"validation answers score each trial on {metric}; budget {duration(budget)}"
+                  + (f", of which {duration(spent)} spent by an earlier run of this search" if spent else ""))
+    if fixed:
+        console.print("kept as the config sets them: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+    runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers, math.inf)
+    found = search(configs, top, rates, runner, reserve, spent + (time.monotonic() - clock), budget, fixed, metric)
+    final = None
+    if found.winner is not None:
+        winner_model = found.winner.key.split(" | ")[0]
+        final = evaluate_winner(Path(found.winner.run_dir), base, candidates, winner_model, device)
+    spent_all = spent + (time.monotonic() - clock)
+    facts_md = {"task": f"{task_name} ({headline} on validation chooses; the test split is read once, at the end)",
+                "data": f"{n_train} training / {n_val} validation / {n_test} test rows",
+                "budget": f"{duration(budget)}; spent {duration(spent_all)}",
+                "search": f"successive halving over {len(configs)} configs, rungs of "
+                          f"{', '.join(map(str, found.plan.rungs))} steps"}
+    text = write_leaderboard(out, base.output.name, found, final, candidates, skipped, facts_md, spent_all)
+    console.print()
+    console.print(text.split("## Recommendation", 1)[-1].strip(), soft_wrap=True)
+    console.print(f"\nLeaderboard: {out / 'leaderboard.md'}")
+    return AutoOutcome(out, found, final, candidates, skipped)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Preparing the data once per candidate for the plan prints what `tailor run` prints; auto says it once."""
+    was = console.quiet
+    console.quiet = True
+    try:
+        yield
+    finally:
+        console.quiet = was

@@ -1,0 +1,187 @@
+"""tailor auto: the budget is kept, successive halving keeps the best third, the test split is read only after the
+choice, a killed search resumes where it stopped, and the recommendation names the classic model when it wins."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tailorlm.auto import search as search_module
+from tailorlm.auto.candidates import Candidate
+from tailorlm.auto.plan import Config, Rates, make_plan, parse_budget, recipes, rung_steps, survivors
+from tailorlm.auto.search import Trial, search
+from tailorlm.errors import TailorError
+from conftest import build_tiny_tokenizer, labeled_csv, tiny_llama, write
+
+SMALL, LARGE = Candidate("small", "small", 100_000_000), Candidate("large", "large", 300_000_000)
+
+
+def test_budget_text():
+    assert [parse_budget(t) for t in ("20m", "1h30m", "90s", "15", "1.5h")] == [1200, 5400, 90, 900, 5400]
+    for bad in ("soon", "20 minutes", "0m", ""):
+        with pytest.raises(TailorError, match="--budget .*: "):
+            parse_budget(bad)
+
+
+def test_recipes_keep_what_the_config_sets():
+    assert [r.label() for r in recipes(SMALL, {})] == [
+        "LoRA r16, lr 0.0003", "LoRA r16, lr 0.001", "LoRA r16, lr 0.0001", "full, lr 3e-05", "full, lr 0.0001"]
+    assert [r.label() for r in recipes(Candidate("big", "big", 7_000_000_000), {})][-1] == "LoRA r16, lr 0.0001"
+    assert [r.label() for r in recipes(SMALL, {"train.lr": 5e-4, "method.lora.r": 8})] == [
+        "LoRA r8, lr 0.0005", "full, lr 0.0005"]
+    assert [r.label() for r in recipes(SMALL, {"method.name": "full"})] == ["full, lr 3e-05", "full, lr 0.0001"]
+
+
+def configs() -> list[Config]:
+    by_model = [[Config(c, r) for r in recipes(c, {})] for c in (SMALL, LARGE)]
+    return [row[i] for i in range(5) for row in by_model]
+
+
+def rates() -> Rates:
+    return Rates({(m, k): s for m, s in (("small", 1.0), ("large", 2.0)) for k in ("lora", "full")},
+                 {"small": 5.0, "large": 5.0}, {"small": 0.1, "large": 0.2}, answers=10)
+
+
+def test_the_plan_starts_short_and_fits_the_budget_with_fewer_configs_then_fewer_rungs():
+    plan = make_plan(configs(), 90, rates(), 10_000)
+    assert plan.rungs == rung_steps(90, 3) == [10, 30, 90] and len(plan.configs) == 10 and not plan.dropped
+    assert survivors(10, 3) == [10, 4, 2] and plan.seconds == plan.cost(rates())
+    tight = make_plan(configs(), 90, rates(), 700)
+    assert tight.seconds <= 700 and tight.rungs == [10, 30, 90] and 4 <= len(tight.configs) < 10
+    assert [c.key for c in tight.configs] == [c.key for c in configs()[:len(tight.configs)]]  # the last go first
+    assert [key for key, _ in tight.dropped] == [c.key for c in configs()[len(tight.configs):]]
+    tighter = make_plan(configs(), 90, rates(), 100)
+    assert tighter.seconds <= 100 and tighter.rungs[0] == 10 and len(tighter.rungs) < 3
+    assert make_plan(configs(), 90, rates(), 16).rungs == [10]  # one config, 10 steps: 10 + 5 + 10 x 0.1 s
+    with pytest.raises(TailorError, match=r"the budget \(15 s for training\) is too small: the shortest trial "
+                                          r"\(10 steps\) needs about 16 s; give a larger --budget"):
+        make_plan(configs(), 90, rates(), 15)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class FakeRunner:
+    """A trial that takes the time the rates say, plus 20%, and scores by the recipe's rate and the length."""
+
+    def __init__(self, clock: FakeClock, quality: dict[str, float]):
+        self.clock, self.quality, self.deadline, self.calls = clock, quality, None, []
+
+    def __call__(self, config, steps, rung, fixed) -> Trial:
+        self.calls.append((config.key, rung))
+        seconds = 1.2 * rates().trial(config, steps, 1 if rung == 0 else 2)
+        self.clock.now += seconds
+        assert self.clock.now <= self.deadline + 1e-9, "a trial started that could not end before the deadline"
+        value = self.quality[config.key] + steps / 1000
+        return Trial(config.key, rung, steps, "complete", value, seconds, seconds * 0.8, seconds * 0.9, steps, 100)
+
+
+def test_successive_halving_keeps_the_best_third_within_the_budget(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(search_module, "time", clock)
+    quality = {c.key: 0.5 + 0.01 * i for i, c in enumerate(configs())}  # the last config is the best
+    quality[configs()[3].key] = 0.9  # ... except this one
+    runner = FakeRunner(clock, quality)
+    budget, reserve = 900.0, 100.0
+    found = search(configs(), 90, rates(), runner, lambda: reserve, 0.0, budget, {}, "task/accuracy")
+    assert clock.now <= budget - reserve  # the final evaluation's share is left
+    first = [t for t in found.trials if t.rung == 0]
+    assert len(first) == len(found.plan.configs)
+    ranked = sorted(first, key=lambda t: -t.value)
+    second = [t.key for t in found.trials if t.rung == 1]
+    assert second and set(second) == {t.key for t in ranked[:len(second)]}
+    assert len(second) == -(-len(first) // 3)
+    assert found.winner.key == configs()[3].key and found.winner.rung == max(t.rung for t in found.trials)
+
+
+def test_the_budget_stops_what_does_not_fit(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(search_module, "time", clock)
+    runner = FakeRunner(clock, {c.key: 0.5 for c in configs()})
+    # planned for 200 s, but every trial takes 20% more than planned: the last ones are skipped, never overrun
+    found = search(configs(), 90, rates(), runner, lambda: 0.0, 0.0, 200.0, {}, "task/accuracy")
+    assert clock.now <= 200.0
+    assert any(t.state == "skipped" and t.note.startswith("the budget: needs about") for t in found.trials) or \
+        len(runner.calls) == sum(1 for t in found.trials if t.state == "complete")
+
+
+@pytest.fixture(scope="module")
+def auto_task(tmp_path_factory):
+    """Two tiny random models and a table TF-IDF separates perfectly, which no tiny model learns in seconds."""
+    root = tmp_path_factory.mktemp("auto")
+    tokenizer = build_tiny_tokenizer()
+    for seed, name in ((0, "tiny-a"), (1, "tiny-b")):
+        tiny_llama(len(tokenizer), seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    data = labeled_csv(root / "reviews.csv", 20)
+    config = write(root / "task.yaml", f"data: {{train: {data}}}\ntemplate: {{max_length: 96}}\n"
+                                       "train: {batch_size: 4}\neval: {baselines: [zero_shot], few_shot_k: 0}\n"
+                                       "output: {name: tinyauto}\n")
+    return root, config
+
+
+def test_auto_chooses_on_validation_resumes_and_recommends_the_classic_model(auto_task, monkeypatch):
+    from tailorlm.auto import run as auto_run
+    from tailorlm.cli import main
+    from tailorlm.eval.evaluate import Evaluator
+
+    root, config = auto_task
+    out = root / "out"
+    args = ["auto", str(config), "--budget", "75s", "--only-listed", "--model", str(root / "tiny-a"),
+            "--model", str(root / "tiny-b"), "--output", str(out)]
+    scored, phase = [], {"final": False}
+    real_run, real_final = Evaluator.run, auto_run.evaluate_winner
+
+    def spy_run(self, model, samples, *a, **k):
+        scored.extend((phase["final"], s.example["text"]) for s in samples)
+        return real_run(self, model, samples, *a, **k)
+
+    def spy_final(*a, **k):
+        phase["final"] = True
+        return real_final(*a, **k)
+
+    monkeypatch.setattr(Evaluator, "run", spy_run)
+    monkeypatch.setattr(auto_run, "evaluate_winner", spy_final)
+    # killed during its third trial; the same command then resumes
+    calls = {"n": 0}
+    real_trial = search_module.TrialRunner.__call__
+
+    def dies_in_the_third(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_trial(self, *a, **k)
+
+    monkeypatch.setattr(search_module.TrialRunner, "__call__", dies_in_the_third)
+    assert main(args) == 130  # Ctrl-C
+    monkeypatch.setattr(search_module.TrialRunner, "__call__", real_trial)
+    assert main(args) == 0
+    result = json.loads((out / "auto.json").read_text())
+    trials = result["trials"]
+    resumed = [t for t in trials if t["note"] == "from an earlier run of this search"]
+    assert len(resumed) == 2 and {t["rung"] for t in resumed} == {0}
+    assert len({t["run_dir"] for t in trials if t["run_dir"]}) == len([t for t in trials if t["run_dir"]])
+    # the test split was scored only once the choice was made
+    test_rows = {json.loads(line)["input"] for line in open(out / "trials" / f"trial-{result['winner']['number']}"
+                                                           / "predictions.jsonl")}
+    assert test_rows and not any(text in test_rows for final, text in scored if not final)
+    assert any(final for final, _ in scored)
+    # the winner: the best validation score at the longest rung, and a finished run folder
+    top = max(t["rung"] for t in trials if t["state"] == "complete")
+    best = max(t["value"] for t in trials if t["rung"] == top and t["state"] == "complete")
+    assert result["winner"]["rung"] == top and result["winner"]["value"] == best
+    winner = out / "trials" / f"trial-{result['winner']['number']}"
+    section = json.loads((winner / "metrics.json").read_text())["tasks"]["classification"]
+    assert {"fine_tuned", "majority", "classic", "zero_shot"} <= set(section["variants"])
+    assert json.loads((winner / "manifest.json").read_text())["tasks"]["classification"]["decoding"] == "free"
+    # honest: TF-IDF separates this table, so the recommendation names it
+    board = (out / "leaderboard.md").read_text()
+    assert "**Use the classic model (tf-idf + logistic regression)**" in board
+    assert result["recommendation"][0].startswith("**Use the classic model")
+    # the budget, both runs together, kept to within one evaluation (the final one's time is an estimate)
+    assert "spent" in board and result["spent_seconds"] <= 75 + 10
