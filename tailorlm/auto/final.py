@@ -27,15 +27,19 @@ class Final:
     task: str
 
 
-def evaluate_winner(run_dir: Path, base: RunConfig, candidates: list[Candidate], winner_model: str, device) -> Final:
-    """Score the winning trial on the test split, with every candidate model's prompting baselines."""
+def evaluate_winner(run_dir: Path, base: RunConfig, candidates: list[Candidate], winner_model: str, device,
+                    trust_remote_code: bool = False) -> Final:
+    """Score the winning trial on the test split, with every candidate model's prompting baselines. The trial's
+    own config is used (so eval.decoding=auto chooses on the validation answers the trial was scored on), with
+    the test split switched back on."""
     trial = RunDir(run_dir)
-    cfg = trial.config().model_copy(update={"eval": base.eval.model_copy(update={"test": True})})
+    trial_cfg = trial.config(trust_remote_code=trust_remote_code)
+    cfg = trial_cfg.model_copy(update={"eval": trial_cfg.eval.model_copy(update={"test": True})})
     prepared = prepare(cfg)
     scorers = stages.evaluators(prepared, device)
     (name, task), = prepared.tasks.items()
     prompting, found = {}, None
-    for candidate in candidates:
+    for candidate in candidates if cfg.eval.baselines else []:
         stage(f"Test split: prompting {candidate.name}")
         same = candidate.name == winner_model
         mine = prepared if same else prepare(base.model_copy(update={
@@ -47,21 +51,21 @@ def evaluate_winner(run_dir: Path, base: RunConfig, candidates: list[Candidate],
             found = measured
         del loaded
     stage("Test split: the winner")
-    trained = load_trained(run_dir, device)
+    trained = load_trained(run_dir, device, trust_remote_code=trust_remote_code)
     results = stages.evaluate(prepared, trained.model, scorers, found or stages.Baselines({name: {}}))
-    _complete(trial, results, found)
+    _complete(trial, results, found, trust_remote_code)
     return Final(results, prompting, name)
 
 
-def _complete(trial: RunDir, results: Results, found: stages.Baselines | None) -> None:
+def _complete(trial: RunDir, results: Results, found: stages.Baselines | None, trust_remote_code: bool) -> None:
     """The trial folder as a finished run: metrics.json with its test section, the test predictions, and the
     decoding its answers use in the manifest."""
     metrics = trial.metrics()
     metrics["tasks"] = results.sections()
     trial.write("metrics.json", metrics)
     trial.write_rows("predictions.jsonl", (found.predictions if found else []) + results.predictions)
-    manifest = trial.manifest()
-    cfg = trial.config()
+    cfg = trial.config(trust_remote_code=trust_remote_code)
+    manifest = trial.manifest(cfg)
     for name, entry in manifest.tasks.items():
         entry.decoding = answer_decoding(cfg.eval.decoding, results.tasks.get(name))
     trial.write_manifest(manifest)

@@ -66,9 +66,11 @@ class Config:
         return f"{self.candidate.name} | {self.recipe.label()}"
 
 
-def recipes(candidate: Candidate, fixed: dict[str, object]) -> list[Recipe]:
-    """The recipes to try on one model, in order of prior; keys the user's config sets are kept as set."""
-    method = fixed.get("method.name")
+def recipes(candidate: Candidate, fixed: dict[str, object], method_default: str = "lora") -> list[Recipe]:
+    """The recipes to try on one model, in order of prior; keys the user's config sets are kept as set. A
+    learning rate the config sets belongs to its method (method_default when it names none): a LoRA rate
+    would wreck full fine-tuning."""
+    method = fixed.get("method.name") or (method_default if fixed.get("train.lr") is not None else None)
     out = []
     if method in (None, "lora"):
         rank = int(fixed.get("method.lora.r") or LORA_RANK)
@@ -77,10 +79,15 @@ def recipes(candidate: Candidate, fixed: dict[str, object]) -> list[Recipe]:
         out += [Recipe("full", lr) for lr in FULL_RATES]
     if method not in (None, "lora", "full"):  # another method the user chose: its own default rate
         out.append(Recipe(str(method), None))
-    if fixed.get("train.lr") is not None:  # one rate, as set: one recipe per method
+    if fixed.get("train.lr") is not None:  # one rate, as set
         lr = float(fixed["train.lr"])
         out = list({r.method: Recipe(r.method, lr, r.rank) for r in out}.values())
     return out
+
+
+def ladder(top: int, rungs: int = 3) -> list[int]:
+    """The rung lengths a search may use, shortest first, ending at `top`."""
+    return rung_steps(top, min(rungs, _max_depth(top)))
 
 
 def full_steps(n_train: int, batch: int, fixed: dict[str, object]) -> int:
@@ -114,57 +121,65 @@ class Rates:
     load: dict[str, float]
     per_answer: dict[str, float]
     answers: int = 0  # validation answers each evaluation generates
+    warm: bool = False  # a trial has run in this process (the first one pays one-time imports)
 
-    def trial(self, config: Config, steps: int, evaluations: int = 1) -> float:
+    def trial(self, config: Config, steps: int) -> float:
+        """A trial's seconds: its steps, its start, and its one evaluation (trials.py)."""
         name = config.candidate.name
-        return (steps * self.step[(name, config.recipe.method)] + self.load[name]
-                + evaluations * self.answers * self.per_answer[name])
+        return steps * self.step[(name, config.recipe.method)] + self.load[name] + self.answers * self.per_answer[name]
 
 
 @dataclass
 class Plan:
     configs: list[Config]
     rungs: list[int]  # steps per rung
-    seconds: float  # the plan's estimate, trials only
+    seconds: float  # the plan's estimate, trials only (those already in the study cost nothing)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (config key, why)
 
-    def cost(self, rates: Rates) -> float:
-        return plan_cost(self.configs, self.rungs, rates)
+    def cost(self, rates: Rates, free: set = frozenset()) -> float:
+        return plan_cost(self.configs, self.rungs, rates, free)
 
 
-def evaluations(rung: int) -> int:
-    """Evaluations a trial of this rung makes: one at the end of the first rung; the longer ones also halfway,
-    to keep the better checkpoint."""
-    return 1 if rung == 0 else 2
-
-
-def plan_cost(configs: list[Config], rungs: list[int], rates: Rates) -> float:
-    """Seconds of a successive-halving plan, taking the dearest configs as the ones that go on (an upper bound)."""
+def plan_cost(configs: list[Config], rungs: list[int], rates: Rates, free: set = frozenset()) -> float:
+    """Seconds of a successive-halving plan, taking the dearest configs as the ones that go on (an upper bound).
+    Trials in `free` ((key, steps) already in the study) cost nothing."""
     total = 0.0
-    for rung, (steps, n) in enumerate(zip(rungs, survivors(len(configs), len(rungs)))):
-        costs = sorted((rates.trial(c, steps, evaluations(rung)) for c in configs), reverse=True)
+    for steps, n in zip(rungs, survivors(len(configs), len(rungs))):
+        costs = sorted((0.0 if (c.key, steps) in free else rates.trial(c, steps) for c in configs), reverse=True)
         total += sum(costs[:n])
     return total
 
 
-def make_plan(configs: list[Config], top: int, rates: Rates, seconds: float, rungs: int = 3) -> Plan:
-    """The plan to start from: rungs from the shortest useful length up to `top` (each ETA times the one
-    before), with as many configs as fit `seconds` at the estimated rates, the last ones (lowest prior) left
-    out first, while halving still has a choice to make at every rung; when even that does not fit, the
-    longest rungs go. The search then widens the first rung and adds the longer rungs back as trials measure
-    the machine (search.py): many short trials first, the promising ones continued."""
+def make_plan(configs: list[Config], lengths: list[int], rates: Rates, seconds: float,
+              free: set = frozenset()) -> Plan:
+    """The plan to start from, on the rung `lengths` (ladder()): as many configs as fit `seconds` at the
+    estimated rates, the last ones (lowest prior) left out first, while halving still has a choice to make at
+    every rung (_fewest); when even that does not fit, the longest rungs go. One config has nothing to halve:
+    it trains the longest length that fits. The search then widens or narrows the first rung and adds the
+    longer rungs back as trials measure the machine (search.py): many short trials first, the promising ones
+    continued."""
     if not configs:
         raise TailorError("tailor auto: no recipe to try")
-    lengths = rung_steps(top, min(rungs, _max_depth(top)))
-    for depth in range(len(lengths), 0, -1):
-        for n in range(len(configs), min(len(configs), _fewest(depth)) - 1, -1):
-            cost = plan_cost(configs[:n], lengths[:depth], rates)
+    if len(configs) == 1:
+        for steps in reversed(lengths):
+            cost = plan_cost(configs, [steps], rates, free)
             if cost <= seconds:
-                dropped = [(c.key, "the budget: it did not fit beside the configs before it") for c in configs[n:]]
-                return Plan(configs[:n], lengths[:depth], cost, dropped)
+                return Plan(configs, [steps], cost)
+    for depth in range(len(lengths), 0, -1):
+        if len(configs) < _fewest(depth):
+            continue
+        for n in range(len(configs), _fewest(depth) - 1, -1):
+            cost = plan_cost(configs[:n], lengths[:depth], rates, free)
+            if cost <= seconds:
+                return Plan(configs[:n], lengths[:depth], cost, dropped(configs[n:]))
     cheapest = min(rates.trial(c, lengths[0]) for c in configs)
-    raise TailorError(f"tailor auto: the budget ({duration(seconds)} for training) is too small: the shortest "
-                      f"trial ({lengths[0]} steps) needs about {duration(cheapest)}; give a larger --budget")
+    raise TailorError(f"tailor auto: the budget left for training ({duration(max(seconds, 0))}, after the final "
+                      f"test evaluation's share) is too small: the shortest trial ({lengths[0]} steps) needs about "
+                      f"{duration(cheapest)}; give a larger --budget")
+
+
+def dropped(configs: list[Config]) -> list[tuple[str, str]]:
+    return [(c.key, "the budget: it did not fit beside the configs before it") for c in configs]
 
 
 def _fewest(depth: int) -> int:
@@ -172,10 +187,10 @@ def _fewest(depth: int) -> int:
     return 1 if depth == 1 else ETA ** (depth - 2) + 1
 
 
-def next_rung(plan: Plan, top: int) -> int | None:
-    """The length of one more rung after the plan's last, when the first plan stopped short of `top`."""
-    last = plan.rungs[-1]
-    return min(top, last * ETA) if last < top else None
+def next_rung(plan: Plan, lengths: list[int]) -> int | None:
+    """The ladder's next length after the plan's last rung, when the first plan stopped short of the top."""
+    longer = [steps for steps in lengths if steps > plan.rungs[-1]]
+    return longer[0] if longer else None
 
 
 def _max_depth(top: int) -> int:
@@ -205,7 +220,7 @@ def parse_budget(text: str) -> float:
 
 
 def duration(seconds: float) -> str:
-    seconds = round(seconds)
+    seconds = max(round(seconds), 0)
     if seconds < 120:
         return f"{seconds} s"
     minutes, rest = divmod(seconds, 60)

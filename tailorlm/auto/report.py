@@ -9,53 +9,56 @@ from pathlib import Path
 
 from tailorlm.auto.candidates import Candidate, Skipped
 from tailorlm.auto.final import Final
-from tailorlm.auto.plan import duration
 from tailorlm.auto.search import Search
 from tailorlm.eval.report import TITLES, best_line, comparison_rows, format_metric, header, measured_columns, score_notes
 from tailorlm.rundir import write_json, write_text
 
-CLASSIC_MARGIN = 0.01  # a classic model within a point of the best is recommended when it is far cheaper
-CHEAPER = 1000  # ... this many times cheaper per prediction
-STILL_RISING = 0.01  # the top rung beat the one before by this much: more steps would likely pay
+CLASSIC_MARGIN = 0.01  # a classic model within a point of the best fine-tuned one is the recommendation
+STILL_RISING = 0.01  # the top rung beat the one before by this much: longer training would likely pay
 
 
 def recommendation(found: Search, final: Final | None) -> list[str]:
-    """The advice, from the test figures of the winner and its alternatives, and the search's own trend."""
+    """The advice. Which model is the winner was decided on validation; whether to use it rather than the
+    classic model or prompting is read off the test table, and says so."""
     if found.winner is None:
-        return ["No trial finished within the budget: give a larger --budget (the plan above says what each "
-                "trial needs)."]
+        failed = [t for t in found.trials if t.state == "failed"]
+        if failed:
+            return [f"No trial finished: {len(failed)} failed, the first with: {failed[0].note}"]
+        return ["No trial finished within the budget: give a larger --budget (the trials above say what each "
+                "needed)."]
     if final is None:
         return [f"The winner is {found.winner.key} ({found.metric} {found.winner.value:.3f} on validation); the "
                 f"test split was not scored."]
     task = final.results.tasks[final.task]
     headline, variants = task.headline, task.variants
-    title = TITLES.get(headline, headline)
-    tuned = task.fine_tuned
+    title, tuned = TITLES.get(headline, headline), task.fine_tuned
     lines = []
     classic = variants.get("classic")
     if classic and classic.get(headline) is not None and tuned is not None \
             and classic[headline] >= tuned - CLASSIC_MARGIN:
         cost = (variants[task.chosen].get("seconds_per_100") or 0) / max(classic.get("seconds_per_100") or 0, 1e-6)
-        cheaper = f", at {cost:,.0f}x less time per prediction" if cost >= CHEAPER else ""
-        lines.append(f"**Use the classic model ({classic.get('kind', 'classic')})**: it scores {title} "
-                     f"{format_metric(headline, classic[headline])} on test against "
-                     f"{format_metric(headline, tuned)} for the best fine-tuned model{cheaper}.")
+        lines.append(f"**Use the classic model ({classic.get('kind', 'classic')})**: on the test split it scores "
+                     f"{title} {format_metric(headline, classic[headline])} against {format_metric(headline, tuned)} "
+                     f"for the best fine-tuned model, at {cost:,.0f}x less time per prediction.")
     else:
-        lines.append(f"**Use the fine-tuned {found.winner.key}** ({title} {format_metric(headline, tuned)} on test). "
-                     f"The folder {found.winner.run_dir} is a finished run: tailor predict, chat, serve and export "
-                     f"take it.")
-    best = task.best_prompting
-    if best and tuned is not None and best["value"] >= tuned:
-        lines.append(f"Prompting the base model does as well ({best['variant']}: "
-                     f"{format_metric(headline, best['value'])}): fine-tuning did not pay on this task.")
-    top = max((t.rung for t in found.trials if t.state == "complete"), default=0)
-    below = found.best_of_rung(top - 1) if top else []
-    if below and found.winner.value - below[0].value >= STILL_RISING:
-        gain = found.winner.value - below[0].value
-        lines.append(f"Longer training was still paying at the end ({found.metric} +{gain:.3f} on validation from "
-                     f"{below[0].steps} to {found.winner.steps} steps): a larger budget would likely help; the "
-                     f"winner's recipe trains {found.winner.steps} steps in about "
-                     f"{duration(found.winner.seconds)} here.")
+        lines.append(f"**Use the fine-tuned {found.winner.key}** ({title} {format_metric(headline, tuned)} on the "
+                     f"test split). Its folder {found.winner.run_dir} is a finished run: tailor predict, chat, serve "
+                     f"and export take it.")
+    prompting = [(model, best) for model, best in final.prompting.items() if best]
+    if prompting and tuned is not None:
+        model, best = max(prompting, key=lambda mb: mb[1]["value"])
+        if best["value"] >= tuned:
+            lines.append(f"Prompting {model} does as well on the test split ({best['variant']}: "
+                         f"{format_metric(headline, best['value'])}): fine-tuning did not pay on this task.")
+    below = found.best_of_rung(found.winner.rung - 1) if found.winner.rung else []
+    top = found.lengths[-1]
+    if below and found.winner.value - below[0].value >= STILL_RISING and found.winner.steps < top:
+        lines.append(f"Longer training was still paying ({found.metric} +{found.winner.value - below[0].value:.3f} "
+                     f"on validation from {below[0].steps} to {found.winner.steps} steps), and the budget stopped "
+                     f"the search short of {top} steps: a larger --budget would likely help.")
+    elif below and found.winner.value - below[0].value >= STILL_RISING:
+        lines.append(f"Validation {found.metric} was still rising at the full length ({top} steps, 3 epochs): "
+                     f"train.epochs in the config would let it train longer.")
     return lines
 
 
@@ -76,7 +79,8 @@ def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, 
         rate = f"{t.tokens / t.train_seconds:.0f}" if t.train_seconds else "-"
         value = "-" if t.value is None else f"{t.value:.3f}"
         outcome = t.state + (f": {t.note}" if t.note else "") + (" (winner)" if t is found.winner else "")
-        lines.append(f"| {t.number if t.number is not None else '-'} | {model} | {recipe} | {t.steps} | {value} | "
+        steps = f"{t.trained} of {t.steps}" if t.trained and t.trained < t.steps else str(t.steps)
+        lines.append(f"| {t.number if t.number is not None else '-'} | {model} | {recipe} | {steps} | {value} | "
                      f"{t.step if t.step is not None else '-'} | {t.seconds:.0f} | {rate} | {outcome} |")
     lines += [f"- not tried: {key} ({why})" for key, why in found.plan.dropped]
     if final is not None:

@@ -8,7 +8,8 @@ line sets is kept as set. How trials are run (their evaluations, the test split 
 from __future__ import annotations
 
 import contextlib
-import math
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ import yaml
 
 from tailorlm.auto.candidates import Candidate, Skipped, candidate_for, find_candidates
 from tailorlm.auto.final import Final, evaluate_winner
-from tailorlm.auto.plan import MIN_RUNG_STEPS, Config, Rates, duration, full_steps, recipes
+from tailorlm.auto.plan import FULL_MAX_PARAMS, Config, Rates, duration, full_steps, ladder, recipes
 from tailorlm.auto.report import write_leaderboard
-from tailorlm.auto.search import Search, TrialRunner, open_auto_study, search
-from tailorlm.config import load_config, parse_override
+from tailorlm.auto.search import Search, open_auto_study, search
+from tailorlm.auto.trials import TrialRunner, recorded_seconds
+from tailorlm.config import RunConfig, load_config, parse_override
 from tailorlm.data.cost import estimate_training
 from tailorlm.data.model_shape import read_shape
 from tailorlm.errors import ConfigError, TailorError
@@ -29,6 +31,7 @@ from tailorlm.models.loading import resolve_device
 from tailorlm.pipeline.prepare import prepare
 from tailorlm.sweep.study import storage_url
 from tailorlm.sweep.space import SweepSpec
+from tailorlm.sweep.space import overrides as as_overrides
 from tailorlm.track.flat import flatten
 from tailorlm.ui import console, stage
 
@@ -71,92 +74,130 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
         raise ConfigError(str(config_path), [f"objective.name: {base.objective.name}: tailor auto searches "
                                              f"supervised fine-tuning (sft)"])
     fixed = fixed_recipe(config_path, list(overrides))
-    out = Path(output or Path("auto") / base.output.name)
+    out = Path(output or Path("auto") / base.output.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(base.train.device)
-
-    stage("Candidates")
-    task_is_chat = base.template.preset == "chat"
-    if "model.path" in fixed:
-        candidates, skipped = [candidate_for(str(fixed["model.path"]), trust_remote_code)], []
-    else:
-        candidates, skipped = find_candidates(list(models), embedded, task_is_chat, trust_remote_code)
-    for s in skipped:
-        console.print(f"[yellow]skipped {s.name}: {s.why}[/]")
+    candidates, skipped = _candidates(base, fixed, list(models), embedded, trust_remote_code)
 
     stage("Data and the cost of each recipe")
-    facts, rates = {}, Rates({}, {}, {})
-    for c in candidates:
-        cfg = base.model_copy(update={"model": base.model.model_copy(update={"path": c.path})})
-        with _quiet():
-            prepared = prepare(cfg)
-        (name, task), = prepared.tasks.items()
-        samples = prepared.training_set
-        batch = cfg.train.batch_size * cfg.train.grad_accum
-        facts.setdefault("rows", (len(samples), len(task.encoded["validation"]), len(task.encoded["test"])))
-        facts.setdefault("task", (name, task.template.task.headline))
-        top = full_steps(len(samples), batch, fixed)
-        shape = read_shape([c.path], c.params)
-        for recipe in recipes(c, fixed):
-            method_cfg = load_config(config_path, list(overrides) + [f"{k}={v}" for k, v in recipe.overrides().items()],
-                                     trust_remote_code=trust_remote_code)
-            estimate = estimate_training(method_cfg, shape, samples, top * batch / len(samples), device)
-            rates.step[(c.name, recipe.method)] = estimate.seconds / top
-        # Until a trial measures them: a start of LOAD_SECONDS, and an answer costing what a training sample
-        # does (its forward and backward against a prompt pass and a few cached decoding steps)
-        rates.load[c.name] = LOAD_SECONDS
-        rates.per_answer[c.name] = rates.step[(c.name, recipes(c, fixed)[0].method)] / batch
-    n_train, n_val, n_test = facts["rows"]
-    task_name, headline = facts["task"]
+    plan_in = _cost_model(base, config_path, list(overrides), fixed, candidates, skipped, device, trust_remote_code)
+    rates, n_train, n_val, n_test, task_name, headline = plan_in
+    candidates = [c for c in candidates if any(name == c.name for name, _ in rates.step)]  # those with a recipe
     metric = metric_key(task_name, headline)
-    top = full_steps(n_train, base.train.batch_size * base.train.grad_accum, fixed)
+    lengths = ladder(full_steps(n_train, base.train.batch_size * base.train.grad_accum, fixed))
     answers = rates.answers = min(VALIDATION_ANSWERS, n_val)
+    method = base.method.name
 
     def reserve() -> float:
-        """The final evaluation's time: the test rows through every candidate's prompting, and the winner (free
-        and constrained decoding), each model loaded once."""
-        prompting = max(1, len(base.eval.baselines)) * max(1, min(len(base.eval.prompting), 2))
-        return sum(rates.load[c.name] + rates.per_answer[c.name] * n_test * (prompting + 2) for c in candidates)
+        """The final evaluation's time: the test rows through every candidate's prompting (none when the config
+        asks for no baselines), and the winner (free and constrained decoding), each model loaded once."""
+        prompting = len(base.eval.baselines) * max(1, min(len(base.eval.prompting), 2))
+        return sum(rates.load[c.name] * bool(prompting) + rates.per_answer[c.name] * n_test * prompting
+                   for c in candidates) + max(rates.load.values()) + max(rates.per_answer.values()) * n_test * 2
 
-    by_model = [[Config(c, r) for r in recipes(c, fixed)] for c in candidates]
+    by_model = [[Config(c, r) for r in recipes(c, fixed, method)] for c in candidates]
     configs = [row[i] for i in range(max(map(len, by_model))) for row in by_model if i < len(row)]  # priors first
-    slow = [c for c in candidates if min(rates.trial(x, MIN_RUNG_STEPS) for x in configs if x.candidate is c)
-            > budget - reserve()]
-    for c in slow:
-        skipped.append(Skipped(c.name, f"too slow for the budget: its shortest trial needs about "
-                                       f"{duration(min(rates.trial(x, MIN_RUNG_STEPS) for x in configs if x.candidate is c))}"))
-        console.print(f"[yellow]skipped {c.name}: {skipped[-1].why}[/]")
-    configs = [x for x in configs if x.candidate not in slow]
-    candidates = [c for c in candidates if c not in slow]
+    for c in list(candidates):
+        shortest = min(rates.trial(x, lengths[0]) for x in configs if x.candidate is c)
+        if shortest > budget - reserve():
+            skipped.append(Skipped(c.name, f"too slow for the budget: its shortest trial ({lengths[0]} steps) needs "
+                                           f"about {duration(shortest)}, and the final test evaluation about "
+                                           f"{duration(reserve())}"))
+            console.print(f"[yellow]skipped {c.name}: {skipped[-1].why}[/]")
+            candidates.remove(c)
+            configs = [x for x in configs if x.candidate is not c]
     if not configs:
         raise TailorError(f"tailor auto: the budget ({duration(budget)}) is too small for any candidate; "
                           f"give a larger --budget")
 
     url = storage_url(SweepSpec(params={"train.lr": 1.0}), out, storage)
-    study = open_auto_study(url, base.output.name, metric)
-    spent = sum(t.user_attrs.get("seconds", 0.0) for t in study.get_trials(deepcopy=False))
+    study = open_auto_study(url, base.output.name, metric, _fingerprint(base), out)
+    spent = recorded_seconds(study) + study.user_attrs.get("other_seconds", 0.0)
     console.print(f"{len(configs)} configs of {len(candidates)} model(s); {n_train} training rows, {answers} "
                   f"validation answers score each trial on {metric}; budget {duration(budget)}"
-                  + (f", of which {duration(spent)} spent by an earlier run of this search" if spent else ""))
+                  + (f", of which {duration(spent)} spent by earlier runs of this search" if spent else ""))
     if fixed:
         console.print("kept as the config sets them: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
-    runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers, math.inf)
-    found = search(configs, top, rates, runner, reserve, spent + (time.monotonic() - clock), budget, fixed, metric)
+    runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
+    trials_before = recorded_seconds(study)
+    found = search(configs, lengths, rates, runner, reserve, spent + (time.monotonic() - clock), budget, fixed,
+                   metric)
     final = None
     if found.winner is not None:
         winner_model = found.winner.key.split(" | ")[0]
-        final = evaluate_winner(Path(found.winner.run_dir), base, candidates, winner_model, device)
-    spent_all = spent + (time.monotonic() - clock)
+        final = evaluate_winner(Path(found.winner.run_dir), base, candidates, winner_model, device, trust_remote_code)
+    elapsed = time.monotonic() - clock
+    # what this run spent outside its trials (planning, the final evaluation) counts on a later resume too
+    study.set_user_attr("other_seconds", study.user_attrs.get("other_seconds", 0.0) + max(
+        elapsed - (recorded_seconds(study) - trials_before), 0.0))
+    spent_all = spent + elapsed
     facts_md = {"task": f"{task_name} ({headline} on validation chooses; the test split is read once, at the end)",
                 "data": f"{n_train} training / {n_val} validation / {n_test} test rows",
                 "budget": f"{duration(budget)}; spent {duration(spent_all)}",
-                "search": f"successive halving over {len(configs)} configs, rungs of "
+                "search": f"successive halving over {len(found.plan.configs)} of {len(configs)} configs, rungs of "
                           f"{', '.join(map(str, found.plan.rungs))} steps"}
     text = write_leaderboard(out, base.output.name, found, final, candidates, skipped, facts_md, spent_all)
     console.print()
     console.print(text.split("## Recommendation", 1)[-1].strip(), soft_wrap=True)
     console.print(f"\nLeaderboard: {out / 'leaderboard.md'}")
     return AutoOutcome(out, found, final, candidates, skipped)
+
+
+def _candidates(base: RunConfig, fixed: dict, models: list[str], embedded: bool,
+                trust_remote_code: bool) -> tuple[list[Candidate], list[Skipped]]:
+    stage("Candidates")
+    if "model.path" in fixed:
+        if models or not embedded:
+            console.print("[yellow]the config sets model.path: --model and --only-listed are not used[/]")
+        candidates, skipped = [candidate_for(str(fixed["model.path"]), trust_remote_code)], []
+    else:
+        candidates, skipped = find_candidates(models, embedded, base.template.preset == "chat", trust_remote_code)
+    for s in skipped:
+        console.print(f"[yellow]skipped {s.name}: {s.why}[/]")
+    return candidates, skipped
+
+
+def _cost_model(base: RunConfig, config_path, overrides: list[str], fixed: dict, candidates: list[Candidate],
+                skipped: list[Skipped], device, trust_remote_code: bool):
+    """Each candidate's data facts and the cost model's seconds per step of each recipe's method, before any
+    trial measures them. A candidate with no recipe (full fine-tuning fixed on a model too large for it) is
+    skipped, with the reason."""
+    rates, facts = Rates({}, {}, {}), {}
+    for c in candidates:
+        cfg = base.model_copy(update={"model": base.model.model_copy(update={"path": c.path})})
+        mine = recipes(c, fixed, base.method.name)
+        if not mine:
+            skipped.append(Skipped(c.name, f"no recipe: full fine-tuning is offered up to "
+                                           f"{FULL_MAX_PARAMS / 1e6:.0f}M parameters"))
+            console.print(f"[yellow]skipped {c.name}: {skipped[-1].why}[/]")
+            continue
+        with _quiet():
+            prepared = prepare(cfg)
+        (name, task), = prepared.tasks.items()
+        samples, batch = prepared.training_set, cfg.train.batch_size * cfg.train.grad_accum
+        facts.setdefault("rows", (len(samples), len(task.encoded["validation"]), len(task.encoded["test"])))
+        facts.setdefault("task", (name, task.template.task.headline))
+        top = full_steps(len(samples), batch, fixed)
+        shape = read_shape([c.path], c.params)
+        for recipe in mine:
+            method_cfg = load_config(config_path, overrides + as_overrides(recipe.overrides()),
+                                     trust_remote_code=trust_remote_code)
+            estimate = estimate_training(method_cfg, shape, samples, top * batch / len(samples), device)
+            rates.step[(c.name, recipe.method)] = estimate.seconds / top
+        # Until a trial measures them: a start of LOAD_SECONDS, and an answer costing what a training sample
+        # does (its forward and backward against a prompt pass and a few cached decoding steps)
+        rates.load[c.name] = LOAD_SECONDS
+        rates.per_answer[c.name] = rates.step[(c.name, mine[0].method)] / batch
+    if not facts:
+        raise TailorError("tailor auto has no model to try: " + "; ".join(f"{s.name}: {s.why}" for s in skipped))
+    return (rates, *facts["rows"], *facts["task"])
+
+
+def _fingerprint(base: RunConfig) -> str:
+    """What makes two searches' trials comparable: the config, less the recipe (auto's to choose) and names."""
+    flat = flatten(base.model_dump(mode="json"))
+    kept = {k: v for k, v in flat.items() if not k.startswith(("method.", "output.")) and k not in RECIPE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
