@@ -171,7 +171,7 @@ def test_auto_chooses_on_validation_resumes_and_recommends_the_classic_model(aut
     monkeypatch.setattr(trials_module.TrialRunner, "__call__", dies_in_the_third)
     assert main(args) == 130  # Ctrl-C
     monkeypatch.setattr(trials_module.TrialRunner, "__call__", real_trial)
-    assert main(args) == 0
+    assert main(args + ["--data-curve"]) == 0
     result = json.loads((out / "auto.json").read_text())
     trials = result["trials"]
     resumed = [t for t in trials if t["note"] == trials_module.READ_BACK]
@@ -194,5 +194,10 @@ def test_auto_chooses_on_validation_resumes_and_recommends_the_classic_model(aut
     board = (out / "leaderboard.md").read_text()
     assert "**Use the classic model (tf-idf + logistic regression)**" in board
     assert result["recommendation"][0].startswith("**Use the classic model")
+    # would more rows help: the winner's recipe on a quarter and a half of the rows, then all of them
+    curve = result["data_curve"]
+    assert [(p["share"], p["rows"]) for p in curve["points"]] == [(0.25, 7), (0.5, 14), (1.0, 28)]
+    assert curve["points"][-1]["value"] == section["variants"]["fine_tuned"]["accuracy"]
+    assert "Test accuracy by training rows (same recipe and steps): 25% (7 rows)" in board
     # the budget, both runs together, kept to within one evaluation (the final one's time is an estimate)
     assert "spent" in board and result["spent_seconds"] <= 75 + 10

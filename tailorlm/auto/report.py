@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tailorlm.auto.candidates import Candidate, Skipped
+from tailorlm.auto.data_curve import curve_lines
 from tailorlm.auto.final import Final
 from tailorlm.auto.search import Search
 from tailorlm.eval.report import TITLES, best_line, comparison_rows, format_metric, header, measured_columns, score_notes
@@ -63,7 +64,7 @@ def recommendation(found: Search, final: Final | None) -> list[str]:
 
 
 def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, candidates: list[Candidate],
-                      skipped: list[Skipped], facts: dict[str, str], spent: float) -> str:
+                      skipped: list[Skipped], facts: dict[str, str], spent: float, curve: dict | None = None) -> str:
     """leaderboard.md and auto.json in `out`; returns the markdown. `spent`: seconds of the whole search and the
     final evaluation, earlier interrupted runs of it included."""
     lines = [f"# tailor auto: {name}", ""] + [f"- **{k}:** {v}" for k, v in facts.items()]
@@ -95,7 +96,7 @@ def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, 
         lines += [f"- {model}: " + (f"{best['variant']}, {TITLES.get(task.headline, task.headline)} "
                                     f"{format_metric(task.headline, best['value'])}" if best else "not measured")
                   for model, best in final.prompting.items()]
-    advice = recommendation(found, final)
+    advice = recommendation(found, final) + (curve_lines(curve) if curve else [])
     lines += ["", "## Recommendation", "", *advice, ""]
     text = "\n".join(lines)
     write_text(out / "leaderboard.md", text)
@@ -105,5 +106,6 @@ def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, 
         "winner": found.winner.__dict__ if found.winner else None, "trials": [t.__dict__ for t in found.trials],
         "dropped": found.plan.dropped, "models": [c.__dict__ for c in candidates],
         "skipped": [s.__dict__ for s in skipped], "recommendation": advice, **({
-            "test": final.results.sections(), "prompting": final.prompting} if final else {})})
+            "test": final.results.sections(), "prompting": final.prompting} if final else {}),
+        **({"data_curve": curve} if curve else {})})
     return text

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from tailorlm.auto.candidates import Candidate, Skipped, candidate_for, find_candidates
+from tailorlm.auto.data_curve import data_curve
 from tailorlm.auto.final import Final, evaluate_winner
 from tailorlm.auto.plan import FULL_MAX_PARAMS, Config, Rates, duration, full_steps, ladder, recipes
 from tailorlm.auto.report import write_leaderboard
@@ -64,7 +65,7 @@ def fixed_recipe(config_path: str | None, overrides: list[str]) -> dict[str, obj
 
 def auto(config_path: str | None, overrides: list[str], budget: float, models: list[str] = (),
          embedded: bool = True, output: str | Path | None = None, storage: str | None = None,
-         trust_remote_code: bool = False) -> AutoOutcome:
+         trust_remote_code: bool = False, curve: bool = False) -> AutoOutcome:
     clock = time.monotonic()
     base = load_config(config_path, list(overrides), trust_remote_code=trust_remote_code)
     if base.tasks:
@@ -131,12 +132,17 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     study.set_user_attr("other_seconds", study.user_attrs.get("other_seconds", 0.0) + max(
         elapsed - (recorded_seconds(study) - trials_before), 0.0))
     spent_all = spent + elapsed
+    rows_curve = None
+    if curve and final is not None and final.results.tasks[final.task].fine_tuned is not None:
+        rows_curve = data_curve(Path(found.winner.run_dir), n_train, headline,
+                                final.results.tasks[final.task].fine_tuned, out, trust_remote_code)
     facts_md = {"task": f"{task_name} ({headline} on validation chooses; the test split is read once, at the end)",
                 "data": f"{n_train} training / {n_val} validation / {n_test} test rows",
                 "budget": f"{duration(budget)}; spent {duration(spent_all)}",
                 "search": f"successive halving over {len(found.plan.configs)} of {len(configs)} configs, rungs of "
                           f"{', '.join(map(str, found.plan.rungs))} steps"}
-    text = write_leaderboard(out, base.output.name, found, final, candidates, skipped, facts_md, spent_all)
+    text = write_leaderboard(out, base.output.name, found, final, candidates, skipped, facts_md, spent_all,
+                             rows_curve)
     console.print()
     console.print(text.split("## Recommendation", 1)[-1].strip(), soft_wrap=True)
     console.print(f"\nLeaderboard: {out / 'leaderboard.md'}")

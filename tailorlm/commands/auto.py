@@ -11,6 +11,7 @@ EPILOG = """examples:
   tailor auto task.yaml --budget 20m --only-listed --model ./my-model
                                                    your models alone
   tailor auto task.yaml --budget 30m               run again after an interruption: finished trials are kept
+  tailor auto task.yaml --budget 30m --data-curve  then: would more labelled rows help?
 """
 
 
@@ -33,6 +34,9 @@ def register(verbs) -> None:
     auto.add_argument("--only-listed", action="store_true", help="try only the --model paths, not the embedded models")
     auto.add_argument("--output", "-o", metavar="DIR", help="the auto folder (default: auto/<output.name>)")
     auto.add_argument("--storage", metavar="URL", help="Optuna storage (default: sqlite:///<auto folder>/study.db)")
+    auto.add_argument("--data-curve", action="store_true",
+                      help="afterwards, train the winner's recipe on 25%% and 50%% of the training rows and score each "
+                           "on test: whether labelling more rows would pay (outside the budget)")
     auto.set_defaults(handler=run_auto)
 
 
@@ -47,5 +51,5 @@ def run_auto(args: argparse.Namespace) -> int:
     if args.only_listed and not args.model:
         raise TailorError("--only-listed needs at least one --model PATH")
     outcome = auto(config, overrides, budget, args.model, not args.only_listed, args.output, args.storage,
-                   args.trust_remote_code)
+                   args.trust_remote_code, args.data_curve)
     return 0 if outcome.search.winner is not None else 1
