@@ -56,8 +56,7 @@ def test_a_classifier_is_asked_with_its_input_alone_and_answers_as_tailor_predic
     rows = tmp_path / "one.csv"
     rows.write_text(f"text\n{review}\n")
     trained = load_trained(tmp_path / "runs" / "reviews", merge=True)
-    trained.cfg = trained.cfg.model_copy(update={"eval": trained.cfg.eval.model_copy(update={"decoding": "constrained"})})
-    expected = predict_rows(trained, str(rows))[0][0]
+    expected = predict_rows(trained, str(rows), decoding="constrained")[0][0]
     assert (answers["fine_tuned"]["text"], answers["fine_tuned"]["label"]) == (expected["generated"], expected["predicted"])
     assert answers["base"]["label"] in ("negative", "positive")
     assert client.call("GET", "/api/chat/setup?run=reviews")[1]["loaded"] is True  # loaded once per run

@@ -92,9 +92,10 @@ def score_notes(trivial: list[str], contamination: dict | None, variants: dict[s
     (a single label; preflight facts 'trivial'), contaminated (test rows also in train; 'contamination'), or no
     better than always answering the majority label."""
     notes = [f"test score trivial: {reason}" for reason in trivial]
-    majority = (variants or {}).get("majority", {})
+    # (a trivial score is already qualified; a prior that scores nothing is no bar to clear)
+    majority = {} if trivial else (variants or {}).get("majority", {})
     for name, m in (variants or {}).items():
-        if name.startswith("fine_tuned") and majority.get("accuracy") is not None and m.get("accuracy") is not None \
+        if name.startswith("fine_tuned") and majority.get("accuracy") and m.get("accuracy") is not None \
                 and m["accuracy"] <= majority["accuracy"] + PRIOR_MARGIN:
             notes.append(f"{variant_title(name, m)}: accuracy {m['accuracy']:.3f} against {majority['accuracy']:.3f} "
                          f"for always answering '{majority.get('label')}': it learned little beyond the label prior "

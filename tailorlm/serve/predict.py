@@ -96,8 +96,10 @@ def predict(trained, data_path: str, output: Path, batch_size: int | None = None
 
 
 def predict_rows(trained, data_path: str | Table, batch_size: int | None = None, limit: int | None = None,
-                 task: str | None = None, device="cpu") -> tuple[list[dict], dict]:
-    """One prediction per row ({row, where, input, generated, predicted[, expected]}), and the summary."""
+                 task: str | None = None, device="cpu", decoding: str | None = None) -> tuple[list[dict], dict]:
+    """One prediction per row ({row, where, input, generated, predicted[, expected]}), and the summary.
+    decoding: free or constrained (where the task has constrained decoding); None answers as the run's
+    headline was measured."""
     cfg, entry = trained.task(task)  # the task's config and its manifest entry (labels)
     template, fmt = PromptTemplate(cfg.template), ChatFormat(trained.tokenizer, cfg.template)
     labels = entry.labels
@@ -107,8 +109,9 @@ def predict_rows(trained, data_path: str | Table, batch_size: int | None = None,
     ready = [i for i, p in enumerate(rows.prompts) if p is not None]
     # The manifest says how the run's headline answers were decoded (auto: validation's choice); a run written
     # before it recorded that decodes constrained only when eval.decoding says so.
-    decoding = entry.decoding or ("constrained" if evaluator.decodes_constrained and cfg.eval.decoding == "constrained"
-                                  else "free")
+    decoding = decoding or entry.decoding or ("constrained" if cfg.eval.decoding == "constrained" else "free")
+    if "constrained" not in evaluator.kinds:
+        decoding = "free"
     generated = evaluator.decode(trained.model, [rows.prompts[i] for i in ready], [rows.examples[i] for i in ready],
                                  decoding, "predict",
                                  batch_size or cfg.eval.batch_size)

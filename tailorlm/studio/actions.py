@@ -65,7 +65,8 @@ class SideBySide:
         for side in SIDES:
             trained = self.trained[side]
             trained = dataclasses.replace(trained, cfg=trained.cfg.model_copy(update={"eval": decoding}))
-            lines, _ = predict_rows(trained, row, batch_size=1, device=self.device)
+            lines, _ = predict_rows(trained, row, batch_size=1, device=self.device,
+                                    decoding="constrained" if constrained else "free")
             line = lines[0]
             if line.get("error"):
                 raise TailorError(f"the input is {line['error']}")
