@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import stat
 import time
 import urllib.error
@@ -184,6 +185,28 @@ def test_the_queue_runs_one_at_a_time_and_stops_queued_and_running_runs(tmp_path
     finally:
         queue.close()
     assert queue.get("c").state == "stopped"  # closing the studio interrupts the run in progress
+
+
+def test_stop_reaches_a_run_even_when_the_studio_itself_ignores_ctrl_c(tmp_path):
+    """A studio started in the background of a script has SIGINT ignored; its runs must still stop."""
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\ntrap 'exit 130' INT\necho started $5\nsleep 30 &\nwait\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    queue = RunQueue(python=str(fake))
+    try:
+        queue.submit("a", tmp_path / "a.yaml", tmp_path / "a", tmp_path / "a.log")
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "a.log").is_file() or "started" not in (tmp_path / "a.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert queue.stop("a")
+        while queue.get("a").state == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert queue.get("a").state == "stopped" and queue.get("a").returncode == 130
+    finally:
+        queue.close()
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- a real run

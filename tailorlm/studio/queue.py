@@ -186,6 +186,11 @@ def _interrupt_when_orphaned():
     studio = os.getpid()
 
     def set_signal() -> None:
+        # Stop is SIGINT, so the run must receive it whatever the studio inherited: a process started in the
+        # background of a script has SIGINT ignored, which a child would inherit (and a shell could not undo),
+        # and a thread may have it blocked. Python's signal.signal only works in the main thread: libc's here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        _LIBC.signal(signal.SIGINT, 0)  # SIG_DFL
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
         if os.getppid() != studio:
             os._exit(1)
