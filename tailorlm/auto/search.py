@@ -156,17 +156,14 @@ def open_auto_study(url: str, name: str, metric: str, fingerprint: str, out) -> 
 
     from tailorlm.errors import TailorError
     from tailorlm.sweep.space import SweepSpec
-    from tailorlm.sweep.study import fail_interrupted, open_study
+    from tailorlm.sweep.study import fail_interrupted, open_study, pin
 
     optuna.logging.disable_default_handler()
     try:
         study = open_study(url, name, SweepSpec(params={"train.lr": 1.0}), metric, "maximize")
     except TailorError as e:
         raise TailorError(f"{out}: holds a search on another metric ({e}); use another --output") from None
-    recorded = study.user_attrs.get("config")
-    if recorded is None:
-        study.set_user_attr("config", fingerprint)
-    elif recorded != fingerprint:
+    if pin(study, "config", fingerprint) != fingerprint:
         raise TailorError(f"{out}: holds a search of another config (its data, template or settings differ); use "
                           f"another --output, or remove the folder to start over")
     fail_interrupted(study)

@@ -61,15 +61,22 @@ def open_study(url: str, name: str, space: SweepSpec, metric: str, direction: st
     except (ImportError, ValueError, ArgumentError) as e:  # an unknown scheme, a driver not installed, a bad URL
         raise TailorError(f"storage {url}: {e}") from None
     # Values measured on another metric, or optimised the other way, would not be comparable: refuse to mix.
-    recorded = study.user_attrs.get("metric")
-    if recorded is None:
-        study.set_user_attr("metric", metric)
-    elif recorded != metric:
+    recorded = pin(study, "metric", metric)
+    if recorded != metric:
         raise TailorError(f"study '{name}' in {url} optimises {recorded}, not {metric}; set metric: {recorded} "
                           f"or start another study (--study NAME)")
     if study.direction.name.lower() != direction:
         raise TailorError(f"study '{name}' in {url} is set to {study.direction.name.lower()}, not {direction}")
     return study
+
+
+def pin(study: optuna.Study, key: str, value):
+    """The study's value of `key`, recorded as `value` by the first run that opens it: later runs compare theirs
+    with what this returns, so trials measured under different settings are never mixed."""
+    if key not in study.user_attrs:
+        study.set_user_attr(key, value)
+        return value
+    return study.user_attrs[key]
 
 
 def _sqlite_file(url: str) -> Path | None:
