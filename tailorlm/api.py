@@ -80,13 +80,14 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
 def auto(config: str | Path | None = None, *, budget: str | float, models: Iterable[str | Path] = (),
          embedded: bool = True, output: str | Path | None = None, overrides: Iterable[str] | Mapping = (),
          storage: str | None = None, trust_remote_code: bool = False, quiet: bool = False,
-         data_curve: bool = False):
+         data_curve: bool = False, search_recipe: bool = False):
     """Choose the model and recipe for the config's task within `budget`, as `tailor auto` does; returns its
     outcome (`.out`, the auto folder with leaderboard.md; `.search.winner.run_dir`, a finished run that
     `tailorlm.load` opens; `.final.results`, the test table).
 
     budget: seconds, or a duration such as "20m" or "1h30m". models: more candidate model paths; embedded=False
-    tries those alone. Recipe keys the config or `overrides` set are kept as set. data_curve=True then trains
+    tries those alone. Recipe keys the config or `overrides` set are kept as set (search_recipe=True: only
+    those of `overrides`). data_curve=True then trains
     the winner's recipe on 25% and 50% of the rows (outside the budget)."""
     from tailorlm.auto.plan import parse_budget
     from tailorlm.auto.run import auto as run_auto
@@ -98,7 +99,8 @@ def auto(config: str | Path | None = None, *, budget: str | float, models: Itera
     if quiet:
         quiet_library_logs()
     return run_auto(None if config is None else str(config), _override_list(overrides), seconds,
-                    [str(m) for m in models], embedded, output, storage, trust_remote_code, data_curve)
+                    [str(m) for m in models], embedded, output, storage, trust_remote_code, data_curve,
+                    search_recipe)
 
 
 def pairs(source: str | Path, output: str | Path | None = None, limit: int | None = None) -> Path:

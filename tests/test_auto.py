@@ -35,6 +35,17 @@ def test_recipes_keep_what_the_config_sets():
     assert [r.label() for r in recipes(SMALL, {"method.name": "full"})] == ["full, lr 3e-05", "full, lr 0.0001"]
 
 
+def test_fixed_recipe_reads_the_config_file_unless_the_recipe_is_searched(tmp_path):
+    from tailorlm.auto.run import fixed_recipe
+
+    config = write(tmp_path / "task.yaml", "train: {lr: 5.0e-4, epochs: 1, batch_size: 16}\nmethod: {name: lora}\n")
+    assert fixed_recipe(config, ["method.lora.r=8"]) == {
+        "method.name": "lora", "method.lora.r": 8, "train.lr": 5e-4, "train.epochs": 1}
+    # --search-recipe: a config written for `tailor run` gives its data and template; the command line still fixes
+    assert fixed_recipe(config, ["method.lora.r=8"], search_recipe=True) == {"method.lora.r": 8}
+    assert fixed_recipe(None, []) == {}  # the embedded default job's recipe is what auto competes with
+
+
 def configs() -> list[Config]:
     by_model = [[Config(c, r) for r in recipes(c, {})] for c in (SMALL, LARGE)]
     return [row[i] for i in range(5) for row in by_model]

@@ -51,11 +51,12 @@ class AutoOutcome:
     skipped: list[Skipped]
 
 
-def fixed_recipe(config_path: str | None, overrides: list[str]) -> dict[str, object]:
+def fixed_recipe(config_path: str | None, overrides: list[str], search_recipe: bool = False) -> dict[str, object]:
     """The recipe keys the user set: in the config file (not the embedded default job's, whose recipe is the
-    fixed one auto competes with) or on the command line."""
+    fixed one auto competes with, nor a file's under search_recipe: a config written for `tailor run`, whose
+    recipe auto should search) or on the command line."""
     raw = {}
-    if config_path is not None:
+    if config_path is not None and not search_recipe:
         raw = flatten(yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {})
     for item in overrides:
         key, value = parse_override(item)
@@ -65,7 +66,7 @@ def fixed_recipe(config_path: str | None, overrides: list[str]) -> dict[str, obj
 
 def auto(config_path: str | None, overrides: list[str], budget: float, models: list[str] = (),
          embedded: bool = True, output: str | Path | None = None, storage: str | None = None,
-         trust_remote_code: bool = False, curve: bool = False) -> AutoOutcome:
+         trust_remote_code: bool = False, curve: bool = False, search_recipe: bool = False) -> AutoOutcome:
     clock = time.monotonic()
     base = load_config(config_path, list(overrides), trust_remote_code=trust_remote_code)
     if base.tasks:
@@ -74,7 +75,7 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     if base.objective.preference:
         raise ConfigError(str(config_path), [f"objective.name: {base.objective.name}: tailor auto searches "
                                              f"supervised fine-tuning (sft)"])
-    fixed = fixed_recipe(config_path, list(overrides))
+    fixed = fixed_recipe(config_path, list(overrides), search_recipe)
     out = Path(output or Path("auto") / base.output.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(base.train.device)
@@ -117,8 +118,10 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     console.print(f"{len(configs)} configs of {len(candidates)} model(s); {n_train} training rows, {answers} "
                   f"validation answers score each trial on {metric}; budget {duration(budget)}"
                   + (f", of which {duration(spent)} spent by earlier runs of this search" if spent else ""))
+    if search_recipe and config_path is not None:
+        console.print("searched, not kept (--search-recipe): the recipe " + str(config_path) + " sets")
     if fixed:
-        console.print("kept as the config sets them: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+        console.print("kept as set: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
     trials_before = recorded_seconds(study)
     found = search(configs, lengths, rates, runner, reserve, spent + (time.monotonic() - clock), budget, fixed,

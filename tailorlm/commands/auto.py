@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """examples:
-  tailor auto examples/trec.yaml --budget 30m      every installed embedded model, the recipes, 30 minutes
+  tailor auto examples/trec.yaml --budget 30m --search-recipe
+                                                   every installed embedded model and recipe, 30 minutes
+                                                   (the example's own lr and epochs are searched, not kept)
   tailor auto task.yaml --budget 1h --model ./my-model --model ./other.gguf
                                                    the embedded models and two of your own
   tailor auto task.yaml --budget 20m --only-listed --model ./my-model
@@ -34,6 +36,9 @@ def register(verbs) -> None:
     auto.add_argument("--only-listed", action="store_true", help="try only the --model paths, not the embedded models")
     auto.add_argument("--output", "-o", metavar="DIR", help="the auto folder (default: auto/<output.name>)")
     auto.add_argument("--storage", metavar="URL", help="Optuna storage (default: sqlite:///<auto folder>/study.db)")
+    auto.add_argument("--search-recipe", action="store_true",
+                      help="search the recipe keys the config file sets too (a config written for `tailor run`); "
+                           "those set on the command line are still kept")
     auto.add_argument("--data-curve", action="store_true",
                       help="afterwards, train the winner's recipe on 25%% and 50%% of the training rows and score each "
                            "on test: whether labelling more rows would pay (outside the budget)")
@@ -51,5 +56,5 @@ def run_auto(args: argparse.Namespace) -> int:
     if args.only_listed and not args.model:
         raise TailorError("--only-listed needs at least one --model PATH")
     outcome = auto(config, overrides, budget, args.model, not args.only_listed, args.output, args.storage,
-                   args.trust_remote_code, args.data_curve)
+                   args.trust_remote_code, args.data_curve, args.search_recipe)
     return 0 if outcome.search.winner is not None else 1
