@@ -85,10 +85,10 @@ def auto(config: str | Path | None = None, *, budget: str | float, models: Itera
     outcome (`.out`, the auto folder with leaderboard.md; `.search.winner.run_dir`, a finished run that
     `tailorlm.load` opens; `.final.results`, the test table).
 
-    budget: seconds, or a duration such as "20m" or "1h30m". models: more candidate model paths; embedded=False
-    tries those alone. Recipe keys the config or `overrides` set are kept as set (search_recipe=True: only
-    those of `overrides`). data_curve=True then trains
-    the winner's recipe on 25% and 50% of the rows (outside the budget)."""
+    budget: the search's, in seconds or a duration such as "20m" or "1h30m" (the test evaluation follows).
+    models: more candidate model paths; embedded=False tries those alone. Recipe keys the config or `overrides`
+    set are kept as set (search_recipe=True: only those of `overrides`). data_curve=True then trains the
+    winner's recipe on 25% and 50% of the rows (outside the budget)."""
     from tailorlm.auto.plan import parse_budget
     from tailorlm.auto.run import auto as run_auto
     from tailorlm.models.loading import quiet_library_logs

@@ -266,10 +266,16 @@ def test_a_studio_run_equals_tailor_run_on_the_yaml_it_shows_and_survives_the_st
 
 def test_folders_refuse_names_that_are_paths(tmp_path):
     folders = Folders(tmp_path / "home", tmp_path / "runs", [tmp_path])
-    for bad in ("", "../x", "a/b", "/abs", "-rf"):
+    for bad in ("", "../x", "a/../b", "a/b/c", "a/", "/abs", "-rf", "a//b"):
         with pytest.raises(paths.Refused, match="is not a run name"):
             folders.run_dir(bad)
     assert folders.run_dir("sst2-20261126-101500") == (tmp_path / "runs" / "sst2-20261126-101500").resolve()
+    # a run of a group (a sweep's or an auto search's trial), but never through a group that links elsewhere
+    assert folders.run_dir("trec-auto/trial-3") == (tmp_path / "runs" / "trec-auto" / "trial-3").resolve()
+    (tmp_path / "elsewhere" / "trial-0").mkdir(parents=True)
+    (tmp_path / "runs" / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(paths.Refused, match="linked/trial-0: not a run of"):
+        folders.run_dir("linked/trial-0")
 
 
 def test_tailor_studio_on_another_address_prints_its_token_and_requires_it(tmp_path):

@@ -173,9 +173,8 @@ def make_plan(configs: list[Config], lengths: list[int], rates: Rates, seconds: 
             if cost <= seconds:
                 return Plan(configs[:n], lengths[:depth], cost, dropped(configs[n:]))
     cheapest = min(rates.trial(c, lengths[0]) for c in configs)
-    raise TailorError(f"tailor auto: the budget left for training ({duration(max(seconds, 0))}, after the final "
-                      f"test evaluation's share) is too small: the shortest trial ({lengths[0]} steps) needs about "
-                      f"{duration(cheapest)}; give a larger --budget")
+    raise TailorError(f"tailor auto: the budget left for the search ({duration(max(seconds, 0))}) is too small: the "
+                      f"shortest trial ({lengths[0]} steps) needs about {duration(cheapest)}; give a larger --budget")
 
 
 def dropped(configs: list[Config]) -> list[tuple[str, str]]:
@@ -204,18 +203,18 @@ def _max_depth(top: int) -> int:
 BUDGET = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
-def parse_budget(text: str) -> float:
-    """'20m', '1h', '1h30m', '90s' or a bare number of minutes, in seconds."""
+def parse_budget(text: str, setting: str = "--budget") -> float:
+    """'20m', '1h', '1h30m', '90s' or a bare number of minutes, in seconds; errors name `setting`."""
     text = text.strip().lower().replace(" ", "")
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text) * 60
     match = BUDGET.match(text)
     if not text or not match or not any(match.groups()):
-        raise TailorError(f"--budget {text!r}: give a duration such as 20m, 1h, 1h30m or 90s")
+        raise TailorError(f"{setting} {text!r}: give a duration such as 20m, 1h, 1h30m or 90s")
     hours, minutes, seconds = (float(g or 0) for g in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
-        raise TailorError(f"--budget {text!r}: must be more than zero")
+        raise TailorError(f"{setting} {text!r}: must be more than zero")
     return total
 
 

@@ -64,9 +64,10 @@ def recommendation(found: Search, final: Final | None) -> list[str]:
 
 
 def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, candidates: list[Candidate],
-                      skipped: list[Skipped], facts: dict[str, str], spent: float, curve: dict | None = None) -> str:
-    """leaderboard.md and auto.json in `out`; returns the markdown. `spent`: seconds of the whole search and the
-    final evaluation, earlier interrupted runs of it included."""
+                      skipped: list[Skipped], facts: dict[str, str], spent: float, final_seconds: float,
+                      curve: dict | None = None) -> str:
+    """leaderboard.md and auto.json in `out`; returns the markdown. `spent`: seconds of the search (what the
+    budget covers), earlier interrupted runs of it included; `final_seconds`: the test evaluation's."""
     lines = [f"# tailor auto: {name}", ""] + [f"- **{k}:** {v}" for k, v in facts.items()]
     lines += ["", "## Models", "", "| model | parameters | tried |", "|---|---:|---|"]
     lines += [f"| {c.name} | {c.params / 1e6:.0f}M | yes |" for c in candidates]
@@ -102,7 +103,7 @@ def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, 
     write_text(out / "leaderboard.md", text)
     write_json(out / "auto.json", {
         "metric": found.metric, "rungs": found.plan.rungs, "spent_seconds": round(spent, 1),
-        "search_seconds": round(found.spent, 1),
+        "search_seconds": round(found.spent, 1), "final_seconds": round(final_seconds, 1),
         "winner": found.winner.__dict__ if found.winner else None, "trials": [t.__dict__ for t in found.trials],
         "dropped": found.plan.dropped, "models": [c.__dict__ for c in candidates],
         "skipped": [s.__dict__ for s in skipped], "recommendation": advice, **({

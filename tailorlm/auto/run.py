@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,6 @@ from tailorlm.eval.during_training import metric_key
 from tailorlm.models.loading import resolve_device
 from tailorlm.pipeline.prepare import prepare
 from tailorlm.sweep.study import storage_url
-from tailorlm.sweep.space import SweepSpec
 from tailorlm.sweep.space import overrides as as_overrides
 from tailorlm.track.flat import flatten
 from tailorlm.ui import console, stage
@@ -90,9 +91,10 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     answers = rates.answers = min(VALIDATION_ANSWERS, n_val)
     method = base.method.name
 
-    def reserve() -> float:
-        """The final evaluation's time: the test rows through every candidate's prompting (none when the config
-        asks for no baselines), and the winner (free and constrained decoding), each model loaded once."""
+    def final_estimate() -> float:
+        """The final evaluation's time, after the search: the test rows through every candidate's prompting
+        (none when the config asks for no baselines), and the winner (free and constrained decoding), each
+        model loaded once."""
         prompting = len(base.eval.baselines) * max(1, min(len(base.eval.prompting), 2))
         return sum(rates.load[c.name] * bool(prompting) + rates.per_answer[c.name] * n_test * prompting
                    for c in candidates) + max(rates.load.values()) + max(rates.per_answer.values()) * n_test * 2
@@ -101,55 +103,83 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     configs = [row[i] for i in range(max(map(len, by_model))) for row in by_model if i < len(row)]  # priors first
     for c in list(candidates):
         shortest = min(rates.trial(x, lengths[0]) for x in configs if x.candidate is c)
-        if shortest > budget - reserve():
+        if shortest > budget:
             skipped.append(Skipped(c.name, f"too slow for the budget: its shortest trial ({lengths[0]} steps) needs "
-                                           f"about {duration(shortest)}, and the final test evaluation about "
-                                           f"{duration(reserve())}"))
+                                           f"about {duration(shortest)}"))
             console.print(f"[yellow]skipped {c.name}: {skipped[-1].why}[/]")
             candidates.remove(c)
             configs = [x for x in configs if x.candidate is not c]
     if not configs:
-        raise TailorError(f"tailor auto: the budget ({duration(budget)}) is too small for any candidate; "
-                          f"give a larger --budget")
+        raise TailorError(f"tailor auto: the budget ({duration(budget)}) is too small for any candidate; give a "
+                          f"larger --budget")
 
-    url = storage_url(SweepSpec(params={"train.lr": 1.0}), out, storage)
+    url = storage_url(None, out, storage)
     study = open_auto_study(url, base.output.name, metric, _fingerprint(base), out)
     spent = recorded_seconds(study) + study.user_attrs.get("other_seconds", 0.0)
     console.print(f"{len(configs)} configs of {len(candidates)} model(s); {n_train} training rows, {answers} "
-                  f"validation answers score each trial on {metric}; budget {duration(budget)}"
-                  + (f", of which {duration(spent)} spent by earlier runs of this search" if spent else ""))
+                  f"validation answers score each trial on {metric}; {duration(budget)} for the search"
+                  + (f", of which {duration(spent)} spent by earlier runs of it" if spent else "")
+                  + f"; then the test split, once: about {duration(final_estimate())}")
     if search_recipe and config_path is not None:
         console.print("searched, not kept (--search-recipe): the recipe " + str(config_path) + " sets")
     if fixed:
         console.print("kept as set: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
     trials_before = recorded_seconds(study)
-    found = search(configs, lengths, rates, runner, reserve, spent + (time.monotonic() - clock), budget, fixed,
-                   metric)
+    found = search(configs, lengths, rates, runner, spent + (time.monotonic() - clock), budget, fixed, metric)
+    searched = time.monotonic() - clock
+    # what this run spent on planning counts on a later resume too (its trials are in the study)
+    study.set_user_attr("other_seconds", study.user_attrs.get("other_seconds", 0.0) + max(
+        searched - (recorded_seconds(study) - trials_before), 0.0))
     final = None
+    elsewhere = _trained_elsewhere(found.winner) if found.winner is not None else None
+    if elsewhere:  # the other worker scores it on test and writes the leaderboard; two would race on one folder
+        console.print(f"\nThe winner is {found.winner.key} ({metric} {found.winner.value:.3f} on validation), "
+                      f"trained by {elsewhere}: that worker scores it on test and writes the leaderboard in its "
+                      f"auto folder ({Path(str(found.winner.run_dir)).parent}). If it has stopped, run this command "
+                      f"again there.")
+        return AutoOutcome(out, found, None, candidates, skipped)
     if found.winner is not None:
         winner_model = found.winner.key.split(" | ")[0]
         final = evaluate_winner(Path(found.winner.run_dir), base, candidates, winner_model, device, trust_remote_code)
-    elapsed = time.monotonic() - clock
-    # what this run spent outside its trials (planning, the final evaluation) counts on a later resume too
-    study.set_user_attr("other_seconds", study.user_attrs.get("other_seconds", 0.0) + max(
-        elapsed - (recorded_seconds(study) - trials_before), 0.0))
-    spent_all = spent + elapsed
+    final_seconds = time.monotonic() - clock - searched
     rows_curve = None
     if curve and final is not None and final.results.tasks[final.task].fine_tuned is not None:
         rows_curve = data_curve(Path(found.winner.run_dir), n_train, headline,
                                 final.results.tasks[final.task].fine_tuned, out, trust_remote_code)
     facts_md = {"task": f"{task_name} ({headline} on validation chooses; the test split is read once, at the end)",
                 "data": f"{n_train} training / {n_val} validation / {n_test} test rows",
-                "budget": f"{duration(budget)}; spent {duration(spent_all)}",
+                "budget": f"{duration(budget)} for the search, which took {duration(spent + searched)}; then the "
+                          f"test split, once: {duration(final_seconds)}",
                 "search": f"successive halving over {len(found.plan.configs)} of {len(configs)} configs, rungs of "
                           f"{', '.join(map(str, found.plan.rungs))} steps"}
-    text = write_leaderboard(out, base.output.name, found, final, candidates, skipped, facts_md, spent_all,
-                             rows_curve)
+    text = write_leaderboard(out, base.output.name, found, final, candidates, skipped, facts_md, spent + searched,
+                             final_seconds, rows_curve)
     console.print()
     console.print(text.split("## Recommendation", 1)[-1].strip(), soft_wrap=True)
     console.print(f"\nLeaderboard: {out / 'leaderboard.md'}")
     return AutoOutcome(out, found, final, candidates, skipped)
+
+
+def _trained_elsewhere(winner) -> str | None:
+    """The live worker that trained the winner, when it is not this one: the winner's folder is on that
+    worker's machine, and it scores the winner itself. A stopped worker of this machine leaves it to this one."""
+    here = socket.gethostname()
+    if winner.host is None or (winner.host == here and (winner.pid == os.getpid() or not _alive(winner.pid))):
+        return None
+    return f"worker {winner.pid} on {winner.host}" + (" (this machine)" if winner.host == here else "")
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that number: alive, and not ours to judge
+        return True
+    return True
 
 
 def _candidates(base: RunConfig, fixed: dict, models: list[str], embedded: bool,

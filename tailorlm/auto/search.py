@@ -1,14 +1,15 @@
 """The search of `tailor auto`: successive halving over (model, recipe) configs within a wall-clock budget,
 chosen on the validation split alone (each trial: trials.py).
 
-The budget covers the trials and the final test evaluation (`reserve()`, re-estimated as trials measure the
-machine). Before each trial the time left is checked against the trial's estimate (the cost model's at first,
+The budget covers the search: the trials, each scored on validation. The final test evaluation follows it
+(run.py states its estimate before the search starts). Before each trial the time left is checked against
+the trial's estimate (the cost model's at first,
 then what the trials measured, per model and method). On the first rung, each measurement re-fits the plan:
 more configs when the machine is faster than estimated, fewer (the lowest priors first) when it is slower, so
 the longer rungs keep their share. After the plan's last rung, when the measured rates leave room, the best
 third goes on to the next length of the ladder. A trial near the deadline gets train.max_seconds, so its
 training stops in time for its evaluation; past the deadline, training stops at the next logged step. So auto
-ends within one evaluation of its budget, give or take the estimate of the final evaluation.
+ends within one evaluation of its budget.
 
 Trials already in the study (an interrupted run of the same command, or another worker sharing the study) are
 read back, cost nothing, and are never trained again. A rung waits for trials another worker is running.
@@ -70,10 +71,10 @@ def refit(plan: Plan, configs: list[Config], rates: Rates, seconds: float, paid:
         plan.rungs.pop()
 
 
-def search(configs: list[Config], lengths: list[int], rates: Rates, runner: TrialRunner, reserve, spent: float,
+def search(configs: list[Config], lengths: list[int], rates: Rates, runner: TrialRunner, spent: float,
            budget: float, fixed: dict, metric: str) -> Search:
     started = time.monotonic() - spent
-    left = lambda: budget - (time.monotonic() - started) - reserve()  # noqa: E731  (for trials)
+    left = lambda: budget - (time.monotonic() - started)  # noqa: E731
     paid = {(c.key, steps) for c in configs for steps in lengths if _done(runner.lookup(c, steps))}
     plan = make_plan(configs, lengths, rates, left(), paid)
     for key, why in plan.dropped:
@@ -130,7 +131,7 @@ def _run_or_skip(config: Config, steps: int, rung: int, rates: Rates, runner: Tr
     if room < need:
         return Trial(config.key, rung, steps, "skipped", note=f"the budget: needs about {need:.0f} s, "
                                                             f"{max(room, 0):.0f} s left")
-    runner.deadline = time.monotonic() + room  # the final evaluation keeps its share
+    runner.deadline = time.monotonic() + room
     # Near the deadline, training stops in time for the trial's start and its evaluation to fit as well. Far
     # from it, no limit: the trial's config.yaml is then exactly what a user would re-run.
     runner.max_seconds = room - (need - steps * rates.step[(config.candidate.name, config.recipe.method)]) \
@@ -155,12 +156,11 @@ def open_auto_study(url: str, name: str, metric: str, fingerprint: str, out) -> 
     import optuna
 
     from tailorlm.errors import TailorError
-    from tailorlm.sweep.space import SweepSpec
     from tailorlm.sweep.study import fail_interrupted, open_study, pin
 
     optuna.logging.disable_default_handler()
     try:
-        study = open_study(url, name, SweepSpec(params={"train.lr": 1.0}), metric, "maximize")
+        study = open_study(url, name, None, metric, "maximize")
     except TailorError as e:
         raise TailorError(f"{out}: holds a search on another metric ({e}); use another --output") from None
     if pin(study, "config", fingerprint) != fingerprint:

@@ -55,6 +55,8 @@ class Trial:
     run_dir: str | None = None
     number: int | None = None  # the study's trial number
     note: str = ""
+    host: str | None = None  # the worker that trained it (its folder is on that machine)
+    pid: int | None = None
 
 
 class TrialRunner:
@@ -94,11 +96,12 @@ class TrialRunner:
                     trial.set_user_attr(k, v)
         if found is not None:
             return found
-        out = self.out_dir / "trials" / f"trial-{trial.number}"
+        out = self.out_dir / f"trial-{trial.number}"  # as a sweep lays them out: tailor runs lists them
         trial.set_user_attr("run_dir", str(out))
         stage(f"Trial {trial.number}: {config.key}, {steps} steps (rung {rung + 1})")
         started = time.monotonic()
-        result = Trial(config.key, rung, steps, "complete", run_dir=str(out), number=trial.number)
+        result = Trial(config.key, rung, steps, "complete", run_dir=str(out), number=trial.number,
+                       host=socket.gethostname(), pid=os.getpid())
 
         def observe(metrics: dict, step: int) -> None:
             if time.monotonic() > self.deadline:
@@ -149,7 +152,8 @@ def read_back(t: optuna.trial.FrozenTrial) -> Trial:
     a = t.user_attrs
     return Trial(a["key"], a["rung"], a["steps"], "complete" if t.state == TrialState.COMPLETE else "running",
                  t.value, a.get("seconds", 0.0), a.get("train_seconds", 0.0), a.get("loop_seconds", 0.0),
-                 a.get("trained", 0), a.get("tokens", 0), a.get("step"), a.get("run_dir"), t.number, READ_BACK)
+                 a.get("trained", 0), a.get("tokens", 0), a.get("step"), a.get("run_dir"), t.number, READ_BACK,
+                 a.get("host"), a.get("pid"))
 
 
 def recorded_seconds(study: optuna.Study) -> float:

@@ -30,7 +30,8 @@ def register(verbs) -> None:
     auto.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                       help="a run spec (the embedded default job when absent) and dotted overrides, kept fixed")
     auto.add_argument("--budget", "-b", required=True, metavar="TIME",
-                      help="wall-clock time for the whole search and the final test evaluation: 20m, 1h, 1h30m, 90s")
+                      help="wall-clock time for the search (its trials, scored on validation): 20m, 1h, 1h30m, 90s. "
+                           "The final test evaluation follows; its estimate is printed first")
     auto.add_argument("--model", "-m", action="append", default=[], metavar="PATH",
                       help="another candidate model (a folder or a .gguf); repeat for several")
     auto.add_argument("--only-listed", action="store_true", help="try only the --model paths, not the embedded models")

@@ -151,16 +151,17 @@ def zip_folder(folder: Path) -> Path:
     return archive
 
 
-def start_export(exports: dict[str, dict], run_dir: Path, fmt: str, quant: str | None) -> dict:
-    """Export in a background thread; `exports[run name]` holds its state for the page to poll."""
+def start_export(exports: dict[str, dict], name: str, run_dir: Path, fmt: str, quant: str | None) -> dict:
+    """Export in a background thread; `exports[name]` (the run's name in the studio) holds its state for the
+    page to poll."""
     if fmt not in EXPORT_FORMATS:
         raise TailorError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
-    current = exports.get(run_dir.name)
+    current = exports.get(name)
     if current and current["state"] == "running":
         return current
     state = {"state": "running", "format": fmt, "quant": quant, "folder": None, "files": [], "checks": [],
              "error": None}
-    exports[run_dir.name] = state
+    exports[name] = state
 
     def work() -> None:
         from tailorlm.ops.export import export_finished_run
@@ -180,5 +181,5 @@ def start_export(exports: dict[str, dict], run_dir: Path, fmt: str, quant: str |
             state.update(state="failed", error=f"{type(e).__name__}: {e}")
             traceback.print_exc()
 
-    threading.Thread(target=work, name=f"export-{run_dir.name}", daemon=True).start()
+    threading.Thread(target=work, name=f"export-{name}", daemon=True).start()
     return state

@@ -32,7 +32,7 @@ from tailorlm.studio.machine import installed_models, machine_facts
 from tailorlm.studio.paths import MAX_UPLOAD_BYTES, Refused
 from tailorlm.studio.progress import read_progress
 from tailorlm.studio.queue import progress_file
-from tailorlm.studio.requests import ChatRequest, DraftChange, ExportRequest, describe
+from tailorlm.studio.requests import ChatRequest, DraftChange, ExportRequest, StartRequest, describe
 from tailorlm.studio.state import Studio
 
 LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
@@ -102,7 +102,7 @@ def create_app(studio: Studio) -> FastAPI:
     for name in ("data", "template", "preflight", "train", "runs", "compare", "chat", "export"):
         app.add_api_route(f"/{name}", (lambda n: lambda: page(n))(name), methods=["GET"], response_class=HTMLResponse)
 
-    @app.get("/runs/{name}")
+    @app.get("/runs/{name:path}")  # GROUP/NAME: a run of a group (a sweep's or auto's trial)
     def run_page(name: str):
         studio.folders.run_dir(name)
         return page("run", run=name)
@@ -170,37 +170,47 @@ def create_app(studio: Studio) -> FastAPI:
 
     # ---------------------------------------------------------------- runs
     @app.post("/api/runs")
-    def start_run():
-        return studio.start_run()
+    def start_run(body: StartRequest = StartRequest()):
+        return studio.start_run(body.budget)
 
     @app.get("/api/runs")
     def list_runs():
         return {"runs": results.run_listing(studio.folders), "queue": studio.queue.listing()}
 
-    @app.post("/api/runs/{name}/stop")
+    @app.post("/api/runs/{name:path}/stop")
     def stop_run(name: str):
         studio.folders.run_dir(name)
         return {"stopped": studio.queue.stop(name)}
 
-    @app.post("/api/runs/{name}/resume")
+    @app.post("/api/runs/{name:path}/resume")
     def resume_run(name: str):
-        return studio.resume_run(studio.folders.run_dir(name))
+        return studio.resume_run(name, studio.folders.run_dir(name))
 
-    @app.get("/api/runs/{name}/live")
+    @app.get("/api/runs/{name:path}/live")
     def live(name: str):
         path = studio.folders.run_dir(name)
         job = studio.queue.get(name)
-        log = studio.folders.log_file(name)
-        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:] if log.is_file() else ""
-        status = job.state if job and job.state in ("queued", "running") else (
-            results.load_run(path).status if path.is_dir() else (job.state if job else "unknown"))
-        progress = read_progress(studio.folders.own_file(progress_file(log)), running=status == "running")
-        return {"name": name, "status": status, "series": results.live_series(path), "log": tail,
-                "progress": progress}
+        log = studio.folders.log_file(name) if "/" not in name else None  # a group's run was not started here
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:] if log and log.is_file() else ""
+        auto = (job is not None and job.kind == "auto") or studio.is_auto(name, path)
+        if job and job.state in ("queued", "running"):
+            status = job.state
+        elif auto:  # a search that wrote its report finished; one stopped (here or elsewhere) can go on
+            status = "complete" if results.is_auto_folder(path) else (
+                "failed" if job and job.state == "failed" else "interrupted")
+        else:
+            status = results.load_run(path).status if path.is_dir() else (job.state if job else "unknown")
+        progress = read_progress(studio.folders.own_file(progress_file(log)), running=status == "running") if log else None
+        answer = {"name": name, "status": status, "series": {} if auto else results.live_series(path), "log": tail,
+                  "progress": progress, "kind": "auto" if auto else "run"}
+        return {**answer, **results.auto_summary(path, name)} if auto else answer
 
-    @app.get("/api/runs/{name}/results")
+    @app.get("/api/runs/{name:path}/results")
     def run_results(name: str):
-        return results.run_results(studio.started_run(name))
+        path = studio.started_run(name)
+        if studio.is_auto(name, path):
+            return {"name": name, **results.auto_summary(path, name)}
+        return results.run_results(path)
 
     @app.get("/api/compare")
     def compare(request: Request):
@@ -210,17 +220,17 @@ def create_app(studio: Studio) -> FastAPI:
     # ---------------------------------------------------------------- chat and export
     def chat_models(path: Path) -> actions.SideBySide:
         with studio.chat_lock:  # one run's models loaded at a time: memory holds two models, not two per run
-            if path.name not in studio.chats:
+            if str(path) not in studio.chats:
                 for other in studio.chats.values():
                     other.close()
                 studio.chats.clear()
-                studio.chats[path.name] = actions.SideBySide(path)
-            return studio.chats[path.name]
+                studio.chats[str(path)] = actions.SideBySide(path)
+            return studio.chats[str(path)]
 
     @app.get("/api/chat/setup")
     def chat_setup(run: str):
         path = studio.folders.run_dir(run)
-        return {**actions.chat_setup(path), "loaded": path.name in studio.chats}
+        return {**actions.chat_setup(path), "loaded": str(path) in studio.chats}
 
     @app.post("/api/chat")
     def chat(request: ChatRequest):
@@ -239,7 +249,7 @@ def create_app(studio: Studio) -> FastAPI:
 
         def events():  # iterated in a worker thread by Starlette: loading and generating never block the loop
             try:
-                pair = studio.chats.get(path.name)
+                pair = studio.chats.get(str(path))
                 if pair is None:
                     yield {"event": "loading"}
                     pair = chat_models(path)
@@ -258,14 +268,10 @@ def create_app(studio: Studio) -> FastAPI:
     @app.post("/api/export")
     def export(request: ExportRequest):
         path = studio.folders.run_dir(request.run)
-        return actions.start_export(studio.exports, path, request.format, request.quant or None)
+        return actions.start_export(studio.exports, request.run, path, request.format, request.quant or None)
 
-    @app.get("/api/export/{name}")
-    def export_state(name: str):
-        studio.folders.run_dir(name)
-        return studio.exports.get(name) or {"state": "none"}
-
-    @app.get("/api/export/{name}/download")
+    # before the export's state: {name:path} would take ".../download" as part of a run's name
+    @app.get("/api/export/{name:path}/download")
     def export_download(name: str, file: str | None = None):
         """One file of the run's finished export, or (no file named) the whole export folder as a .zip."""
         studio.folders.run_dir(name)
@@ -275,9 +281,14 @@ def create_app(studio: Studio) -> FastAPI:
         folder = Path(state["folder"])
         if file is None:
             archive = actions.zip_folder(folder)
-            return FileResponse(archive, filename=f"{name}-{folder.name}.zip", media_type="application/zip",
+            return FileResponse(archive, filename=f"{name.replace('/', '-')}-{folder.name}.zip", media_type="application/zip",
                                 background=BackgroundTask(archive.unlink, missing_ok=True))
         return FileResponse(actions.export_file(folder, file), filename=Path(file).name)
+
+    @app.get("/api/export/{name:path}")
+    def export_state(name: str):
+        studio.folders.run_dir(name)
+        return studio.exports.get(name) or {"state": "none"}
 
     # ---------------------------------------------------------------- what helps choose: machine, models, help
     @app.get("/api/machine")

@@ -67,12 +67,16 @@ class Folders:
         return path
 
     def run_dir(self, name: str) -> Path:
-        """The run folder `name`, directly inside the runs folder (a name, never a path), holding no link out of
-        itself. It need not exist yet (a queued run has no folder)."""
-        if not isinstance(name, str) or not RUN_NAME.match(name):
-            raise Refused(f"{name!r} is not a run name (letters, digits, '.', '_' and '-')")
+        """The run folder `name` inside the runs folder, holding no link out of itself: a run name, or
+        GROUP/NAME for a run of a group (a sweep's or an auto search's trials), never any other path. It need
+        not exist yet (a queued run has no folder)."""
+        parts = name.split("/") if isinstance(name, str) else [name]
+        if not 1 <= len(parts) <= 2 or not all(isinstance(p, str) and RUN_NAME.match(p) for p in parts):
+            raise Refused(f"{name!r} is not a run name (letters, digits, '.', '_' and '-'; GROUP/NAME for a run "
+                          f"of a group)")
         path = _real(self.runs / name)
-        if path.parent != self.runs:
+        # resolved first: a group or a run that is a link resolves to another place, and is refused
+        if not (_inside(path, self.runs) and path.relative_to(self.runs).parts == tuple(parts)):
             raise Refused(f"{name}: not a run of {self.runs}")
         self.check_run_folder(path, name)
         return path

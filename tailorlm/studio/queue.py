@@ -1,6 +1,7 @@
 """Runs started from the studio: one trains at a time, the others wait in order.
 
-Each run is the CLI itself, `python -m tailorlm run CONFIG --output RUN_DIR`, in its own process. So a studio run
+Each run is the CLI itself, `python -m tailorlm run CONFIG --output RUN_DIR` (an auto search: `tailor auto CONFIG
+--budget B --output RUN_DIR`, its trials in that folder), in its own process. So a studio run
 is an ordinary run directory in every respect (resumable with `tailor run --resume`, listed by `tailor runs`),
 the metrics are the ones `tailor run CONFIG` gives, and stopping or killing the studio cannot corrupt a run:
 the run directory's own rules (atomic checkpoints, the run lock) apply to a process stopped at any moment.
@@ -44,6 +45,7 @@ class Job:
     run_dir: Path
     log: Path
     resume: bool = False  # continue the interrupted run in run_dir (its own config.yaml) instead of starting one
+    budget: str | None = None  # an auto search within this budget (`tailor auto`), its folder run_dir
     state: str = "queued"  # queued, running, complete, failed, stopped
     queued_at: float = field(default_factory=time.time)
     returncode: int | None = None
@@ -52,8 +54,19 @@ class Job:
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def public(self) -> dict:
-        return {"name": self.name, "state": self.state, "returncode": self.returncode,
+        return {"name": self.name, "state": self.state, "returncode": self.returncode, "kind": self.kind,
                 "queued_at": self.queued_at, "log": self.log.name, "error": self.error}
+
+    @property
+    def kind(self) -> str:
+        return "auto" if self.budget else "run"
+
+    def command(self) -> list[str]:
+        """The CLI's arguments for this job."""
+        if self.budget:  # run again, an auto search reads its finished trials back from its study
+            return ["auto", str(self.config), "--budget", self.budget, "--output", str(self.run_dir)]
+        return ["run", "--resume", str(self.run_dir)] if self.resume else ["run", str(self.config), "--output",
+                                                                            str(self.run_dir)]
 
 
 class RunQueue:
@@ -68,9 +81,10 @@ class RunQueue:
         self._worker = threading.Thread(target=self._work, name="studio-runs", daemon=True)
         self._worker.start()
 
-    def submit(self, name: str, config: Path, run_dir: Path, log: Path, resume: bool = False) -> Job:
+    def submit(self, name: str, config: Path, run_dir: Path, log: Path, resume: bool = False,
+               budget: str | None = None) -> Job:
         with self._lock:
-            job = Job(name, config, run_dir, log, resume)
+            job = Job(name, config, run_dir, log, resume, budget)
             self.jobs.append(job)
             self._wake.notify()
             return job
@@ -144,7 +158,6 @@ class RunQueue:
             # the live panel reads: the log shows a bar only once its work is done.
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "100",
                    PROGRESS_FILE_ENV: str(progress_file(job.log))}
-            args = ["--resume", str(job.run_dir)] if job.resume else [str(job.config), "--output", str(job.run_dir)]
             with self._lock:
                 if job.stop_requested:  # stopped before it started
                     job.state = "stopped"
@@ -158,7 +171,7 @@ class RunQueue:
                 continue
             with out:
                 try:
-                    process = subprocess.Popen([self.python, "-m", "tailorlm", "run", *args], stdout=out,
+                    process = subprocess.Popen([self.python, "-m", "tailorlm", *job.command()], stdout=out,
                                                stderr=subprocess.STDOUT, env=env, preexec_fn=_interrupt_when_orphaned())
                 except OSError as e:
                     self._not_started(job, e)

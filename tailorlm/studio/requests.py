@@ -19,6 +19,11 @@ class DraftChange(RequestBody):
     removals: list[str] = Field(default_factory=list, alias="unset")
 
 
+class StartRequest(RequestBody):
+    """POST /api/runs: the draft as a run, or with a budget ("20m", "1h") as an auto search (tailor auto)."""
+    budget: Optional[str] = Field(None, min_length=1, max_length=20)
+
+
 class ChatMessage(RequestBody):
     role: Literal["system", "user", "assistant"]
     content: str

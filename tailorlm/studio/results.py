@@ -8,6 +8,7 @@ folder it finds the same way before reading it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tailorlm.errors import TailorError
@@ -15,6 +16,8 @@ from tailorlm.studio.paths import Folders, Refused
 from tailorlm.track.compare import ABSENT
 from tailorlm.track.registry import SEARCH_DEPTH, is_run_dir, load_run
 
+AUTO_REPORT = "auto.json"  # what a finished `tailor auto` writes last, beside leaderboard.md
+MAX_LEADERBOARD_CHARS = 200_000  # a leaderboard is a page of markdown; more than this is not one tailor wrote
 SHOWN_LOSSES = 20  # highest-loss training examples listed
 SHOWN_PREDICTIONS = 500
 
@@ -30,11 +33,32 @@ def live_series(run_dir: Path) -> dict[str, list[list[float]]]:
     return {key: sorted([s, v] for s, v in points.items()) for key, points in series.items()}
 
 
+def is_auto_folder(path: Path) -> bool:
+    """A finished auto search's folder (one still searching is known by the studio that started it)."""
+    return (path / AUTO_REPORT).is_file()
+
+
+def auto_summary(folder: Path, name: str) -> dict:
+    """An auto search as the studio shows it: its leaderboard once written, and its winner as a run of the
+    group (NAME/trial-N), which the results, chat and export pages open like any run."""
+    report = folder / "leaderboard.md"
+    text = report.read_text(encoding="utf-8", errors="replace")[:MAX_LEADERBOARD_CHARS] if report.is_file() else ""
+    try:
+        winner = (json.loads((folder / AUTO_REPORT).read_text(encoding="utf-8")) or {}).get("winner") or {}
+    except (OSError, ValueError, AttributeError):  # not written yet, or not as auto writes it
+        winner = {}
+    run_dir = winner.get("run_dir") if isinstance(winner, dict) else None
+    return {"kind": "auto", "leaderboard": text, "winner": f"{name}/{Path(str(run_dir)).name}" if run_dir else None,
+            "winner_key": winner.get("key") if isinstance(winner, dict) else None}
+
+
 def run_listing(folders: Folders) -> list[dict]:
-    """The runs `tailor runs` would list, oldest first. A run folder that holds a link out of itself, or that
-    is a link out of the runs folder, is listed as refused (with the reason) and not read; one whose files are
-    damaged is listed as unreadable."""
-    rows = []
+    """The runs `tailor runs` would list, oldest first, named as the studio opens them (GROUP/NAME for a run of
+    a group), and each auto search (its winner as the headline). A run folder that holds a link out of itself,
+    or that is a link out of the runs folder, is listed as refused (with the reason) and not read; one whose
+    files are damaged is listed as unreadable."""
+    rows = [_auto_row(path) for path in sorted(folders.runs.iterdir())
+            if path.is_dir() and not path.is_symlink() and is_auto_folder(path)]
     for path in _run_folders(folders.runs):
         try:
             if not _inside(path, folders.runs):
@@ -50,7 +74,7 @@ def run_listing(folders: Folders) -> list[dict]:
         heads = [f"{h.metric} {h.fine_tuned:.3f}" + (f" vs {h.best_prompting:.3f} prompting" if h.best_prompting
                                                        is not None else "")
                  for h in record.headlines().values() if h.fine_tuned is not None]
-        rows.append({"name": record.name, "status": record.status, "started": record.started,
+        rows.append({"name": path.relative_to(folders.runs).as_posix(), "status": record.status, "started": record.started,
                      "method": record.method, "headline": "; ".join(heads)})
     return sorted(rows, key=lambda row: (row["started"], row["name"]))
 
@@ -104,6 +128,13 @@ def _run_folders(runs: Path) -> list[Path]:
 
     visit(runs, 0)
     return found
+
+
+def _auto_row(path: Path) -> dict:
+    summary = auto_summary(path, path.name)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))
+    return {"name": path.name, "status": "complete", "started": started, "method": "auto",
+            "headline": f"winner: {summary['winner_key']} ({summary['winner']})" if summary["winner"] else ""}
 
 
 def _inside(path: Path, runs: Path) -> bool:

@@ -24,6 +24,7 @@ from tailorlm.errors import TailorError
 from tailorlm.rundir import write_json, write_text
 from tailorlm.studio.paths import RUN_NAME, Folders, Missing, Refused
 from tailorlm.studio.queue import RunQueue
+from tailorlm.studio.results import is_auto_folder
 
 # The studio's starting draft: a classification table, small enough to train in minutes on a CPU.
 STARTING_DRAFT = {"template": {"preset": "classification"}, "output": {"name": "studio"}}
@@ -34,6 +35,11 @@ PATH_SETTINGS = {("data", "train"), ("data", "validation"), ("data", "test"), ("
                  ("retention", "data")}
 BUILTIN_DATA = "builtin:"  # a dataset shipped in the package, looked up by name: no file is named
 DEFAULT_MODEL = "default"
+
+
+def auto_budget_file(config: Path) -> Path:
+    """Beside an auto search's saved config, the budget it was started with."""
+    return config.with_suffix(".budget")
 
 
 class AlreadyQueued(TailorError):
@@ -99,23 +105,39 @@ class Studio:
         self.exports: dict[str, dict] = {}
         self._start_lock = threading.Lock()  # two quick presses of Start: the second sees the first's job
 
-    def start_run(self) -> dict:
-        """Queue the draft as a run: its YAML saved under configs/, its folder under the runs folder. The same
-        YAML already queued or running is refused (AlreadyQueued), so Start pressed twice trains once."""
+    def start_run(self, budget: str | None = None) -> dict:
+        """Queue the draft as a run: its YAML saved under configs/, its folder under the runs folder. With a
+        budget, an auto search instead (`tailor auto`: the model and the recipe keys the draft leaves blank are
+        chosen on validation within the budget), its folder under the runs folder and its trials in that
+        folder. The same YAML already queued or running is refused (AlreadyQueued), so Start pressed twice
+        trains once."""
+        if budget is not None:
+            from tailorlm.auto.plan import parse_budget
+
+            parse_budget(budget, "the auto search's budget")  # a budget auto cannot read is refused now, not when the search starts
         with self._start_lock:
             text = self.draft.checked_yaml()
             cfg = load_config(None, [], text=text, source="the studio's settings")
             for job in self.queue.active():
                 if not job.resume and job.config.is_file() and job.config.read_text(encoding="utf-8") == text:
                     raise AlreadyQueued(job.state, job.name)
-            name = f"{self.folders.check_run_name(cfg.output.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stem = self.folders.check_run_name(cfg.output.name) + ("-auto" if budget else "")
+            name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
             while (self.folders.runs / name).exists() or self.queue.get(name):
                 name += "x"
             run_dir = self.folders.run_dir(name)
             config = self.folders.own_file(self.folders.home / "configs" / f"{name}.yaml")
             write_text(config, text)
-            job = self.queue.submit(name, config, run_dir, self.folders.log_file(name))
+            if budget:  # kept for Resume, which runs the same search again
+                write_text(self.folders.own_file(auto_budget_file(config)), budget)
+            job = self.queue.submit(name, config, run_dir, self.folders.log_file(name), budget=budget)
             return job.public()
+
+    def is_auto(self, name: str, path: Path) -> bool:
+        """Whether run `name` is an auto search: one this studio started (its budget is kept beside its
+        config), or a finished one from anywhere."""
+        saved = self.folders.home / "configs" / f"{name}.yaml"
+        return "/" not in name and (auto_budget_file(saved).is_file() or is_auto_folder(path))
 
     def started_run(self, name: str) -> Path:
         """The folder of run `name`, which must exist (Missing, a 404, for a queued run or an unknown name)."""
@@ -126,15 +148,26 @@ class Studio:
             raise Missing(f"{name}: no such run in {self.folders.runs}")
         return path
 
-    def resume_run(self, run_dir: Path) -> dict:
-        """Queue an interrupted run (from the studio or the CLI) to continue from its latest checkpoint."""
+    def resume_run(self, name: str, run_dir: Path) -> dict:
+        """Queue an interrupted run (from the studio or the CLI) to continue from its latest checkpoint, or an
+        interrupted auto search of this studio to go on (it reads its finished trials back)."""
         from tailorlm.track.registry import load_run
 
+        if "/" in name:
+            raise TailorError(f"{name} is a trial of a search: run the search again (the same tailor sweep or tailor "
+                              f"auto command) and it goes on where it stopped")
+        config = self.folders.home / "configs" / f"{name}.yaml"
+        budget = auto_budget_file(config)
+        if budget.is_file():
+            if is_auto_folder(run_dir):
+                raise TailorError(f"{name} is a finished auto search: start a new one to search again")
+            return self.queue.submit(name, self.folders.own_file(config), run_dir, self.folders.log_file(name),
+                                     resume=True, budget=self.folders.own_file(budget).read_text().strip()).public()
         status = load_run(run_dir).status
         if status != "interrupted":
-            raise TailorError(f"{run_dir.name} is {status}: only an interrupted run can be resumed")
-        log = self.folders.log_file(run_dir.name)
-        return self.queue.submit(run_dir.name, run_dir / "config.yaml", run_dir, log, resume=True).public()
+            raise TailorError(f"{name} is {status}: only an interrupted run can be resumed")
+        log = self.folders.log_file(name)
+        return self.queue.submit(name, run_dir / "config.yaml", run_dir, log, resume=True).public()
 
     def close(self) -> None:
         self.queue.close()

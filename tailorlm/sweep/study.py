@@ -27,8 +27,10 @@ from tailorlm.ui import console
 SQLITE_TIMEOUT_S = 60
 
 
-def storage_url(space: SweepSpec, sweep_dir: Path, override: str | None = None) -> str:
-    return override or space.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+def storage_url(space: SweepSpec | None, sweep_dir: Path, override: str | None = None) -> str:
+    """The study's database: the command line's, the space's, else study.db in the folder (space None: a
+    search with no space of its own, tailor auto's)."""
+    return override or (space.storage if space else None) or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
 
 
 def make_sampler(space: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -50,14 +52,17 @@ def make_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
 
 
-def open_study(url: str, name: str, space: SweepSpec, metric: str, direction: str) -> optuna.Study:
-    """Create the study, or load it when it exists (a resumed sweep, or another worker got there first)."""
+def open_study(url: str, name: str, space: SweepSpec | None, metric: str, direction: str) -> optuna.Study:
+    """Create the study, or load it when it exists (a resumed sweep, or another worker got there first). With
+    no space (tailor auto, which proposes its own trials) the study samples nothing, so it gets no sampler or
+    pruner of ours."""
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if _is_sqlite(url) else {}
     try:
         with _sqlite_file_lock(url):
             storage = RDBStorage(url, engine_kwargs=engine_kwargs)
             study = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True,
-                                        sampler=make_sampler(space, space.seed), pruner=make_pruner(space.pruner))
+                                        sampler=make_sampler(space, space.seed) if space else None,
+                                        pruner=make_pruner(space.pruner) if space else None)
     except (ImportError, ValueError, ArgumentError) as e:  # an unknown scheme, a driver not installed, a bad URL
         raise TailorError(f"storage {url}: {e}") from None
     # Values measured on another metric, or optimised the other way, would not be comparable: refuse to mix.

@@ -78,6 +78,7 @@ async function runsPage() {
 let predictions = [];
 async function runResults(name) {
   const r = await api(`/api/runs/${name}/results`);
+  if (r.kind === "auto") { showAuto(r); return; }
   $("#run-config").textContent = r.config;
   $("#tables").replaceChildren(...r.tables.map((t) => {
     const table = el("table", { class: "grid" });

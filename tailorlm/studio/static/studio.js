@@ -234,8 +234,24 @@ async function watch(name) {
   if ($("#stop")) $("#stop").hidden = !["queued", "running"].includes(live.status);
   if ($("#log")) { $("#log").textContent = live.log; $("#log").scrollTop = $("#log").scrollHeight; }
   showCurves(live.series);
+  if (live.kind === "auto") showAuto(live);
   if (["queued", "running"].includes(live.status)) setTimeout(() => watch(name), 1000);
   else if (page === "run" && !watch.reloaded && live.status !== "stopped") { watch.reloaded = true; runResults(name).catch(showError); }
+}
+
+// An auto search: its leaderboard once written, and its winner, a run of the search opened like any other
+function showAuto(auto) {
+  if ($("#leaderboard")) { $("#leaderboard").hidden = !auto.leaderboard; $("#leaderboard").textContent = auto.leaderboard || ""; }
+  if ($("#auto-card")) $("#auto-card").hidden = false;
+  if ($("#auto-winner")) {
+    $("#auto-winner").replaceChildren(...(auto.winner ? ["The winner, ", el("a", { href: `/runs/${auto.winner}`, text: auto.winner_key || auto.winner }),
+      `, is a finished run (${auto.winner}): open it for its results, chat and export.`] : ["No winner yet: the leaderboard appears when the search ends."]));
+  }
+  if ($("#live-results") && auto.winner) $("#live-results").href = `/runs/${auto.winner}`;
+  if ($("#use-links") && auto.winner) {
+    $("#use-links").replaceChildren(el("a", { href: `/chat?run=${auto.winner}`, text: "Chat with the winner" }), " · ",
+      el("a", { href: `/export?run=${auto.winner}`, text: "Export it" }), " · ");
+  }
 }
 
 async function showQueue() {
@@ -282,10 +298,16 @@ async function trainPage(state) {
     const button = $("#start");
     if (button.disabled) return;
     button.disabled = true;  // one press, one run: a second press while this one is answered does nothing
-    try { showError(null); const job = await api("/api/runs", { json: {} }); watch(job.name); } catch (e) { showError(e); }
+    const body = $("#mode").value === "auto" ? { budget: $("#budget").value.trim() } : {};
+    try { showError(null); const job = await api("/api/runs", { json: body }); watch(job.name); } catch (e) { showError(e); }
     finally { setTimeout(() => { button.disabled = false; }, 1000); }
   });
   $("#stop").addEventListener("click", () => watched && api(`/api/runs/${watched}/stop`, { json: {} }));
+  $("#mode").addEventListener("change", () => {
+    const auto = $("#mode").value === "auto";
+    $("#budget-box").hidden = !auto; $("#auto-hint").hidden = !auto;
+    $("#start").textContent = auto ? "Start the auto search" : "Start training";
+  });
   showQueue();
   refreshEstimate();
   api("/api/models").then(({ models }) => $("#models").replaceChildren(...models.map((m) => el("option", { value: m.path, text: m.name })))).catch(() => {});
