@@ -26,7 +26,8 @@ from tailorlm.rundir import RunDir
 
 def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = None, model: Any = None,
         tokenizer: Any = None, output: str | Path | None = None, overrides: Iterable[str] | Mapping = (),
-        resume: bool = False, trust_remote_code: bool = False, quiet: bool = False, **settings) -> Run:
+        resume: bool = False, trust_remote_code: bool = False, quiet: bool = False, allow_code: bool = False,
+        **settings) -> Run:
     """Fine-tune and measure, exactly as `tailor run` does; returns the finished `Run`.
 
     config: a YAML path, a RunConfig, a dict of settings, or None for the embedded default job.
@@ -39,6 +40,7 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
         run there from its latest complete checkpoint, with the config it was started with (its config.yaml
         when config is None).
     quiet: lower transformers/PEFT logging to errors for this process (what the CLI does).
+    allow_code: let a GRPO reward function the config names run (the CLI's --allow-code).
     """
     from tailorlm.models.loading import LoadedModel, quiet_library_logs
     from tailorlm.pipeline import run_stages
@@ -70,7 +72,7 @@ def run(config: str | Path | RunConfig | Mapping | None = None, *, data: Any = N
         from tailorlm.ops.resume import resume_config
 
         config = resume_config(output, "tailorlm.run(resume=True)")
-    cfg = _config(config, extra, trust_remote_code)
+    cfg = _config(config, extra, trust_remote_code, allow_code)
     if quiet:
         quiet_library_logs()
     outcome = run_stages(cfg, Path(output) if output else None, resume, given=given, model=loaded)
@@ -264,9 +266,11 @@ class Run:
         return memory_table(rows, "rows")
 
 
-def _config(config, overrides: list[str], trust_remote_code: bool) -> RunConfig:
+def _config(config, overrides: list[str], trust_remote_code: bool, allow_code: bool = False) -> RunConfig:
     if isinstance(config, RunConfig):
         if not overrides:
+            if allow_code:  # a config built in Python: the caller is its author
+                config.objective._code_allowed = True
             return config
         config = config.model_dump(mode="json")
     if isinstance(config, Mapping):
@@ -274,8 +278,8 @@ def _config(config, overrides: list[str], trust_remote_code: bool) -> RunConfig:
 
         # One validation path for every kind of config: the YAML loader, with its messages.
         return load_config(None, overrides, trust_remote_code, text=yaml.safe_dump(dict(config), sort_keys=False),
-                           source="<the config given to tailorlm.run>")
-    return load_config(config, overrides, trust_remote_code=trust_remote_code)
+                           source="<the config given to tailorlm.run>", allow_code=allow_code)
+    return load_config(config, overrides, trust_remote_code=trust_remote_code, allow_code=allow_code)
 
 
 def _override_list(overrides: Iterable[str] | Mapping) -> list[str]:

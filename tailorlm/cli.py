@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="a run spec (the embedded default when absent) and dotted overrides")
         verb.add_argument("--skip-bad-rows", action="store_true",
                           help="skip rows with bad values and report the count per reason (default: stop at the first)")
+        verb.add_argument("--allow-code", action="store_true",
+                          help="let the Python the config names run (a GRPO reward function: objective.grpo.reward); "
+                               "a config asking for it is refused without this flag")
     run.add_argument("--output", "-o", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--resume", metavar="RUN_DIR",
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config_path = str(resume_config(resume, "--resume"))
         cfg = load_config(config_path, overrides + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []),
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, allow_code=args.allow_code)
         if args.verb == "run" and args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0

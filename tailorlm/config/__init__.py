@@ -2,12 +2,12 @@
 and key=value overrides into it. Everything is re-exported here, so callers import from tailorlm.config."""
 from tailorlm.config.loading import line_of, load_config, parse_override
 from tailorlm.config.sections import (DEFAULT_BETA, DEFAULT_CONFIG, DEFAULT_LR, PREFERENCE_LR_SCALE, DataSpec, DistSpec,
-                                      EvalSpec, FreezeSpec, LabelValue, LimitSpec, LoraSpec, MethodSpec, MixSpec,
+                                      EvalSpec, FreezeSpec, GRPOSpec, LabelValue, LimitSpec, LoraSpec, MethodSpec, MixSpec,
                                       ModelSpec, ObjectiveSpec, OutputSpec, Policy, PreflightSpec, RetentionSpec,
-                                      RunConfig, SelectSpec, SplitSpec, TaskSpec, TemplateSpec, TrackSpec, TrainSpec,
+                                      RewardTerm, RunConfig, SelectSpec, SplitSpec, TaskSpec, TemplateSpec, TrackSpec, TrainSpec,
                                       UnfreezeSpec)
 
 __all__ = ["DEFAULT_BETA", "DEFAULT_CONFIG", "DEFAULT_LR", "PREFERENCE_LR_SCALE", "DataSpec", "DistSpec", "EvalSpec",
-           "FreezeSpec", "LabelValue", "LimitSpec", "LoraSpec", "MethodSpec", "MixSpec", "ModelSpec", "ObjectiveSpec",
-           "OutputSpec", "Policy", "PreflightSpec", "RetentionSpec", "RunConfig", "SelectSpec", "SplitSpec", "TaskSpec",
+           "FreezeSpec", "GRPOSpec", "LabelValue", "LimitSpec", "LoraSpec", "MethodSpec", "MixSpec", "ModelSpec", "ObjectiveSpec",
+           "OutputSpec", "Policy", "PreflightSpec", "RetentionSpec", "RewardTerm", "RunConfig", "SelectSpec", "SplitSpec", "TaskSpec",
            "TemplateSpec", "TrackSpec", "TrainSpec", "UnfreezeSpec", "line_of", "load_config", "parse_override"]

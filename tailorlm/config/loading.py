@@ -17,13 +17,13 @@ from tailorlm.errors import ConfigError, did_you_mean
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), trust_remote_code: bool = False,
-                text: str | None = None, source: str | None = None) -> RunConfig:
+                text: str | None = None, source: str | None = None, allow_code: bool = False) -> RunConfig:
     """Read a YAML run spec (the embedded default when path and text are None), apply key=value overrides,
     validate. `text` is a spec given as YAML text (the Python API's dicts); `source` names it in errors.
 
     trust_remote_code=True is the caller saying, on this command, that the model's own Python may run; a config
     (a file anyone may have written, such as a downloaded run folder's config.yaml) that asks for it without
-    that is refused."""
+    that is refused. allow_code=True says the same of Python the config names itself (a GRPO reward function)."""
     if text is not None:
         source = source or "<config text>"
     elif path is None:
@@ -67,6 +67,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), trust
                                    f"code, add --trust-remote-code to the command (trust_remote_code=True in "
                                    f"Python)"])
     cfg.model.trust_remote_code = trust_remote_code
+    for i, term in enumerate(cfg.objective.grpo.reward):
+        if term.function is not None and not allow_code:
+            key = ("objective", "grpo", "reward", str(i), "function")
+            where = "" if any(key[:n] in overridden for n in range(3, 6)) else line_of(root, key)
+            raise ConfigError(source, [f"objective.grpo.reward[{i}].function{where}: {term.function} is Python code, "
+                                       f"which a config cannot run by itself. If you trust that code, add "
+                                       f"--allow-code to the command (allow_code=True in Python)"])
+    cfg.objective._code_allowed = allow_code
     for spec in [cfg.template] + [t.template for t in cfg.tasks]:
         spec._source = source
     if path is not None and cfg.output.name == "run":
@@ -119,6 +127,10 @@ def line_of(root: yaml.Node | None, loc: tuple[str, ...]) -> str:
     """' (line N)' of the deepest YAML node on loc's path, so users can jump to the problem."""
     node, line = root, None
     for part in loc:
+        if isinstance(node, yaml.SequenceNode) and str(part).isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]  # a list's item: its own line
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for key, value in node.value:

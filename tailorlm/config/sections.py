@@ -6,8 +6,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, PrivateAttr,
+from pydantic import (BeforeValidator, Field, NonNegativeInt, PositiveInt, PrivateAttr,
                       field_validator)
+
+from tailorlm.config.objective import DEFAULT_BETA, PREFERENCE_LR_SCALE, GRPOSpec, ObjectiveSpec, RewardTerm  # noqa: F401
+from tailorlm.config.section import Section
 
 DEFAULT_CONFIG = "bbc_news.yaml"  # the embedded default job, in tailorlm/defaults/
 
@@ -26,8 +29,6 @@ def _label_value_text(value: Any) -> Any:
 LabelValue = Annotated[str, BeforeValidator(_label_value_text)]
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelSpec(Section):
@@ -123,44 +124,6 @@ class MethodSpec(Section):
 
 # Small learning rates by method: LoRA's low-rank update tolerates a larger step than moving every base weight.
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 2e-5, "gradual_unfreeze": 2e-5}
-
-
-# Preference objectives start from a model that already answers well (often an SFT run) and only shift which
-# of two answers it prefers; the usual rates are an order of magnitude below SFT's (TRL's DPO examples, the
-# Zephyr recipe), so they train at a tenth of the method's rate unless train.lr says otherwise.
-PREFERENCE_LR_SCALE = 0.1
-# Each objective's usual strength: DPO/KTO's beta (how far from the reference), ORPO's lambda (weight of the
-# odds-ratio term), SimPO's beta (the scale of its length-normalised reward).
-DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
-
-
-class ObjectiveSpec(Section):
-    name: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
-        "sft", description="What the loss is: sft (next-token loss on the answer), dpo (chosen over rejected, against "
-                           "the starting model as reference), orpo and simpo (no reference), kto (unpaired good/bad "
-                           "answers). Every method (lora, full, freeze, ...) trains any of them")
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (the DPO paper) or ipo (a squared "
-                                                                   "loss on per-token mean log-probs; beta is IPO's tau)")
-    beta: Optional[float] = Field(None, gt=0, description="Strength; by objective when absent: dpo 0.1, kto 0.1, "
-                                                          "orpo 0.1 (lambda), simpo 2.0")
-    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin asked of chosen over rejected")
-    sft_weight: float = Field(0.0, ge=0, description="dpo, simpo: add this times the chosen answer's per-token "
-                                                     "loss (RPO), which keeps the chosen answer from losing likelihood")
-    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of good answers")
-    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of bad answers (raise it when they are rarer)")
-
-    @property
-    def preference(self) -> bool:
-        return self.name != "sft"
-
-    @property
-    def lr_scale(self) -> float:
-        """The share of the method's default learning rate this objective starts from."""
-        return PREFERENCE_LR_SCALE if self.preference else 1.0
-
-    @property
-    def strength(self) -> float:
-        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.name, 0.0)
 
 
 class DistSpec(Section):

@@ -58,7 +58,8 @@ def select_metric(cfg: RunConfig, templates: dict[str, PromptTemplate]) -> RunCo
     metric = cfg.eval.select.metric
     if "metric" not in cfg.eval.select.model_fields_set and cfg.eval.during_training and len(templates) == 1:
         name, template = next(iter(templates.items()))
-        if template.label_field is None and not cfg.objective.preference:
+        # GRPO learns the task's metric, so that metric chooses its checkpoint whatever the task
+        if (template.label_field is None or cfg.objective.reinforcement) and not cfg.objective.preference:
             metric = metric_key(name, template.task.headline)
     chosen = resolve_metric(metric, allowed)
     if chosen is None:

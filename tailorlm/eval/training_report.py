@@ -35,13 +35,19 @@ def plot_training(path: Path, history: TrainResult, overfit: int | None) -> None
     panels = 1 + bool(metrics) + retention
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
     ax = axes[0][0]
-    if history.train_loss:
-        ax.plot([r["step"] for r in history.train_loss], [r["loss"] for r in history.train_loss], label="train", alpha=0.8)
-    val = history.val_loss
-    if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
-    ax.set_ylabel("loss per completion token")
-    ax.set_title("Training and validation loss")
+    steps = [r["step"] for r in history.train_loss]
+    if rewarded(history):  # GRPO: its surrogate loss is about 0 by construction; the reward is the curve
+        ax.plot(steps, [r["reward"] for r in history.train_loss], label="mean reward", alpha=0.8)
+        ax.plot(steps, [r["flat_groups"] for r in history.train_loss], label="groups that taught nothing", alpha=0.6)
+        ax.set_title("Reward of the sampled answers (GRPO)")
+    else:
+        if history.train_loss:
+            ax.plot(steps, [r["loss"] for r in history.train_loss], label="train", alpha=0.8)
+        val = history.val_loss
+        if val:
+            ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
+        ax.set_ylabel("loss per completion token")
+        ax.set_title("Training and validation loss")
     panel = 1
     if metrics:
         mx = axes[0][panel]
@@ -79,7 +85,7 @@ def training_lines(history: TrainResult, overfit: int | None, retention: dict, l
     lines.append(f"- overfitting: validation loss rose after step {overfit}" if overfit is not None
                  else "- overfitting: none seen (validation loss at or near its best at the end)")
     lines += [f"- step {e['step']}: {e['event']}" for e in history.events]
-    lines += preference_lines(history.evaluations)
+    lines += preference_lines(history.evaluations) + reward_lines(history)
     if retention:
         lines += ["", "## Retention (what the model forgot of general skills)", "",
                   f"General data: {retention['source']}. Perplexity of its reference answers, lower is better.", "",
@@ -96,6 +102,28 @@ def training_lines(history: TrainResult, overfit: int | None, retention: dict, l
             text = text.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {row['loss']:.2f} | {row['where']} | {text[:160]} |")
     return lines + [""]
+
+
+def rewarded(history: TrainResult) -> bool:
+    return bool(history.train_loss) and "reward" in history.train_loss[0]
+
+
+def reward_lines(history: TrainResult) -> list[str]:
+    """GRPO's rewards: the mean over the first and the last tenth of the steps, and the share of groups that
+    taught nothing (every answer scored the same)."""
+    if not rewarded(history):
+        return []
+    rows = history.train_loss
+    tenth = max(1, len(rows) // 10)
+    mean = lambda part, key: sum(r[key] for r in part) / len(part)  # noqa: E731
+    first, last = rows[:tenth], rows[-tenth:]
+    terms = sorted(k for k in rows[0] if k.startswith("reward/"))
+    lines = ["", "## Rewards of the sampled answers (GRPO)", "",
+             f"| | first {tenth} steps | last {tenth} steps |", "|---|---:|---:|"]
+    lines += [f"| {name} | {mean(first, key):.3f} | {mean(last, key):.3f} |" for key, name in
+              [("reward", "mean reward"), *((t, t) for t in terms), ("reward_spread", "spread within groups"),
+               ("flat_groups", "groups that taught nothing"), ("answer_tokens", "answer tokens")]]
+    return lines
 
 
 def preference_lines(evaluations: list[dict]) -> list[str]:

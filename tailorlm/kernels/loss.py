@@ -98,6 +98,16 @@ def sequence_logps(model: torch.nn.Module, batch: dict, shared_prefix: bool = Tr
     """(summed log-probability of each sample's completion tokens, how many there are), one entry per sample in
     batch order (a packed row's filler segment last), with gradients: what preference objectives compare. The
     same completion-only head as completion_loss, so no full logits exist here either."""
+    token_logps_N, sample_N, n_samples = completion_token_logps(model, batch, shared_prefix)
+    sums_S = token_logps_N.new_zeros(n_samples).index_add(0, sample_N, token_logps_N)
+    counts_S = torch.zeros(n_samples, device=sums_S.device).index_add_(0, sample_N, torch.ones_like(token_logps_N))
+    return sums_S, counts_S
+
+
+def completion_token_logps(model: torch.nn.Module, batch: dict,
+                           shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(log-probability of every completion token, in order, with gradients; the sample each belongs to; the
+    number of samples): the per-token figures GRPO's clipped ratio needs, from the completion-only head."""
     input_ids_BxT, targets_BxT = batch["input_ids"], batch["labels"][:, 1:]
     keep_BxT = targets_BxT != IGNORE
     packed = "cu_seqlens" in batch
@@ -115,9 +125,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict, shared_prefix: bool = Tr
     else:
         hidden_NxH, targets_N = _completion_states(parts[0], batch, inputs, keep_BxT, shared_prefix and not packed)
         token_logps_N = -_head_token_losses(hidden_NxH, targets_N, parts[1])
-    sums_S = token_logps_N.new_zeros(n_samples).index_add(0, sample_N, token_logps_N)
-    counts_S = torch.zeros(n_samples, device=sums_S.device).index_add_(0, sample_N, torch.ones_like(token_logps_N))
-    return sums_S, counts_S
+    return token_logps_N, sample_N, n_samples
 
 
 def _head_token_losses(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from tailorlm.errors import TailorError
 from tailorlm.eval.baselines import best_prompting, is_prompting, run_baselines, variant_name
 from tailorlm.eval.curve_report import curve_file, plot_curve
 from tailorlm.eval.during_training import TrainingEvaluation, validation_subset
 from tailorlm.eval.evaluate import Evaluator
 from tailorlm.eval.report import TITLES, format_metric, print_table, variant_title, write_report
 from tailorlm.eval.results import Results, TaskResults
+from tailorlm.eval.rollouts import TaskSampler
 from tailorlm.eval.training_report import overfit_step, plot_training, training_lines
 from tailorlm.models.loading import LoadedModel, load_model
 from tailorlm.pipeline.prepare import Prepared, TaskData
@@ -77,11 +79,18 @@ def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str,
     """Fine-tune `model` with the config's method; evaluations during training use `scorers`. Returns the
     trained model with its history (None on the other processes under torchrun)."""
     cfg = prepared.cfg
-    objective = f", {cfg.objective.name}" if cfg.objective.preference else ""
+    objective = f", {cfg.objective.name}" if cfg.objective.name != "sft" else ""
     stage(f"Fine-tuning ({cfg.method.name}{objective})")
     during = TrainingEvaluation(cfg, prepared.tokenizer, prepared.validation(), scorers, device, prepared.retention)
+    sampler = None
+    if cfg.objective.reinforcement:  # GRPO answers the task's prompts and is rewarded by its metric
+        if len(prepared.tasks) > 1:
+            raise TailorError("objective grpo trains one task: its reward is that task's metric (run each task "
+                              "on its own)")
+        name = next(iter(prepared.tasks))
+        sampler = TaskSampler(cfg.objective.grpo, scorers[name], cfg.objective._code_allowed, cfg.eval.batch_size)
     result = fit(cfg, model, prepared.tokenizer, prepared.training_set, run_dir.path, device, resume, log, during,
-                 prepared.held_out_pairs())
+                 prepared.held_out_pairs(), sampler)
     if result is None:
         return None
     history = result.history
@@ -166,7 +175,7 @@ def report(prepared: Prepared, run_dir: RunDir, results: Results, result: Fit, s
     facts = {"task": ", ".join(name if name == t.cfg.template.preset else f"{name} ({t.cfg.template.preset})"
                                for name, t in tasks.items()),
              "model": source, "method": cfg.method.name + (
-                 f", objective {cfg.objective.name}" if cfg.objective.preference else ""),
+                 f", objective {cfg.objective.name}" if cfg.objective.name != "sft" else ""),
              "data": ", ".join(t.splits.sources["train"] for t in tasks.values()),
              "train / validation / test": f"{len(prepared.training_set)} / "
                                           f"{sum(map(len, prepared.validation().values()))} / "

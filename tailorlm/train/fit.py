@@ -48,9 +48,10 @@ class Evaluation(Protocol):
 
 def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device: torch.device,
         resume: bool = False, log=None, evaluation: Evaluation | None = None,
-        held_out: list[Preference] = ()) -> Fit | None:
+        held_out: list[Preference] = (), sampler=None) -> Fit | None:
     """Train `model` on `train_set` with the method's strategy and the config's objective (Samples, or
-    Preference items with their held-out ones); `evaluation` runs at each evaluation step.
+    Preference items with their held-out ones); `evaluation` runs at each evaluation step; `sampler` answers
+    and rewards GRPO's prompts (eval/rollouts.py).
     Under torchrun every process calls this; only rank 0 gets a Fit back."""
     strategy = make_strategy(cfg.method)
     model = strategy.prepare(model)
@@ -65,7 +66,7 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device
     hooks = Hooks(evaluate=evaluation.evaluate if active else None, checkpoints=store, select=cfg.eval.select,
                   log=log, guard=evaluation.guard if active else None,
                   describe=evaluation.describe if active else None)
-    objective = make_objective(cfg.objective)
+    objective = make_objective(cfg.objective, sampler)
     history = train(model, strategy, train_set, cfg.train, cfg.lr, pad_id, device, hooks, start, objective, held_out)
     if history.model is None:  # another process under torchrun: rank 0 finishes the run alone
         return None

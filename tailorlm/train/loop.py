@@ -133,6 +133,10 @@ class _Run:
         self.world = distributed.world()
         model = self.model
         self.per_epoch, total = plan_steps(len(samples), spec)
+        self.repeats = objective.repeats  # each group of batches trains this many steps (GRPO's num_iterations)
+        if self.repeats > 1:
+            self.per_epoch *= self.repeats
+            total = spec.max_steps or total * self.repeats
         strategy.plan(total, self.per_epoch)
         self.optimizer = make_optimizer(strategy.param_groups(model, lr), spec)
         self.schedule = make_schedule(self.optimizer, spec, total)
@@ -205,14 +209,19 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        self.step, self.position = step + 1, self.position + spec.grad_accum
+        self.step = step + 1
+        if self.step % self.repeats == 0:  # the group has had its steps: the next one
+            self.position += spec.grad_accum
         self.result.tokens += tokens
         lr = self.schedule.get_last_lr()[0]
         epoch = round(self.epoch + min(self.position, len(batches)) / len(batches), 3)
-        self.result.train_loss.append({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm})
+        figures = self.objective.figures()  # GRPO: the step's rewards
+        self.result.train_loss.append({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+                                       **figures})
         if self.hooks.log and self.world.main:
-            self.hooks.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, self.step)
-        return f"loss {loss:.3f}"
+            self.hooks.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+                            **{f"train/{k}": v for k, v in figures.items()}}, self.step)
+        return f"loss {loss:.3f}" + (f", reward {figures['reward']:.3f}" if "reward" in figures else "")
 
     def _fail_non_finite(self, what: str, value: float) -> None:
         last = self.hooks.checkpoints.latest() if self.hooks.checkpoints else None
@@ -228,7 +237,8 @@ class _Run:
         if eval_now:
             self._evaluate()
         every = spec.checkpoint_every
-        if self.hooks.checkpoints and (eval_now or last or (every and step % every == 0)):
+        between_groups = step % self.repeats == 0  # a resumed run samples its next group afresh, as this one will
+        if self.hooks.checkpoints and (last or (between_groups and (eval_now or (every and step % every == 0)))):
             self._save(n_batches)
         if eval_now and self.hooks.guard:
             self.hooks.guard(self.result.evaluations[-1], step)  # after the save: the checkpoint is kept

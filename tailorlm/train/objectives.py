@@ -35,6 +35,7 @@ class Objective:
 
     name = "sft"
     needs_reference = False  # reference log-probs computed before the first step and kept in checkpoints
+    repeats = 1  # optimizer steps each micro-batch group trains (GRPO's num_iterations); checkpoints between them
 
     def unit_name(self) -> str:
         """What a training item is, for the start-of-training line."""
@@ -64,6 +65,10 @@ class Objective:
 
     def evaluate(self, model, items: list, ctx, batch_size: int) -> dict:
         """Figures on held-out items at each evaluation; SFT's come from the run's own evaluation hooks."""
+        return {}
+
+    def figures(self) -> dict:
+        """Figures of the step just taken, logged beside its loss (GRPO's rewards)."""
         return {}
 
 
@@ -266,8 +271,15 @@ class KTO(PreferenceObjective):
 OBJECTIVES = {"sft": lambda spec: TokenLoss(), "dpo": DPO, "simpo": SimPO, "orpo": ORPO, "kto": KTO}
 
 
-def make_objective(spec: ObjectiveSpec) -> Objective:
-    """The run's objective (objective.name); adding one means a class above and its name in the config."""
+def make_objective(spec: ObjectiveSpec, sampler=None) -> Objective:
+    """The run's objective (objective.name); adding one means a class and its name in the config. GRPO (grpo.py)
+    samples its own answers: `sampler` (eval/rollouts.py) answers and rewards its prompts."""
+    if spec.name == "grpo":
+        from tailorlm.train.grpo import GRPO
+
+        if sampler is None:
+            raise ValueError("internal: objective grpo needs a sampler")
+        return GRPO(spec, sampler)
     return OBJECTIVES[spec.name](spec)
 
 
