@@ -280,7 +280,7 @@ class RunDir:
             raise TailorError(f"{self / 'config.yaml'}: invalid YAML ({e})") from None
 
     def config(self, trust_remote_code: bool = False) -> RunConfig:
-        return load_config(self / "config.yaml", trust_remote_code=trust_remote_code)
+        return load_config(self / "config.yaml", trust_remote_code=trust_remote_code, read_only=True)
 
     def write_manifest(self, manifest: Manifest) -> None:
         write_json(self / "manifest.json", manifest.to_json())

@@ -92,7 +92,8 @@ def test_the_ratio_is_clipped_and_the_kl_term_is_k3():
 
 
 def test_num_iterations_trains_each_group_that_many_steps_on_the_same_answers(tiny_tokenizer, tmp_path):
-    result = grpo_run(tiny_tokenizer, 6, tmp_path / "mu", iterations=3)
+    result, sampler = grpo_run(tiny_tokenizer, 6, tmp_path / "mu", iterations=3, with_sampler=True)
+    assert sampler.calls == 2  # two groups of 4 prompts, one micro-batch each
     rewards = [r["reward"] for r in result.train_loss]
     assert rewards[0] == rewards[1] == rewards[2] and rewards[3] == rewards[4] == rewards[5]  # one group, 3 steps
     assert [r["sampling_seconds"] > 0 for r in result.train_loss] == [True, False, False] * 2
@@ -136,7 +137,8 @@ def prompts(tokenizer, n: int = 8) -> list[Sample]:
     return out
 
 
-def grpo_run(tokenizer, steps: int, out=None, resume=None, iterations: int = 1, interrupt_at=None):
+def grpo_run(tokenizer, steps: int, out=None, resume=None, iterations: int = 1, interrupt_at=None,
+             with_sampler: bool = False):
     from tailorlm.train.checkpoint import CheckpointStore
 
     torch.manual_seed(0)
@@ -148,8 +150,8 @@ def grpo_run(tokenizer, steps: int, out=None, resume=None, iterations: int = 1, 
     result = train(model, strategy, prompts(tokenizer), TrainSpec(max_steps=steps, batch_size=4, warmup_ratio=0,
                                                                    checkpoint_every=1, eval_every=0),
                    3e-2, tokenizer.pad_token_id, torch.device("cpu"), hooks, resume,
-                   GRPO(spec, TokenShareSampler(tokenizer, 6, interrupt_at)))
-    return result
+                   GRPO(spec, sampler := TokenShareSampler(tokenizer, 6, interrupt_at)))
+    return (result, sampler) if with_sampler else result
 
 
 def test_the_reward_rises_on_a_task_the_model_can_learn(tiny_tokenizer):
@@ -246,3 +248,86 @@ def test_the_grpo_example_is_a_valid_config_that_rewards_entity_f1():
     cfg = load_config(Path(__file__).parent.parent / "examples" / "wnut17_grpo.yaml")
     assert cfg.objective.reinforcement and [t.label for t in cfg.objective.grpo.reward] == ["f1", "format"]
     assert cfg.template.preset == "ner" and cfg.model.path == "runs/wnut17-sft"
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_stored_log_probs_of_the_sampling_weights_line_up_with_the_trained_ones(tiny_tokenizer, packing):
+    """num_iterations > 1 stores each answer token's log-prob as sampled; at the first update the weights are the
+    same, so the ratio is 1 token by token, in padded and packed batches alike, at temperature 0.7 too."""
+    torch.manual_seed(0)
+    model = tiny_llama(len(tiny_tokenizer), seed=0)
+    spec = ObjectiveSpec(name="grpo", grpo=GRPOSpec(group_size=4, loss="dapo", num_iterations=2, temperature=0.7))
+    grpo = GRPO(spec, TokenShareSampler(tiny_tokenizer, 4))
+    ctx = StepContext(tiny_tokenizer.pad_token_id, torch.device("cpu"), packing=packing)
+    items = prompts(tiny_tokenizer, 3)
+    grpo.begin_step([items], lambda fn: fn(model), ctx)
+    batch = ctx.batch(grpo.sequences(items))
+    stored = grpo.token_losses  # the loss with the stored sampling log-probs, and with the ratio fixed at 1
+    from tailorlm.kernels.loss import completion_token_logps
+
+    logps, sample, _ = completion_token_logps(model, batch, True, 0.7)
+    groups = [grpo.groups[id(it)] for it in items]
+    advantages = torch.tensor([a for g in groups for a in g.advantages])
+    with_sampling = stored(logps, sample, advantages, None, [r for g in groups for r in g.sampling])
+    at_one = stored(logps, sample, advantages, None, None)
+    assert float(with_sampling) == pytest.approx(float(at_one), abs=1e-5)
+    assert len([x for g in groups for r in g.sampling for x in r]) == logps.numel()
+
+
+def test_sampling_ignores_the_models_own_generation_filters(tiny_tokenizer):
+    """A model file's generation_config (top_k, no-repeat n-grams...) would sample another distribution than the
+    one the loss scores: the sampler sets each to the value that leaves the distribution alone."""
+    torch.manual_seed(0)
+    model = tiny_llama(len(tiny_tokenizer), seed=0)
+    model.generation_config.top_k = 1  # greedy, if it were used: every answer the same
+    model.generation_config.no_repeat_ngram_size = 1  # no token twice, if it were used
+    prompt = prompts(tiny_tokenizer, 1)[0].prompt_ids
+    answers = sample_answers(model, tiny_tokenizer, [prompt], 24, 1.0, 12, 1, torch.device("cpu"))[0]
+    assert len({tuple(a) for a in answers}) > 12
+    assert any(len(set(prompt + a)) < len(prompt + a) for a in answers)
+
+
+def test_settings_grpo_cannot_honour_are_refused_before_loading(tmp_path):
+    from tailorlm.pipeline.prepare import grpo_problems
+
+    cfg = load_config(None, ["objective.name=grpo", "objective.beta=0.05", "method.name=full",
+                             "objective.grpo.num_iterations=2", "train.eval_every=5", "train.micro_batch_tokens=4096"])
+    assert grpo_problems(cfg) == [
+        "objective.beta: 0.05 needs method lora or qlora under grpo: the starting model is the base with the adapter "
+        "off (full weights would need a second copy); set it to 0 or use LoRA",
+        "train.micro_batch_tokens: grpo samples group_size answers per prompt, so a prompt's tokens do not size its "
+        "micro-batch; leave it unset (batch_size and grad_accum set the step)",
+        "train.eval_every: 5 is not a multiple of objective.grpo.num_iterations (2): evaluations and checkpoints fall "
+        "between groups"]
+    assert grpo_problems(load_config(None, ["objective.name=grpo", "objective.beta=0.05"])) == []  # LoRA
+    with pytest.raises(ConfigError, match="two reward terms are named f1"):
+        load_config(None, ["objective.name=grpo", "objective.grpo.reward=[{metric: f1}, {metric: f1, weight: 2}]"])
+    with pytest.raises(ConfigError, match="a format term's weight is its value"):
+        load_config(None, ["objective.grpo.reward=[{format: 0.2, weight: 3}]"])
+
+
+def test_a_bad_reward_and_a_cut_off_answer_score_as_they_should(tmp_path):
+    from tailorlm.eval.rollouts import _term_scorer
+    from tailorlm.tasks.classification import TASK as CLASSIFY
+    from tailorlm.tasks.ner import TASK as NER
+
+    class Evaluator:
+        def __init__(self, task, labels=()):
+            self.task, self.labels = task, list(labels)
+
+    code = write(tmp_path / "bad.py", "def nan(completion, example):\n    return float('nan')\n")
+    score = _term_scorer(RewardTerm(function=f"{code}:nan"), Evaluator(CLASSIFY, ["a"]), True)
+    with pytest.raises(TailorError, match=f"{code}:nan returned nan for the answer 'x'; a reward is a finite number"):
+        score("x", True, {})
+    empty = {"tokens": ["nothing", "here"], "tags": ["O", "O"], "entities": []}
+    f1 = _term_scorer(RewardTerm(metric="f1"), Evaluator(NER, ["person"]), False)
+    assert (f1("nothing here", True, empty), f1("nothing [here", False, empty)) == (1.0, 0.0)
+
+
+def test_a_finished_runs_config_naming_a_reward_function_is_read_without_running_it(tmp_path):
+    from tailorlm.rundir import RunDir
+
+    run = tmp_path / "run"
+    write(run / "config.yaml", "objective:\n  name: grpo\n  grpo:\n    reward: {function: r.py:f}\n")
+    cfg = RunDir(run).config()  # export, predict and serve read it; none of them runs the reward
+    assert cfg.objective.grpo.reward[0].function == "r.py:f" and not cfg.objective._code_allowed

@@ -17,13 +17,16 @@ from tailorlm.errors import ConfigError, did_you_mean
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), trust_remote_code: bool = False,
-                text: str | None = None, source: str | None = None, allow_code: bool = False) -> RunConfig:
+                text: str | None = None, source: str | None = None, allow_code: bool = False,
+                read_only: bool = False) -> RunConfig:
     """Read a YAML run spec (the embedded default when path and text are None), apply key=value overrides,
     validate. `text` is a spec given as YAML text (the Python API's dicts); `source` names it in errors.
 
     trust_remote_code=True is the caller saying, on this command, that the model's own Python may run; a config
     (a file anyone may have written, such as a downloaded run folder's config.yaml) that asks for it without
-    that is refused. allow_code=True says the same of Python the config names itself (a GRPO reward function)."""
+    that is refused. allow_code=True says the same of Python the config names itself (a GRPO reward function);
+    read_only=True reads a finished run's config to use its model or settings, which runs none of that code
+    (it stays not allowed), so it is not refused either."""
     if text is not None:
         source = source or "<config text>"
     elif path is None:
@@ -68,7 +71,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), trust
                                    f"Python)"])
     cfg.model.trust_remote_code = trust_remote_code
     for i, term in enumerate(cfg.objective.grpo.reward):
-        if term.function is not None and not allow_code:
+        if term.function is not None and not allow_code and not read_only:
             key = ("objective", "grpo", "reward", str(i), "function")
             where = "" if any(key[:n] in overridden for n in range(3, 6)) else line_of(root, key)
             raise ConfigError(source, [f"objective.grpo.reward[{i}].function{where}: {term.function} is Python code, "

@@ -41,6 +41,8 @@ class RewardTerm(Section):
                              f"{', '.join(kinds) or 'none'})")
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"function {self.function!r}: write it FILE.py:NAME")
+        if self.format is not None and "weight" in self.model_fields_set:
+            raise ValueError("a format term's weight is its value: {format: 0.2}")
         return self
 
     @property
@@ -70,7 +72,8 @@ class GRPOSpec(Section):
     clip: float = Field(0.2, gt=0, lt=1, description="The ratio to the sampling policy is clipped to [1 - clip, 1 + "
                                                      "clip_high]: no update moves an answer's probability far at once")
     clip_high: Optional[float] = Field(None, gt=0, description="Upper clip (DAPO's clip-higher: 0.28); clip when absent")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the answers")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the answers; the loss scores them "
+                                                      "at the same temperature, so it trains the policy that sampled")
     max_new_tokens: Optional[PositiveInt] = Field(None, description="Longest sampled answer; the task's answer budget "
                                                                     "(as evaluation uses) when absent")
     reward: list[RewardTerm] = Field(default_factory=list, description="The reward, summed over its terms; empty: "
@@ -81,6 +84,17 @@ class GRPOSpec(Section):
     def _listed(cls, value):
         """`reward: {function: f.py:name}` is a list of one."""
         return [value] if isinstance(value, dict) else value
+
+    @field_validator("reward")
+    @classmethod
+    def _named_once(cls, terms):
+        """Each term is logged as reward/<name>: two of one name would be one figure."""
+        names = [t.label for t in terms]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two reward terms are named {', '.join(twice)}; each metric, the format and each "
+                             f"function name may appear once")
+        return terms
 
 
 class ObjectiveSpec(Section):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import GenerationConfig
 
 from tailorlm.config import GRPOSpec, RewardTerm
 from tailorlm.data.samples import Sample
@@ -25,6 +24,11 @@ from tailorlm.eval.evaluate import Evaluator
 from tailorlm.eval.generate import stop_token_ids
 from tailorlm.train.grpo import Rollout
 
+# Arguments of generate() win over the model's generation_config.json, whose sampling filters and penalties
+# (top_k 50, top_p 0.9, repetition_penalty 1.05 in many chat models' files) would sample answers from another
+# distribution than the one GRPO's loss scores: each is set to the value that leaves the distribution alone.
+UNFILTERED = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+              "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
 PERCENT_METRICS = ("bleu", "chrf")  # reported 0..100 (sacrebleu); rewards are kept on 0..1 like the others
 COUNT_KEYS = ("gold", "predicted")  # an extraction with nothing to find and nothing found: a perfect answer
 
@@ -63,15 +67,15 @@ def sample_answers(model, tokenizer, prompts: list[list[int]], n: int, temperatu
     answer cut at max_new_tokens has none): exactly the tokens the policy produced, which GRPO trains on."""
     stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n,
-                              max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
     out: list[list[list[int]]] = []
     for start in range(0, len(prompts), prompts_per_call):
         rows = prompts[start:start + prompts_per_call]
         width = max(map(len, rows))
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
-        generated = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+        generated = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                   num_return_sequences=n, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                   pad_token_id=pad, **UNFILTERED)
         for i in range(len(rows)):
             group = []
             for ids in generated[i * n:(i + 1) * n, width:].tolist():
@@ -86,8 +90,14 @@ def _term_scorer(term: RewardTerm, evaluator: Evaluator, code_allowed: bool) -> 
     task, labels = evaluator.task, evaluator.labels
     if term.function is not None:
         function = load_reward_function(term.function, code_allowed)
-        return lambda text, ended, example: float(function(text, {k: v for k, v in example.items()
-                                                                  if not k.startswith("_")}))
+
+        def called(text: str, ended: bool, example: dict) -> float:
+            value = function(text, {k: v for k, v in example.items() if not k.startswith("_")})
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TailorError(f"objective.grpo.reward: {term.function} returned {value!r} for the answer "
+                                  f"{text[:60]!r}; a reward is a finite number")
+            return float(value)
+        return called
     if term.format is not None:
         def parses(text: str, ended: bool, example: dict) -> float:
             metrics, _ = task.score([text], [example], labels)
@@ -102,7 +112,7 @@ def _term_scorer(term: RewardTerm, evaluator: Evaluator, code_allowed: bool) -> 
 
     def metric(text: str, ended: bool, example: dict) -> float:
         metrics, _ = task.score([text], [example], labels)
-        if all(metrics.get(k) == 0 for k in COUNT_KEYS):
+        if ended and all(metrics.get(k) == 0 for k in COUNT_KEYS):  # an answer cut off claims nothing
             return 1.0
         value = float(metrics.get(term.metric) or 0.0)
         value = value / 100 if term.metric in PERCENT_METRICS else value

@@ -82,8 +82,12 @@ def training_lines(history: TrainResult, overfit: int | None, retention: dict, l
                  + (" (stopped early)" if history.stopped_early else ""))
     if history.best_step is not None:
         lines.append(f"- best checkpoint by {select_metric}: step {history.best_step} (evaluated and saved)")
-    lines.append(f"- overfitting: validation loss rose after step {overfit}" if overfit is not None
-                 else "- overfitting: none seen (validation loss at or near its best at the end)")
+    if rewarded(history):  # GRPO does not train on the reference answers: their loss may rise as it should
+        lines.append("- validation loss: of the reference answers, which GRPO does not train on; the task's "
+                     "metric on generated answers is what chose the checkpoint")
+    else:
+        lines.append(f"- overfitting: validation loss rose after step {overfit}" if overfit is not None
+                     else "- overfitting: none seen (validation loss at or near its best at the end)")
     lines += [f"- step {e['step']}: {e['event']}" for e in history.events]
     lines += preference_lines(history.evaluations) + reward_lines(history)
     if retention:

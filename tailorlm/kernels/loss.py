@@ -104,10 +104,11 @@ def sequence_logps(model: torch.nn.Module, batch: dict, shared_prefix: bool = Tr
     return sums_S, counts_S
 
 
-def completion_token_logps(model: torch.nn.Module, batch: dict,
-                           shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+def completion_token_logps(model: torch.nn.Module, batch: dict, shared_prefix: bool = True,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(log-probability of every completion token, in order, with gradients; the sample each belongs to; the
-    number of samples): the per-token figures GRPO's clipped ratio needs, from the completion-only head."""
+    number of samples): the per-token figures GRPO's clipped ratio needs, from the completion-only head.
+    temperature: of the distribution scored (logits / temperature), the one answers were sampled from."""
     input_ids_BxT, targets_BxT = batch["input_ids"], batch["labels"][:, 1:]
     keep_BxT = targets_BxT != IGNORE
     packed = "cu_seqlens" in batch
@@ -121,19 +122,25 @@ def completion_token_logps(model: torch.nn.Module, batch: dict,
     parts = decoder_and_head(model)
     if parts is None:
         logits_BxTxV = model(input_ids=input_ids_BxT, use_cache=False, **inputs).logits[:, :-1]
-        token_logps_N = -F.cross_entropy(logits_BxTxV[keep_BxT].float(), targets_BxT[keep_BxT], reduction="none")
+        token_logps_N = -F.cross_entropy(logits_BxTxV[keep_BxT].float() / temperature, targets_BxT[keep_BxT],
+                                         reduction="none")
     else:
         hidden_NxH, targets_N = _completion_states(parts[0], batch, inputs, keep_BxT, shared_prefix and not packed)
-        token_logps_N = -_head_token_losses(hidden_NxH, targets_N, parts[1])
+        # (W h + b) / T as W (h / T) + b / T: the hidden rows are scaled, never a copy of the vocabulary matrix
+        token_logps_N = -_head_token_losses(hidden_NxH / temperature if temperature != 1 else hidden_NxH, targets_N,
+                                            parts[1], temperature)
     return token_logps_N, sample_N, n_samples
 
 
-def _head_token_losses(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-    """Each completion token's loss, the head run in chunks (recomputed in backward when training)."""
+def _head_token_losses(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn.Linear,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Each completion token's loss, the head run in chunks (recomputed in backward when training); hidden rows
+    already divided by `temperature`, whose share of the bias is taken here."""
+    bias = head.bias / temperature if head.bias is not None and temperature != 1 else head.bias
     chunks = []
     for start in range(0, hidden_NxH.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        args = (hidden_NxH[rows], targets_N[rows], head.weight, head.bias, "none")
+        args = (hidden_NxH[rows], targets_N[rows], head.weight, bias, "none")
         chunks.append(checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args))
     return torch.cat(chunks) if chunks else hidden_NxH.new_zeros(0, dtype=torch.float32)
 

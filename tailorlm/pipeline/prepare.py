@@ -103,9 +103,11 @@ def prepare(cfg: RunConfig, given: Mapping[str, object] | None = None, tokenizer
         n_params = inspect_model(cfg.model)
     specs = cfg.task_set()
     # Preference items have no mixing rule yet (shares of pairs from different tables): one task's table.
-    if cfg.objective.preference and len(specs) > 1:
+    if cfg.objective.name != "sft" and len(specs) > 1:
         raise ConfigError("config", [f"objective.name: {cfg.objective.name} trains one task; tasks: (multi-task "
                                      f"mixing) is for objective.name=sft"])
+    if cfg.objective.reinforcement and (problems := grpo_problems(cfg)):
+        raise ConfigError("config", problems)
     # eval.select.metric as training logs it ('accuracy' -> 'classification/accuracy'), checked before any output
     cfg = select_metric(cfg, {t.name: PromptTemplate(t.template) for t in specs})
     tasks = {t.name: prepare_task(t.name, cfg.for_task(t), tokenizer, n_params, given, weight=t.weight)
@@ -171,3 +173,24 @@ def save_data_report(folder: Path, data: TaskData) -> None:
         "splits": {n: {"examples": len(splits[n]), "samples": reports[n].kept, "truncated": reports[n].truncated,
                        "dropped": dict(reports[n].dropped)} for n in data.encoded},
         "train_tokens_per_epoch": sum(len(s) for s in data.encoded["train"])})
+
+
+def grpo_problems(cfg: RunConfig) -> list[str]:
+    """Settings GRPO cannot honour, said before any model is loaded."""
+    problems, grpo, train = [], cfg.objective.grpo, cfg.train
+    if cfg.objective.strength > 0 and cfg.method.name not in ("lora", "qlora"):
+        problems.append(f"objective.beta: {cfg.objective.strength} needs method lora or qlora under grpo: the starting "
+                        f"model is the base with the adapter off (full weights would need a second copy); set it "
+                        f"to 0 or use LoRA")
+    if train.micro_batch_tokens:
+        problems.append("train.micro_batch_tokens: grpo samples group_size answers per prompt, so a prompt's tokens "
+                        "do not size its micro-batch; leave it unset (batch_size and grad_accum set the step)")
+    if train.distributed.strategy == "fsdp":
+        problems.append("train.distributed.strategy: fsdp: grpo samples answers of different lengths on each process, "
+                        "which FSDP's per-block gathers cannot follow; use ddp")
+    for key in ("eval_every", "checkpoint_every", "max_steps"):
+        value = getattr(train, key)
+        if grpo.num_iterations > 1 and value and value % grpo.num_iterations:
+            problems.append(f"train.{key}: {value} is not a multiple of objective.grpo.num_iterations "
+                            f"({grpo.num_iterations}): evaluations and checkpoints fall between groups")
+    return problems

@@ -99,11 +99,12 @@ class GRPO(Objective):
         self.groups, tokens = {}, 0
         rewards, spreads, flat, lengths, terms = [], [], 0, [], {}
         for items in group:
-            mine, _ = distributed.share(items, world)
+            mine, real = distributed.share(items, world)
             rollouts = run(lambda model: _sampling(model, ctx, lambda m: self.sampler(m, mine)))
             for item, rollout in zip(mine, rollouts):
-                built = self._group(item, rollout)
-                self.groups[id(item)] = built
+                self.groups[id(item)] = self._group(item, rollout)
+                if not real:  # a rank's stand-in for a short micro-batch trains at weight 0: not counted
+                    continue
                 tokens += sum(len(c) for c in rollout.completions)
                 lengths += [len(c) for c in rollout.completions]
                 rewards += rollout.rewards
@@ -117,14 +118,16 @@ class GRPO(Objective):
             if self.repeats > 1:  # the later updates compare with the weights that sampled the answers
                 self._attach_sampling(mine, run, ctx)
         sampled = time.perf_counter() - began
+        names = sorted(terms)  # the same on every process: the sampler's terms
         totals = distributed.sum_floats(float(tokens), sum(rewards), float(len(rewards)), sum(spreads),
-                                        float(flat), float(len(spreads)), sum(lengths))
+                                        float(flat), float(len(spreads)), sum(lengths),
+                                        *(sum(terms[n]) for n in names))
         self.step_tokens = int(totals[0])
         answers, groups = max(totals[2], 1.0), max(totals[5], 1.0)
         self._figures = {"reward": totals[1] / answers, "reward_spread": totals[3] / groups,
                          "flat_groups": totals[4] / groups, "answer_tokens": totals[6] / answers,
                          "sampling_seconds": sampled,
-                         **{f"reward/{name}": sum(v) / max(len(v), 1) for name, v in terms.items()}}
+                         **{f"reward/{name}": total / answers for name, total in zip(names, totals[7:])}}
 
     def figures(self) -> dict:
         """The step's rewards for the log: the mean, the mean spread within groups, the share of groups whose
@@ -146,13 +149,14 @@ class GRPO(Objective):
                 raise TailorError("objective.beta above 0 for grpo needs method lora or qlora: the starting model "
                                   "is the base with the adapter off (full fine-tuning would hold a second copy)")
             with model.disable_adapter():
-                return _answer_logps(model, sequences, ctx)
+                return _answer_logps(model, sequences, ctx, self.spec.temperature)
 
         for item, per_answer in zip(items, self._per_group(items, run, reference)):
             self.groups[id(item)].reference = per_answer
 
     def _attach_sampling(self, items: list[Sample], run, ctx) -> None:
-        for item, per_answer in zip(items, self._per_group(items, run, lambda m, seqs: _answer_logps(m, seqs, ctx))):
+        measure = lambda m, seqs: _answer_logps(m, seqs, ctx, self.spec.temperature)  # noqa: E731
+        for item, per_answer in zip(items, self._per_group(items, run, measure)):
             self.groups[id(item)].sampling = per_answer
 
     def _per_group(self, items: list[Sample], run, measure) -> list[list[list[float]]]:
@@ -167,7 +171,8 @@ class GRPO(Objective):
         return out
 
     def loss(self, forward, batch: dict, items: list[Sample]) -> torch.Tensor:
-        logps, sample, _ = forward(lambda model, shared_prefix: completion_token_logps(model, batch, shared_prefix))
+        logps, sample, _ = forward(lambda model, shared_prefix: completion_token_logps(
+            model, batch, shared_prefix, self.spec.temperature))
         groups = [self.groups[id(it)] for it in items]
         advantages = torch.tensor([a for g in groups for a in g.advantages], dtype=logps.dtype, device=logps.device)
         return self.token_losses(logps, sample, advantages,
@@ -205,13 +210,13 @@ def _sampling(model, ctx, sample: Callable):
         model.train(was)
 
 
-def _answer_logps(model, sequences: list[Sample], ctx) -> list[list[float]]:
+def _answer_logps(model, sequences: list[Sample], ctx, temperature: float) -> list[list[float]]:
     """Each answer's token log-probs under `model` as it is, without gradient, in eval mode."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad(), ctx.autocast():
-            logps, sample, _ = completion_token_logps(model, ctx.batch(sequences), shared_prefix=False)
+            logps, sample, _ = completion_token_logps(model, ctx.batch(sequences), False, temperature)
     finally:
         model.train(was)
     return _split(logps.double(), sample, len(sequences))
