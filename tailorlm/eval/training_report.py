@@ -127,6 +127,11 @@ def reward_lines(history: TrainResult) -> list[str]:
     lines += [f"| {name} | {mean(first, key):.3f} | {mean(last, key):.3f} |" for key, name in
               [("reward", "mean reward"), *((t, t) for t in terms), ("reward_spread", "spread within groups"),
                ("flat_groups", "groups that taught nothing"), ("answer_tokens", "answer tokens")]]
+    sampling = sum(r.get("sampling_seconds", 0.0) for r in rows)
+    if sampling and history.step_seconds:
+        tokens = sum(r.get("sampled_tokens", 0) for r in rows)
+        lines += ["", f"Sampling took {sampling / history.step_seconds:.0%} of the optimizer steps' time "
+                      f"({tokens / sampling:.0f} answer tokens per second on this process)."]
     return lines
 
 

@@ -94,7 +94,7 @@ class GRPO(Objective):
         if current and all(g is not None and g.uses < self.repeats for g in current):
             for g in current:  # the same prompts again (num_iterations): their answers train once more
                 g.uses += 1
-            self._figures["sampling_seconds"] = 0.0
+            self._figures.update(sampling_seconds=0.0, sampled_tokens=0)
             return
         self.groups, tokens = {}, 0
         rewards, spreads, flat, lengths, terms = [], [], 0, [], {}
@@ -126,7 +126,7 @@ class GRPO(Objective):
         answers, groups = max(totals[2], 1.0), max(totals[5], 1.0)
         self._figures = {"reward": totals[1] / answers, "reward_spread": totals[3] / groups,
                          "flat_groups": totals[4] / groups, "answer_tokens": totals[6] / answers,
-                         "sampling_seconds": sampled,
+                         "sampled_tokens": tokens, "sampling_seconds": sampled,
                          **{f"reward/{name}": total / answers for name, total in zip(names, totals[7:])}}
 
     def figures(self) -> dict:
