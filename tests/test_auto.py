@@ -109,8 +109,8 @@ def test_successive_halving_keeps_the_best_third_within_the_budget(monkeypatch):
     quality = {c.key: 0.5 + 0.01 * i for i, c in enumerate(configs())}  # the last config is the best
     quality[configs()[3].key] = 0.9  # ... except this one
     runner = FakeRunner(clock, quality)
-    budget = 800.0
-    found = search(configs(), ladder(90), rates(), runner, 0.0, budget, {}, "task/accuracy")
+    budget, measured = 800.0, rates()
+    found = search(configs(), ladder(90), measured, runner, 0.0, budget, {}, "task/accuracy")
     assert clock.now <= budget
     first = [t for t in found.trials if t.rung == 0]
     assert len(first) == len(found.plan.configs)
@@ -119,6 +119,15 @@ def test_successive_halving_keeps_the_best_third_within_the_budget(monkeypatch):
     assert second and set(second) == {t.key for t in ranked[:len(second)]}
     assert len(second) == -(-len(first) // 3)
     assert found.winner.key == configs()[3].key and found.winner.rung == max(t.rung for t in found.trials)
+    # the time left after the last rung: the next-best of the rung below at its length, in order, while they fit
+    top = max(t.rung for t in found.trials)
+    below = [t.key for t in found.best_of_rung(top - 1)]
+    at_top = [t.key for t in found.trials if t.rung == top]
+    halving = -(-len(below) // 3)
+    assert at_top == below[:len(at_top)] and len(at_top) > halving
+    if len(at_top) < len(below):
+        following = next(c for c in configs() if c.key == below[len(at_top)])
+        assert measured.trial(following, found.plan.rungs[top]) > budget - clock.now
 
 
 def test_the_budget_stops_what_does_not_fit(monkeypatch):
