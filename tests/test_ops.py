@@ -102,7 +102,7 @@ def test_every_export_goes_through_the_one_operation(tmp_path, monkeypatch, caps
     assert "error: exported in ops" in capsys.readouterr().out
     with pytest.raises(TailorError, match="exported in ops"):
         tailorlm.Run(run).export("hf", output=tmp_path / "hf", verify=True)
-    state = finished_state(start_export({}, run, "adapter", None))
+    state = finished_state(start_export({}, run.name, run, "adapter", None))
     assert (state["state"], state["error"]) == ("failed", "exported in ops")
 
     assert [(Path(a["run_dir"]), a["fmt"], a["quant"], a["output"], a["verify"]) for _, a in calls] == [
