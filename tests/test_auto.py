@@ -141,6 +141,22 @@ def test_the_budget_stops_what_does_not_fit(monkeypatch):
         len(runner.calls) == sum(1 for t in found.trials if t.state == "complete")
 
 
+def test_when_no_trial_finishes_the_best_one_the_budget_cut_short_wins(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(search_module, "time", clock)
+
+    class CutShort(FakeRunner):
+        def __call__(self, config, steps, rung, fixed) -> Trial:
+            trial = super().__call__(config, steps, rung, fixed)
+            trial.state, trial.note = "stopped", f"the budget: stopped at step {steps - 5} of {steps}"
+            return trial
+
+    quality = {c.key: 0.5 + 0.1 * i for i, c in enumerate(configs()[:2])}
+    found = search(configs()[:2], [30], rates(), CutShort(clock, quality), 0.0, 200.0, {}, "task/accuracy")
+    assert [t.state for t in found.trials] == ["stopped", "stopped"]
+    assert found.winner.key == configs()[1].key  # the better of the two, though neither trained its full length
+
+
 @pytest.fixture(scope="module")
 def auto_task(tmp_path_factory):
     """Two tiny random models and a table TF-IDF separates perfectly, which no tiny model learns in seconds."""

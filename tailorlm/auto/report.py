@@ -45,6 +45,9 @@ def recommendation(found: Search, final: Final | None) -> list[str]:
         lines.append(f"**Use the fine-tuned {found.winner.key}** ({title} {format_metric(headline, tuned)} on the "
                      f"test split). Its folder {found.winner.run_dir} is a finished run: tailor predict, chat, serve "
                      f"and export take it.")
+    if found.winner.state == "stopped":
+        lines.append(f"No trial trained its full length within the budget: the winner is the one it cut short "
+                     f"({found.winner.note.removeprefix('the budget: ')}); a larger --budget trains it fully.")
     prompting = [(model, best) for model, best in final.prompting.items() if best]
     if prompting and tuned is not None:
         model, best = max(prompting, key=lambda mb: mb[1]["value"])

@@ -116,6 +116,9 @@ def search(configs: list[Config], lengths: list[int], rates: Rates, runner: Tria
         if found.best_of_rung(rung):
             found.winner = found.best_of_rung(rung)[0]
             break
+    if found.winner is None:  # none finished: the best of those the budget cut short (they evaluated as they ended)
+        cut = [t for t in found.trials if t.state == "stopped" and t.value is not None]
+        found.winner = max(cut, key=lambda t: t.value, default=None)
     return found
 
 

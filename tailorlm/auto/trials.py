@@ -141,11 +141,10 @@ class TrialRunner:
         result.train_seconds, result.tokens = float(log.get("step_seconds", 0)), int(log.get("tokens", 0))
         result.loop_seconds = float(log.get("seconds", 0))
         result.trained = log["train_loss"][-1]["step"] if log.get("train_loss") else 0
+        result.value, result.step = validation_value(out / "train_log.json", self.metric)
         if result.trained < result.steps:  # train.max_seconds stopped it: not comparable with full-length trials
             result.state = "stopped"
             result.note = f"the budget: stopped at step {result.trained} of {result.steps}"
-            return
-        result.value, result.step = validation_value(out / "train_log.json", self.metric)
 
 
 def read_back(t: optuna.trial.FrozenTrial) -> Trial:
