@@ -104,7 +104,9 @@ class TrialRunner:
                        host=socket.gethostname(), pid=os.getpid())
 
         def observe(metrics: dict, step: int) -> None:
-            if time.monotonic() > self.deadline:
+            # Training steps stop at the deadline; an evaluation under way finishes (the one evaluation auto may
+            # overrun by), since stopping it would throw away the trial it scores.
+            if "train/loss" in metrics and time.monotonic() > self.deadline:
                 raise BudgetSpent(f"the budget ran out at step {step}")
 
         import torch
