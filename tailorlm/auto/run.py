@@ -32,7 +32,7 @@ from tailorlm.errors import ConfigError, TailorError
 from tailorlm.eval.during_training import metric_key
 from tailorlm.models.loading import resolve_device
 from tailorlm.pipeline.prepare import prepare
-from tailorlm.sweep.study import storage_url
+from tailorlm.sweep.study import storage_url, worker_alive
 from tailorlm.sweep.space import overrides as as_overrides
 from tailorlm.track.flat import flatten
 from tailorlm.ui import console, stage
@@ -165,21 +165,11 @@ def _trained_elsewhere(winner) -> str | None:
     """The live worker that trained the winner, when it is not this one: the winner's folder is on that
     worker's machine, and it scores the winner itself. A stopped worker of this machine leaves it to this one."""
     here = socket.gethostname()
-    if winner.host is None or (winner.host == here and (winner.pid == os.getpid() or not _alive(winner.pid))):
+    if winner.host is None:
+        return None
+    if winner.host == here and (winner.pid in (None, os.getpid()) or not worker_alive(winner.pid)):
         return None
     return f"worker {winner.pid} on {winner.host}" + (" (this machine)" if winner.host == here else "")
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process of that number: alive, and not ours to judge
-        return True
-    return True
 
 
 def _candidates(base: RunConfig, fixed: dict, models: list[str], embedded: bool,

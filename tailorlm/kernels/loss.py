@@ -126,17 +126,18 @@ def completion_token_logps(model: torch.nn.Module, batch: dict, shared_prefix: b
                                          reduction="none")
     else:
         hidden_NxH, targets_N = _completion_states(parts[0], batch, inputs, keep_BxT, shared_prefix and not packed)
-        # (W h + b) / T as W (h / T) + b / T: the hidden rows are scaled, never a copy of the vocabulary matrix
-        token_logps_N = -_head_token_losses(hidden_NxH / temperature if temperature != 1 else hidden_NxH, targets_N,
-                                            parts[1], temperature)
+        token_logps_N = -_head_token_losses(hidden_NxH, targets_N, parts[1], temperature)
     return token_logps_N, sample_N, n_samples
 
 
 def _head_token_losses(hidden_NxH: torch.Tensor, targets_N: torch.Tensor, head: torch.nn.Linear,
                        temperature: float = 1.0) -> torch.Tensor:
-    """Each completion token's loss, the head run in chunks (recomputed in backward when training); hidden rows
-    already divided by `temperature`, whose share of the bias is taken here."""
-    bias = head.bias / temperature if head.bias is not None and temperature != 1 else head.bias
+    """Each completion token's loss, the head run in chunks (recomputed in backward when training), of the
+    logits divided by `temperature`: (W h + b) / T as W (h / T) + b / T, so the hidden rows are scaled, never a
+    copy of the vocabulary matrix."""
+    bias = head.bias
+    if temperature != 1:
+        hidden_NxH, bias = hidden_NxH / temperature, (bias / temperature if bias is not None else None)
     chunks = []
     for start in range(0, hidden_NxH.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tailorlm.errors import TailorError
 from tailorlm.eval.baselines import best_prompting, is_prompting, run_baselines, variant_name
 from tailorlm.eval.curve_report import curve_file, plot_curve
 from tailorlm.eval.during_training import TrainingEvaluation, validation_subset
@@ -83,10 +82,7 @@ def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str,
     stage(f"Fine-tuning ({cfg.method.name}{objective})")
     during = TrainingEvaluation(cfg, prepared.tokenizer, prepared.validation(), scorers, device, prepared.retention)
     sampler = None
-    if cfg.objective.reinforcement:  # GRPO answers the task's prompts and is rewarded by its metric
-        if len(prepared.tasks) > 1:
-            raise TailorError("objective grpo trains one task: its reward is that task's metric (run each task "
-                              "on its own)")
+    if cfg.objective.reinforcement:  # GRPO answers the task's prompts (one task: prepare) and is rewarded by its metric
         name = next(iter(prepared.tasks))
         sampler = TaskSampler(cfg.objective.grpo, scorers[name], cfg.objective._code_allowed, cfg.eval.batch_size)
     result = fit(cfg, model, prepared.tokenizer, prepared.training_set, run_dir.path, device, resume, log, during,

@@ -169,7 +169,7 @@ def fail_interrupted(study: optuna.Study) -> list[int]:
     host, failed = socket.gethostname(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") == host and pid is not None and not _alive(pid):
+        if trial.user_attrs.get("host") == host and pid is not None and not worker_alive(pid):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             failed.append(trial.number)
     if failed:
@@ -178,7 +178,8 @@ def fail_interrupted(study: optuna.Study) -> list[int]:
     return failed
 
 
-def _alive(pid: int) -> bool:
+def worker_alive(pid: int) -> bool:
+    """Whether a worker process of this machine still exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

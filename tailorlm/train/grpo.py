@@ -22,6 +22,7 @@ model is the base with the LoRA adapter off, so no second copy of the weights is
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -199,26 +200,28 @@ class GRPO(Objective):
         return (sums / counts).sum()
 
 
-def _sampling(model, ctx, sample: Callable):
-    """The sampler on the plain model (no packing or compiled layers), without gradients, in eval mode."""
+@contextlib.contextmanager
+def _still(model):
+    """The model in eval mode without gradients (no dropout: what sampled is what is scored), put back after."""
     was = model.training
     model.eval()
     try:
-        with ctx.eager(), torch.no_grad():
-            return sample(model)
+        with torch.no_grad():
+            yield
     finally:
         model.train(was)
+
+
+def _sampling(model, ctx, sample: Callable):
+    """The sampler on the plain model (no packing or compiled layers)."""
+    with _still(model), ctx.eager():
+        return sample(model)
 
 
 def _answer_logps(model, sequences: list[Sample], ctx, temperature: float) -> list[list[float]]:
-    """Each answer's token log-probs under `model` as it is, without gradient, in eval mode."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), ctx.autocast():
-            logps, sample, _ = completion_token_logps(model, ctx.batch(sequences), False, temperature)
-    finally:
-        model.train(was)
+    """Each answer's token log-probs under `model` as it is."""
+    with _still(model), ctx.autocast():
+        logps, sample, _ = completion_token_logps(model, ctx.batch(sequences), False, temperature)
     return _split(logps.double(), sample, len(sequences))
 
 
