@@ -10,7 +10,7 @@ from tailorlm.auto import search as search_module
 from tailorlm.auto import trials as trials_module
 from tailorlm.auto.candidates import Candidate
 from tailorlm.auto.plan import Config, Rates, ladder, make_plan, parse_budget, recipes, survivors
-from tailorlm.auto.search import search
+from tailorlm.auto.search import Search, search
 from tailorlm.auto.trials import Trial
 from tailorlm.errors import TailorError
 from conftest import build_tiny_tokenizer, labeled_csv, tiny_llama, write
@@ -157,6 +157,16 @@ def test_when_no_trial_finishes_the_best_one_the_budget_cut_short_wins(monkeypat
     assert found.winner.key == configs()[1].key  # the better of the two, though neither trained its full length
 
 
+def test_trials_that_tie_on_the_metric_rank_by_validation_loss():
+    keys = [c.key for c in configs()[:4]]
+    found = Search("task/accuracy", None, [10])
+    found.trials = [Trial(keys[0], 0, 10, "complete", 0.825, val_loss=0.44),
+                    Trial(keys[1], 0, 10, "complete", 0.825, val_loss=0.30),
+                    Trial(keys[2], 0, 10, "complete", 0.900, val_loss=0.90),
+                    Trial(keys[3], 0, 10, "complete", 0.825)]  # read back from a study without the loss: last
+    assert [t.key for t in found.best_of_rung(0)] == [keys[2], keys[1], keys[0], keys[3]]
+
+
 @pytest.fixture(scope="module")
 def auto_task(tmp_path_factory):
     """Two tiny random models and a table TF-IDF separates perfectly, which no tiny model learns in seconds."""
@@ -223,6 +233,8 @@ def test_auto_chooses_on_validation_resumes_and_recommends_the_classic_model(aut
     best = max(t["value"] for t in trials if t["rung"] == top and t["state"] == "complete")
     assert result["winner"]["rung"] == top and result["winner"]["value"] == best
     winner = out / f"trial-{result['winner']['number']}"
+    assert (winner / "example_losses.jsonl").read_text() == ""  # trials skip the pass over the training rows
+    assert all(t["val_loss"] > 0 for t in trials if t["state"] == "complete")
     section = json.loads((winner / "metrics.json").read_text())["tasks"]["classification"]
     assert {"fine_tuned", "majority", "classic", "zero_shot"} <= set(section["variants"])
     assert json.loads((winner / "manifest.json").read_text())["tasks"]["classification"]["decoding"] == "free"

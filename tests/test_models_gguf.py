@@ -97,3 +97,27 @@ def test_only_the_loading_thread_shares_a_parse(tiny_tokenizer, tmp_path, counte
     assert readers["loading"][0] is readers["loading"][1]
     assert readers["other"][0] is not readers["other"][1]
     assert len(counted_parses) == 3
+
+
+def test_a_search_loads_a_gguf_once_and_every_trial_starts_from_the_same_weights(tiny_tokenizer, tmp_path,
+                                                                                   counted_parses):
+    from tailorlm.models import kept_weights
+
+    path = _write(tiny_llama(len(tiny_tokenizer), seed=4), tiny_tokenizer, tmp_path / "tiny.gguf")
+    spec, ids = ModelSpec(path=str(path)), torch.tensor([[3, 9, 4, 7]])
+    with kept_weights.keeping():
+        first = load_model(spec, torch.device("cpu")).model
+        with torch.no_grad():
+            expected = first(ids).logits
+            for p in first.parameters():
+                p.add_(1.0)  # a trial that trains the weights in place (full fine-tuning)
+        second = load_model(spec, torch.device("cpu"))
+        assert counted_parses == [str(path)]  # the second load neither parsed nor dequantized the file
+        with torch.no_grad():
+            assert torch.equal(second.model(ids).logits, expected)
+        assert second.model.config.name_or_path == str(tmp_path)  # what PEFT writes as the adapter's base
+        assert second.tokenizer("the market rose")["input_ids"] == tiny_tokenizer("the market rose")["input_ids"]
+        assert second.model.lm_head.weight is not first.lm_head.weight
+    assert kept_weights._weights == {} and kept_weights._tokenizers == {}  # nothing held once the search ends
+    load_model(spec, torch.device("cpu"))
+    assert len(counted_parses) == 2  # outside a search, every load reads the file

@@ -77,15 +77,18 @@ def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, 
     lines += [f"| {s.name} | - | no: {s.why} |" for s in skipped]
     rungs = ", ".join(str(s) for s in found.plan.rungs)
     lines += ["", f"## Trials (validation {found.metric}; rungs of {rungs} steps, the best third of each going on)",
-              "", "| trial | model | recipe | steps | validation | kept step | seconds | tokens/s | outcome |",
-              "|---:|---|---|---:|---:|---:|---:|---:|---|"]
-    for t in sorted(found.trials, key=lambda t: (t.rung, -(t.value if t.value is not None else -1))):
+              "", "| trial | model | recipe | steps | validation | val loss | kept step | seconds | tokens/s | outcome |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    ranked = sorted(found.trials, key=lambda t: (t.rung, -(t.value if t.value is not None else -1),
+                                                 t.val_loss if t.val_loss is not None else float("inf")))
+    for t in ranked:
         model, recipe = t.key.split(" | ", 1)
         rate = f"{t.tokens / t.train_seconds:.0f}" if t.train_seconds else "-"
         value = "-" if t.value is None else f"{t.value:.3f}"
         outcome = t.state + (f": {t.note}" if t.note else "") + (" (winner)" if t is found.winner else "")
         steps = f"{t.trained} of {t.steps}" if t.trained and t.trained < t.steps else str(t.steps)
-        lines.append(f"| {t.number if t.number is not None else '-'} | {model} | {recipe} | {steps} | {value} | "
+        loss = "-" if t.val_loss is None else f"{t.val_loss:.3f}"
+        lines.append(f"| {t.number if t.number is not None else '-'} | {model} | {recipe} | {steps} | {value} | {loss} | "
                      f"{t.step if t.step is not None else '-'} | {t.seconds:.0f} | {rate} | {outcome} |")
     lines += [f"- not tried: {key} ({why})" for key, why in found.plan.dropped]
     if final is not None:

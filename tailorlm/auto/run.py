@@ -30,6 +30,7 @@ from tailorlm.data.cost import estimate_training
 from tailorlm.data.model_shape import read_shape
 from tailorlm.errors import ConfigError, TailorError
 from tailorlm.eval.during_training import metric_key
+from tailorlm.models import kept_weights
 from tailorlm.models.loading import resolve_device
 from tailorlm.pipeline.prepare import prepare
 from tailorlm.sweep.study import storage_url, worker_alive
@@ -65,6 +66,7 @@ def fixed_recipe(config_path: str | None, overrides: list[str], search_recipe: b
     return {k: raw[k] for k in RECIPE_KEYS if k in raw}
 
 
+@kept_weights.keeping()  # trials of one model load it once (models/kept_weights.py)
 def auto(config_path: str | None, overrides: list[str], budget: float, models: list[str] = (),
          embedded: bool = True, output: str | Path | None = None, storage: str | None = None,
          trust_remote_code: bool = False, curve: bool = False, search_recipe: bool = False) -> AutoOutcome:

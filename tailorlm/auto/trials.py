@@ -1,7 +1,8 @@
 """One trial of `tailor auto`: a `tailor run` of the user's config with the trial's model, recipe and length,
 recorded in the search's Optuna study, or read back from it when it already ran.
 
-A trial runs with eval.test=false (it never reads the test split, and no prompting baseline runs) and one
+A trial runs with eval.test=false (it never reads the test split, and no prompting baseline runs), without
+the training set's per-example losses (on a short trial they cost as much as its steps), and with one
 evaluation, at its end: rungs train from scratch to their own length, so the last step is what halving
 compares. Its score is the task's headline metric on generated validation answers (the rule `tailor sweep`
 uses, sweep/objective.py's validation_value).
@@ -57,6 +58,7 @@ class Trial:
     note: str = ""
     host: str | None = None  # the worker that trained it (its folder is on that machine)
     pid: int | None = None
+    val_loss: float | None = None  # at the kept step: breaks ties of the metric (search.best_of_rung)
 
 
 class TrialRunner:
@@ -73,7 +75,7 @@ class TrialRunner:
         values: dict[str, object] = {"model.path": config.candidate.path, **config.recipe.overrides(),
                                      "train.max_steps": steps, "train.eval_every": 0, "eval.test": False,
                                      "eval.select.metric": self.metric, "eval.retention.data": None,
-                                     "eval.during_training": self.answers}
+                                     "eval.during_training": self.answers, "eval.example_losses": False}
         values = {k: v for k, v in values.items() if k not in fixed or k in ("eval.test", "train.max_steps")}
         if self.max_seconds is not None:
             values["train.max_seconds"] = round(self.max_seconds, 1)
@@ -130,7 +132,7 @@ class TrialRunner:
         result.seconds = time.monotonic() - started
         for k, v in {"seconds": result.seconds, "train_seconds": result.train_seconds, "tokens": result.tokens,
                      "loop_seconds": result.loop_seconds, "trained": result.trained, "step": result.step,
-                     "note": result.note, "outcome": result.state}.items():
+                     "note": result.note, "outcome": result.state, "val_loss": result.val_loss}.items():
             trial.set_user_attr(k, v)
         if result.state == "complete":
             self.study.tell(trial, result.value)
@@ -144,6 +146,8 @@ class TrialRunner:
         result.loop_seconds = float(log.get("seconds", 0))
         result.trained = log["train_loss"][-1]["step"] if log.get("train_loss") else 0
         result.value, result.step = validation_value(out / "train_log.json", self.metric)
+        result.val_loss = next((e.get("val_loss") for e in log.get("evaluations", []) if e.get("step") == result.step),
+                               None)
         if result.trained < result.steps:  # train.max_seconds stopped it: not comparable with full-length trials
             result.state = "stopped"
             result.note = f"the budget: stopped at step {result.trained} of {result.steps}"
@@ -154,7 +158,7 @@ def read_back(t: optuna.trial.FrozenTrial) -> Trial:
     return Trial(a["key"], a["rung"], a["steps"], "complete" if t.state == TrialState.COMPLETE else "running",
                  t.value, a.get("seconds", 0.0), a.get("train_seconds", 0.0), a.get("loop_seconds", 0.0),
                  a.get("trained", 0), a.get("tokens", 0), a.get("step"), a.get("run_dir"), t.number, READ_BACK,
-                 a.get("host"), a.get("pid"))
+                 a.get("host"), a.get("pid"), a.get("val_loss"))
 
 
 def recorded_seconds(study: optuna.Study) -> float:

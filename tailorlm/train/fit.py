@@ -78,7 +78,8 @@ def fit(cfg: RunConfig, model, tokenizer, train_set: list, out_dir: Path, device
     held = history.best_step if restored else history.completed  # the step whose weights the model holds now
     retention = evaluation.after(model, next((e for e in history.evaluations if e["step"] == held), None)) \
         if evaluation else {}
-    losses = example_losses(model, objective.answers(train_set), cfg.train.batch_size, pad_id, device)
+    losses = example_losses(model, objective.answers(train_set), cfg.train.batch_size, pad_id, device) \
+        if cfg.eval.example_losses else []
     return Fit(model, history, saved, restored, retention, losses)
 
 
