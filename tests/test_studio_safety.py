@@ -361,7 +361,8 @@ def test_stopping_or_killing_the_studio_interrupts_its_run(tmp_path, tiny_model_
         assert _alive(run)
         studio.send_signal(how)
         eventually(lambda: not _alive(run), timeout=60)
-        assert load_run(run_dir).status == "interrupted"  # resumable with tailor run --resume
+        ended = load_run(run_dir)
+        assert ended.status == "interrupted", ended.state  # resumable with tailor run --resume (else: its error)
         if how == signal.SIGTERM:
             assert studio.wait(timeout=30) == 0
             assert "tailor studio stopped." in studio.stdout.read()

@@ -45,6 +45,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     import optuna
 
     from tailorlm.config import load_config
+    from tailorlm.models import kept_weights
     from tailorlm.sweep.objective import TrialRun, choose_metric
     from tailorlm.sweep.results import best_trial, print_results, write_results
     from tailorlm.sweep.space import check_against_config, default_space, load_space
@@ -86,7 +87,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         write_results(study, space, metric, sweep_dir, args.config, args.trust_remote_code)
 
     objective = TrialRun(args.config, base, space, metric, sweep_dir, lambda n: make_sampler(space, space.seed + n))
-    run_trials(study, url, objective, space.n_trials, after_each)
+    with kept_weights.keeping():  # every trial of the sweep loads the same model: a GGUF is parsed once
+        run_trials(study, url, objective, space.n_trials, after_each)
     write_results(study, space, metric, sweep_dir, args.config, args.trust_remote_code)
     console.print()
     print_results(study, space, metric)
