@@ -107,6 +107,8 @@ def test_a_search_loads_a_gguf_once_and_every_trial_starts_from_the_same_weights
     spec, ids = ModelSpec(path=str(path)), torch.tensor([[3, 9, 4, 7]])
     with kept_weights.keeping():
         first = load_model(spec, torch.device("cpu")).model
+        (_, kept), = kept_weights._weights.values()
+        assert kept["lm_head.weight"] is kept["model.embed_tokens.weight"]  # the tied head is kept once
         with torch.no_grad():
             expected = first(ids).logits
             for p in first.parameters():

@@ -79,9 +79,7 @@ def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, 
     lines += ["", f"## Trials (validation {found.metric}; rungs of {rungs} steps, the best third of each going on)",
               "", "| trial | model | recipe | steps | validation | val loss | kept step | seconds | tokens/s | outcome |",
               "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    ranked = sorted(found.trials, key=lambda t: (t.rung, -(t.value if t.value is not None else -1),
-                                                 t.val_loss if t.val_loss is not None else float("inf")))
-    for t in ranked:
+    for t in sorted(found.trials, key=lambda t: (t.rung, *t.rank)):
         model, recipe = t.key.split(" | ", 1)
         rate = f"{t.tokens / t.train_seconds:.0f}" if t.train_seconds else "-"
         value = "-" if t.value is None else f"{t.value:.3f}"

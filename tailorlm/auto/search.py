@@ -38,10 +38,8 @@ class Search:
     spent: float = 0.0  # seconds of the search, earlier runs of it included
 
     def best_of_rung(self, rung: int) -> list[Trial]:
-        # A small validation split ties often (40 answers: the default job's two 0.825s); the loss on its gold
-        # answers ranks those by how surely the model gives them. Stable: ties of both keep the priors' order.
         done = [t for t in self.trials if t.rung == rung and t.state == "complete"]
-        return sorted(done, key=lambda t: (-t.value, math.inf if t.val_loss is None else t.val_loss))
+        return sorted(done, key=lambda t: t.rank)  # stable: ties of both keep the priors' order
 
 
 def measure(rates: Rates, config: Config, trial: Trial) -> None:

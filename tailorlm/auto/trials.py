@@ -14,6 +14,7 @@ not comparable with trials that trained their full length, and a later run with 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 import time
@@ -58,7 +59,15 @@ class Trial:
     note: str = ""
     host: str | None = None  # the worker that trained it (its folder is on that machine)
     pid: int | None = None
-    val_loss: float | None = None  # at the kept step: breaks ties of the metric (search.best_of_rung)
+    val_loss: float | None = None  # at the kept step: breaks ties of the metric (rank)
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        """Sorts best first: the metric, then, among ties, the validation loss; a trial without either after.
+        A small validation split ties often (40 answers: the default job's two 0.825s); the loss on its gold
+        answers ranks those by how surely the model gives them."""
+        return (-self.value if self.value is not None else math.inf,
+                self.val_loss if self.val_loss is not None else math.inf)
 
 
 class TrialRunner:

@@ -47,12 +47,25 @@ def active() -> bool:
 def weights(key: tuple) -> tuple[type, dict[str, torch.Tensor]] | None:
     """(the model's class, a copy of its kept weights, which the caller's model then owns) for `key`, or None."""
     kept = _weights.get(key)
-    return None if kept is None else (kept[0], {name: tensor.clone() for name, tensor in kept[1].items()})
+    return None if kept is None else (kept[0], _copy(kept[1]))
 
 
 def keep_weights(key: tuple, model: torch.nn.Module) -> None:
     if active():
-        _weights[key] = type(model), {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        _weights[key] = type(model), _copy(model.state_dict())
+
+
+def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a state dict in which names sharing one tensor still share one: a tied head and embedding
+    (Gemma-3-270M's, 168M of its 268M parameters) is copied once, not twice."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        same = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)  # one tensor, not two views
+        if same not in copies:
+            copies[same] = tensor.detach().clone()
+        out[name] = copies[same]
+    return out
 
 
 def tokenizer(key: tuple):
