@@ -10,7 +10,8 @@ from tailorlm.auto import search as search_module
 from tailorlm.auto import trials as trials_module
 from tailorlm.auto.candidates import Candidate
 from tailorlm.auto.plan import Config, Rates, ladder, make_plan, parse_budget, recipes, survivors
-from tailorlm.auto.search import Search, search
+from tailorlm.auto import workers
+from tailorlm.auto.search import Search, choose_winner, search
 from tailorlm.auto.trials import Trial
 from tailorlm.errors import TailorError
 from conftest import build_tiny_tokenizer, labeled_csv, tiny_llama, write
@@ -84,12 +85,18 @@ class FakeClock:
     def monotonic(self) -> float:
         return self.now
 
+    def time(self) -> float:
+        return self.now
+
 
 class FakeRunner:
     """A trial that takes the time the rates say, plus 20%, and scores by the recipe's rate and the length."""
 
     def __init__(self, clock: FakeClock, quality: dict[str, float]):
+        import optuna
+
         self.clock, self.quality, self.deadline, self.max_seconds, self.calls = clock, quality, None, None, []
+        self.study = optuna.create_study()  # the roll call of workers (workers.py): this one alone
 
     def lookup(self, config, steps):
         return None
@@ -165,6 +172,66 @@ def test_trials_that_tie_on_the_metric_rank_by_validation_loss():
                     Trial(keys[2], 0, 10, "complete", 0.900, val_loss=0.90),
                     Trial(keys[3], 0, 10, "complete", 0.825)]  # read back from a study without the loss: last
     assert [t.key for t in found.best_of_rung(0)] == [keys[2], keys[1], keys[0], keys[3]]
+
+
+def test_every_worker_chooses_the_same_winner_from_the_same_trials():
+    keys = [c.key for c in configs()[:3]]
+    trials = [Trial(keys[0], 0, 10, "complete", 0.99, number=0),
+              Trial(keys[1], 1, 30, "complete", 0.80, val_loss=0.5, number=4),
+              Trial(keys[2], 1, 30, "complete", 0.80, val_loss=0.5, number=3),
+              Trial(keys[0], 1, 30, "stopped", 0.95, number=5)]
+    # the longest length any trial finished; a tie of metric and loss goes to the older study trial, whatever
+    # order a worker saw them in
+    assert choose_winner(trials).number == 3 and choose_winner(trials[::-1]).number == 3
+    assert choose_winner(trials[3:]) is None
+
+
+def test_a_worker_chooses_only_once_no_other_live_worker_is_searching(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    import optuna
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="roll")
+    host = socket.gethostname()
+    live = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        searching = {"state": "searching", "ends_by": time.time() + 3600}
+        study.set_user_attr(f"worker {host} {live.pid}", searching)
+        study.set_user_attr(f"worker {host} {gone.pid}", searching)  # its process has ended: not waited for
+        study.set_user_attr("worker far-away 11", searching)  # another machine, before its stated end
+        study.set_user_attr("worker far-away 12", {"state": "searching", "ends_by": time.time() - 1})  # past it
+        study.set_user_attr("worker far-away 13", {"state": "done", "ends_by": time.time()})
+        workers.check_in(study, time.time() + 60)
+        assert sorted(workers.still_searching(study)) == sorted([f"{host} {live.pid}", "far-away 11"])
+        study.set_user_attr("worker far-away 11", {"state": "done", "ends_by": time.time()})
+        waiter = threading.Thread(target=workers.wait_for_the_others, args=(study, 0.05))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # the live worker of this machine is still searching
+        assert study.user_attrs[f"worker {host} {os.getpid()}"]["state"] == "done"  # this one checked out first
+        study.set_user_attr(f"worker {host} {live.pid}", {"state": "done", "ends_by": time.time()})
+        waiter.join(5)
+        assert not waiter.is_alive()
+        # who scores the winner on test: its trainer while it lives, or once it scored it during this run
+        started = time.time()
+        mine = Trial("k", 1, 30, "complete", 0.9, number=7, host=host, pid=os.getpid())
+        theirs = Trial("k", 1, 30, "complete", 0.9, number=7, host=host, pid=live.pid)
+        stopped = Trial("k", 1, 30, "complete", 0.9, number=7, host=host, pid=gone.pid)
+        assert workers.left_to_its_trainer(study, mine, started) is None
+        assert workers.left_to_its_trainer(study, theirs, started) == f"worker {live.pid} on {host} (this machine)"
+        assert workers.left_to_its_trainer(study, stopped, started) is None  # it stopped before scoring
+        study.set_user_attr("scored", {"number": 7, "at": time.time(), "by": f"{host} {gone.pid}"})
+        assert workers.left_to_its_trainer(study, stopped, started) == f"worker {gone.pid} on {host} (this machine)"
+        assert workers.left_to_its_trainer(study, stopped, time.time() + 1) is None  # scored before this run: again
+    finally:
+        live.kill()
+        live.wait()
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from tailorlm.auto.final import Final, evaluate_winner
 from tailorlm.auto.plan import FULL_MAX_PARAMS, Config, Rates, duration, full_steps, ladder, recipes
 from tailorlm.auto.report import write_leaderboard
 from tailorlm.auto.search import Search, open_auto_study, search
+from tailorlm.auto import workers
 from tailorlm.auto.trials import TrialRunner, recorded_seconds
 from tailorlm.config import RunConfig, load_config, parse_override
 from tailorlm.data.cost import estimate_training
@@ -33,7 +32,7 @@ from tailorlm.eval.during_training import metric_key
 from tailorlm.models import kept_weights
 from tailorlm.models.loading import resolve_device
 from tailorlm.pipeline.prepare import prepare
-from tailorlm.sweep.study import storage_url, worker_alive
+from tailorlm.sweep.study import storage_url
 from tailorlm.sweep.space import overrides as as_overrides
 from tailorlm.track.flat import flatten
 from tailorlm.ui import console, stage
@@ -70,7 +69,7 @@ def fixed_recipe(config_path: str | None, overrides: list[str], search_recipe: b
 def auto(config_path: str | None, overrides: list[str], budget: float, models: list[str] = (),
          embedded: bool = True, output: str | Path | None = None, storage: str | None = None,
          trust_remote_code: bool = False, curve: bool = False, search_recipe: bool = False) -> AutoOutcome:
-    clock = time.monotonic()
+    clock, started_at = time.monotonic(), time.time()
     base = load_config(config_path, list(overrides), trust_remote_code=trust_remote_code)
     if base.tasks:
         raise ConfigError(str(config_path), ["tasks: tailor auto searches a config of one task (data and template); "
@@ -134,12 +133,12 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     study.set_user_attr("other_seconds", study.user_attrs.get("other_seconds", 0.0) + max(
         searched - (recorded_seconds(study) - trials_before), 0.0))
     final = None
-    elsewhere = _trained_elsewhere(found.winner) if found.winner is not None else None
+    elsewhere = workers.left_to_its_trainer(study, found.winner, started_at) if found.winner is not None else None
     if elsewhere:  # the other worker scores it on test and writes the leaderboard; two would race on one folder
         console.print(f"\nThe winner is {found.winner.key} ({metric} {found.winner.value:.3f} on validation), "
                       f"trained by {elsewhere}: that worker scores it on test and writes the leaderboard in its "
-                      f"auto folder ({Path(str(found.winner.run_dir)).parent}). If it has stopped, run this command "
-                      f"again there.")
+                      f"auto folder ({Path(str(found.winner.run_dir)).parent}). If it stopped before writing it, "
+                      f"run this command again there.")
         return AutoOutcome(out, found, None, candidates, skipped)
     if found.winner is not None:
         winner_model = found.winner.key.split(" | ")[0]
@@ -159,19 +158,10 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
                              final_seconds, rows_curve)
     console.print()
     console.print(text.split("## Recommendation", 1)[-1].strip(), soft_wrap=True)
+    if found.winner is not None:
+        workers.scored(study, found.winner)
     console.print(f"\nLeaderboard: {out / 'leaderboard.md'}")
     return AutoOutcome(out, found, final, candidates, skipped)
-
-
-def _trained_elsewhere(winner) -> str | None:
-    """The live worker that trained the winner, when it is not this one: the winner's folder is on that
-    worker's machine, and it scores the winner itself. A stopped worker of this machine leaves it to this one."""
-    here = socket.gethostname()
-    if winner.host is None:
-        return None
-    if winner.host == here and (winner.pid in (None, os.getpid()) or not worker_alive(winner.pid)):
-        return None
-    return f"worker {winner.pid} on {winner.host}" + (" (this machine)" if winner.host == here else "")
 
 
 def _candidates(base: RunConfig, fixed: dict, models: list[str], embedded: bool,

@@ -12,7 +12,8 @@ train.max_seconds, so its training stops in time for its evaluation; past the de
 next logged step. So auto ends within one evaluation of its budget.
 
 Trials already in the study (an interrupted run of the same command, or another worker sharing the study) are
-read back, cost nothing, and are never trained again. A rung waits for trials another worker is running.
+read back, cost nothing, and are never trained again. A rung waits for trials another worker is running, and
+the winner is chosen once no worker is searching, from all the study's trials (workers.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 from tailorlm.auto.plan import ETA, Config, Plan, Rates, dropped, make_plan, next_rung, plan_cost
-from tailorlm.auto.trials import Trial, TrialRunner
+from tailorlm.auto.trials import Trial, TrialRunner, read_back
+from tailorlm.auto.workers import check_in, wait_for_the_others
 from tailorlm.ui import console
 
 WAIT_POLL_S = 5.0  # how often a worker looks whether another worker's trial of this rung has finished
@@ -75,6 +77,9 @@ def search(configs: list[Config], lengths: list[int], rates: Rates, runner: Tria
            budget: float, fixed: dict, metric: str) -> Search:
     started = time.monotonic() - spent
     left = lambda: budget - (time.monotonic() - started)  # noqa: E731
+    # it ends within one evaluation of the budget: the dearest evaluation (and start) is the allowance
+    overrun = max(rates.load.values()) + rates.answers * max(rates.per_answer.values())
+    check_in(runner.study, time.time() + left() + overrun)
     paid = {(c.key, steps) for c in configs for steps in lengths if _done(runner.lookup(c, steps))}
     plan = make_plan(configs, lengths, rates, left(), paid)
     for key, why in plan.dropped:
@@ -112,14 +117,41 @@ def search(configs: list[Config], lengths: list[int], rates: Rates, runner: Tria
         rung += 1
     _fill(found, configs, rates, runner, left, fixed, paid)
     found.spent = time.monotonic() - started
-    for rung in reversed(range(len(plan.rungs))):
-        if found.best_of_rung(rung):
-            found.winner = found.best_of_rung(rung)[0]
-            break
+    wait_for_the_others(runner.study)
+    _take_the_study(found, runner)
+    found.winner = choose_winner(found.trials)
     if found.winner is None:  # none finished: the best of those the budget cut short (they evaluated as they ended)
         cut = [t for t in found.trials if t.state == "stopped" and t.value is not None]
         found.winner = max(cut, key=lambda t: t.value, default=None)
     return found
+
+
+def choose_winner(trials: list[Trial]) -> Trial | None:
+    """The best finished trial of the longest length any trial finished (a rung trains from scratch to its
+    length: the longest is what the search got furthest with). Ties of the rank go to the older study trial,
+    so every worker of one study, seeing the same trials, chooses the same one."""
+    done = [t for t in trials if t.state == "complete"]
+    if not done:
+        return None
+    longest = max(t.steps for t in done)
+    return min((t for t in done if t.steps == longest), key=lambda t: (t.rank, t.number if t.number is not None
+                                                                       else math.inf))
+
+
+def _take_the_study(found: Search, runner: TrialRunner) -> None:
+    """After every worker's search has ended: the study's finished trials that this worker has not seen (those
+    another worker trained after this one last looked) join its list, and those it saw running take their
+    results."""
+    from optuna.trial import TrialState
+
+    finished = {t.number: read_back(t) for t in runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "key" in t.user_attrs}
+    for index, trial in enumerate(found.trials):
+        latest = finished.pop(trial.number, None) if trial.number is not None else None
+        if trial.state == "running":
+            found.trials[index] = latest or Trial(trial.key, trial.rung, trial.steps, "failed",
+                                                  note="its worker stopped")
+    found.trials.extend(sorted(finished.values(), key=lambda t: t.number))
 
 
 def _fill(found: Search, configs: list[Config], rates: Rates, runner: TrialRunner, left, fixed: dict,
