@@ -3,13 +3,15 @@ choice, a killed search resumes where it stopped, and the recommendation names t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tailorlm.auto import search as search_module
 from tailorlm.auto import trials as trials_module
 from tailorlm.auto.candidates import Candidate
-from tailorlm.auto.plan import Config, Rates, ladder, make_plan, parse_budget, recipes, survivors
+from tailorlm.auto.plan import (Config, Rates, ladder, make_plan, narrower, parse_budget, recipes, rung_sets,
+                                survivors)
 from tailorlm.auto import workers
 from tailorlm.auto.search import Search, choose_winner, search
 from tailorlm.auto.trials import Trial
@@ -71,6 +73,12 @@ def test_the_plan_starts_short_and_fits_the_budget_with_fewer_configs_then_fewer
     # trials already in the study cost nothing
     free = {(c.key, 10) for c in configs()}
     assert make_plan(configs(), lengths, rates(), 100, free).rungs == [10, 30]
+    # too little for the whole ladder with four configs, enough for the top: its middle rung goes, not the top
+    # (407 s for four configs on three rungs; three configs at 10 steps and the best of them at 90 take 246 s)
+    short = make_plan(configs(), lengths, rates(), 300)
+    assert short.rungs == [10, 90] and len(short.configs) == 3 and short.seconds == 246
+    assert rung_sets(lengths) == [[10, 30, 90], [10, 90], [30, 90], [90], [10, 30], [10]]
+    assert narrower([10, 30, 90]) == [10, 90] and narrower([10, 90]) == [10]
     # one config has nothing to halve: the longest length that fits
     assert make_plan(configs()[:1], lengths, rates(), 60).rungs == [30]
     with pytest.raises(TailorError, match=r"the budget left for the search \(15 s\) is too small: the shortest trial "
@@ -172,6 +180,17 @@ def test_trials_that_tie_on_the_metric_rank_by_validation_loss():
                     Trial(keys[2], 0, 10, "complete", 0.900, val_loss=0.90),
                     Trial(keys[3], 0, 10, "complete", 0.825)]  # read back from a study without the loss: last
     assert [t.key for t in found.best_of_rung(0)] == [keys[2], keys[1], keys[0], keys[3]]
+
+
+def test_a_trial_of_the_top_length_evaluates_at_each_third_and_is_priced_so():
+    runner = trials_module.TrialRunner(None, [], None, None, "", Path("out"), "task/accuracy", 10, top=90)
+    short, top = (dict(o.split("=", 1) for o in runner.trial_overrides(configs()[0], n, {})) for n in (30, 90))
+    assert short["train.eval_every"] == "0" and "train.eval_at_start" not in short
+    assert (top["train.eval_every"], top["train.eval_at_start"]) == ("30", "false")
+    measured = rates()
+    measured.top = 90
+    # small: 1 s a step, 5 s to start, 10 answers at 0.1 s per evaluation
+    assert measured.trial(configs()[0], 30) == 36 and measured.trial(configs()[0], 90) == 98
 
 
 def test_every_worker_chooses_the_same_winner_from_the_same_trials():

@@ -131,6 +131,13 @@ def test_selector_tracks_the_best_and_runs_out_of_patience():
     acc = Selector("accuracy")
     assert acc.update(1, {"accuracy": 0.5}) and acc.update(2, {"accuracy": 0.6}) and not acc.update(3, {"accuracy": 0.55})
     assert Selector.from_state(acc.state()) == acc
+    # a tie of the task metric goes to the lower validation loss; a tie without it keeps the earlier step
+    tied = Selector("classification/accuracy")
+    steps = [(40, 0.906, 0.181), (80, 0.906, 0.127), (120, 0.906, 0.203)]
+    assert [tied.update(s, {"classification/accuracy": a, "val_loss": v}) for s, a, v in steps] == [True, True, False]
+    assert (tied.best_step, tied.best_loss, tied.bad_evals) == (80, 0.127, 1)
+    assert not tied.update(160, {"classification/accuracy": 0.906}) and tied.best_step == 80
+    assert Selector.from_state({k: v for k, v in tied.state().items() if k != "best_loss"}).best_loss is None
 
 
 def scripted_evaluations(values):

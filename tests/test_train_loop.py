@@ -79,6 +79,11 @@ def test_every_evaluation_prints_one_line_and_marks_the_best_step(tiny_tokenizer
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert printed == ["step 0/6: val_loss 3.0  (base model)", "step 2/6: val_loss 2.0  (best so far by val_loss)",
                        "step 4/6: val_loss 2.5", "step 6/6: val_loss 1.0  (best so far by val_loss)"]
+    # without the base model's evaluation (a tailor auto trial): the first is at step 2
+    values = iter([2.0, 2.5, 1.0])
+    run(tiny_tokenizer, TrainSpec(max_steps=6, batch_size=4, eval_every=2, eval_at_start=False), hooks=hooks)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed[0] == "step 2/6: val_loss 2.0  (best so far by val_loss)" and len(printed) == 3
 
 
 def test_an_evaluation_without_a_describer_prints_its_numbers(tiny_tokenizer, capsys):

@@ -90,6 +90,7 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     metric = metric_key(task_name, headline)
     lengths = ladder(full_steps(n_train, base.train.batch_size * base.train.grad_accum, fixed))
     answers = rates.answers = min(VALIDATION_ANSWERS, n_val)
+    rates.top = lengths[-1]
     method = base.method.name
 
     def final_estimate() -> float:
@@ -125,7 +126,7 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
         console.print("searched, not kept (--search-recipe): the recipe " + str(config_path) + " sets")
     if fixed:
         console.print("kept as set: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
-    runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
+    runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers, lengths[-1])
     trials_before = recorded_seconds(study)
     found = search(configs, lengths, rates, runner, spent + (time.monotonic() - clock), budget, fixed, metric)
     searched = time.monotonic() - clock

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from tailorlm.auto.plan import ETA, Config, Plan, Rates, dropped, make_plan, next_rung, plan_cost
+from tailorlm.auto.plan import ETA, Config, Plan, Rates, dropped, make_plan, narrower, next_rung, plan_cost
 from tailorlm.auto.trials import Trial, TrialRunner, read_back
 from tailorlm.auto.workers import check_in, wait_for_the_others
 from tailorlm.ui import console
@@ -55,12 +55,14 @@ def measure(rates: Rates, config: Config, trial: Trial) -> None:
     rates.load[name] = load if rates.warm else min(load, rates.load[name])
     rates.warm = True
     if rates.answers:
-        rates.per_answer[name] = max(trial.loop_seconds - trial.train_seconds, 0.0) / rates.answers
+        answered = rates.answers * rates.evaluations(trial.steps)
+        rates.per_answer[name] = max(trial.loop_seconds - trial.train_seconds, 0.0) / answered
 
 
 def refit(plan: Plan, configs: list[Config], rates: Rates, seconds: float, paid: set) -> None:
     """Re-fit the first rung to `seconds` at the measured rates: the most configs (a prefix of the priors, at
-    least those already run) whose plan still fits; when none does, the plan loses its longest rung."""
+    least those already run) whose plan still fits; when none does, the plan loses a rung, a middle one before
+    the top (plan.narrower)."""
     ran = max((i + 1 for i, c in enumerate(configs) if (c.key, plan.rungs[0]) in paid), default=1)
     while True:
         for n in range(len(configs), ran - 1, -1):
@@ -70,7 +72,7 @@ def refit(plan: Plan, configs: list[Config], rates: Rates, seconds: float, paid:
         if len(plan.rungs) == 1:
             plan.configs, plan.dropped = configs[:ran], dropped(configs[ran:])
             return
-        plan.rungs.pop()
+        plan.rungs[:] = narrower(plan.rungs)
 
 
 def search(configs: list[Config], lengths: list[int], rates: Rates, runner: TrialRunner, spent: float,

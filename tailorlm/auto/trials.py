@@ -4,7 +4,8 @@ recorded in the search's Optuna study, or read back from it when it already ran.
 A trial runs with eval.test=false (it never reads the test split, and no prompting baseline runs), without
 the training set's per-example losses (on a short trial they cost as much as its steps), and with one
 evaluation, at its end: rungs train from scratch to their own length, so the last step is what halving
-compares. Its score is the task's headline metric on generated validation answers (the rule `tailor sweep`
+compares. A trial of the ladder's top length is the model the user gets, and no rung follows it: it evaluates
+at each third of its length and keeps its best checkpoint, as `tailor run` does (plan.TOP_EVALUATIONS). Its score is the task's headline metric on generated validation answers (the rule `tailor sweep`
 uses, sweep/objective.py's validation_value).
 
 Records are matched on the config's key and the trial's length. A trial that the budget cut short (its
@@ -24,7 +25,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from tailorlm.auto.plan import Config
+from tailorlm.auto.plan import TOP_EVALUATIONS, Config
 from tailorlm.config import RunConfig, load_config
 from tailorlm.errors import TailorError
 from tailorlm.pipeline import run
@@ -74,8 +75,8 @@ class TrialRunner:
     """Runs a config for a number of steps, or reads the trial back from the study when it already ran."""
 
     def __init__(self, config_path: str | None, cli_overrides: list[str], base: RunConfig, study: optuna.Study,
-                 url: str, out_dir: Path, metric: str, answers: int):
-        self.config_path, self.cli_overrides, self.base = config_path, cli_overrides, base
+                 url: str, out_dir: Path, metric: str, answers: int, top: int = 0):
+        self.config_path, self.cli_overrides, self.base, self.top = config_path, cli_overrides, base, top
         self.study, self.url, self.out_dir, self.metric, self.answers = study, url, out_dir.resolve(), metric, answers
         self.deadline = float("inf")  # time.monotonic() past which a trial stops (search sets it)
         self.max_seconds: float | None = None  # the trial's training-loop limit, when the budget is near
@@ -85,6 +86,8 @@ class TrialRunner:
                                      "train.max_steps": steps, "train.eval_every": 0, "eval.test": False,
                                      "eval.select.metric": self.metric, "eval.retention.data": None,
                                      "eval.during_training": self.answers, "eval.example_losses": False}
+        if steps == self.top:
+            values.update({"train.eval_every": math.ceil(steps / TOP_EVALUATIONS), "train.eval_at_start": False})
         values = {k: v for k, v in values.items() if k not in fixed or k in ("eval.test", "train.max_steps")}
         if self.max_seconds is not None:
             values["train.max_seconds"] = round(self.max_seconds, 1)

@@ -148,6 +148,7 @@ class TrainSpec(Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     seed: int = 42
     eval_every: int = Field(25, ge=0, description="Validation loss every N optimizer steps (0: only at the end)")
+    eval_at_start: bool = Field(True, description="With eval_every: evaluate the base model before the first step too, the curve's starting point")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     packing: Literal["auto", "on", "off"] = Field("auto", description="Lay each batch's samples end to end in one row: no padding, attention kept within samples. auto: on CUDA; on CPU padded rows that share their prompt opening measure faster")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (fused kernels); auto: on CUDA, for LoRA-like methods always, for full fine-tuning from 2M training tokens on, where the compile time pays back (BENCHMARKS.md)")

@@ -156,7 +156,7 @@ class _Run:
                       f"steps: {len(self.samples)} {self.objective.unit_name()}, batch {spec.batch_size} x {spec.grad_accum} accumulation"
                       f"{procs}")
         start, seconds_before = time.perf_counter(), result.seconds
-        if not self.resumed and self.evaluating and spec.eval_every:
+        if not self.resumed and self.evaluating and spec.eval_every and spec.eval_at_start:
             self._evaluate()  # the starting point: how the base model does
         self.model.train()
         with progress("train", result.steps, done=self.step) as advance:  # a resumed run starts at its step

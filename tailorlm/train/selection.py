@@ -20,6 +20,7 @@ class Selector:
     best_value: float | None = None
     best_step: int | None = None
     bad_evals: int = 0  # evaluations since the last improvement
+    best_loss: float | None = None  # the validation loss at best_step: breaks ties of the metric
 
     @classmethod
     def from_spec(cls, spec: SelectSpec) -> "Selector":
@@ -31,8 +32,13 @@ class Selector:
         if value is None:
             return False
         sign = -1.0 if lower_is_better(self.metric) else 1.0
-        if self.best_value is None or sign * (value - self.best_value) > self.min_delta:
-            self.best_value, self.best_step, self.bad_evals = value, step, 0
+        loss = metrics.get("val_loss")
+        # A task metric on a small validation split ties often (0.906 at steps 40, 80 and 120 on 32 BBC answers);
+        # among equals, the loss on the gold answers says which checkpoint gives them more surely.
+        tie_won = value == self.best_value and loss is not None and self.best_loss is not None \
+            and loss < self.best_loss and self.metric != "val_loss"
+        if self.best_value is None or sign * (value - self.best_value) > self.min_delta or tie_won:
+            self.best_value, self.best_step, self.bad_evals, self.best_loss = value, step, 0, loss
             return True
         self.bad_evals += 1
         return False
