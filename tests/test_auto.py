@@ -186,7 +186,7 @@ def test_a_trial_of_the_top_length_evaluates_at_each_third_and_is_priced_so():
     runner = trials_module.TrialRunner(None, [], None, None, "", Path("out"), "task/accuracy", 10, top=90)
     short, top = (dict(o.split("=", 1) for o in runner.trial_overrides(configs()[0], n, {})) for n in (30, 90))
     assert short["train.eval_every"] == "0" and "train.eval_at_start" not in short
-    assert (top["train.eval_every"], top["train.eval_at_start"]) == ("30", "false")
+    assert (top["train.eval_every"], top["train.eval_at_start"], top["eval.select.min_delta"]) == ("30", "false", "0.1")
     measured = rates()
     measured.top = 90
     # small: 1 s a step, 5 s to start, 10 answers at 0.1 s per evaluation

@@ -138,6 +138,12 @@ def test_selector_tracks_the_best_and_runs_out_of_patience():
     assert (tied.best_step, tied.best_loss, tied.bad_evals) == (80, 0.127, 1)
     assert not tied.update(160, {"classification/accuracy": 0.906}) and tied.best_step == 80
     assert Selector.from_state({k: v for k, v in tied.state().items() if k != "best_loss"}).best_loss is None
+    # within min_delta of the best seen (one answer of 40) is a tie too; a run of ties cannot walk the metric down
+    band = Selector("classification/accuracy", min_delta=0.025)
+    steps = [(40, 0.925, 0.181), (80, 0.900, 0.127), (120, 0.925, 0.203), (160, 0.875, 0.100), (200, 0.975, 0.3)]
+    assert [band.update(s, {"classification/accuracy": a, "val_loss": v}) for s, a, v in steps] == \
+        [True, True, False, False, True]
+    assert (band.best_step, band.best_value, band.top_value) == (200, 0.975, 0.975)
 
 
 def scripted_evaluations(values):

@@ -5,7 +5,8 @@ A trial runs with eval.test=false (it never reads the test split, and no prompti
 the training set's per-example losses (on a short trial they cost as much as its steps), and with one
 evaluation, at its end: rungs train from scratch to their own length, so the last step is what halving
 compares. A trial of the ladder's top length is the model the user gets, and no rung follows it: it evaluates
-at each third of its length and keeps its best checkpoint, as `tailor run` does (plan.TOP_EVALUATIONS). Its score is the task's headline metric on generated validation answers (the rule `tailor sweep`
+at each third of its length and keeps its best checkpoint, as `tailor run` does (plan.TOP_EVALUATIONS), where
+a difference of one validation answer is a tie that the validation loss breaks (train/selection.py). Its score is the task's headline metric on generated validation answers (the rule `tailor sweep`
 uses, sweep/objective.py's validation_value).
 
 Records are matched on the config's key and the trial's length. A trial that the budget cut short (its
@@ -86,8 +87,9 @@ class TrialRunner:
                                      "train.max_steps": steps, "train.eval_every": 0, "eval.test": False,
                                      "eval.select.metric": self.metric, "eval.retention.data": None,
                                      "eval.during_training": self.answers, "eval.example_losses": False}
-        if steps == self.top:
-            values.update({"train.eval_every": math.ceil(steps / TOP_EVALUATIONS), "train.eval_at_start": False})
+        if steps == self.top:  # its checkpoints differing by one validation answer tie: the loss breaks it
+            values.update({"train.eval_every": math.ceil(steps / TOP_EVALUATIONS), "train.eval_at_start": False,
+                           "eval.select.min_delta": round(1 / max(self.answers, 1), 6)})
         values = {k: v for k, v in values.items() if k not in fixed or k in ("eval.test", "train.max_steps")}
         if self.max_seconds is not None:
             values["train.max_seconds"] = round(self.max_seconds, 1)

@@ -162,7 +162,7 @@ class TrainSpec(Section):
 class SelectSpec(Section):
     metric: str = Field("val_loss", description="What picks the best checkpoint: val_loss, or a task metric on generated validation text ('task/metric', or just the metric when one task measures it: accuracy, macro_f1, f1, exact_match, bleu, ...). Unset, a run of one open-answer task (ner, qa, translation, math, instruction, chat) selects on its headline metric, others on val_loss")
     patience: Optional[PositiveInt] = Field(None, description="Stop after this many evaluations without improvement (early stopping); never when absent")
-    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement; a checkpoint within it of the best is a tie, which the lower validation loss wins")
     restore_best: bool = Field(True, description="Evaluate and save the best checkpoint's weights, not the last")
 
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from tailorlm.config import SelectSpec
 
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
+FLOAT_SLACK = 1e-9  # 0.925 - 0.900 is 0.025000000000000022: one answer of 40 is still one answer
 
 
 def lower_is_better(metric: str) -> bool:
@@ -21,23 +22,33 @@ class Selector:
     best_step: int | None = None
     bad_evals: int = 0  # evaluations since the last improvement
     best_loss: float | None = None  # the validation loss at best_step: breaks ties of the metric
+    top_value: float | None = None  # the best metric seen (best_value may sit up to min_delta below it, a tie won)
 
     @classmethod
     def from_spec(cls, spec: SelectSpec) -> "Selector":
         return cls(spec.metric, spec.patience, spec.min_delta)
 
     def update(self, step: int, metrics: dict) -> bool:
-        """Record an evaluation; True when it is the best so far."""
+        """Record an evaluation; True when it is the best so far.
+
+        Better than the best seen by more than min_delta: the best. Within min_delta of it (equal, when
+        min_delta is 0): a tie, which the lower validation loss wins. A task metric on a small validation split
+        moves in steps of one answer (2.5 points on 40) and ties often; the loss on the gold answers is the
+        smoother signal of which checkpoint gives them more surely (the one-standard-error idea: within the
+        noise of the best, prefer what the steadier measure prefers). Ties compare with the best seen, not the
+        last tie's winner, so a run of ties cannot walk the metric down."""
         value = metrics.get(self.metric)
         if value is None:
             return False
         sign = -1.0 if lower_is_better(self.metric) else 1.0
         loss = metrics.get("val_loss")
-        # A task metric on a small validation split ties often (0.906 at steps 40, 80 and 120 on 32 BBC answers);
-        # among equals, the loss on the gold answers says which checkpoint gives them more surely.
-        tie_won = value == self.best_value and loss is not None and self.best_loss is not None \
-            and loss < self.best_loss and self.metric != "val_loss"
-        if self.best_value is None or sign * (value - self.best_value) > self.min_delta or tie_won:
+        top = self.best_value if self.top_value is None else self.top_value
+        gain = None if top is None else sign * (value - top)
+        tie_won = gain is not None and gain >= -self.min_delta - FLOAT_SLACK and self.metric != "val_loss" \
+            and loss is not None and self.best_loss is not None and loss < self.best_loss
+        if gain is None or gain > self.min_delta + FLOAT_SLACK or tie_won:
+            if gain is None or gain > 0:
+                self.top_value = value
             self.best_value, self.best_step, self.bad_evals, self.best_loss = value, step, 0, loss
             return True
         self.bad_evals += 1
