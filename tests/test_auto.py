@@ -145,6 +145,46 @@ def test_successive_halving_keeps_the_best_third_within_the_budget(monkeypatch):
         assert measured.trial(following, found.plan.rungs[top]) > budget - clock.now
 
 
+def test_a_trial_another_plan_numbered_otherwise_joins_this_plan_at_its_length(monkeypatch):
+    """Another worker (or an earlier run) trained config 1 to 90 steps as its rung 3 of [10, 30, 90]; this
+    budget plans [10, 90]. The record is read back at this plan's rung, and rungs number by length."""
+    import copy
+
+    clock = FakeClock()
+    monkeypatch.setattr(search_module, "time", clock)
+    quality = {c.key: 0.5 for c in configs()}
+    quality[configs()[1].key] = 0.9
+    record = Trial(configs()[1].key, 2, 90, "complete", 0.99, 100.0, 80.0, 90.0, 90, 1000, number=0)
+
+    class Recorded(FakeRunner):
+        def lookup(self, config, steps):
+            return copy.copy(record) if (config.key, steps) == (record.key, 90) else None
+
+    found = search(configs(), ladder(90), rates(), Recorded(clock, quality), 0.0, 300.0, {}, "task/accuracy")
+    assert found.plan.rungs[-1] == 90 and 30 not in found.plan.rungs
+    assert found.winner.key == record.key and found.winner.steps == 90 and found.winner.number == 0
+    assert {(t.steps, t.rung) for t in found.trials} == {(10, 0), (90, 1)}
+
+
+def test_an_interrupted_search_checks_out_so_no_other_worker_waits_for_it(monkeypatch):
+    import os
+    import socket
+
+    clock = FakeClock()
+    monkeypatch.setattr(search_module, "time", clock)
+
+    class Interrupted(FakeRunner):
+        def __call__(self, config, steps, rung, fixed):
+            assert self.study.user_attrs[me]["state"] == "searching"
+            raise KeyboardInterrupt
+
+    me = f"worker {socket.gethostname()} {os.getpid()}"
+    runner = Interrupted(clock, {c.key: 0.5 for c in configs()})
+    with pytest.raises(KeyboardInterrupt):
+        search(configs(), ladder(90), rates(), runner, 0.0, 300.0, {}, "task/accuracy")
+    assert runner.study.user_attrs[me]["state"] == "done"
+
+
 def test_the_budget_stops_what_does_not_fit(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(search_module, "time", clock)
@@ -352,16 +392,16 @@ def test_two_workers_on_one_study_split_the_trials_and_one_scores_the_winner(aut
     command = [sys.executable, "-m", "tailorlm", "auto", str(config), "--budget", "50s", "--only-listed", "--model",
                str(root / "tiny-a"), "--output", str(out)]
     env = {**os.environ, "COLUMNS": "200"}
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                for _ in range(2)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
+    outputs = [w.communicate(timeout=300)[0] for w in procs]
+    assert [w.returncode for w in procs] == [0, 0], outputs
     study = optuna.load_study(study_name="tinyauto", storage=f"sqlite:///{out / 'study.db'}")
     trained = [t.user_attrs for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
     assert len({(a["key"], a["steps"]) for a in trained}) == len(trained)  # none twice
-    assert {a["pid"] for a in trained} == {w.pid for w in workers}  # both did some of the work
+    assert {a["pid"] for a in trained} == {w.pid for w in procs}  # both did some of the work
     result = json.loads((out / "auto.json").read_text())
-    scorer = next(i for i, w in enumerate(workers) if w.pid == result["winner"]["pid"])
+    scorer = next(i for i, w in enumerate(procs) if w.pid == result["winner"]["pid"])
     assert "Leaderboard: " in outputs[scorer]
-    assert f"trained by worker {workers[scorer].pid} on" in outputs[1 - scorer].replace("\n", " ")
+    assert f"trained by worker {procs[scorer].pid} on" in outputs[1 - scorer].replace("\n", " ")
     assert "Leaderboard: " not in outputs[1 - scorer]

@@ -144,6 +144,11 @@ def test_selector_tracks_the_best_and_runs_out_of_patience():
     assert [band.update(s, {"classification/accuracy": a, "val_loss": v}) for s, a, v in steps] == \
         [True, True, False, False, True]
     assert (band.best_step, band.best_value, band.top_value) == (200, 0.975, 0.975)
+    # the best seen counts though it was not kept: 0.920 (a higher loss) makes 0.880 more than min_delta below
+    seen = Selector("classification/accuracy", min_delta=0.025)
+    steps = [(1, 0.900, 0.30), (2, 0.920, 0.40), (3, 0.880, 0.20)]
+    assert [seen.update(s, {"classification/accuracy": a, "val_loss": v}) for s, a, v in steps] == [True, False, False]
+    assert (seen.best_step, seen.top_value) == (1, 0.920)
 
 
 def scripted_evaluations(values):

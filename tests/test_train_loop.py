@@ -84,6 +84,18 @@ def test_every_evaluation_prints_one_line_and_marks_the_best_step(tiny_tokenizer
     run(tiny_tokenizer, TrainSpec(max_steps=6, batch_size=4, eval_every=2, eval_at_start=False), hooks=hooks)
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert printed[0] == "step 2/6: val_loss 2.0  (best so far by val_loss)" and len(printed) == 3
+    # on a task metric, a checkpoint kept by a tie says so
+    from tailorlm.config import SelectSpec
+
+    values = iter([(0.9, 2.0), (0.875, 1.5), (0.9, 1.8)])
+    hooks = Hooks(evaluate=lambda model, ctx, step: dict(zip(("t/accuracy", "val_loss"), next(values))),
+                  describe=lambda metrics: f"accuracy {metrics['t/accuracy']}",
+                  select=SelectSpec(metric="t/accuracy", min_delta=0.025))
+    run(tiny_tokenizer, TrainSpec(max_steps=6, batch_size=4, eval_every=2, eval_at_start=False), hooks=hooks)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 2/6: accuracy 0.9  (best so far by t/accuracy)",
+                       "step 4/6: accuracy 0.875  (kept: t/accuracy level with the best within 0.025, and a lower "
+                       "val_loss)", "step 6/6: accuracy 0.9"]
 
 
 def test_an_evaluation_without_a_describer_prints_its_numbers(tiny_tokenizer, capsys):

@@ -136,10 +136,13 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     final = None
     elsewhere = workers.left_to_its_trainer(study, found.winner, started_at) if found.winner is not None else None
     if elsewhere:  # the other worker scores it on test and writes the leaderboard; two would race on one folder
+        folder = Path(str(found.winner.run_dir)).parent
         console.print(f"\nThe winner is {found.winner.key} ({metric} {found.winner.value:.3f} on validation), "
-                      f"trained by {elsewhere}: that worker scores it on test and writes the leaderboard in its "
-                      f"auto folder ({Path(str(found.winner.run_dir)).parent}). If it stopped before writing it, "
-                      f"run this command again there.")
+                      f"trained by {elsewhere}: " + (
+                          f"that worker has scored it on test; the leaderboard is in {folder / 'leaderboard.md'}."
+                          if workers.scored_by_peer(study, found.winner, started_at) else
+                          f"that worker scores it on test and writes the leaderboard in its auto folder ({folder}). "
+                          f"If it stops before writing it, run this command again there."))
         return AutoOutcome(out, found, None, candidates, skipped)
     if found.winner is not None:
         winner_model = found.winner.key.split(" | ")[0]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from tailorlm.auto.plan import ETA, Config, Plan, Rates, dropped, make_plan, narrower, next_rung, plan_cost
 from tailorlm.auto.trials import Trial, TrialRunner, read_back
-from tailorlm.auto.workers import check_in, wait_for_the_others
+from tailorlm.auto.workers import check_in, check_out, wait_for_the_others
 from tailorlm.ui import console
 
 WAIT_POLL_S = 5.0  # how often a worker looks whether another worker's trial of this rung has finished
@@ -81,7 +81,29 @@ def search(configs: list[Config], lengths: list[int], rates: Rates, runner: Tria
     left = lambda: budget - (time.monotonic() - started)  # noqa: E731
     # it ends within one evaluation of the budget: the dearest evaluation (and start) is the allowance
     overrun = max(rates.load.values()) + rates.answers * max(rates.per_answer.values())
-    check_in(runner.study, time.time() + left() + overrun)
+
+    def heartbeat() -> None:  # still searching, and done by then (workers.py); renewed before each trial and wait
+        check_in(runner.study, time.time() + max(left(), 0.0) + overrun)
+
+    heartbeat()
+    try:
+        found = _halve(configs, lengths, rates, runner, left, fixed, metric, heartbeat)
+    except BaseException:  # a failed or interrupted search is not one the other workers should wait for
+        check_out(runner.study)
+        raise
+    found.spent = time.monotonic() - started
+    wait_for_the_others(runner.study)
+    _take_the_study(found, runner, configs)
+    found.winner = choose_winner(found.trials)
+    if found.winner is None:  # none finished: the best of those the budget cut short (they evaluated as they ended)
+        cut = [t for t in found.trials if t.state == "stopped" and t.value is not None]
+        found.winner = max(cut, key=lambda t: t.value, default=None)
+    return found
+
+
+def _halve(configs: list[Config], lengths: list[int], rates: Rates, runner: TrialRunner, left, fixed: dict,
+           metric: str, heartbeat) -> Search:
+    """The plan's rungs, then the time left at the last length (_fill)."""
     paid = {(c.key, steps) for c in configs for steps in lengths if _done(runner.lookup(c, steps))}
     plan = make_plan(configs, lengths, rates, left(), paid)
     for key, why in plan.dropped:
@@ -98,6 +120,7 @@ def search(configs: list[Config], lengths: list[int], rates: Rates, runner: Tria
         while i < len(plan.configs if rung == 0 else entries):
             config = (plan.configs if rung == 0 else entries)[i]
             i += 1
+            heartbeat()
             trial = _run_or_skip(config, steps, rung, rates, runner, left, fixed)
             found.trials.append(trial)
             if trial.state == "skipped" and rung:
@@ -107,7 +130,7 @@ def search(configs: list[Config], lengths: list[int], rates: Rates, runner: Tria
                 paid.add((config.key, steps))
             if rung == 0:
                 refit(plan, configs, rates, left(), paid)
-        _wait_for_others(found, rung, runner, entries if rung else plan.configs, steps)
+        _wait_for_others(found, rung, runner, entries if rung else plan.configs, steps, heartbeat)
         if not found.best_of_rung(rung):
             break
         longer = next_rung(plan, lengths) if rung == len(plan.rungs) - 1 else None
@@ -117,14 +140,7 @@ def search(configs: list[Config], lengths: list[int], rates: Rates, runner: Tria
             if plan_cost(going_on, [longer], rates, paid) <= left():
                 plan.rungs.append(longer)
         rung += 1
-    _fill(found, configs, rates, runner, left, fixed, paid)
-    found.spent = time.monotonic() - started
-    wait_for_the_others(runner.study)
-    _take_the_study(found, runner)
-    found.winner = choose_winner(found.trials)
-    if found.winner is None:  # none finished: the best of those the budget cut short (they evaluated as they ended)
-        cut = [t for t in found.trials if t.state == "stopped" and t.value is not None]
-        found.winner = max(cut, key=lambda t: t.value, default=None)
+    _fill(found, configs, rates, runner, left, fixed, paid, heartbeat)
     return found
 
 
@@ -140,24 +156,29 @@ def choose_winner(trials: list[Trial]) -> Trial | None:
                                                                        else math.inf))
 
 
-def _take_the_study(found: Search, runner: TrialRunner) -> None:
-    """After every worker's search has ended: the study's finished trials that this worker has not seen (those
-    another worker trained after this one last looked) join its list, and those it saw running take their
-    results."""
+def _take_the_study(found: Search, runner: TrialRunner, configs: list[Config]) -> None:
+    """After every worker's search has ended: the study's finished trials of this run's configs that this worker
+    has not seen (another worker trained them after this one last looked) join its list, and those it saw
+    running take their results. Rungs are then numbered by length over all of them, since each worker's plan
+    may have skipped another rung (plan.rung_sets)."""
     from optuna.trial import TrialState
 
+    keys = {c.key for c in configs}
     finished = {t.number: read_back(t) for t in runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if "key" in t.user_attrs}
+                if t.user_attrs.get("key") in keys}
     for index, trial in enumerate(found.trials):
         latest = finished.pop(trial.number, None) if trial.number is not None else None
         if trial.state == "running":
             found.trials[index] = latest or Trial(trial.key, trial.rung, trial.steps, "failed",
                                                   note="its worker stopped")
     found.trials.extend(sorted(finished.values(), key=lambda t: t.number))
+    order = sorted({t.steps for t in found.trials})
+    for trial in found.trials:
+        trial.rung = order.index(trial.steps)
 
 
 def _fill(found: Search, configs: list[Config], rates: Rates, runner: TrialRunner, left, fixed: dict,
-          paid: set) -> None:
+          paid: set, heartbeat) -> None:
     """Time left after the last rung, too little for a longer one: the next-best configs of the rung below
     train at the last rung's length, in their order, while the next one fits. The budget buys more candidates
     for the top instead of ending early (TREC-6, 30 minutes: 6 of them were left unused before this)."""
@@ -171,6 +192,7 @@ def _fill(found: Search, configs: list[Config], rates: Rates, runner: TrialRunne
             continue
         if rates.trial(config, steps) > left():
             return  # a lower-ranked config does not stand in for a better one that did not fit
+        heartbeat()
         trial = _run_or_skip(config, steps, top, rates, runner, left, fixed)
         found.trials.append(trial)
         measure(rates, config, trial)
@@ -185,6 +207,7 @@ def _run_or_skip(config: Config, steps: int, rung: int, rates: Rates, runner: Tr
     """The study's record when there is one (free); else the trial when it fits what is left; else skipped."""
     recorded = runner.lookup(config, steps)
     if recorded is not None:
+        recorded.rung = rung  # its worker's plan may have numbered its rungs otherwise (plan.rung_sets)
         return recorded
     need, room = rates.trial(config, steps), left()
     if room < need:
@@ -198,14 +221,18 @@ def _run_or_skip(config: Config, steps: int, rung: int, rates: Rates, runner: Tr
     return runner(config, steps, rung, fixed)
 
 
-def _wait_for_others(found: Search, rung: int, runner: TrialRunner, entries: list[Config], steps: int) -> None:
+def _wait_for_others(found: Search, rung: int, runner: TrialRunner, entries: list[Config], steps: int,
+                     heartbeat) -> None:
     """Trials of this rung that another worker is running: wait for them, then take their results."""
     for index, trial in enumerate(found.trials):
         if trial.rung != rung or trial.state != "running":
             continue
         config = next(c for c in entries if c.key == trial.key)
         while (latest := runner.lookup(config, steps)) is not None and latest.state == "running":
+            heartbeat()
             time.sleep(WAIT_POLL_S)
+        if latest is not None:
+            latest.rung = rung
         found.trials[index] = latest or Trial(trial.key, rung, steps, "failed", note="its worker stopped")
 
 

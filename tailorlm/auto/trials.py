@@ -6,8 +6,9 @@ the training set's per-example losses (on a short trial they cost as much as its
 evaluation, at its end: rungs train from scratch to their own length, so the last step is what halving
 compares. A trial of the ladder's top length is the model the user gets, and no rung follows it: it evaluates
 at each third of its length and keeps its best checkpoint, as `tailor run` does (plan.TOP_EVALUATIONS), where
-a difference of one validation answer is a tie that the validation loss breaks (train/selection.py). Its score is the task's headline metric on generated validation answers (the rule `tailor sweep`
-uses, sweep/objective.py's validation_value).
+a difference of one validation answer is a tie that the validation loss breaks (train/selection.py). Its
+score is the task's headline metric on generated validation answers (the rule `tailor sweep` uses,
+sweep/objective.py's validation_value).
 
 Records are matched on the config's key and the trial's length. A trial that the budget cut short (its
 training loop stopped at train.max_seconds, or the deadline struck) is kept in the study as failed: it is
@@ -29,6 +30,7 @@ from optuna.trial import TrialState
 from tailorlm.auto.plan import TOP_EVALUATIONS, Config
 from tailorlm.config import RunConfig, load_config
 from tailorlm.errors import TailorError
+from tailorlm.eval.report import SCALE_100
 from tailorlm.pipeline import run
 from tailorlm.rundir import RunDir
 from tailorlm.sweep.objective import validation_value
@@ -89,11 +91,16 @@ class TrialRunner:
                                      "eval.during_training": self.answers, "eval.example_losses": False}
         if steps == self.top:  # its checkpoints differing by one validation answer tie: the loss breaks it
             values.update({"train.eval_every": math.ceil(steps / TOP_EVALUATIONS), "train.eval_at_start": False,
-                           "eval.select.min_delta": round(1 / max(self.answers, 1), 6)})
+                           "eval.select.min_delta": round(self._one_answer(), 6)})
         values = {k: v for k, v in values.items() if k not in fixed or k in ("eval.test", "train.max_steps")}
         if self.max_seconds is not None:
             values["train.max_seconds"] = round(self.max_seconds, 1)
         return self.cli_overrides + as_overrides(values)
+
+    def _one_answer(self) -> float:
+        """What one validation answer moves the metric by, about: 1/answers of its range."""
+        scale = 100.0 if self.metric.rsplit("/", 1)[-1] in SCALE_100 else 1.0
+        return scale / max(self.answers, 1)
 
     def lookup(self, config: Config, steps: int) -> Trial | None:
         """The study's record of this config at this length: finished, or running in another live worker."""

@@ -7,14 +7,20 @@ that would beat it, and then both would score "their" winner on test and write o
 So each worker checks in when its search starts (a user attribute of the study: its host, pid and the wall-clock
 time by which it will have ended) and checks out when its search ends. It then waits until no other worker is
 still searching, and only then reads the study's trials and chooses. Every worker then chooses from the same
-finished trials by the same rule (search.choose_winner), so they agree.
+finished trials by the same rule (search.choose_winner), so they agree. A worker renews its stated end before
+each trial and while it waits for another's trial; one whose search fails checks out at once.
 
 A worker that is gone is not waited for: on this machine its pid no longer exists; on another machine (no pid
 to look at) its stated end has passed.
 
 Only one worker scores the winner on test and writes the leaderboard: the one that trained it (its folder is on
 that worker's machine). Another worker leaves it to that one while it lives, or once it has recorded the scoring
-(`scored`) during this worker's run; it scores the winner itself only when that worker stopped before scoring.
+(`scored`) during this worker's run; it scores the winner itself only when that worker, on this machine, stopped
+before scoring. A winner trained on another machine is always left to its trainer: its folder is there.
+
+The roll call makes the workers of one run agree. A worker started after the others have chosen reads their
+trials back and may go on searching with its own budget; it then chooses from what it sees, as a resumed run
+does.
 """
 from __future__ import annotations
 
@@ -63,6 +69,12 @@ def scored(study: optuna.Study, winner) -> None:
     study.set_user_attr("scored", {"number": winner.number, "at": time.time(), "by": _me().removeprefix(PREFIX)})
 
 
+def scored_by_peer(study: optuna.Study, winner, since: float) -> bool:
+    """Whether the winner was scored on test by a worker during this run (since `since`, time.time())."""
+    record = study.user_attrs.get("scored") or {}
+    return record.get("number") == winner.number and record.get("at", 0) >= since
+
+
 def left_to_its_trainer(study: optuna.Study, winner, since: float) -> str | None:
     """Who scores the winner when it is not this worker: "worker <pid> on <host>", the worker that trained it,
     while that worker lives or once it has scored the winner since `since` (this run's start, time.time()). None
@@ -70,9 +82,8 @@ def left_to_its_trainer(study: optuna.Study, winner, since: float) -> str | None
     here = socket.gethostname()
     if winner.host is None or (winner.host, winner.pid) == (here, os.getpid()):
         return None
-    record = study.user_attrs.get("scored") or {}
-    done = record.get("number") == winner.number and record.get("at", 0) >= since
-    if winner.host == here and not done and (winner.pid is None or not worker_alive(winner.pid)):
+    if winner.host == here and not scored_by_peer(study, winner, since) and \
+            (winner.pid is None or not worker_alive(winner.pid)):
         return None
     return f"worker {winner.pid} on {winner.host}" + (" (this machine)" if winner.host == here else "")
 

@@ -274,7 +274,11 @@ class _Run:
         bar shows only the latest step's loss."""
         figures = self.hooks.describe(metrics) if self.hooks.describe else \
             ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        where = "  (base model)" if self.step == 0 else f"  (best so far by {self.selector.metric})" if best else ""
+        sel = self.selector
+        band = f" within {sel.min_delta:g}" if sel.min_delta else ""
+        where = "  (base model)" if self.step == 0 else "" if not best else \
+            f"  (kept: {sel.metric} level with the best{band}, and a lower val_loss)" if sel.by_tie else \
+            f"  (best so far by {sel.metric})"
         console.print(f"step {self.step}/{self.result.steps}: {figures or 'measured'}{where}", markup=False)
 
     def _measure(self, model) -> dict:

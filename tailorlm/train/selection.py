@@ -23,6 +23,7 @@ class Selector:
     bad_evals: int = 0  # evaluations since the last improvement
     best_loss: float | None = None  # the validation loss at best_step: breaks ties of the metric
     top_value: float | None = None  # the best metric seen (best_value may sit up to min_delta below it, a tie won)
+    by_tie: bool = False  # the last update kept a checkpoint by a tie, not by its metric
 
     @classmethod
     def from_spec(cls, spec: SelectSpec) -> "Selector":
@@ -42,13 +43,13 @@ class Selector:
             return False
         sign = -1.0 if lower_is_better(self.metric) else 1.0
         loss = metrics.get("val_loss")
-        top = self.best_value if self.top_value is None else self.top_value
-        gain = None if top is None else sign * (value - top)
+        gain = None if self.top_value is None else sign * (value - self.top_value)
+        if gain is None or gain > 0:
+            self.top_value = value
         tie_won = gain is not None and gain >= -self.min_delta - FLOAT_SLACK and self.metric != "val_loss" \
             and loss is not None and self.best_loss is not None and loss < self.best_loss
+        self.by_tie = bool(tie_won and not gain > self.min_delta + FLOAT_SLACK)
         if gain is None or gain > self.min_delta + FLOAT_SLACK or tie_won:
-            if gain is None or gain > 0:
-                self.top_value = value
             self.best_value, self.best_step, self.bad_evals, self.best_loss = value, step, 0, loss
             return True
         self.bad_evals += 1
