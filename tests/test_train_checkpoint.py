@@ -128,6 +128,9 @@ def test_selector_tracks_the_best_and_runs_out_of_patience():
     assert sel.update(1, {"val_loss": 1.0}) and not sel.update(2, {"val_loss": 0.995})  # within min_delta
     assert not sel.should_stop and not sel.update(3, {"val_loss": 1.2}) and sel.should_stop
     assert (sel.best_step, sel.best_value) == (1, 1.0)
+    # small gains add up against the kept checkpoint: 1.0 -> 0.995 (within min_delta) -> 0.989 (0.011 below 1.0)
+    steady = Selector("val_loss", min_delta=0.01)
+    assert [steady.update(s, {"val_loss": v}) for s, v in ((1, 1.0), (2, 0.995), (3, 0.989))] == [True, False, True]
     acc = Selector("accuracy")
     assert acc.update(1, {"accuracy": 0.5}) and acc.update(2, {"accuracy": 0.6}) and not acc.update(3, {"accuracy": 0.55})
     assert Selector.from_state(acc.state()) == acc

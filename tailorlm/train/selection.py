@@ -32,24 +32,24 @@ class Selector:
     def update(self, step: int, metrics: dict) -> bool:
         """Record an evaluation; True when it is the best so far.
 
-        Better than the best seen by more than min_delta: the best. Within min_delta of it (equal, when
-        min_delta is 0): a tie, which the lower validation loss wins. A task metric on a small validation split
-        moves in steps of one answer (2.5 points on 40) and ties often; the loss on the gold answers is the
-        smoother signal of which checkpoint gives them more surely (the one-standard-error idea: within the
-        noise of the best, prefer what the steadier measure prefers). Ties compare with the best seen, not the
-        last tie's winner, so a run of ties cannot walk the metric down."""
+        Better than the kept checkpoint by more than min_delta: the best, as before ties were read. Otherwise,
+        within min_delta of the best value seen (equal, when min_delta is 0): a tie, which the lower validation
+        loss wins. A task metric on a small validation split moves in steps of one answer (2.5 points on 40)
+        and ties often; the loss on the gold answers is the smoother signal of which checkpoint gives them more
+        surely (the one-standard-error idea: within the noise of the best, prefer what the steadier measure
+        prefers). Ties compare with the best seen, not the last tie's winner, so a run of ties cannot walk the
+        metric down."""
         value = metrics.get(self.metric)
         if value is None:
             return False
         sign = -1.0 if lower_is_better(self.metric) else 1.0
-        loss = metrics.get("val_loss")
-        gain = None if self.top_value is None else sign * (value - self.top_value)
-        if gain is None or gain > 0:
+        if self.top_value is None or sign * (value - self.top_value) > 0:
             self.top_value = value
-        tie_won = gain is not None and gain >= -self.min_delta - FLOAT_SLACK and self.metric != "val_loss" \
-            and loss is not None and self.best_loss is not None and loss < self.best_loss
-        self.by_tie = bool(tie_won and not gain > self.min_delta + FLOAT_SLACK)
-        if gain is None or gain > self.min_delta + FLOAT_SLACK or tie_won:
+        improved = self.best_value is None or sign * (value - self.best_value) > self.min_delta + FLOAT_SLACK
+        loss = metrics.get("val_loss")
+        self.by_tie = not improved and self.metric != "val_loss" and loss is not None and self.best_loss is not None \
+            and loss < self.best_loss and sign * (value - self.top_value) >= -self.min_delta - FLOAT_SLACK
+        if improved or self.by_tie:
             self.best_value, self.best_step, self.bad_evals, self.best_loss = value, step, 0, loss
             return True
         self.bad_evals += 1
