@@ -109,7 +109,7 @@ class FakeRunner:
     def lookup(self, config, steps):
         return None
 
-    def __call__(self, config, steps, rung, fixed) -> Trial:
+    def __call__(self, config, steps, rung, fixed, evaluations=1) -> Trial:
         self.calls.append((config.key, rung))
         seconds = 1.2 * rates().trial(config, steps)
         self.clock.now += seconds
@@ -174,7 +174,7 @@ def test_an_interrupted_search_checks_out_so_no_other_worker_waits_for_it(monkey
     monkeypatch.setattr(search_module, "time", clock)
 
     class Interrupted(FakeRunner):
-        def __call__(self, config, steps, rung, fixed):
+        def __call__(self, config, steps, rung, fixed, evaluations=1):
             assert self.study.user_attrs[me]["state"] == "searching"
             raise KeyboardInterrupt
 
@@ -201,8 +201,8 @@ def test_when_no_trial_finishes_the_best_one_the_budget_cut_short_wins(monkeypat
     monkeypatch.setattr(search_module, "time", clock)
 
     class CutShort(FakeRunner):
-        def __call__(self, config, steps, rung, fixed) -> Trial:
-            trial = super().__call__(config, steps, rung, fixed)
+        def __call__(self, config, steps, rung, fixed, evaluations=1) -> Trial:
+            trial = super().__call__(config, steps, rung, fixed, evaluations)
             trial.state, trial.note = "stopped", f"the budget: stopped at step {steps - 5} of {steps}"
             return trial
 
@@ -223,12 +223,13 @@ def test_trials_that_tie_on_the_metric_rank_by_validation_loss():
 
 
 def test_a_trial_of_the_top_length_evaluates_at_each_third_and_is_priced_so():
-    runner = trials_module.TrialRunner(None, [], None, None, "", Path("out"), "task/accuracy", 10, top=90)
-    short, top = (dict(o.split("=", 1) for o in runner.trial_overrides(configs()[0], n, {})) for n in (30, 90))
-    assert short["train.eval_every"] == "0" and "train.eval_at_start" not in short
-    assert (top["train.eval_every"], top["train.eval_at_start"], top["eval.select.min_delta"]) == ("30", "false", "0.1")
+    runner = trials_module.TrialRunner(None, [], None, None, "", Path("out"), "task/accuracy", 10)
     measured = rates()
     measured.top = 90
+    short, top = (dict(o.split("=", 1) for o in runner.trial_overrides(configs()[0], n, {}, measured.evaluations(n)))
+                  for n in (30, 90))
+    assert short["train.eval_every"] == "0" and "train.eval_at_start" not in short
+    assert (top["train.eval_every"], top["train.eval_at_start"], top["eval.select.min_delta"]) == ("30", "false", "0.1")
     # small: 1 s a step, 5 s to start, 10 answers at 0.1 s per evaluation
     assert measured.trial(configs()[0], 30) == 36 and measured.trial(configs()[0], 90) == 98
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from tailorlm.auto import workers
 from tailorlm.auto.candidates import Candidate, Skipped, candidate_for, find_candidates
 from tailorlm.auto.data_curve import data_curve
 from tailorlm.auto.final import Final, evaluate_winner
 from tailorlm.auto.plan import FULL_MAX_PARAMS, Config, Rates, duration, full_steps, ladder, recipes
 from tailorlm.auto.report import write_leaderboard
 from tailorlm.auto.search import Search, open_auto_study, search
-from tailorlm.auto import workers
 from tailorlm.auto.trials import TrialRunner, recorded_seconds
 from tailorlm.config import RunConfig, load_config, parse_override
 from tailorlm.data.cost import estimate_training
@@ -126,7 +126,7 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
         console.print("searched, not kept (--search-recipe): the recipe " + str(config_path) + " sets")
     if fixed:
         console.print("kept as set: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
-    runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers, lengths[-1])
+    runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
     trials_before = recorded_seconds(study)
     found = search(configs, lengths, rates, runner, spent + (time.monotonic() - clock), budget, fixed, metric)
     searched = time.monotonic() - clock

@@ -218,7 +218,7 @@ def _run_or_skip(config: Config, steps: int, rung: int, rates: Rates, runner: Tr
     # from it, no limit: the trial's config.yaml is then exactly what a user would re-run.
     runner.max_seconds = room - (need - steps * rates.step[(config.candidate.name, config.recipe.method)]) \
         if need > 0.6 * room else None
-    return runner(config, steps, rung, fixed)
+    return runner(config, steps, rung, fixed, rates.evaluations(steps))
 
 
 def _wait_for_others(found: Search, rung: int, runner: TrialRunner, entries: list[Config], steps: int,

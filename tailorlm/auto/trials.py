@@ -5,7 +5,7 @@ A trial runs with eval.test=false (it never reads the test split, and no prompti
 the training set's per-example losses (on a short trial they cost as much as its steps), and with one
 evaluation, at its end: rungs train from scratch to their own length, so the last step is what halving
 compares. A trial of the ladder's top length is the model the user gets, and no rung follows it: it evaluates
-at each third of its length and keeps its best checkpoint, as `tailor run` does (plan.TOP_EVALUATIONS), where
+at each third of its length and keeps its best checkpoint, as `tailor run` does (plan.Rates.evaluations), where
 a difference of one validation answer is a tie that the validation loss breaks (train/selection.py). Its
 score is the task's headline metric on generated validation answers (the rule `tailor sweep` uses,
 sweep/objective.py's validation_value).
@@ -27,7 +27,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from tailorlm.auto.plan import TOP_EVALUATIONS, Config
+from tailorlm.auto.plan import Config
 from tailorlm.config import RunConfig, load_config
 from tailorlm.errors import TailorError
 from tailorlm.eval.report import SCALE_100
@@ -78,19 +78,19 @@ class TrialRunner:
     """Runs a config for a number of steps, or reads the trial back from the study when it already ran."""
 
     def __init__(self, config_path: str | None, cli_overrides: list[str], base: RunConfig, study: optuna.Study,
-                 url: str, out_dir: Path, metric: str, answers: int, top: int = 0):
-        self.config_path, self.cli_overrides, self.base, self.top = config_path, cli_overrides, base, top
+                 url: str, out_dir: Path, metric: str, answers: int):
+        self.config_path, self.cli_overrides, self.base = config_path, cli_overrides, base
         self.study, self.url, self.out_dir, self.metric, self.answers = study, url, out_dir.resolve(), metric, answers
         self.deadline = float("inf")  # time.monotonic() past which a trial stops (search sets it)
         self.max_seconds: float | None = None  # the trial's training-loop limit, when the budget is near
 
-    def trial_overrides(self, config: Config, steps: int, fixed: dict) -> list[str]:
+    def trial_overrides(self, config: Config, steps: int, fixed: dict, evaluations: int = 1) -> list[str]:
         values: dict[str, object] = {"model.path": config.candidate.path, **config.recipe.overrides(),
                                      "train.max_steps": steps, "train.eval_every": 0, "eval.test": False,
                                      "eval.select.metric": self.metric, "eval.retention.data": None,
                                      "eval.during_training": self.answers, "eval.example_losses": False}
-        if steps == self.top:  # its checkpoints differing by one validation answer tie: the loss breaks it
-            values.update({"train.eval_every": math.ceil(steps / TOP_EVALUATIONS), "train.eval_at_start": False,
+        if evaluations > 1:  # a top-length trial: its checkpoints differing by one validation answer tie
+            values.update({"train.eval_every": math.ceil(steps / evaluations), "train.eval_at_start": False,
                            "eval.select.min_delta": round(self._one_answer(), 6)})
         values = {k: v for k, v in values.items() if k not in fixed or k in ("eval.test", "train.max_steps")}
         if self.max_seconds is not None:
@@ -109,7 +109,9 @@ class TrialRunner:
                 return read_back(t)
         return None
 
-    def __call__(self, config: Config, steps: int, rung: int, fixed: dict) -> Trial:
+    def __call__(self, config: Config, steps: int, rung: int, fixed: dict, evaluations: int = 1) -> Trial:
+        """The trial, or its record; `evaluations` > 1 spreads that many over its length and keeps the best
+        (the plan's Rates.evaluations decides, and prices them)."""
         with study_lock(self.url, self.study.study_name):
             found = self.lookup(config, steps)
             if found is None:
@@ -135,7 +137,7 @@ class TrialRunner:
         import torch
 
         try:
-            cfg = load_config(self.config_path, self.trial_overrides(config, steps, fixed),
+            cfg = load_config(self.config_path, self.trial_overrides(config, steps, fixed, evaluations),
                               trust_remote_code=self.base.model.trust_remote_code)
             run(cfg, out, observe=observe)
             self._read_log(result, out)
