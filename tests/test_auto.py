@@ -10,8 +10,8 @@ import pytest
 from tailorlm.auto import search as search_module
 from tailorlm.auto import trials as trials_module
 from tailorlm.auto.candidates import Candidate
-from tailorlm.auto.plan import (Config, Rates, ladder, make_plan, narrower, parse_budget, recipes, rung_sets,
-                                survivors)
+from tailorlm.auto.plan import (Config, Rates, fitted_top, ladder, make_plan, narrower, parse_budget, recipes,
+                                rung_sets, survivors)
 from tailorlm.auto import workers
 from tailorlm.auto.search import Search, choose_winner, search
 from tailorlm.auto.trials import Trial
@@ -84,6 +84,40 @@ def test_the_plan_starts_short_and_fits_the_budget_with_fewer_configs_then_fewer
     with pytest.raises(TailorError, match=r"the budget left for the search \(15 s\) is too small: the shortest trial "
                                           r"\(10 steps\) needs about 16 s"):
         make_plan(configs(), lengths, rates(), 15)
+
+
+def test_a_budget_too_short_for_the_full_length_fits_the_top_to_it():
+    from dataclasses import replace
+
+    # the full length stays while a plan ending at it fits with a choice to make (two configs: 234 s)
+    assert [fitted_top(configs(), 90, rates(), s) for s in (10_000, 300, 234)] == [90, 90, 90]
+    # 200 s: the longest top onto which three configs halve; the next length up does not fit
+    assert fitted_top(configs(), 90, rates(), 200) == 69
+    fitted = make_plan(configs(), ladder(69), replace(rates(), top=69), 200)
+    assert fitted.rungs == [8, 69] and len(fitted.configs) == 3 and fitted.seconds == 200
+    assert make_plan(configs()[:3], [8, 70], replace(rates(), top=70), 10_000).seconds == 202
+    # two configs when three do not fit; one config alone trains the longest length that fits (3 evaluations)
+    assert fitted_top(configs(), 90, rates(), 60) == 12
+    assert fitted_top(configs()[:1], 90, rates(), 60) == 52
+    # no top longer than the full ladder's first rung fits: the full length, and make_plan's fallback
+    assert fitted_top(configs(), 90, rates(), 35) == 90
+
+
+def test_the_fitted_top_is_kept_in_the_study_for_a_resume_and_a_length_the_user_set_is_not_fitted(tmp_path, capsys):
+    import optuna
+
+    from tailorlm.auto.run import _fit_the_ladder
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, study_name="fit")
+    measured = rates()
+    assert _fit_the_ladder(ladder(90), configs(), measured, 200, {}, study, url) == ladder(69) == [8, 23, 69]
+    assert measured.top == 69 and study.user_attrs["top"] == 69
+    assert "the full length (90 steps) does not fit the budget with a choice to make: the longest trial trains " \
+           "69 steps, the most that fits with the first 3 configs halved onto it" in capsys.readouterr().out
+    # resumed with less time left: the same lengths, so the trials already in the study are read back
+    assert _fit_the_ladder(ladder(90), configs(), rates(), 100, {}, study, url) == [8, 23, 69]
+    assert _fit_the_ladder(ladder(90), configs(), rates(), 200, {"train.epochs": 3}, study, url) == [10, 30, 90]
 
 
 class FakeClock:

@@ -9,7 +9,7 @@ first is the least likely to win.
 
 Steps. The longest trial trains 3 epochs (the usual default), and at least MIN_FULL_STEPS optimizer steps so a
 small table is still seen often enough, at most MAX_FULL_STEPS. A config that sets train.max_steps or
-train.epochs keeps its own.
+train.epochs keeps its own. Otherwise a budget too short for that length shortens it (fitted_top).
 
 Successive halving (Jamieson & Talwalkar 2016; Li et al. 2017 for Hyperband): every config trains for the
 first rung's steps, the best third (ETA) trains three times as long from scratch, and so on up to the full
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tailorlm.auto.candidates import Candidate
 from tailorlm.errors import TailorError
@@ -183,6 +183,38 @@ def make_plan(configs: list[Config], lengths: list[int], rates: Rates, seconds: 
     cheapest = min(rates.trial(c, lengths[0]) for c in configs)
     raise TailorError(f"tailor auto: the budget left for the search ({duration(max(seconds, 0))}) is too small: the "
                       f"shortest trial ({lengths[0]} steps) needs about {duration(cheapest)}; give a larger --budget")
+
+
+def fitted_top(configs: list[Config], top: int, rates: Rates, seconds: float, free: set = frozenset()) -> int:
+    """The ladder's top length for `seconds`: `top` (full_steps) while a plan ending at it fits with a choice to
+    make (make_plan); else the longest length onto which the first ETA configs (or two) halve, their
+    first rung and then the best of them at the top. So a budget too short for 3 epochs still ends at a trial
+    trained as long as the budget allows, with its evaluations and its kept checkpoint, rather than at a few
+    configs of a short rung (SST-2, 15 minutes: 3 epochs is 750 steps, one Gemma-3-270M trial of them 39
+    minutes; the plan fell back to three configs at 83 steps, and the winner scored 0.914 on test). When no top
+    longer than the full ladder's first rung fits, `top`: make_plan then falls back to the ladder's shorter
+    rungs, or says the budget is too small. A length the user set (train.max_steps, train.epochs) is not fitted (run.py)."""
+    try:
+        plan = make_plan(configs, ladder(top), replace(rates, top=top), seconds, free)
+        if plan.rungs[-1] == top and (len(plan.configs) > 1 or len(configs) == 1):
+            return top
+    except TailorError:  # not even its shortest trial fits; a shorter top's may
+        pass
+
+    def fits(length: int, n: int) -> bool:
+        rungs = [length] if n == 1 else [ladder(length)[0], length]
+        return plan_cost(configs[:n], rungs, replace(rates, top=length), free) <= seconds
+
+    # from the longest down (at most MAX_FULL_STEPS prices): the first rung's length falls where the ladder
+    # gains a rung, so the cost does not grow evenly with the length and a bisection could miss the longest.
+    # ETA configs first; two when three do not fit. A top no longer than the full ladder's first rung would train
+    # no longer than make_plan's fallback (configs at that rung), with less choice
+    shortest = max(ETA * MIN_RUNG_STEPS, ladder(top)[0] + 1)
+    for n in range(min(ETA, len(configs)), 1 if len(configs) > 1 else 0, -1):
+        found = next((length for length in range(top - 1, shortest - 1, -1) if fits(length, n)), None)
+        if found is not None:
+            return found
+    return top
 
 
 def rung_sets(lengths: list[int]) -> list[list[int]]:

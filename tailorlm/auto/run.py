@@ -20,7 +20,7 @@ from tailorlm.auto import workers
 from tailorlm.auto.candidates import Candidate, Skipped, candidate_for, find_candidates
 from tailorlm.auto.data_curve import data_curve
 from tailorlm.auto.final import Final, evaluate_winner
-from tailorlm.auto.plan import FULL_MAX_PARAMS, Config, Rates, duration, full_steps, ladder, recipes
+from tailorlm.auto.plan import ETA, FULL_MAX_PARAMS, Config, Rates, duration, fitted_top, full_steps, ladder, recipes
 from tailorlm.auto.report import write_leaderboard
 from tailorlm.auto.search import Search, open_auto_study, search
 from tailorlm.auto.trials import TrialRunner, recorded_seconds
@@ -32,7 +32,7 @@ from tailorlm.eval.during_training import metric_key
 from tailorlm.models import kept_weights
 from tailorlm.models.loading import resolve_device
 from tailorlm.pipeline.prepare import prepare
-from tailorlm.sweep.study import storage_url
+from tailorlm.sweep.study import pin, storage_url, study_lock
 from tailorlm.sweep.space import overrides as as_overrides
 from tailorlm.track.flat import flatten
 from tailorlm.ui import console, stage
@@ -126,6 +126,7 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
         console.print("searched, not kept (--search-recipe): the recipe " + str(config_path) + " sets")
     if fixed:
         console.print("kept as set: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+    lengths = _fit_the_ladder(lengths, configs, rates, budget - spent - (time.monotonic() - clock), fixed, study, url)
     runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
     trials_before = recorded_seconds(study)
     found = search(configs, lengths, rates, runner, spent + (time.monotonic() - clock), budget, fixed, metric)
@@ -166,6 +167,24 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
         workers.scored(study, found.winner)
     console.print(f"\nLeaderboard: {out / 'leaderboard.md'}")
     return AutoOutcome(out, found, final, candidates, skipped)
+
+
+def _fit_the_ladder(lengths: list[int], configs: list[Config], rates: Rates, seconds: float, fixed: dict,
+                    study, url: str) -> list[int]:
+    """The ladder with its top fitted to the budget (plan.fitted_top), unless the user set the length. The first
+    run of a search records it in the study: a resumed run, or another worker, plans on the same lengths, so
+    the trials already there are read back rather than trained again at lengths of their own."""
+    natural = lengths[-1]
+    if {"train.max_steps", "train.epochs"} & fixed.keys():
+        return lengths
+    with study_lock(url, study.study_name):
+        top = int(pin(study, "top", fitted_top(configs, natural, rates, seconds)))
+    if top < natural:
+        console.print(f"the full length ({natural} steps) does not fit the budget with a choice to make: the longest "
+                      f"trial trains {top} steps, the most that fits with the first {min(ETA, len(configs))} configs "
+                      f"halved onto it")
+    rates.top = top
+    return ladder(top)
 
 
 def _candidates(base: RunConfig, fixed: dict, models: list[str], embedded: bool,
