@@ -90,17 +90,21 @@ def test_a_budget_too_short_for_the_full_length_fits_the_top_to_it():
     from dataclasses import replace
 
     # the full length stays while a plan ending at it fits with a choice to make (two configs: 234 s)
-    assert [fitted_top(configs(), 90, rates(), s) for s in (10_000, 300, 234)] == [90, 90, 90]
-    # 200 s: the longest top onto which three configs halve; the next length up does not fit
-    assert fitted_top(configs(), 90, rates(), 200) == 69
-    fitted = make_plan(configs(), ladder(69), replace(rates(), top=69), 200)
-    assert fitted.rungs == [8, 69] and len(fitted.configs) == 3 and fitted.seconds == 200
-    assert make_plan(configs()[:3], [8, 70], replace(rates(), top=70), 10_000).seconds == 202
-    # two configs when three do not fit; one config alone trains the longest length that fits (3 evaluations)
-    assert fitted_top(configs(), 90, rates(), 60) == 12
-    assert fitted_top(configs()[:1], 90, rates(), 60) == 52
+    assert [fitted_top(configs(), 90, rates(), s) for s in (10_000, 300, 234)] == [(90, 0)] * 3
+    # 200 s: the longest top onto which three configs halve, within 98% of the time (196 s, leaving the search
+    # a margin); the next length up does not fit
+    assert fitted_top(configs(), 90, rates(), 200) == (67, 3)
+    fitted = make_plan(configs(), ladder(67), replace(rates(), top=67), 200)
+    assert fitted.rungs == [7, 67] and len(fitted.configs) == 3 and fitted.seconds == 192
+    assert make_plan(configs()[:3], [8, 68], replace(rates(), top=68), 10_000).seconds == 198
+    # two configs when three do not fit: here both train the top alone, where starting a trial costs more than
+    # its steps (58 s; a first rung of 4 steps and the best at 12 would cost 60)
+    assert fitted_top(configs(), 90, rates(), 60) == (13, 2)
+    assert make_plan(configs(), ladder(13), replace(rates(), top=13), 60).rungs == [13]
+    # one config alone trains the longest length that fits, with its three evaluations (50 + 5 + 3 s)
+    assert fitted_top(configs()[:1], 90, rates(), 60) == (50, 1)
     # no top longer than the full ladder's first rung fits: the full length, and make_plan's fallback
-    assert fitted_top(configs(), 90, rates(), 35) == 90
+    assert fitted_top(configs(), 90, rates(), 35) == (90, 0)
 
 
 def test_the_fitted_top_is_kept_in_the_study_for_a_resume_and_a_length_the_user_set_is_not_fitted(tmp_path, capsys):
@@ -111,13 +115,20 @@ def test_the_fitted_top_is_kept_in_the_study_for_a_resume_and_a_length_the_user_
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(storage=url, study_name="fit")
     measured = rates()
-    assert _fit_the_ladder(ladder(90), configs(), measured, 200, {}, study, url) == ladder(69) == [8, 23, 69]
-    assert measured.top == 69 and study.user_attrs["top"] == 69
-    assert "the full length (90 steps) does not fit the budget with a choice to make: the longest trial trains " \
-           "69 steps, the most that fits with the first 3 configs halved onto it" in capsys.readouterr().out
+    assert _fit_the_ladder(ladder(90), configs(), measured, 200, {}, study, url) == ladder(67) == [7, 22, 67]
+    assert measured.top == 67 and study.user_attrs["top"] == 67
+    assert "the full length (90 steps) does not fit the budget: the longest trial will train 67 steps, the most " \
+           "that fits after a first round of 3 configs" in capsys.readouterr().out
     # resumed with less time left: the same lengths, so the trials already in the study are read back
-    assert _fit_the_ladder(ladder(90), configs(), rates(), 100, {}, study, url) == [8, 23, 69]
+    assert _fit_the_ladder(ladder(90), configs(), rates(), 100, {}, study, url) == [7, 22, 67]
+    assert "the longest trial trains 67 steps, as the first run of this search fitted it to its budget (the full " \
+           "length is 90 steps); another --output starts a search fitted to this budget" in capsys.readouterr().out
     assert _fit_the_ladder(ladder(90), configs(), rates(), 200, {"train.epochs": 3}, study, url) == [10, 30, 90]
+    # a study whose trials ran before a top was recorded keeps the full length they were planned on
+    older = optuna.create_study(storage=url, study_name="older")
+    older.tell(older.ask(), 0.5)
+    assert _fit_the_ladder(ladder(90), configs(), rates(), 200, {}, older, url) == [10, 30, 90]
+    assert older.user_attrs["top"] == 90 and capsys.readouterr().out == ""
 
 
 class FakeClock:

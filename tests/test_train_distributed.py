@@ -128,6 +128,27 @@ def test_preference_objectives_follow_the_single_process_trajectory(tmp_path, ti
         assert ea["pref_loss"] == pytest.approx(eb["pref_loss"], rel=1e-4)
 
 
+def test_grpo_over_two_processes_resumes_exactly_where_it_stopped(tmp_path, tiny_model_dir, data):
+    # each process samples its share of the step's prompts from its own random stream, which every checkpoint
+    # holds per process: a job killed at step 4 and resumed trains, samples and ends as one that never stopped
+    # (DDP: FSDP is refused for grpo, whose processes generate answers of different lengths)
+    grpo = ("objective.name=grpo", "objective.grpo.group_size=2", "objective.grpo.max_new_tokens=4",
+            "objective.grpo.temperature=1.5")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    log = ok(torchrun(*run_args(tiny_model_dir, data, whole, "lora", *grpo)))
+    assert log.count("over 2 processes (ddp)") == 1
+    stopped = torchrun(*run_args(tiny_model_dir, data, resumed, "lora", *grpo), driver=True, FAIL_RANK="1",
+                       FAIL_STEP="4")
+    assert stopped.returncode != 0
+    assert (resumed / "checkpoints" / "step-00000004" / "COMPLETE").exists()
+    assert f"step-00000004 at step 4 of {STEPS}\n" in ok(torchrun("run", "--resume", str(resumed)))
+    assert_same_training(whole, resumed, tol=1e-6)
+    rows = history(whole)["train_loss"]
+    for a, b in zip(rows, history(resumed)["train_loss"]):
+        assert (a["reward"], a["flat_groups"], a["answer_tokens"]) == (b["reward"], b["flat_groups"], b["answer_tokens"])
+    assert all(0.0 <= r["reward"] <= 1.0 and 1 <= r["answer_tokens"] <= 4 for r in rows)
+
+
 def test_gradual_unfreezing_under_ddp_rebuilds_the_wrapper_per_stage(tmp_path, tiny_model_dir, data, single):
     extra = ("method.unfreeze.groups=3",)
     reference, out = tmp_path / "one", tmp_path / "two"

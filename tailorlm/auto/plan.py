@@ -185,25 +185,32 @@ def make_plan(configs: list[Config], lengths: list[int], rates: Rates, seconds: 
                       f"shortest trial ({lengths[0]} steps) needs about {duration(cheapest)}; give a larger --budget")
 
 
-def fitted_top(configs: list[Config], top: int, rates: Rates, seconds: float, free: set = frozenset()) -> int:
-    """The ladder's top length for `seconds`: `top` (full_steps) while a plan ending at it fits with a choice to
-    make (make_plan); else the longest length onto which the first ETA configs (or two) halve, their
-    first rung and then the best of them at the top. So a budget too short for 3 epochs still ends at a trial
-    trained as long as the budget allows, with its evaluations and its kept checkpoint, rather than at a few
-    configs of a short rung (SST-2, 15 minutes: 3 epochs is 750 steps, one Gemma-3-270M trial of them 39
-    minutes; the plan fell back to three configs at 83 steps, and the winner scored 0.914 on test). When no top
-    longer than the full ladder's first rung fits, `top`: make_plan then falls back to the ladder's shorter
-    rungs, or says the budget is too small. A length the user set (train.max_steps, train.epochs) is not fitted (run.py)."""
+FIT_SHARE = 0.98  # a top is fitted to this share of the time left: the search plans a moment later, on less
+
+
+def fitted_top(configs: list[Config], top: int, rates: Rates, seconds: float,
+               free: set = frozenset()) -> tuple[int, int]:
+    """The ladder's top length for `seconds`, and how many configs the first round of its plan was fitted with
+    (0: the top is `top`, full_steps). `top` while a plan ending at it fits with a choice to make (make_plan);
+    else the longest length at which the first ETA configs (or two) fit a first rung and then the best of them
+    at the top, or all of them at the top alone (where starting a trial costs more than its steps). So a budget
+    too short for 3 epochs still ends at a trial trained as long as the budget allows, with its evaluations
+    and its kept checkpoint, rather than at a few configs of a short rung (SST-2, 15 minutes: 3 epochs is 750
+    steps, one Gemma-3-270M trial of them 39 minutes; the plan fell back to three configs at 83 steps, and the
+    winner scored 0.914 on test; fitted, 146 steps and 0.928). When no top longer than the full ladder's first
+    rung fits, `top`: make_plan then falls back to the ladder's shorter rungs, or says the budget is too
+    small. A length the user set (train.max_steps, train.epochs) is not fitted (run.py)."""
     try:
         plan = make_plan(configs, ladder(top), replace(rates, top=top), seconds, free)
         if plan.rungs[-1] == top and (len(plan.configs) > 1 or len(configs) == 1):
-            return top
+            return top, 0
     except TailorError:  # not even its shortest trial fits; a shorter top's may
         pass
 
     def fits(length: int, n: int) -> bool:
-        rungs = [length] if n == 1 else [ladder(length)[0], length]
-        return plan_cost(configs[:n], rungs, replace(rates, top=length), free) <= seconds
+        at = replace(rates, top=length)
+        return any(plan_cost(configs[:n], rungs, at, free) <= seconds * FIT_SHARE
+                   for rungs in ([length], [ladder(length)[0], length])[:1 if n == 1 else 2])
 
     # from the longest down (at most MAX_FULL_STEPS prices): the first rung's length falls where the ladder
     # gains a rung, so the cost does not grow evenly with the length and a bisection could miss the longest.
@@ -213,8 +220,8 @@ def fitted_top(configs: list[Config], top: int, rates: Rates, seconds: float, fr
     for n in range(min(ETA, len(configs)), 1 if len(configs) > 1 else 0, -1):
         found = next((length for length in range(top - 1, shortest - 1, -1) if fits(length, n)), None)
         if found is not None:
-            return found
-    return top
+            return found, n
+    return top, 0
 
 
 def rung_sets(lengths: list[int]) -> list[list[int]]:

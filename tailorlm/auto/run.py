@@ -20,7 +20,7 @@ from tailorlm.auto import workers
 from tailorlm.auto.candidates import Candidate, Skipped, candidate_for, find_candidates
 from tailorlm.auto.data_curve import data_curve
 from tailorlm.auto.final import Final, evaluate_winner
-from tailorlm.auto.plan import ETA, FULL_MAX_PARAMS, Config, Rates, duration, fitted_top, full_steps, ladder, recipes
+from tailorlm.auto.plan import FULL_MAX_PARAMS, Config, Rates, duration, fitted_top, full_steps, ladder, recipes
 from tailorlm.auto.report import write_leaderboard
 from tailorlm.auto.search import Search, open_auto_study, search
 from tailorlm.auto.trials import TrialRunner, recorded_seconds
@@ -32,7 +32,7 @@ from tailorlm.eval.during_training import metric_key
 from tailorlm.models import kept_weights
 from tailorlm.models.loading import resolve_device
 from tailorlm.pipeline.prepare import prepare
-from tailorlm.sweep.study import pin, storage_url, study_lock
+from tailorlm.sweep.study import storage_url, study_lock
 from tailorlm.sweep.space import overrides as as_overrides
 from tailorlm.track.flat import flatten
 from tailorlm.ui import console, stage
@@ -172,17 +172,27 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
 def _fit_the_ladder(lengths: list[int], configs: list[Config], rates: Rates, seconds: float, fixed: dict,
                     study, url: str) -> list[int]:
     """The ladder with its top fitted to the budget (plan.fitted_top), unless the user set the length. The first
-    run of a search records it in the study: a resumed run, or another worker, plans on the same lengths, so
-    the trials already there are read back rather than trained again at lengths of their own."""
+    run of a search records the top in the study: a resumed run, or another worker, plans on the same lengths,
+    so the trials already there are read back rather than trained again at lengths of their own. A study whose
+    trials ran before a top was recorded keeps the full length they were planned on."""
     natural = lengths[-1]
     if {"train.max_steps", "train.epochs"} & fixed.keys():
         return lengths
     with study_lock(url, study.study_name):
-        top = int(pin(study, "top", fitted_top(configs, natural, rates, seconds)))
-    if top < natural:
-        console.print(f"the full length ({natural} steps) does not fit the budget with a choice to make: the longest "
-                      f"trial trains {top} steps, the most that fits with the first {min(ETA, len(configs))} configs "
-                      f"halved onto it")
+        recorded = study.user_attrs.get("top")
+        if recorded is None:
+            top, first_round = (natural, 0) if study.get_trials(deepcopy=False) else \
+                fitted_top(configs, natural, rates, seconds)
+            study.set_user_attr("top", top)
+    if recorded is not None:
+        top = int(recorded)
+        if top != natural:
+            console.print(f"the longest trial trains {top} steps, as the first run of this search fitted it to its "
+                          f"budget (the full length is {natural} steps); another --output starts a search fitted to "
+                          f"this budget")
+    elif top < natural:
+        console.print(f"the full length ({natural} steps) does not fit the budget: the longest trial will train "
+                      f"{top} steps, the most that fits after a first round of {first_round} configs")
     rates.top = top
     return ladder(top)
 
