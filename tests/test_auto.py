@@ -131,6 +131,29 @@ def test_the_fitted_top_is_kept_in_the_study_for_a_resume_and_a_length_the_user_
     assert older.user_attrs["top"] == 90 and capsys.readouterr().out == ""
 
 
+def test_the_advice_on_length_names_what_set_it():
+    from tailorlm.auto.report import length_advice
+
+    def found(lengths, steps, values, full=0, epoch_steps=62.5):
+        out = Search("task/accuracy", None, lengths, full=full, epoch_steps=epoch_steps)
+        out.trials = [Trial(f"c{i}", i, n, "complete", v) for i, (n, v) in enumerate(zip(steps, values))]
+        out.winner = out.trials[-1]
+        return out
+
+    # the user's config fixed one epoch: the advice is the config's length, in its own epochs
+    assert length_advice(found([7, 63], [7, 63], [0.27, 0.92])) == (
+        "Validation task/accuracy was still rising at the full length (63 steps, 1.0 epochs): a larger train.epochs "
+        "(or train.max_steps) would let it train longer.")
+    # the budget fitted the top (SST-2, 15 minutes): the advice is the budget
+    assert length_advice(found([16, 146], [16, 146], [0.88, 0.93], full=750, epoch_steps=250)) == (
+        "Validation task/accuracy was still rising at the longest length the budget allowed (146 steps, 0.6 epochs; "
+        "the full length is 750 steps): a larger --budget would let it train longer.")
+    assert length_advice(found([7, 21, 63], [7, 21], [0.5, 0.7])).startswith(
+        "Longer training was still paying (task/accuracy +0.200 on validation from 7 to 21 steps), and the budget "
+        "stopped the search short of 63 steps")
+    assert length_advice(found([7, 63], [7, 63], [0.92, 0.925])) is None  # not rising: no advice
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0

@@ -54,16 +54,28 @@ def recommendation(found: Search, final: Final | None) -> list[str]:
         if best["value"] >= tuned:
             lines.append(f"Prompting {model} does as well on the test split ({best['variant']}: "
                          f"{format_metric(headline, best['value'])}): fine-tuning did not pay on this task.")
+    advice = length_advice(found)
+    return lines + ([advice] if advice else [])
+
+
+def length_advice(found: Search) -> str | None:
+    """When the winner beat the best of the rung below by STILL_RISING or more on validation: what would let it
+    train longer. A larger budget when the budget set the length (the search stopped short of the ladder's top,
+    or the top was fitted to the budget); else a larger train.epochs."""
     below = found.best_of_rung(found.winner.rung - 1) if found.winner.rung else []
-    top = found.lengths[-1]
-    if below and found.winner.value - below[0].value >= STILL_RISING and found.winner.steps < top:
-        lines.append(f"Longer training was still paying ({found.metric} +{found.winner.value - below[0].value:.3f} "
-                     f"on validation from {below[0].steps} to {found.winner.steps} steps), and the budget stopped "
-                     f"the search short of {top} steps: a larger --budget would likely help.")
-    elif below and found.winner.value - below[0].value >= STILL_RISING:
-        lines.append(f"Validation {found.metric} was still rising at the full length ({top} steps, 3 epochs): "
-                     f"train.epochs in the config would let it train longer.")
-    return lines
+    if not below or found.winner.value - below[0].value < STILL_RISING:
+        return None
+    top, full = found.lengths[-1], found.full or found.lengths[-1]
+    if found.winner.steps < top:
+        return (f"Longer training was still paying ({found.metric} +{found.winner.value - below[0].value:.3f} on "
+                f"validation from {below[0].steps} to {found.winner.steps} steps), and the budget stopped the search "
+                f"short of {top} steps: a larger --budget would likely help.")
+    epochs = f", {top / found.epoch_steps:.1f} epochs" if found.epoch_steps else ""
+    if top < full:
+        return (f"Validation {found.metric} was still rising at the longest length the budget allowed ({top} "
+                f"steps{epochs}; the full length is {full} steps): a larger --budget would let it train longer.")
+    return (f"Validation {found.metric} was still rising at the full length ({top} steps{epochs}): a larger "
+            f"train.epochs (or train.max_steps) would let it train longer.")
 
 
 def write_leaderboard(out: Path, name: str, found: Search, final: Final | None, candidates: list[Candidate],

@@ -88,7 +88,8 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     rates, n_train, n_val, n_test, task_name, headline = plan_in
     candidates = [c for c in candidates if any(name == c.name for name, _ in rates.step)]  # those with a recipe
     metric = metric_key(task_name, headline)
-    lengths = ladder(full_steps(n_train, base.train.batch_size * base.train.grad_accum, fixed))
+    batch = base.train.batch_size * base.train.grad_accum
+    lengths = ladder(full_steps(n_train, batch, fixed))
     answers = rates.answers = min(VALIDATION_ANSWERS, n_val)
     rates.top = lengths[-1]
     method = base.method.name
@@ -130,6 +131,7 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
     trials_before = recorded_seconds(study)
     found = search(configs, lengths, rates, runner, spent + (time.monotonic() - clock), budget, fixed, metric)
+    found.full, found.epoch_steps = full_steps(n_train, batch, fixed), n_train / batch
     searched = time.monotonic() - clock
     # what this run spent on planning counts on a later resume too (its trials are in the study)
     study.set_user_attr("other_seconds", study.user_attrs.get("other_seconds", 0.0) + max(

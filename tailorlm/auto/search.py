@@ -38,6 +38,8 @@ class Search:
     trials: list[Trial] = field(default_factory=list)
     winner: Trial | None = None
     spent: float = 0.0  # seconds of the search, earlier runs of it included
+    full: int = 0  # the full length before the budget fitted the top (plan.fitted_top); 0: the ladder's top
+    epoch_steps: float = 0.0  # optimizer steps in one pass over the training rows (0: unknown)
 
     def best_of_rung(self, rung: int) -> list[Trial]:
         done = [t for t in self.trials if t.rung == rung and t.state == "complete"]
