@@ -89,7 +89,8 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     candidates = [c for c in candidates if any(name == c.name for name, _ in rates.step)]  # those with a recipe
     metric = metric_key(task_name, headline)
     batch = base.train.batch_size * base.train.grad_accum
-    lengths = ladder(full_steps(n_train, batch, fixed))
+    full = full_steps(n_train, batch, fixed)
+    lengths = ladder(full)
     answers = rates.answers = min(VALIDATION_ANSWERS, n_val)
     rates.top = lengths[-1]
     method = base.method.name
@@ -131,7 +132,7 @@ def auto(config_path: str | None, overrides: list[str], budget: float, models: l
     runner = TrialRunner(config_path, list(overrides), base, study, url, out, metric, answers)
     trials_before = recorded_seconds(study)
     found = search(configs, lengths, rates, runner, spent + (time.monotonic() - clock), budget, fixed, metric)
-    found.full, found.epoch_steps = full_steps(n_train, batch, fixed), n_train / batch
+    found.full, found.epoch_steps = full, n_train / batch
     searched = time.monotonic() - clock
     # what this run spent on planning counts on a later resume too (its trials are in the study)
     study.set_user_attr("other_seconds", study.user_attrs.get("other_seconds", 0.0) + max(
