@@ -150,6 +150,19 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
         assert metrics["variants"]["classic"]["kind"] == "crf"
         assert set(metrics["variants"]["fine_tuned"]["per_type"]) <= {"product"}
         assert "Entity F1 per type (strict spans):" in (out / "report.md").read_text()
+        # the base model is asked for lists (eval.prompting_entity_format: auto), the fine-tuned model copies the
+        # sentence with marks (the training format); both are read back and scored on the same sentences
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        by_variant = {v: [r for r in rows if r["variant"] == v] for v in ("zero_shot_constrained", "fine_tuned")}
+        assert [r["input"] for r in by_variant["zero_shot_constrained"]] == [r["input"] for r in by_variant["fine_tuned"]]
+        for prompted, tuned in zip(by_variant["zero_shot_constrained"], by_variant["fine_tuned"]):
+            assert prompted["expected"] == "product: film" and tuned["expected"].startswith("the [film | product] ")
+            # list-constrained: 'none', or items of a type and the sentence's own words
+            words = prompted["input"].split("Text: ")[-1].split()
+            assert prompted["generated"] == "none" or all(
+                item.split(": ")[0] == "product" and " ".join(item.split(": ")[1].split()) in " ".join(words)
+                for item in prompted["generated"].split("; "))
+        assert "entities asked for as list (eval.prompting_entity_format)" in (out / "report.md").read_text()
         # eval.decoding=auto: both kinds on test, validation's choice is the fine-tuned headline
         chosen = metrics["decoding"]
         assert {"fine_tuned", "fine_tuned_constrained"} <= set(metrics["variants"]) and chosen["rows"] > 0
@@ -305,3 +318,19 @@ def test_failure_mid_run_marks_the_directory_failed(tmp_path, tiny_model_dir, mo
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "failed" and status["error"] == "disk full"
     assert not (out / "metrics.json").exists()
+
+
+def test_extraction_prompting_asks_base_models_for_lists_unless_told_or_the_template_is_the_users():
+    from tailorlm.config import RunConfig
+    from tailorlm.pipeline.stages import prompting_entity_format
+
+    def asked(started=False, **settings):
+        eval_ = {"prompting_entity_format": settings.pop("asked")} if "asked" in settings else {}
+        return prompting_entity_format(RunConfig(template={"preset": "ner", **settings}, eval=eval_), started)
+
+    assert asked() == "list"  # inline training, a base model prompted in the format it answers best
+    assert asked(started=True) is None  # a finished run answers in the format it was trained on
+    assert asked(instruction="Mark the names.") is None and asked(completion="{{ entities_text }}") is None
+    assert asked(entity_format="list") is None  # already the training format
+    assert asked(asked="json") == "json" and asked(asked="inline") is None
+    assert prompting_entity_format(RunConfig(), False) is None  # classification has no entity format

@@ -187,6 +187,14 @@ class EvalSpec(Section):
         "generation, decoding constrained to the labels, and label log-likelihood (the most likely label's completion). "
         "NER lists are free or constrained (to the text's own spans under each type). The fine-tuned model is compared with "
         "the best of them; open-answer tasks always generate freely")
+    # auto asks a base model for lists: prompted on WNUT-17's 200-sentence sample, SmolLM2's best list answers
+    # scored a strict entity F1 of 0.065 and its inline copies 0.000 (Gemma-3-270M's 0.008, BENCHMARKS.md), so
+    # prompting in the training format (inline by default) would not be prompting at its best.
+    prompting_entity_format: Literal["auto", "list", "inline", "json"] = Field(
+        "auto", description="ner: the answer format the prompting baselines ask for. auto: list when prompting a base "
+        "model with the preset's own template (base models answer lists far better than they copy a sentence with "
+        "marks); the training format (template.entity_format) when the model is a finished run or the config writes "
+        "its own instruction, prompt or completion. The fine-tuned model always answers in the training format")
     demos: Literal["random", "similar"] = Field("random", description="Few-shot demonstrations: random (balanced over "
                                                 "labels, the same for every row) or similar (each row's k nearest training "
                                                 "examples by TF-IDF cosine)")

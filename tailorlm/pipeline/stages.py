@@ -9,6 +9,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from tailorlm.config import RunConfig
+from tailorlm.data.samples import IGNORE, Sample
+from tailorlm.data.templates import PromptTemplate
 from tailorlm.eval.baselines import best_prompting, is_prompting, run_baselines, variant_name
 from tailorlm.eval.curve_report import curve_file, plot_curve
 from tailorlm.eval.during_training import TrainingEvaluation, validation_subset
@@ -59,18 +62,52 @@ def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Basel
         return result
     started = RunDir(cfg.model.path).is_run()  # a finished run's model is what training starts from
     for name, t in prepared.tasks.items():
-        stage(f"Prompting baselines: {name} ({'the starting model, ' + cfg.model.path if started else 'base model'})")
+        scorer, test = scorers[name], t.encoded["test"]
+        asked = prompting_entity_format(t.cfg, started)
+        if asked:
+            scorer, test = _asked_in(asked, t, scorer)
+        stage(f"Prompting baselines: {name} ({'the starting model, ' + cfg.model.path if started else 'base model'}"
+              + (f"; entities asked for as {asked}, eval.prompting_entity_format" if asked else "") + ")")
 
         def report(variant: str, metrics: dict, t=t) -> None:
             console.print(f"{variant_title(variant, metrics)}: " + ", ".join(
                 f"{TITLES.get(c, c)} {format_metric(c, metrics.get(c))}" for c in t.template.task.columns)
                 + f" ({metrics['prompt_tokens']:.0f} prompt tokens, {metrics['seconds_per_100']:.1f} s per 100)")
-        measured = run_baselines(model, scorers[name], t.splits.train, t.encoded["test"], cfg.eval, cfg.train.seed,
-                                 report)
+        measured = run_baselines(model, scorer, t.splits.train, test, cfg.eval, cfg.train.seed, report)
         result.variants[name] = measured.variants
         result.curves[name] = measured.curve
         result.predictions += prepared.tagged(measured.predictions, name)
     return result
+
+
+def prompting_entity_format(cfg: RunConfig, started: bool) -> str | None:
+    """The entity format extraction's prompting baselines ask for (eval.prompting_entity_format), where it is
+    not the training format; None where they ask in the training format, or the task is not extraction."""
+    template = cfg.template
+    if template.preset != "ner":
+        return None
+    asked = cfg.eval.prompting_entity_format
+    if asked == "auto":  # a finished run was trained to answer in its format; a user's own template asks in its own
+        own = any(getattr(template, part) is not None for part in ("instruction", "prompt", "completion"))
+        asked = template.entity_format if started or own else "list"
+    return asked if asked != template.entity_format else None
+
+
+def _asked_in(entity_format: str, t: TaskData, scorer: Evaluator) -> tuple[Evaluator, list[Sample]]:
+    """An evaluator asking for the entities in another format, and the test samples re-rendered in it: the
+    same sentences (shortened where the training format's were), so every row of the table scores the same
+    examples and reads back their gold entities alike."""
+    template = PromptTemplate(t.cfg.template.model_copy(update={"entity_format": entity_format}))
+    samples = []
+    for sample in t.encoded["test"]:
+        example = {**sample.example, **template.task.derive(sample.example)}  # the answer as this format writes it
+        question = template.prompt(example, t.labels)
+        prompt = t.fmt.encode_prompt(t.fmt.prompt_text(question))
+        answer = t.fmt.encode_completion(t.fmt.completion_text(question, template.completion(example)))
+        samples.append(Sample(prompt + answer, [IGNORE] * len(prompt) + answer, example))
+    evaluator = Evaluator(scorer.tokenizer, template, t.fmt, t.labels, scorer.spec, scorer.device,
+                          template.label_field, spans=t.extractive)
+    return evaluator, samples
 
 
 def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str, Evaluator], resume: bool = False,
@@ -185,6 +222,9 @@ def report(prepared: Prepared, run_dir: RunDir, results: Results, result: Fit, s
     started = RunDir(cfg.model.path).is_run()
     if started:  # training continued a finished run: its model is what was prompted
         facts["prompting"] = f"the starting model (the finished run {cfg.model.path}); " + facts["prompting"]
+    asked = {prompting_entity_format(t.cfg, started) for t in tasks.values()} - {None}
+    if asked and cfg.eval.baselines:
+        facts["prompting"] += f"; entities asked for as {', '.join(sorted(asked))} (eval.prompting_entity_format)"
     for name, task in results.tasks.items():
         plot_curve(run_dir / curve_file(name), task.curve, task.fine_tuned)
     write_report(run_dir / "report.md", f"tailorlm run: {cfg.output.name}", facts, sections,
