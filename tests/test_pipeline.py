@@ -7,6 +7,7 @@ import yaml
 
 from tailorlm.cli import main
 from tailorlm.eval.results import TaskResults
+from tailorlm.tasks.ner import parse_entities
 from conftest import labeled_csv, write
 
 FAST = ["train.max_steps=3", "train.batch_size=4", "train.eval_every=2", "eval.few_shot_k=2", "template.max_length=96"]
@@ -157,11 +158,12 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
         assert [r["input"] for r in by_variant["zero_shot_constrained"]] == [r["input"] for r in by_variant["fine_tuned"]]
         for prompted, tuned in zip(by_variant["zero_shot_constrained"], by_variant["fine_tuned"]):
             assert prompted["expected"] == "product: film" and tuned["expected"].startswith("the [film | product] ")
-            # list-constrained: 'none', or items of a type and the sentence's own words
-            words = prompted["input"].split("Text: ")[-1].split()
-            assert prompted["generated"] == "none" or all(
-                item.split(": ")[0] == "product" and " ".join(item.split(": ")[1].split()) in " ".join(words)
-                for item in prompted["generated"].split("; "))
+            # list-constrained: each span read back is a run of the sentence's own words
+            words = prompted["input"].split()
+            runs = {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+            assert all(span in runs for _, span in parse_entities(prompted["generated"], ["product"], "list"))
+        # the CRF writes its answers as the fine-tuned model does
+        assert all(r["expected"].startswith("the [film | product] ") for r in rows if r["variant"] == "classic")
         assert "entities asked for as list (eval.prompting_entity_format)" in (out / "report.md").read_text()
         # eval.decoding=auto: both kinds on test, validation's choice is the fine-tuned headline
         chosen = metrics["decoding"]
@@ -334,3 +336,40 @@ def test_extraction_prompting_asks_base_models_for_lists_unless_told_or_the_temp
     assert asked(entity_format="list") is None  # already the training format
     assert asked(asked="json") == "json" and asked(asked="inline") is None
     assert prompting_entity_format(RunConfig(), False) is None  # classification has no entity format
+
+
+def test_extraction_prompting_in_lists_shows_its_demonstrations_in_lists(tmp_path, tiny_model_dir):
+    """The base model asked for lists sees list answers in its demonstrations, and the same test sentences."""
+    from tailorlm.config import load_config
+    from tailorlm.eval.evaluate import Evaluator
+    from tailorlm.pipeline.prepare import prepare
+    from tailorlm.pipeline.stages import _asked_in
+
+    data = tmp_path / "d.conll"
+    data.write_text("".join(f"the\tO\nfilm\tB-product\n{w}\tO\n\n" for w in ("won", "rose", "fell") * 8))
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.train={data}", "template.preset=ner",
+                             "template.instruction=null", "template.prompt=null", "template.max_length=400"])
+    prepared = prepare(cfg)
+    task = prepared.tasks["ner"]
+    scorer = Evaluator(prepared.tokenizer, task.template, task.fmt, task.labels, cfg.eval, "cpu", None)
+    evaluator, test, train = _asked_in("list", task, scorer)
+    assert [s.example["tokens"] for s in test] == [s.example["tokens"] for s in task.encoded["test"]]
+    prompts, _ = evaluator.prompts(test[:1], train[:2])
+    text = prepared.tokenizer.decode(prompts[0])
+    assert text.count("product: film") == 2 and "[film | product]" not in text and "as 'type: entity'" in text
+
+
+def test_a_resumed_run_reuses_its_baselines_only_when_they_asked_in_the_same_formats(tmp_path, monkeypatch):
+    from tailorlm.pipeline import runner, stages
+    from tailorlm.rundir import RunDir
+
+    run_dir = RunDir(tmp_path)
+    saved = stages.Baselines({"ner": {"zero_shot": {"f1": 0.1}}}, [], {"ner": {}}, {"ner": "list"})
+    run_dir.write("baselines.json", saved.to_json())
+    measured = stages.Baselines({"ner": {"zero_shot": {"f1": 0.2}}}, [], {"ner": {}}, {"ner": "json"})
+    monkeypatch.setattr(stages, "baselines", lambda *a: measured)
+    monkeypatch.setattr(stages, "asked_formats", lambda prepared: {"ner": "list"})
+    assert runner._baselines(None, run_dir, None, {}).variants == saved.variants  # the same formats: reused
+    monkeypatch.setattr(stages, "asked_formats", lambda prepared: {"ner": "json"})
+    assert runner._baselines(None, run_dir, None, {}) is measured  # asked otherwise now: measured anew, and saved
+    assert run_dir.read("baselines.json")["asked"] == {"ner": "json"}

@@ -205,9 +205,10 @@ def answer_decoding(setting: str, task: TaskResults | None) -> str | None:
 def _baselines(prepared: Prepared, run_dir: RunDir, model, scorers) -> stages.Baselines:
     """The baselines stage, saved to baselines.json so a resumed run does not redo them."""
     cached = run_dir.read("baselines.json")
-    if "curves" in cached:  # written by this version: a run resumed across an upgrade measures them anew
+    # written by this version, asking in the same formats: a run resumed across an upgrade measures them anew
+    if "curves" in cached and cached.get("asked", {}) == stages.asked_formats(prepared):
         console.print("Prompting baselines: reusing baselines.json from the interrupted run")
-        return stages.Baselines(cached["variants"], cached["predictions"], cached["curves"])
+        return stages.Baselines(cached["variants"], cached["predictions"], cached["curves"], cached.get("asked", {}))
     found = stages.baselines(prepared, model, scorers)
     run_dir.write("baselines.json", found.to_json())
     return found

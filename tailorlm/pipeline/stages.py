@@ -34,9 +34,10 @@ class Baselines:
     variants: dict[str, dict] = field(default_factory=dict)  # task -> variant -> metrics
     predictions: list[dict] = field(default_factory=list)
     curves: dict[str, dict] = field(default_factory=dict)  # task -> k-shot curve
+    asked: dict[str, str] = field(default_factory=dict)  # task -> the entity format prompting asked in, if not training's
 
     def to_json(self) -> dict:
-        return {"variants": self.variants, "predictions": self.predictions, "curves": self.curves}
+        return {"variants": self.variants, "predictions": self.predictions, "curves": self.curves, "asked": self.asked}
 
 
 def load_base(prepared: Prepared, device) -> LoadedModel:
@@ -61,11 +62,12 @@ def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Basel
     if not cfg.eval.baselines:  # no baselines at all: the classic classifier is one of them
         return result
     started = RunDir(cfg.model.path).is_run()  # a finished run's model is what training starts from
+    result.asked = asked_formats(prepared)
     for name, t in prepared.tasks.items():
-        scorer, test = scorers[name], t.encoded["test"]
-        asked = prompting_entity_format(t.cfg, started)
+        scorer, test, train = scorers[name], t.encoded["test"], t.splits.train
+        asked = result.asked.get(name)
         if asked:
-            scorer, test = _asked_in(asked, t, scorer)
+            scorer, test, train = _asked_in(asked, t, scorer)
         stage(f"Prompting baselines: {name} ({'the starting model, ' + cfg.model.path if started else 'base model'}"
               + (f"; entities asked for as {asked}, eval.prompting_entity_format" if asked else "") + ")")
 
@@ -73,7 +75,8 @@ def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Basel
             console.print(f"{variant_title(variant, metrics)}: " + ", ".join(
                 f"{TITLES.get(c, c)} {format_metric(c, metrics.get(c))}" for c in t.template.task.columns)
                 + f" ({metrics['prompt_tokens']:.0f} prompt tokens, {metrics['seconds_per_100']:.1f} s per 100)")
-        measured = run_baselines(model, scorer, t.splits.train, test, cfg.eval, cfg.train.seed, report)
+        # the classic model answers in the training format, as the fine-tuned model does
+        measured = run_baselines(model, scorer, train, test, cfg.eval, cfg.train.seed, report, classic_with=scorers[name])
         result.variants[name] = measured.variants
         result.curves[name] = measured.curve
         result.predictions += prepared.tagged(measured.predictions, name)
@@ -93,21 +96,33 @@ def prompting_entity_format(cfg: RunConfig, started: bool) -> str | None:
     return asked if asked != template.entity_format else None
 
 
-def _asked_in(entity_format: str, t: TaskData, scorer: Evaluator) -> tuple[Evaluator, list[Sample]]:
-    """An evaluator asking for the entities in another format, and the test samples re-rendered in it: the
-    same sentences (shortened where the training format's were), so every row of the table scores the same
-    examples and reads back their gold entities alike."""
+def asked_formats(prepared: Prepared) -> dict[str, str]:
+    """task -> the entity format its prompting baselines ask for, where it is not the training format."""
+    started = RunDir(prepared.cfg.model.path).is_run()
+    asked = {name: prompting_entity_format(t.cfg, started) for name, t in prepared.tasks.items()}
+    return {name: entity_format for name, entity_format in asked.items() if entity_format}
+
+
+def _asked_in(entity_format: str, t: TaskData, scorer: Evaluator) -> tuple[Evaluator, list[Sample], list[dict]]:
+    """An evaluator asking for the entities in another format, the test samples re-rendered in it, and the
+    training examples (the demonstrations) with their answers written in it. The same sentences (shortened
+    where the training format's were), so every row of the table scores the same examples and reads back
+    their gold entities alike."""
     template = PromptTemplate(t.cfg.template.model_copy(update={"entity_format": entity_format}))
+
+    def written(example: dict) -> dict:  # the answer as this format writes it (derived at load in the training one)
+        return {**example, **template.task.derive(example)}
+
     samples = []
     for sample in t.encoded["test"]:
-        example = {**sample.example, **template.task.derive(sample.example)}  # the answer as this format writes it
+        example = written(sample.example)
         question = template.prompt(example, t.labels)
         prompt = t.fmt.encode_prompt(t.fmt.prompt_text(question))
         answer = t.fmt.encode_completion(t.fmt.completion_text(question, template.completion(example)))
         samples.append(Sample(prompt + answer, [IGNORE] * len(prompt) + answer, example))
     evaluator = Evaluator(scorer.tokenizer, template, t.fmt, t.labels, scorer.spec, scorer.device,
                           template.label_field, spans=t.extractive)
-    return evaluator, samples
+    return evaluator, samples, [written(ex) for ex in t.splits.train]
 
 
 def train(prepared: Prepared, model, run_dir: RunDir, device, scorers: dict[str, Evaluator], resume: bool = False,
@@ -222,7 +237,7 @@ def report(prepared: Prepared, run_dir: RunDir, results: Results, result: Fit, s
     started = RunDir(cfg.model.path).is_run()
     if started:  # training continued a finished run: its model is what was prompted
         facts["prompting"] = f"the starting model (the finished run {cfg.model.path}); " + facts["prompting"]
-    asked = {prompting_entity_format(t.cfg, started) for t in tasks.values()} - {None}
+    asked = set(asked_formats(prepared).values())
     if asked and cfg.eval.baselines:
         facts["prompting"] += f"; entities asked for as {', '.join(sorted(asked))} (eval.prompting_entity_format)"
     for name, task in results.tasks.items():
