@@ -55,10 +55,11 @@ class Baselines:
 
 
 def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, spec: EvalSpec, seed: int,
-                  report=print, classic_with: Evaluator | None = None) -> Baselines:
+                  report=print, classic_with: tuple[Evaluator, list] | None = None) -> Baselines:
     """Every prompting baseline of one task on its test samples, the k-shot curve, and the classic classifier.
-    classic_with: the evaluator whose format the classic model's answers are written and scored in, where the
-    prompting asks in another (extraction: a base model is asked for lists, the fine-tuned model copies inline)."""
+    classic_with: the evaluator and test samples of the training format, in which the classic model's answers
+    are written and scored, where the prompting asks in another (extraction: a base model is asked for lists,
+    the fine-tuned model copies inline)."""
     out = Baselines()
     kinds = [k for k in evaluator.kinds if k in spec.prompting] or ["free"]
     # A conversation is its own context: demonstrations would be other whole conversations, so chat is compared
@@ -104,7 +105,8 @@ def run_baselines(model, evaluator: Evaluator, train: list[dict], test: list, sp
         report(MAJORITY, out.variants[MAJORITY])
     if spec.classic and classic:
         # the classic model reads the examples alone; its answers are written as the training format writes them
-        out.variants[CLASSIC], predictions = classic(classic_with or evaluator, train, test, seed)
+        classic_evaluator, classic_test = classic_with or (evaluator, test)
+        out.variants[CLASSIC], predictions = classic(classic_evaluator, train, classic_test, seed)
         out.predictions += predictions
         report(CLASSIC, out.variants[CLASSIC])
     return out
@@ -198,9 +200,7 @@ def _window(evaluator: Evaluator, train: list[dict], test: list, seed: int) -> t
 
 def _classic_rows(evaluator: Evaluator, examples: list[dict], generated: list[str], predicted: list) -> list[dict]:
     """predictions.jsonl rows of a classic model's open answers, laid out as the evaluator lays out a model's:
-    the example's input fields, and the training completion as what was expected (derived again in this
-    evaluator's format: the examples may be written in the format prompting asked for)."""
-    return [{"variant": CLASSIC, "input": input_text(ex, evaluator),
-             "expected": evaluator.template.completion({**ex, **evaluator.task.derive(ex)}),
+    the example's input fields, and the training completion as what was expected."""
+    return [{"variant": CLASSIC, "input": input_text(ex, evaluator), "expected": evaluator.template.completion(ex),
              "generated": g, "predicted": p, "where": ex.get("_where")}
             for ex, g, p in zip(examples, generated, predicted)]

@@ -76,7 +76,8 @@ def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Basel
                 f"{TITLES.get(c, c)} {format_metric(c, metrics.get(c))}" for c in t.template.task.columns)
                 + f" ({metrics['prompt_tokens']:.0f} prompt tokens, {metrics['seconds_per_100']:.1f} s per 100)")
         # the classic model answers in the training format, as the fine-tuned model does
-        measured = run_baselines(model, scorer, train, test, cfg.eval, cfg.train.seed, report, classic_with=scorers[name])
+        measured = run_baselines(model, scorer, train, test, cfg.eval, cfg.train.seed, report,
+                                 classic_with=(scorers[name], t.encoded["test"]))
         result.variants[name] = measured.variants
         result.curves[name] = measured.curve
         result.predictions += prepared.tagged(measured.predictions, name)
