@@ -110,7 +110,7 @@ def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("preset", ["ner", "qa", "translation", "math"])
-def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
+def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset, capsys):
     """Open-answer tasks: no label set, the preset's metrics in metrics.json and in the report's table."""
     if preset == "ner":
         data = tmp_path / "d.conll"
@@ -165,6 +165,10 @@ def test_other_task_presets_run_end_to_end(tmp_path, tiny_model_dir, preset):
         # the CRF writes its answers as the fine-tuned model does
         assert all(r["expected"].startswith("the [film | product] ") for r in rows if r["variant"] == "classic")
         assert "entities asked for as list (eval.prompting_entity_format)" in (out / "report.md").read_text()
+        # the stage's rule stays short; the asked format is a line of its own, whole in an 80-column log
+        printed = capsys.readouterr().out
+        assert "Prompting baselines: ner (base model)" in printed
+        assert "\nentities asked for as list (eval.prompting_entity_format)\n" in printed
         # eval.decoding=auto: both kinds on test, validation's choice is the fine-tuned headline
         chosen = metrics["decoding"]
         assert {"fine_tuned", "fine_tuned_constrained"} <= set(metrics["variants"]) and chosen["rows"] > 0
