@@ -9,7 +9,9 @@ import threading
 import time
 from contextlib import contextmanager
 
+from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column
 
@@ -168,6 +170,12 @@ def _new_bar() -> Progress:
 
 
 def stage(title: str) -> None:
-    console.rule(f"[bold cyan]{title}")
+    # rich's rule cuts a title that does not fit with an ellipsis, which loses the words a user needs (a path,
+    # a config key): such a title goes on a line of its own under a bare rule
+    if cell_len(title) + 6 <= console.width:
+        console.rule(f"[bold cyan]{escape(title)}")
+    else:
+        console.rule(style="cyan")
+        console.print(f"[bold cyan]{escape(title)}")
     _progress_file.stage = title
     _progress_file.write(now=True)

@@ -22,6 +22,15 @@ def test_a_long_line_into_a_pipe_stays_one_line(capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
+def test_a_stage_title_too_long_for_its_rule_is_printed_whole(capsys):
+    ui.stage("Prompting baselines: ner")
+    assert "Prompting baselines: ner" in capsys.readouterr().out
+    title = "Prompting baselines: ner (the starting model, runs/wnut17-sft-20261207-154624; entities [as list])"
+    ui.stage(title)
+    rule, line = capsys.readouterr().out.splitlines()
+    assert set(rule) == {"─"} and line == title
+
+
 @pytest.fixture
 def terminal(monkeypatch):
     screen = io.StringIO()
