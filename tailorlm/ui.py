@@ -172,7 +172,7 @@ def _new_bar() -> Progress:
 def stage(title: str) -> None:
     # rich's rule cuts a title that does not fit with an ellipsis, which loses the words a user needs (a path,
     # a config key): such a title goes on a line of its own under a bare rule
-    if cell_len(title) + 6 <= console.width:
+    if cell_len(title) + 6 <= console.width:  # the rule's own characters: at least '── ' and ' ──' either side
         console.rule(f"[bold cyan]{escape(title)}")
     else:
         console.rule(style="cyan")

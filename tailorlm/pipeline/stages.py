@@ -70,10 +70,10 @@ def baselines(prepared: Prepared, model, scorers: dict[str, Evaluator]) -> Basel
             scorer, test, train = _asked_in(asked, t, scorer)
         # the rule stays short enough for an 80-column log; the details go on a line of their own
         stage(f"Prompting baselines: {name} ({'the starting model' if started else 'base model'})")
-        if started or asked:
-            console.print("; ".join(([f"starting model: {cfg.model.path}"] if started else [])
-                                    + ([f"entities asked for as {asked} (eval.prompting_entity_format)"] if asked
-                                       else [])))
+        details = ([f"starting model: {cfg.model.path}"] if started else []) + \
+            ([f"entities asked for as {asked} (eval.prompting_entity_format)"] if asked else [])
+        if details:
+            console.print("; ".join(details))
 
         def report(variant: str, metrics: dict, t=t) -> None:
             console.print(f"{variant_title(variant, metrics)}: " + ", ".join(
